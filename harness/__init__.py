@@ -1,0 +1,1 @@
+"""harness: orchestration (spawn, supervise, tear down), config, CLI, reports."""

@@ -1,0 +1,93 @@
+"""Run configuration: one dataclass, built from CLI flags, validated with one-line errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
+from postcopy_core.link import Link, parse_link
+from vcpu_workers.workloads import WORKLOADS
+
+_SIZE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the CLI prints the message and exits 2."""
+
+
+def parse_size(text: str | int) -> int:
+    """``256M``, ``1G``, ``4096``, ``512KiB`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise ConfigError(f"bad size {text!r}: use a number with an optional K/M/G suffix, e.g. 256M")
+    return int(m.group(1)) * _SIZE[m.group(2)]
+
+
+@dataclass
+class RunConfig:
+    """What one run does.  Defaults are the no-argument run: a few vCPUs, a few hundred MiB, random."""
+
+    vcpus: int = 4
+    ram: int = 256 << 20
+    backing: str = "shmem"
+    workload: str = "random"
+    link: str = "unlimited"
+    seed: int = 1
+    zero_share: float = 0.1
+    image: str | None = None
+    transport: str = "unix"
+    write_ratio: float = 0.0
+    wake_policy: str = WAKE_WAITERS
+    timeout: float = 600.0
+    json: str | None = None
+    trace: str | None = None
+    link_model: Link = field(default_factory=Link, repr=False)
+
+    def validate(self) -> RunConfig:
+        if not 1 <= self.vcpus <= 4096:
+            raise ConfigError(f"--vcpus {self.vcpus}: must be 1..4096")
+        if self.backing not in ("shmem", "hugetlb"):
+            raise ConfigError(f"--backing {self.backing!r}: choose shmem or hugetlb")
+        if self.workload not in WORKLOADS:
+            raise ConfigError(f"--workload {self.workload!r}: choose from {', '.join(WORKLOADS)}")
+        if self.transport not in ("unix", "tcp"):
+            raise ConfigError(f"--transport {self.transport!r}: choose unix or tcp")
+        if self.wake_policy not in WAKE_POLICIES:
+            raise ConfigError(f"--wake-policy {self.wake_policy!r}: choose from {', '.join(WAKE_POLICIES)}")
+        if not 0 <= self.zero_share <= 1:
+            raise ConfigError(f"--zero-share {self.zero_share}: must be between 0 and 1")
+        if not 0 <= self.write_ratio <= 1:
+            raise ConfigError(f"--write-ratio {self.write_ratio}: must be between 0 and 1")
+        if self.timeout <= 0:
+            raise ConfigError("--timeout must be positive")
+        if self.seed < 0 or self.seed >= 1 << 63:
+            raise ConfigError(f"--seed {self.seed}: must be 0 .. 2^63-1")
+        try:
+            self.link_model = parse_link(self.link)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.ram <= 0 or self.ram % self.page_size:
+            raise ConfigError(f"--ram {self.ram}: must be a positive multiple of the page size {self.page_size}")
+        if self.npages < self.vcpus and self.workload in ("sequential", "random", "stride"):
+            raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
+        if self.npages >= 1 << 32:
+            raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
+        return self
+
+    @property
+    def page_size(self) -> int:
+        from postcopy_core.kernel import HUGE_PAGE_SIZE, PAGE_SIZE
+
+        return HUGE_PAGE_SIZE if self.backing == "hugetlb" else PAGE_SIZE
+
+    @property
+    def npages(self) -> int:
+        return self.ram // self.page_size
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("link_model")
+        return d

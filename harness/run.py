@@ -1,0 +1,321 @@
+"""One run: set up guest RAM and channels, fork source, handler and vCPU workers, supervise, report.
+
+The orchestrator owns every resource of the run (memfd, named shared memory, sockets, children)
+and releases all of them in one place, :meth:`Run.teardown`, whatever ends the run: success, a
+dead child, a timeout, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import psutil
+
+from harness.config import RunConfig
+from harness.supervise import Children, RunFailed, describe_status
+from postcopy_core import kernel
+from postcopy_core.channel import ControlLine, tcp_accept_channels, tcp_connect, tcp_listener, tune
+from postcopy_core.channel import CHANNEL_STREAM, CHANNEL_URGENT
+from postcopy_core.content import ContentSpec, image_size_check
+from postcopy_core.handler import Port, destination_main
+from postcopy_core.handoff import abstract_address, accept_uffd, listen
+from postcopy_core.protocol import Geometry
+from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
+from postcopy_core.source import source_main
+from vcpu_workers import results as R
+from vcpu_workers.worker import WorkerPlan, run_in_child
+from vcpu_workers.workloads import accesses_per_vcpu
+
+STARTUP_TIMEOUT = 120.0
+SHUTDOWN_TIMEOUT = 60.0
+
+
+class Run:
+    """A single postcopy run; :meth:`execute` returns the raw material of the report."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg.validate()
+        self.children = Children()
+        self.fds: list[int] = []
+        self.socks: list[socket.socket] = []
+        self.ram: GuestRam | None = None
+        self.received: ReceivedMap | None = None
+        self.area: R.ResultsArea | None = None
+        self.events = bytearray()
+        self._ev_thread: threading.Thread | None = None
+        self.roles: dict[str, int] = {}
+
+    # ------------------------------------------------------------ setup helpers
+
+    def _pair(self) -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socks += [a, b]
+        return a, b
+
+    def _spec(self) -> ContentSpec:
+        cfg = self.cfg
+        if cfg.image:
+            pages = image_size_check(cfg.image, cfg.page_size)
+            if pages * cfg.page_size != cfg.ram:
+                raise RunFailed(f"--image is {pages * cfg.page_size} bytes but --ram is {cfg.ram}")
+        return ContentSpec(cfg.page_size, cfg.npages, cfg.seed, round(cfg.zero_share * 1000), cfg.image)
+
+    # ------------------------------------------------------------ the run
+
+    def execute(self) -> dict:
+        cfg = self.cfg
+        t_begin = time.monotonic()
+        sweep_stale_segments()
+        spec = self._spec()
+        geo = Geometry(cfg.page_size, cfg.ram)
+        hugetlb = cfg.backing == "hugetlb"
+        try:
+            self.ram = GuestRam(cfg.ram, hugetlb=hugetlb)
+        except kernel.KernelError as e:
+            hint = " (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
+            raise RunFailed(f"cannot create guest RAM: {e}{hint}") from None
+        self.received = ReceivedMap(cfg.npages)
+        self.area = R.ResultsArea(cfg.vcpus, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
+
+        ctl_src_parent, ctl_src_child = self._pair()
+        ctl_dst_parent, ctl_dst_child = self._pair()
+        ev_parent, ev_child = self._pair()
+        quit_fd = kernel.eventfd(0)
+        self.fds.append(quit_fd)
+        handoff_addr = abstract_address("uffd")
+        handoff = listen(handoff_addr, backlog=min(cfg.vcpus, 4096))
+        self.socks.append(handoff)
+        start_r, start_w = os.pipe()
+        self.fds += [start_r, start_w]
+
+        if cfg.transport == "tcp":
+            ls = tcp_listener()
+            self.socks.append(ls)
+            port = ls.getsockname()[1]
+            src_keep = {ls.fileno(), ctl_src_child.fileno()}
+
+            def source_body() -> int:
+                stream, urgent = tcp_accept_channels(ls)
+                return source_main(spec, geo, stream, urgent, cfg.link_model, ControlLine(ctl_src_child))
+
+            def dest_channels() -> tuple[socket.socket, socket.socket]:
+                return tcp_connect(port, CHANNEL_STREAM), tcp_connect(port, CHANNEL_URGENT)
+        else:
+            s_src, s_dst = self._pair()
+            u_src, u_dst = self._pair()
+            src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
+
+            def source_body() -> int:
+                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child))
+
+            def dest_channels() -> tuple[socket.socket, socket.socket]:
+                return tune(s_dst), tune(u_dst)
+
+        dst_keep = {self.ram.fd, quit_fd, ctl_dst_child.fileno(), ev_child.fileno(), handoff.fileno()}
+        if cfg.transport == "unix":
+            dst_keep |= {s_dst.fileno(), u_dst.fileno()}
+
+        def dest_body() -> int:
+            control = ControlLine(ctl_dst_child)
+            ports = []
+            for _ in range(cfg.vcpus):
+                hello, fd = accept_uffd(handoff, timeout=STARTUP_TIMEOUT)
+                ports.append(Port(hello.vcpu, hello.pid, kernel.Uffd.adopt(fd), hello.base))
+            handoff.close()
+            stream, urgent = dest_channels()
+            ports.sort(key=lambda p: p.vcpu)
+            control.send(event="ready", vcpus=len(ports))
+            return destination_main(dict(
+                geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
+                stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
+                wake_policy=cfg.wake_policy))
+
+        self.roles["source"] = self.children.spawn("source", src_keep, source_body)
+        self.roles["handler"] = self.children.spawn("fault", dst_keep, dest_body)
+
+        plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
+                          handoff_addr, start_r)
+        t_fork = time.monotonic()
+        worker_pids = []
+        for v in range(cfg.vcpus):
+            pid = os.fork()
+            if pid == 0:
+                from harness.supervise import close_fds_except
+
+                close_fds_except({self.ram.fd, start_r})
+                run_in_child(v, plan, self.area)
+            self.children.add(pid, f"vcpu-{v}")
+            worker_pids.append(pid)
+        # the parent's copies of the child ends: closed so EOFs reach the right process
+        for s in (ctl_src_child, ctl_dst_child, ev_child):
+            s.close()
+        os.close(start_r)
+        self.fds.remove(start_r)
+
+        ctl_src, ctl_dst = ControlLine(ctl_src_parent), ControlLine(ctl_dst_parent)
+        self._expect(ctl_src, "ready", "source", STARTUP_TIMEOUT)
+        self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT)
+        self._wait_workers_ready(STARTUP_TIMEOUT)
+        startup_s = time.monotonic() - t_fork
+        self._start_event_reader(ev_parent)
+
+        # go: every worker starts at EOF of the start pipe; the source starts streaming
+        t_go = time.monotonic_ns()
+        os.close(start_w)
+        self.fds.remove(start_w)
+        ctl_src.send(cmd="go")
+        self._supervise_workers(set(worker_pids), [ctl_src, ctl_dst], t_begin + cfg.timeout)
+        t_workers_done = time.monotonic_ns()
+
+        os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
+        dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT)["stats"]
+        src_stats = self._expect(ctl_src, "stats", "source", SHUTDOWN_TIMEOUT)["stats"]
+        t_done = time.monotonic_ns()
+        self._wait_exit(SHUTDOWN_TIMEOUT)
+        if self._ev_thread:
+            self._ev_thread.join(SHUTDOWN_TIMEOUT)
+        return dict(
+            summary=self.area.summary.copy(),
+            latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
+            handler=dst_stats, source=src_stats, events=bytes(self.events),
+            startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
+            wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem,
+        )
+
+    # ------------------------------------------------------------ supervision
+
+    def _check_children(self, expected_exit: set[int] = frozenset()) -> None:
+        for pid, role, status in self.children.reap():
+            if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                continue
+            what = {"fault": "the fault handler", "source": "the source"}.get(role, role.replace("-", " "))
+            raise RunFailed(f"{what} (pid {pid}) {describe_status(status)}")
+
+    def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([ctl], [], [], 0.05)
+            if r:
+                msg = ctl.recv(1.0)
+                if msg is None:
+                    self._check_children(set(self.children.roles))
+                    raise RunFailed(f"the {who} closed its control channel")
+                if msg.get("event") == "error":
+                    raise RunFailed(msg.get("error", f"the {who} failed"))
+                if msg.get("event") == event:
+                    return msg
+            self._check_children(set(self.children.roles) if event == "stats" else set())
+        raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
+
+    def _wait_workers_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.area.summary["state"] < R.STATE_READY).any():
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise RunFailed(f"vCPU workers were not ready within {timeout:.0f} s")
+            time.sleep(0.005)
+        self.worker_mem = self._measure_workers()
+
+    def _measure_workers(self) -> list[int]:
+        """USS of each worker before the workload (what one idle vCPU process costs)."""
+        out = []
+        for pid in self.area.summary["pid"]:
+            try:
+                out.append(psutil.Process(int(pid)).memory_full_info().uss)
+            except (psutil.Error, OSError):
+                out.append(0)
+        return out
+
+    def _supervise_workers(self, workers: set[int], ctls: list[ControlLine], deadline: float) -> None:
+        while workers:
+            for pid, role, status in self.children.reap():
+                if pid in workers and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                    workers.discard(pid)
+                    continue
+                if pid in workers and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4:
+                    v = role.split("-")[1]
+                    bad = int(self.area.summary[int(v)]["first_bad_page"])
+                    raise RunFailed(f"vCPU {v} read wrong content (first bad page {bad}): data lost or misplaced")
+                what = {"fault": "the fault handler", "source": "the source"}.get(role, role.replace("-", " "))
+                raise RunFailed(f"{what} (pid {pid}) {describe_status(status)}")
+            r, _, _ = select.select(ctls, [], [], 0.02)
+            for ctl in r:
+                msg = ctl.recv(1.0)
+                if msg is None or msg.get("event") == "error":
+                    raise RunFailed((msg or {}).get("error", "a service process closed its control channel"))
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the run did not finish within --timeout {self.cfg.timeout:g} s")
+
+    def _wait_exit(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.children.alive():
+            self._check_children(set(self.children.roles))
+            if time.monotonic() > deadline:
+                raise RunFailed("processes of the run did not exit")
+            time.sleep(0.005)
+
+    def _start_event_reader(self, sock: socket.socket) -> None:
+        def pump() -> None:
+            sock.settimeout(None)
+            while True:
+                try:
+                    chunk = sock.recv(1 << 20)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                self.events += chunk
+
+        self._ev_thread = threading.Thread(target=pump, name="pch-events", daemon=True)
+        self._ev_thread.start()
+
+    # ------------------------------------------------------------ teardown
+
+    def teardown(self) -> None:
+        """Kill and reap every child, close every fd, unlink the shared memory.  Idempotent."""
+        self.children.kill_all()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+        self.socks.clear()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        if self._ev_thread:
+            self._ev_thread.join(5)
+        if self.received is not None:
+            self.received.close()
+            self.received = None
+        if self.ram is not None:
+            self.ram.close()
+            self.ram = None
+        if self.area is not None:
+            self.area.close()
+            self.area = None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def execute(cfg: RunConfig) -> dict:
+    """Run once and always tear down; SIGTERM is treated like Ctrl-C."""
+    run = Run(cfg)
+    old = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return run.execute()
+    finally:
+        run.teardown()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,116 @@
+"""Child processes of a run: fork with hygiene, reap, and tear everything down.
+
+Every child dies with the orchestrator (PR_SET_PDEATHSIG), ignores Ctrl-C (the orchestrator
+handles it and kills the children), and keeps only the fds it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class RunFailed(RuntimeError):
+    """The run cannot complete; the message is one line for the user."""
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return f"was killed by {signal.Signals(sig).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every fd of this process not in ``keep`` (0, 1, 2 are always kept)."""
+    keep = keep | {0, 1, 2}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@dataclass
+class Children:
+    """The processes of one run, by role."""
+
+    roles: dict[int, str] = field(default_factory=dict)  # pid -> "source" | "handler" | "vcpu-N"
+    exited: dict[int, int] = field(default_factory=dict)  # pid -> wait status
+
+    def spawn(self, role: str, keep: set[int], body: Callable[[], int]) -> int:
+        """Fork a child that runs ``body`` with only ``keep`` fds open, then _exits with its code."""
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                from postcopy_core import kernel
+
+                kernel.die_with_parent()
+                kernel.set_process_name(f"pch-{role}")
+                close_fds_except(keep)
+                code = body()
+            except BaseException as e:
+                try:
+                    os.write(2, f"{role}: {type(e).__name__}: {e}\n".encode())
+                except OSError:
+                    pass
+                code = 5
+            finally:
+                os._exit(code)
+        self.roles[pid] = role
+        return pid
+
+    def add(self, pid: int, role: str) -> None:
+        self.roles[pid] = role
+
+    def reap(self) -> list[tuple[int, str, int]]:
+        """Collect children that have exited, without blocking: [(pid, role, status)]."""
+        out = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.roles:
+                self.exited[pid] = status
+                out.append((pid, self.roles[pid], status))
+        return out
+
+    def alive(self) -> list[int]:
+        return [p for p in self.roles if p not in self.exited]
+
+    def kill_all(self, grace: float = 0.0) -> None:
+        """SIGKILL (after ``grace`` seconds of SIGTERM, if any) and reap every child."""
+        pids = self.alive()
+        if grace > 0:
+            for pid in pids:
+                _signal(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self.alive() and time.monotonic() < deadline:
+                self.reap()
+                time.sleep(0.01)
+        for pid in self.alive():
+            _signal(pid, signal.SIGKILL)
+        for pid in self.alive():
+            try:
+                _, status = os.waitpid(pid, 0)
+                self.exited[pid] = status
+            except ChildProcessError:
+                self.exited[pid] = 0
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,127 @@
+"""cffi (API mode) build script for postcopy_core._uffd, the kernel interface.
+
+Declarations are grouped by header; the C helpers they call live in csrc/pch.c.  Built at install
+time through setuptools' ``cffi_modules`` (see setup.py).
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+# Relative to the project root: setuptools refuses absolute source paths.
+CSRC = Path("postcopy_core") / "csrc"
+
+ffibuilder = FFI()
+
+# <linux/userfaultfd.h>: the constants we negotiate and register with.
+ffibuilder.cdef(
+    """
+    #define UFFD_API ...
+    #define UFFD_FEATURE_THREAD_ID ...
+    #define UFFD_FEATURE_MISSING_SHMEM ...
+    #define UFFD_FEATURE_MISSING_HUGETLBFS ...
+    #define UFFD_FEATURE_EVENT_FORK ...
+    #define UFFDIO_REGISTER_MODE_MISSING ...
+    #define UFFDIO_COPY_MODE_DONTWAKE ...
+    #define UFFDIO_ZEROPAGE_MODE_DONTWAKE ...
+    #define UFFD_PAGEFAULT_FLAG_WRITE ...
+    #define _UFFDIO_COPY ...
+    #define _UFFDIO_ZEROPAGE ...
+    #define _UFFDIO_WAKE ...
+    #define _UFFDIO_REGISTER ...
+    #define _UFFDIO_UNREGISTER ...
+    #define _UFFDIO_API ...
+    """
+)
+
+# <fcntl.h>, <sys/mman.h>, <sys/eventfd.h>: flags for the fds and mappings we make.
+ffibuilder.cdef(
+    """
+    #define O_CLOEXEC ...
+    #define O_NONBLOCK ...
+    #define MFD_CLOEXEC ...
+    #define MFD_HUGETLB ...
+    #define MFD_ALLOW_SEALING ...
+    #define EFD_CLOEXEC ...
+    #define EFD_NONBLOCK ...
+    #define PROT_READ ...
+    #define PROT_WRITE ...
+    #define MAP_SHARED ...
+    #define MAP_PRIVATE ...
+    #define MAP_ANONYMOUS ...
+    #define MAP_NORESERVE ...
+    #define MAP_POPULATE ...
+    """
+)
+
+# csrc/pch.h: thin wrappers (return -errno) and the tight loops.
+ffibuilder.cdef(
+    """
+    int pch_userfaultfd(int flags);
+    int pch_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+    int pch_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+    int pch_uffd_unregister(int fd, uint64_t start, uint64_t len);
+    int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode);
+    int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
+    int pch_uffd_wake(int fd, uint64_t start, uint64_t len);
+    int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
+                             uint32_t *other_events);
+
+    int pch_memfd_create(const char *name, unsigned int flags);
+    int pch_eventfd(unsigned int initval, int flags);
+    int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out);
+    int pch_munmap(uint64_t addr, uint64_t len);
+    int pch_punch_hole(int fd, uint64_t off, uint64_t len);
+
+    int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille);
+    void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t npages,
+                        uint64_t page_size, uint32_t zero_permille);
+    uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
+                            uint32_t zero_permille, const uint8_t *ref);
+
+    struct pch_touch {
+        uint64_t base;
+        uint64_t page_size;
+        uint64_t npages;
+        const uint32_t *order;
+        uint64_t count;
+        const uint8_t *is_write;
+        uint64_t seed;
+        uint32_t zero_permille;
+        const uint8_t *ref;
+        uint8_t *verified;
+        uint32_t *lat_ns;
+        uint32_t *lat_page;
+        uint64_t n_faulting;
+        uint64_t stall_ns;
+        uint64_t max_ns;
+        uint64_t all_ns;
+        uint64_t pages_checked;
+        uint64_t words_checked;
+        uint64_t mismatches;
+        int64_t first_bad_page;
+        uint64_t t_start, t_end;
+    };
+    int pch_touch_run(struct pch_touch *t);
+    uint64_t pch_now_ns(void);
+    int pch_set_pdeathsig(int sig);
+    int pch_set_name(const char *name);
+    """
+)
+
+ffibuilder.set_source(
+    "postcopy_core._uffd",
+    """
+    #include <fcntl.h>
+    #include <sys/mman.h>
+    #include <sys/eventfd.h>
+    #include <linux/userfaultfd.h>
+    #include "pch.h"
+    """,
+    sources=[str(CSRC / "pch.c")],
+    include_dirs=[str(CSRC)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=False)

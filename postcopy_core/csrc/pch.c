@@ -1,0 +1,332 @@
+/* pch.c - see pch.h.  Every wrapper returns -errno on failure; Python turns that into an error. */
+#define _GNU_SOURCE
+#include "pch.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/userfaultfd.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+uint64_t pch_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+int pch_userfaultfd(int flags)
+{
+    int fd = (int)syscall(SYS_userfaultfd, flags);
+    if (fd >= 0)
+        return fd;
+    /* The syscall may be denied to unprivileged users (vm.unprivileged_userfaultfd=0) or by
+     * seccomp; the /dev/userfaultfd device (Linux 6.1+) is the sanctioned second way in. */
+    int err = errno;
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -err;
+    fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+    err = errno;
+    close(dev);
+    return fd >= 0 ? fd : -err;
+}
+
+int pch_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(fd, UFFDIO_API, &api))
+        return -errno;
+    *features_out = api.features;
+    *ioctls_out = api.ioctls;
+    return 0;
+}
+
+int pch_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out)
+{
+    struct uffdio_register r = { .range = { start, len }, .mode = mode };
+    if (ioctl(fd, UFFDIO_REGISTER, &r))
+        return -errno;
+    *ioctls_out = r.ioctls;
+    return 0;
+}
+
+int pch_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = { start, len };
+    return ioctl(fd, UFFDIO_UNREGISTER, &r) ? -errno : 0;
+}
+
+/* COPY and ZEROPAGE may stop part-way with EAGAIN (the mm is changing under them); the kernel
+ * reports how much it did, so carry on from there until the whole range is in. */
+int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode)
+{
+    const char *s = src;
+    while (len) {
+        struct uffdio_copy c = { .dst = dst, .src = (uint64_t)(uintptr_t)s, .len = len, .mode = mode };
+        if (ioctl(fd, UFFDIO_COPY, &c) == 0)
+            return 0;
+        if (errno != EAGAIN)
+            return -errno;
+        if (c.copy > 0) {
+            dst += (uint64_t)c.copy;
+            s += c.copy;
+            len -= (uint64_t)c.copy;
+        }
+    }
+    return 0;
+}
+
+int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode)
+{
+    while (len) {
+        struct uffdio_zeropage z = { .range = { dst, len }, .mode = mode };
+        if (ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0)
+            return 0;
+        if (errno != EAGAIN)
+            return -errno;
+        if (z.zeropage > 0) {
+            dst += (uint64_t)z.zeropage;
+            len -= (uint64_t)z.zeropage;
+        }
+    }
+    return 0;
+}
+
+int pch_uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = { start, len };
+    return ioctl(fd, UFFDIO_WAKE, &r) ? -errno : 0;
+}
+
+/* One read() of up to `max` messages from a non-blocking uffd.  Returns the number of page
+ * faults stored, 0 when none were queued (EAGAIN: poll said ready but another reader won, or a
+ * spurious wakeup), or -errno.  Non-pagefault events are only counted: we register MISSING
+ * mode alone, so they should never come. */
+int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
+                         uint32_t *other_events)
+{
+    struct uffd_msg msgs[128];
+    if (max > 128)
+        max = 128;
+    ssize_t r = read(fd, msgs, sizeof(msgs[0]) * (size_t)max);
+    if (r < 0)
+        return errno == EAGAIN ? 0 : -errno;
+    int n = 0;
+    for (ssize_t i = 0; i < r / (ssize_t)sizeof(msgs[0]); i++) {
+        if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+            (*other_events)++;
+            continue;
+        }
+        addr[n] = msgs[i].arg.pagefault.address;
+        flags[n] = msgs[i].arg.pagefault.flags;
+        ptid[n] = msgs[i].arg.pagefault.feat.ptid;
+        n++;
+    }
+    return n;
+}
+
+int pch_memfd_create(const char *name, unsigned int flags)
+{
+    int fd = memfd_create(name, flags);
+    return fd >= 0 ? fd : -errno;
+}
+
+int pch_eventfd(unsigned int initval, int flags)
+{
+    int fd = eventfd(initval, flags);
+    return fd >= 0 ? fd : -errno;
+}
+
+int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out)
+{
+    void *p = mmap(NULL, len, prot, flags, fd, (off_t)off);
+    if (p == MAP_FAILED)
+        return -errno;
+    *addr_out = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int pch_munmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)(uintptr_t)addr, len) ? -errno : 0;
+}
+
+int pch_punch_hole(int fd, uint64_t off, uint64_t len)
+{
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ? -errno : 0;
+}
+
+/* ---- content ---- */
+
+/* splitmix64's finaliser: a cheap, well-mixed bijection on 64-bit words. */
+static inline uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+static inline uint64_t page_key(uint64_t seed, uint64_t page)
+{
+    return mix64(mix64(seed + 0x9e3779b97f4a7c15ull) ^ (page * 0xd6e8feb86659fd93ull));
+}
+
+int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille)
+{
+    return zero_permille && (mix64(page_key(seed, page) ^ 0x5a5a5a5aull) % 1000) < zero_permille;
+}
+
+/* word k of a non-zero page: never 0 for k == 0, so a zero-filled page always mismatches */
+static inline uint64_t page_word(uint64_t key, uint64_t k)
+{
+    uint64_t w = mix64(key + k * 0x9e3779b97f4a7c15ull);
+    return k == 0 && w == 0 ? 1 : w;
+}
+
+void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t npages,
+                    uint64_t page_size, uint32_t zero_permille)
+{
+    uint64_t words = page_size / 8;
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t *w = (uint64_t *)(dst + i * page_size);
+        uint64_t page = first_page + i;
+        if (pch_page_is_zero(seed, page, zero_permille)) {
+            memset(w, 0, page_size);
+            continue;
+        }
+        uint64_t key = page_key(seed, page);
+        for (uint64_t k = 0; k < words; k++)
+            w[k] = page_word(key, k);
+    }
+}
+
+static inline uint64_t expected_word(uint64_t seed, uint64_t page, uint64_t k, uint64_t page_size,
+                                     uint32_t zp, const uint8_t *ref)
+{
+    if (ref)
+        return ((const uint64_t *)(ref + page * page_size))[k];
+    if (pch_page_is_zero(seed, page, zp))
+        return 0;
+    return page_word(page_key(seed, page), k);
+}
+
+/* Returns the number of 64-bit words of the page that differ from the expected content. */
+uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
+                        uint32_t zero_permille, const uint8_t *ref)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t words = page_size / 8, bad = 0;
+    if (ref) {
+        const uint64_t *e = (const uint64_t *)(ref + page * page_size);
+        for (uint64_t k = 0; k < words; k++)
+            bad += w[k] != e[k];
+    } else if (pch_page_is_zero(seed, page, zero_permille)) {
+        for (uint64_t k = 0; k < words; k++)
+            bad += w[k] != 0;
+    } else {
+        uint64_t key = page_key(seed, page);
+        for (uint64_t k = 0; k < words; k++)
+            bad += w[k] != page_word(key, k);
+    }
+    return bad;
+}
+
+/* ---- the worker's touch loop ---- */
+
+/* An access is "faulting" when its page was not resident (mincore) just before it: on shmem
+ * that is exactly when the kernel raises a MISSING userfault, so the worker can time the stalls
+ * that the handler is supposed to account, without guessing from latencies. */
+static inline int resident(uint64_t addr, uint64_t page_size)
+{
+    unsigned char v = 0;
+    if (mincore((void *)(uintptr_t)addr, page_size, &v))
+        return 0;
+    return v & 1;
+}
+
+int pch_touch_run(struct pch_touch *t)
+{
+    uint64_t words = t->page_size / 8;
+    t->first_bad_page = -1;
+    t->t_start = pch_now_ns();
+    for (uint64_t i = 0; i < t->count; i++) {
+        uint64_t page = t->order[i];
+        if (page >= t->npages)
+            return -EINVAL;
+        uint64_t addr = t->base + page * t->page_size;
+        volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)addr;
+        int missing = !resident(addr, t->page_size);
+        uint64_t want = expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
+        uint64_t got;
+        uint64_t s = pch_now_ns();
+        if (t->is_write && t->is_write[i]) {
+            /* a store of the value the page must hold: a real write fault, content unchanged */
+            *q = want;
+            got = *q;
+        } else {
+            got = *q;
+        }
+        uint64_t e = pch_now_ns();
+        uint64_t d = e - s;
+        t->all_ns += d;
+        if (missing) {
+            uint32_t d32 = d > UINT32_MAX ? UINT32_MAX : (uint32_t)d;
+            t->lat_ns[t->n_faulting] = d32;
+            t->lat_page[t->n_faulting] = (uint32_t)page;
+            t->n_faulting++;
+            t->stall_ns += d;
+            if (d > t->max_ns)
+                t->max_ns = d;
+        }
+        /* every byte read is checked: the touched word now, the whole page once per worker */
+        t->words_checked++;
+        if (got != want) {
+            t->mismatches++;
+            if (t->first_bad_page < 0)
+                t->first_bad_page = (int64_t)page;
+        }
+        if (!t->verified[page]) {
+            uint64_t bad = pch_check_page((const uint8_t *)(uintptr_t)addr, t->seed, page,
+                                          t->page_size, t->zero_permille, t->ref);
+            t->verified[page] = 1;
+            t->pages_checked++;
+            t->words_checked += words;
+            if (bad) {
+                t->mismatches += bad;
+                if (t->first_bad_page < 0)
+                    t->first_bad_page = (int64_t)page;
+            }
+        }
+    }
+    t->t_end = pch_now_ns();
+    return 0;
+}
+
+/* ---- process hygiene ---- */
+
+/* Die with the parent: a run's children must never outlive a killed orchestrator. */
+int pch_set_pdeathsig(int sig)
+{
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0) ? -errno : 0;
+}
+
+/* The name ps/psutil show (comm), e.g. "pch-vcpu-3". */
+int pch_set_name(const char *name)
+{
+    return prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0) ? -errno : 0;
+}

@@ -1,0 +1,73 @@
+/*
+ * pch.h - the C side of postcopy-harness's kernel interface.
+ *
+ * Two kinds of function live here:
+ *  - thin syscall/ioctl wrappers that return 0 (or a value) on success and -errno on failure,
+ *    so the Python layer can raise an error naming the operation and errno;
+ *  - tight loops that Python cannot run at kernel speed: the page content generator/checker
+ *    and the vCPU worker's timed touch loop.  They hold no policy.
+ */
+#ifndef PCH_H
+#define PCH_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- userfaultfd ---- */
+int pch_userfaultfd(int flags);
+int pch_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int pch_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int pch_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode);
+int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
+int pch_uffd_wake(int fd, uint64_t start, uint64_t len);
+int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
+                         uint32_t *other_events);
+
+/* ---- memfd, eventfd, mmap ---- */
+int pch_memfd_create(const char *name, unsigned int flags);
+int pch_eventfd(unsigned int initval, int flags);
+int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out);
+int pch_munmap(uint64_t addr, uint64_t len);
+int pch_punch_hole(int fd, uint64_t off, uint64_t len);
+
+/* ---- guest RAM content: deterministic per page from a seed ---- */
+int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille);
+void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t npages,
+                    uint64_t page_size, uint32_t zero_permille);
+uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
+                        uint32_t zero_permille, const uint8_t *ref);
+
+/* ---- the vCPU worker's timed touch loop ---- */
+struct pch_touch {
+    /* in */
+    uint64_t base;            /* address of guest RAM in this process */
+    uint64_t page_size;
+    uint64_t npages;
+    const uint32_t *order;    /* page index of each access */
+    uint64_t count;
+    const uint8_t *is_write;  /* per access: 1 = store, 0 = load (NULL: all loads) */
+    uint64_t seed;
+    uint32_t zero_permille;
+    const uint8_t *ref;       /* expected image (--image) or NULL: use the seed generator */
+    uint8_t *verified;        /* per page: 1 once this worker checked every byte of it */
+    /* out */
+    uint32_t *lat_ns;         /* latency of each faulting access, in order */
+    uint32_t *lat_page;       /* page of each faulting access */
+    uint64_t n_faulting;
+    uint64_t stall_ns;        /* sum of faulting-access latencies: the worker's stall clock */
+    uint64_t max_ns;
+    uint64_t all_ns;          /* sum of every access latency */
+    uint64_t pages_checked;
+    uint64_t words_checked;
+    uint64_t mismatches;      /* mismatching 64-bit words */
+    int64_t first_bad_page;   /* -1 when none */
+    uint64_t t_start, t_end;  /* CLOCK_MONOTONIC ns */
+};
+int pch_touch_run(struct pch_touch *t);
+uint64_t pch_now_ns(void);
+
+/* ---- process hygiene ---- */
+int pch_set_pdeathsig(int sig);
+int pch_set_name(const char *name);
+
+#endif

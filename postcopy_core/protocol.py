@@ -1,0 +1,279 @@
+"""The wire protocol between source and destination.
+
+Return path (destination -> source), laid out like QEMU's: ``be16 type, be16 len, payload``.
+  REQ_PAGES     payload: be64 offset, be32 len                   (offset/len in bytes, in the RAM block)
+  REQ_PAGES_ID  payload: be64 offset, be32 len, u8 idlen, idstr  (sent when the RAM block changes)
+  SHUT          payload: be32 status                             (destination is done)
+
+Page stream (source -> destination, on the stream and the urgent channel), our own design:
+  header  ``u8 type, u8 flags, be16 count, be32 payload_len, be64 offset``  (16 bytes)
+  HELLO   payload: 4s magic "PCHS", be16 version, be32 page_size, be64 ram_size, u8 idlen, idstr
+  PAGES   ``count`` pages starting at ``offset``; payload is count * page_size bytes of data
+  ZERO    ``count`` all-zero pages starting at ``offset``; no payload
+  EOS     the source has sent every page (stream channel only); no payload
+  flags   URGENT (1): the pages answer a request
+
+Every field is validated against the RAM geometry announced in HELLO; anything off raises
+:class:`ProtocolError`, whose message is one line that says what and where.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+VERSION = 1
+MAGIC = b"PCHS"
+
+# return path message types: the numbers QEMU uses for the same messages
+RP_SHUT = 1
+RP_REQ_PAGES_ID = 3
+RP_REQ_PAGES = 4
+RP_NAMES = {RP_SHUT: "SHUT", RP_REQ_PAGES_ID: "REQ_PAGES_ID", RP_REQ_PAGES: "REQ_PAGES"}
+
+# page stream message types and flags
+MSG_HELLO = 1
+MSG_PAGES = 2
+MSG_ZERO = 3
+MSG_EOS = 4
+MSG_NAMES = {MSG_HELLO: "HELLO", MSG_PAGES: "PAGES", MSG_ZERO: "ZERO", MSG_EOS: "EOS"}
+FLAG_URGENT = 1
+KNOWN_FLAGS = FLAG_URGENT
+
+RP_HDR = struct.Struct(">HH")
+REQ = struct.Struct(">QI")
+SHUT = struct.Struct(">I")
+HDR = struct.Struct(">BBHIQ")
+HELLO = struct.Struct(">4sHIQB")
+MAX_COUNT = 0xFFFF
+MAX_HELLO = HELLO.size + 255
+
+
+class ProtocolError(ValueError):
+    """A malformed or out-of-range message; the text is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What HELLO announces and every later message is checked against."""
+
+    page_size: int
+    ram_size: int
+    idstr: str = "pc.ram"
+
+    @property
+    def npages(self) -> int:
+        return self.ram_size // self.page_size
+
+
+# ---------------------------------------------------------------- return path
+
+
+def encode_req_pages(offset: int, length: int, idstr: str | None = None) -> bytes:
+    """A REQ_PAGES message, or REQ_PAGES_ID when ``idstr`` is given."""
+    if idstr is None:
+        return RP_HDR.pack(RP_REQ_PAGES, REQ.size) + REQ.pack(offset, length)
+    raw = idstr.encode()
+    if not 0 < len(raw) < 256:
+        raise ProtocolError(f"RAM block id must be 1..255 bytes, got {len(raw)}")
+    payload = REQ.pack(offset, length) + bytes([len(raw)]) + raw
+    return RP_HDR.pack(RP_REQ_PAGES_ID, len(payload)) + payload
+
+
+def encode_shut(status: int = 0) -> bytes:
+    return RP_HDR.pack(RP_SHUT, SHUT.size) + SHUT.pack(status)
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    offset: int
+    length: int
+    idstr: str | None = None
+
+
+class ReturnPathReader:
+    """Splits the return path byte stream into validated requests (the source side)."""
+
+    def __init__(self, geo: Geometry) -> None:
+        self.geo = geo
+        self.buf = bytearray()
+        self.idstr: str | None = None  # the RAM block the last REQ_PAGES_ID named
+        self.shut: int | None = None
+
+    def feed(self, data: bytes) -> list[PageRequest]:
+        self.buf += data
+        out: list[PageRequest] = []
+        pos = 0
+        buf = self.buf
+        while len(buf) - pos >= RP_HDR.size:
+            mtype, mlen = RP_HDR.unpack_from(buf, pos)
+            if len(buf) - pos - RP_HDR.size < mlen:
+                break
+            body = bytes(buf[pos + RP_HDR.size : pos + RP_HDR.size + mlen])
+            pos += RP_HDR.size + mlen
+            req = self._message(mtype, body)
+            if req is not None:
+                out.append(req)
+        del buf[:pos]
+        return out
+
+    def _message(self, mtype: int, body: bytes) -> PageRequest | None:
+        if mtype == RP_REQ_PAGES:
+            if len(body) != REQ.size:
+                raise ProtocolError(f"REQ_PAGES: payload is {len(body)} bytes, expected {REQ.size}")
+            if self.idstr is None:
+                raise ProtocolError("REQ_PAGES before any REQ_PAGES_ID named the RAM block")
+            offset, length = REQ.unpack(body)
+            return self._checked(offset, length, None)
+        if mtype == RP_REQ_PAGES_ID:
+            if len(body) < REQ.size + 2:
+                raise ProtocolError(f"REQ_PAGES_ID: payload of {len(body)} bytes is too short")
+            offset, length = REQ.unpack_from(body)
+            idlen = body[REQ.size]
+            if len(body) != REQ.size + 1 + idlen or idlen == 0:
+                raise ProtocolError(f"REQ_PAGES_ID: id length {idlen} does not match payload of {len(body)} bytes")
+            idstr = body[REQ.size + 1 :].decode(errors="replace")
+            if idstr != self.geo.idstr:
+                raise ProtocolError(f"REQ_PAGES_ID: unknown RAM block {idstr!r}")
+            self.idstr = idstr
+            return self._checked(offset, length, idstr)
+        if mtype == RP_SHUT:
+            if len(body) != SHUT.size:
+                raise ProtocolError(f"SHUT: payload is {len(body)} bytes, expected {SHUT.size}")
+            self.shut = SHUT.unpack(body)[0]
+            return None
+        raise ProtocolError(f"return path: unknown message type {mtype}")
+
+    def _checked(self, offset: int, length: int, idstr: str | None) -> PageRequest:
+        ps = self.geo.page_size
+        if offset % ps or length == 0 or length % ps:
+            raise ProtocolError(f"page request {offset:#x}+{length:#x} is not page aligned (page size {ps})")
+        if offset + length > self.geo.ram_size:
+            raise ProtocolError(f"page request {offset:#x}+{length:#x} is past the end of RAM ({self.geo.ram_size:#x})")
+        return PageRequest(offset, length, idstr)
+
+
+# ---------------------------------------------------------------- page stream
+
+
+def encode_hello(geo: Geometry) -> bytes:
+    raw = geo.idstr.encode()
+    payload = HELLO.pack(MAGIC, VERSION, geo.page_size, geo.ram_size, len(raw)) + raw
+    return HDR.pack(MSG_HELLO, 0, 0, len(payload), 0) + payload
+
+
+def decode_hello(payload: bytes | memoryview) -> Geometry:
+    if len(payload) < HELLO.size:
+        raise ProtocolError(f"HELLO: payload of {len(payload)} bytes is too short")
+    magic, version, page_size, ram_size, idlen = HELLO.unpack_from(payload)
+    if magic != MAGIC:
+        raise ProtocolError(f"HELLO: bad magic {bytes(magic)!r} (not a postcopy-harness source?)")
+    if version != VERSION:
+        raise ProtocolError(f"HELLO: protocol version {version}, this destination speaks {VERSION}")
+    if len(payload) != HELLO.size + idlen or idlen == 0:
+        raise ProtocolError("HELLO: RAM block id length does not match the payload")
+    if page_size < 4096 or page_size & (page_size - 1) or ram_size == 0 or ram_size % page_size:
+        raise ProtocolError(f"HELLO: bad geometry page_size={page_size} ram_size={ram_size}")
+    return Geometry(page_size, ram_size, bytes(payload[HELLO.size :]).decode(errors="replace"))
+
+
+def page_header(mtype: int, offset: int, count: int, page_size: int, urgent: bool = False) -> bytes:
+    plen = count * page_size if mtype == MSG_PAGES else 0
+    return HDR.pack(mtype, FLAG_URGENT if urgent else 0, count, plen, offset)
+
+
+@dataclass
+class Frame:
+    """One page-stream message; ``data_at`` is where its payload starts in the reader's buffer."""
+
+    mtype: int
+    flags: int
+    count: int
+    offset: int
+    data_at: int
+    payload_len: int
+
+
+class FrameReader:
+    """Reassembles page-stream frames from a non-blocking socket into one fixed buffer.
+
+    The buffer never moves (the destination hands pointers into it straight to UFFDIO_COPY), so
+    it is a bytearray of fixed capacity with the unread bytes in [start, end); it is compacted
+    only when a frame does not fit behind ``end``.
+    """
+
+    def __init__(self, capacity: int, geo: Geometry | None = None) -> None:
+        self.buf = bytearray(capacity)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.geo = geo
+        self.eof = False
+
+    def recv_from(self, sock) -> int:
+        """Read what the socket has (without blocking); returns bytes read, 0 at EOF."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < HDR.size + self._wanted_payload():
+            self._compact()
+        try:
+            n = sock.recv_into(self.view[self.end :])
+        except BlockingIOError:
+            return -1
+        if n == 0:
+            self.eof = True
+        self.end += n
+        return n
+
+    def _wanted_payload(self) -> int:
+        if self.end - self.start >= HDR.size:
+            return HDR.unpack_from(self.buf, self.start)[3]
+        return 0
+
+    def _compact(self) -> None:
+        n = self.end - self.start
+        self.view[0:n] = self.view[self.start : self.end]  # same size: the buffer never moves
+        self.start, self.end = 0, n
+
+    def frames(self):
+        """Yield complete frames; each must be used before the next recv_from()."""
+        buf = self.buf
+        while self.end - self.start >= HDR.size:
+            mtype, flags, count, plen, offset = HDR.unpack_from(buf, self.start)
+            self._validate(mtype, flags, count, plen, offset)
+            if self.end - self.start - HDR.size < plen:
+                return
+            at = self.start + HDR.size
+            self.start = at + plen
+            if mtype == MSG_HELLO:
+                self.geo = decode_hello(self.view[at : at + plen])
+            yield Frame(mtype, flags, count, offset, at, plen)
+
+    def _validate(self, mtype: int, flags: int, count: int, plen: int, offset: int) -> None:
+        name = MSG_NAMES.get(mtype)
+        if name is None:
+            raise ProtocolError(f"page stream: unknown message type {mtype}")
+        if flags & ~KNOWN_FLAGS:
+            raise ProtocolError(f"{name}: unknown flags {flags:#x}")
+        if mtype == MSG_HELLO:
+            if self.geo is not None:
+                raise ProtocolError("HELLO: sent twice")
+            if not HELLO.size < plen <= MAX_HELLO:
+                raise ProtocolError(f"HELLO: payload length {plen} out of range")
+            return
+        geo = self.geo
+        if geo is None:
+            raise ProtocolError(f"{name}: received before HELLO")
+        if mtype == MSG_EOS:
+            if count or plen or offset:
+                raise ProtocolError("EOS: must carry no pages")
+            return
+        if count == 0:
+            raise ProtocolError(f"{name}: zero pages")
+        expect = count * geo.page_size if mtype == MSG_PAGES else 0
+        if plen != expect:
+            raise ProtocolError(f"{name}: payload length {plen}, expected {expect} for {count} pages")
+        if offset % geo.page_size or offset + count * geo.page_size > geo.ram_size:
+            raise ProtocolError(f"{name}: pages {offset:#x}+{count} pages outside RAM of {geo.ram_size:#x} bytes")
+        if plen > len(self.buf) - HDR.size:
+            raise ProtocolError(f"{name}: {plen} bytes do not fit the receive buffer")
