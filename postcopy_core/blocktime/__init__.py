@@ -49,7 +49,9 @@ def make_engine(name: str, meta: TraceMeta) -> Engine:
     return _CLASSES[name](meta)
 
 
-def replay(meta: TraceMeta, events: Iterable[Event], engines: Sequence[str] = ENGINE_NAMES) -> dict[str, dict]:
+def replay(
+    meta: TraceMeta, events: Iterable[Event], engines: Sequence[str] = ENGINE_NAMES
+) -> dict[str, dict]:
     """Feed ``events`` (in order) to each named engine; returns {engine name: query-migrate fields}."""
     _check_names(engines)
     live = [make_engine(name, meta) for name in engines]
@@ -65,7 +67,7 @@ def replay(meta: TraceMeta, events: Iterable[Event], engines: Sequence[str] = EN
                 p(ev)
         else:
             raise BlocktimeError(f"not a blocktime event: {ev!r}")
-    return {name: eng.result() for name, eng in zip(engines, live)}
+    return {name: eng.result() for name, eng in zip(engines, live, strict=True)}
 
 
 def replay_columns(

@@ -175,6 +175,7 @@ class EventColumns:
             self.vcpu.tolist(),
             self.tid.tolist(),
             self.flag.tolist(),
+            strict=True,
         ):
             if k == KIND_FAULT:
                 append(Fault(t, a, v, d, None if f < 0 else bool(f)))

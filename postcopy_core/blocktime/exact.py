@@ -26,9 +26,7 @@ from .events import KIND_FAULT, EventColumns, Fault, Placed, TraceMeta
 from .modern import next_placement, received_mask
 
 
-def interval_measures(
-    n: int, vcpu: np.ndarray, start: np.ndarray, end: np.ndarray
-) -> tuple[np.ndarray, int]:
+def interval_measures(n: int, vcpu: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, int]:
     """Per-vCPU measure of the union of [start, end) intervals, and the measure of the time every one
     of the ``n`` vCPUs is inside one of its intervals."""
     per = np.zeros(n, dtype=np.int64)
@@ -48,7 +46,7 @@ def interval_measures(
     else:  # too long a trace for bands: do it per vCPU
         runmax = np.empty_like(e)
         bounds = np.r_[np.flatnonzero(group_start), v.size]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             runmax[a:b] = np.maximum.accumulate(e[a:b])
     prev = np.r_[lo, runmax[:-1]]
     prev = np.where(group_start, s, prev)
@@ -101,7 +99,7 @@ def build_result(
         "postcopy-blocktime": all_ns // NS_PER_MS,
         "postcopy-vcpu-blocktime": (per // NS_PER_MS).tolist(),
         "postcopy-latency": int(lat_ns.sum()) // total_faults if total_faults else 0,
-        "postcopy-vcpu-latency": [int(s) // int(c) if c else 0 for s, c in zip(sums, counts)],
+        "postcopy-vcpu-latency": [int(s) // int(c) if c else 0 for s, c in zip(sums, counts, strict=True)],
         "postcopy-non-vcpu-latency": int(nv.sum()) // nv.size if nv.size else 0,
         "postcopy-latency-dist": latency_histogram(lat_ns),
         "vcpu-faults": vcpu_faults.tolist(),

@@ -45,7 +45,7 @@ def build_result(
         "postcopy-blocktime": ms_u32(total_ns),
         "postcopy-vcpu-blocktime": [ms_u32(x) for x in vcpu_ns],
         "postcopy-latency": (sum(vcpu_ns) + non_vcpu_ns) // faults if faults else 0,
-        "postcopy-vcpu-latency": [t // c if c else 0 for t, c in zip(vcpu_ns, vcpu_faults)],
+        "postcopy-vcpu-latency": [t // c if c else 0 for t, c in zip(vcpu_ns, vcpu_faults, strict=True)],
         "postcopy-non-vcpu-latency": non_vcpu_ns // non_vcpu_faults if non_vcpu_faults else 0,
         "postcopy-latency-dist": list(dist),
         "vcpu-faults": list(vcpu_faults),
@@ -244,7 +244,8 @@ def compute_columns(meta: TraceMeta, cols: EventColumns) -> dict:
     total_ns = 0
     if down_edge.any():
         g_pos = np.concatenate([e_pos[up_edge], e_pos[down_edge]])
-        g_delta = np.concatenate([np.ones(int(up_edge.sum()), np.int64), -np.ones(int(down_edge.sum()), np.int64)])
+        n_up, n_down = int(up_edge.sum()), int(down_edge.sum())
+        g_delta = np.concatenate([np.ones(n_up, np.int64), -np.ones(n_down, np.int64)])
         g_time = np.concatenate([e_time[up_edge], e_time[down_edge]])
         order = np.argsort(g_pos, kind="stable")
         g_pos, g_delta, g_time = g_pos[order], g_delta[order], g_time[order]

@@ -138,7 +138,12 @@ def compute_columns(meta: TraceMeta, cols: EventColumns) -> dict:
     eng = SeedEngine(meta)
     begin, end = eng.begin, eng.end
     for k, t, a, v, f in zip(
-        cols.kind.tolist(), cols.t_ns.tolist(), cols.addr.tolist(), cols.vcpu.tolist(), cols.flag.tolist()
+        cols.kind.tolist(),
+        cols.t_ns.tolist(),
+        cols.addr.tolist(),
+        cols.vcpu.tolist(),
+        cols.flag.tolist(),
+        strict=True,
     ):
         if k == KIND_FAULT:
             begin(t, a, v, None if f < 0 else f == 1)
