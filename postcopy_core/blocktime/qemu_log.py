@@ -1,0 +1,485 @@
+"""Import a QEMU destination trace log (``log`` trace backend, ``-msg timestamp=on``) as events.
+
+Lines look like ``TID@SEC.USEC:event args``.  What the 2018-era accounting (QEMU <= 10.0) logs:
+
+* ``mark_postcopy_blocktime_begin addr, dd, time, cpu, already_received`` -- ``time`` is the vCPU's
+  fault time as a ms offset from the context start (0 when already_received);
+* ``mark_postcopy_blocktime_end addr, dd, time, affected_cpu`` -- ``time`` is the running TOTAL
+  blocktime, not a time: when it moves, the end happened at ``last_begin + increase``; otherwise its
+  time must come from the wall-clock stamp;
+* ``postcopy_ram_fault_thread_request ... pid`` and ``get_mem_fault_cpu_index cpu, pid`` -- used for
+  the tid -> vCPU map and to find non-vCPU faults (a request with no begin after it);
+* ``postcopy_place_page_zero host`` (before its end line) -- marks zero pages.
+
+Reconstruction:
+
+1. Clock.  Stamps are wall-clock microseconds; offsets are milliseconds of QEMU's realtime clock since
+   the context start.  Every begin with ``time >= 2`` says ``offset_ns(stamp) in [T ms, T+1 ms)``, so
+   ``stamp - T ms`` is an upper bound of the clock difference ``K``; the smallest such bound within
+   +-1 s of a stamp (so slow drift is followed) maps that stamp to the offset clock.  Because the
+   bounding begin was stamped a few microseconds after its clock read, as the end lines are, the
+   delays mostly cancel.
+2. Order.  Lines of one thread are in order; the fault thread's and the placing thread's lines
+   interleave by stamp, but stamps within a few ms can disagree with the order the accounting ran.
+   Ends are taken in order; before each, the fault-thread lines stamped up to it are applied to a seed
+   engine, and if the resulting ``affected_cpu`` and running total do not match the end line, nearby
+   alternative interleavings are tried.  An end that no interleaving explains is counted as a
+   mismatch and the seed's total is resynchronised to the log.
+3. Times.  Begin: inside ``[T ms, T+1 ms)``, refined by the stamp.  End with a moved total:
+   ``last_begin + increase`` ms, refined by the stamp; otherwise the stamp mapped through the clock.
+
+The seed engine replaying the result reproduces every explained end line, hence QEMU's own
+``postcopy-blocktime``; ``postcopy-vcpu-blocktime`` depends on end times read from stamps, good to
+about a millisecond in total.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+from collections import deque
+from dataclasses import dataclass
+
+from .common import NS_PER_MS, U32
+from .events import BlocktimeError, Event, Fault, Placed, TraceMeta
+from .seed import SeedEngine
+from .trace import iter_lines
+
+_LINE = re.compile(r"(\d+)@(\d+)\.(\d+):(\w+)(?: (.*))?")
+_BEGIN = re.compile(
+    r"addr: 0x([0-9a-fA-F]+), dd: (\S+), time: (\d+), cpu: (-?\d+), already_received: (-?\d+)\s*"
+)
+_END = re.compile(r"addr: 0x([0-9a-fA-F]+), dd: (\S+), time: (\d+), affected_cpu: (-?\d+)\s*")
+_PLACE = re.compile(r"host=(0x[0-9a-fA-F]+|\(nil\))\s*")
+_REQUEST = re.compile(r"Request for HVA=0x([0-9a-fA-F]+) rb=(\S*) offset=0x([0-9a-fA-F]+) pid=(\d+)\s*")
+_CPU_INDEX = re.compile(r"cpu: (-?\d+), pid: (\d+)\s*")
+_CLEANUP = re.compile(r"total blocktime (\d+)\s*")
+_BARE = re.compile(r"(mark_postcopy_blocktime_begin|mark_postcopy_blocktime_end) addr:")
+
+CLOCK_WINDOW_NS = 1_000_000_000  # begins within +-1 s bound the clock difference for a stamp
+ORDER_SLACK_NS = 2_000_000  # stamps this close may be in either order
+EXTRA_CANDIDATES = 4  # also try this many fault-thread lines stamped after the window
+BACKTRACK_ENDS = 8  # how many earlier ends an unexplained end may revisit
+BACKTRACK_BUDGET = 64  # rewinds allowed before giving up on one end
+
+
+@dataclass(slots=True)
+class _Begin:
+    line: int
+    w: int  # stamp, ns
+    addr: int
+    time: int  # logged ms offset (0 when already received)
+    cpu: int
+    ar: bool
+    pid: int
+
+
+@dataclass(slots=True)
+class _NonVcpu:
+    line: int
+    w: int
+    addr: int
+    pid: int
+
+
+@dataclass(slots=True)
+class _End:
+    line: int
+    w: int
+    addr: int
+    total: int
+    affected: int
+    zero: bool
+
+
+@dataclass
+class _Parsed:
+    fault_items: list  # _Begin | _NonVcpu in fault-thread order
+    ends: list[_End]
+    tid_map: dict[int, int]
+    dds: dict[str, int]
+    cleanup_total: int | None
+    placed_addrs_or: int
+
+
+def _parse(path: str) -> _Parsed:
+    items: list = []
+    ends: list[_End] = []
+    tid_map: dict[int, int] = {}
+    dds: dict[str, int] = {}
+    cleanup: int | None = None
+    pending_req: dict[int, tuple[int, int, int, int]] = {}  # thread -> (line, w, addr, pid)
+    last_zero: dict[int, int] = {}
+    addr_or = 0
+
+    def flush_request(thread: int) -> None:
+        req = pending_req.pop(thread, None)
+        if req is not None and req[3] != 0 and tid_map.get(req[3], -1) < 0:
+            items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
+
+    for n, line in iter_lines(path):
+        m = _LINE.match(line)
+        if m is None:
+            if _BARE.match(line):
+                raise BlocktimeError(
+                    f"{path}: line {n}: trace line without 'TID@SEC.USEC:' stamp "
+                    "(record the log with -msg timestamp=on)"
+                )
+            continue
+        thread, sec, usec, event, args = m.groups()
+        args = args or ""
+        if event not in _HANDLED:
+            continue
+        thread_i = int(thread)
+        w = int(sec) * 1_000_000_000 + int(usec.ljust(6, "0")[:6]) * 1000
+
+        def bad(what: str, n: int = n, event: str = event, args: str = args) -> BlocktimeError:
+            return BlocktimeError(f"{path}: line {n}: malformed {event} ({what}): {args[:80]!r}")
+
+        if event == "mark_postcopy_blocktime_begin":
+            a = _BEGIN.fullmatch(args)
+            if a is None:
+                raise bad("expected 'addr: 0x.., dd: .., time: N, cpu: N, already_received: N'")
+            req = pending_req.pop(thread_i, None)
+            pid = req[3] if req is not None else 0
+            cpu = int(a.group(4))
+            if pid and cpu >= 0:
+                tid_map.setdefault(pid, cpu)
+            dds[a.group(2)] = dds.get(a.group(2), 0) + 1
+            items.append(_Begin(n, w, int(a.group(1), 16), int(a.group(3)), cpu, a.group(5) != "0", pid))
+        elif event == "mark_postcopy_blocktime_end":
+            a = _END.fullmatch(args)
+            if a is None:
+                raise bad("expected 'addr: 0x.., dd: .., time: N, affected_cpu: N'")
+            addr = int(a.group(1), 16)
+            dds[a.group(2)] = dds.get(a.group(2), 0) + 1
+            zero = last_zero.pop(thread_i, None) == addr
+            addr_or |= addr
+            ends.append(_End(n, w, addr, int(a.group(3)), int(a.group(4)), zero))
+        elif event == "postcopy_place_page_zero":
+            a = _PLACE.fullmatch(args)
+            if a is None:
+                raise bad("expected 'host=0x..'")
+            last_zero[thread_i] = 0 if a.group(1) == "(nil)" else int(a.group(1), 16)
+        elif event == "postcopy_ram_fault_thread_request":
+            a = _REQUEST.fullmatch(args)
+            if a is None:
+                raise bad("expected 'Request for HVA=0x.. rb=.. offset=0x.. pid=N'")
+            flush_request(thread_i)
+            pending_req[thread_i] = (n, w, int(a.group(1), 16), int(a.group(4)))
+        elif event == "get_mem_fault_cpu_index":
+            a = _CPU_INDEX.fullmatch(args)
+            if a is None:
+                raise bad("expected 'cpu: N, pid: N'")
+            cpu, pid = int(a.group(1)), int(a.group(2))
+            if cpu >= 0:
+                tid_map[pid] = cpu
+            else:
+                flush_request(thread_i)
+        elif event == "postcopy_ram_incoming_cleanup_blocktime":
+            a = _CLEANUP.fullmatch(args)
+            if a is None:
+                raise bad("expected 'total blocktime N'")
+            cleanup = int(a.group(1))
+    for thread in list(pending_req):
+        flush_request(thread)
+    return _Parsed(items, ends, tid_map, dds, cleanup, addr_or)
+
+
+_HANDLED = frozenset(
+    {
+        "mark_postcopy_blocktime_begin",
+        "mark_postcopy_blocktime_end",
+        "postcopy_place_page_zero",
+        "postcopy_ram_fault_thread_request",
+        "get_mem_fault_cpu_index",
+        "postcopy_ram_incoming_cleanup_blocktime",
+    }
+)
+
+
+class _Clock:
+    """Maps a wall-clock stamp (ns) to the offset clock (ns since the context start)."""
+
+    def __init__(self, begins: list[_Begin]) -> None:
+        samples = sorted((b.w, b.w - b.time * NS_PER_MS) for b in begins if not b.ar and b.time >= 2)
+        if not samples:  # tiny logs: use whatever begins there are
+            samples = sorted((b.w, b.w - max(b.time, 1) * NS_PER_MS) for b in begins if not b.ar)
+        if not samples:
+            raise BlocktimeError("no begin line with a fault time: cannot relate stamps to QEMU's clock")
+        self.ws = [s[0] for s in samples]
+        self.bound = self._window_min(samples)
+        self.samples = len(samples)
+
+    @staticmethod
+    def _window_min(samples: list[tuple[int, int]]) -> list[int]:
+        """For each sample, the minimum bound over samples within +-CLOCK_WINDOW_NS (sliding window)."""
+        out = []
+        dq: deque[int] = deque()  # indexes with increasing bounds
+        hi = 0
+        lo = 0
+        for i, (w, _) in enumerate(samples):
+            while hi < len(samples) and samples[hi][0] <= w + CLOCK_WINDOW_NS:
+                while dq and samples[dq[-1]][1] >= samples[hi][1]:
+                    dq.pop()
+                dq.append(hi)
+                hi += 1
+            while samples[lo][0] < w - CLOCK_WINDOW_NS:
+                lo += 1
+            while dq[0] < lo:
+                dq.popleft()
+            out.append(samples[dq[0]][1])
+            del i
+        return out
+
+    def offset_ns(self, w: int) -> int:
+        i = bisect.bisect_left(self.ws, w)
+        if i == len(self.ws) or (i > 0 and w - self.ws[i - 1] <= self.ws[i] - w):
+            i -= 1
+        return w - self.bound[i]
+
+
+def _clamp_ms(t_ns: int, ms: int) -> int:
+    """A time inside millisecond ``ms`` (of the offset clock), as close to ``t_ns`` as possible."""
+    lo = ms * NS_PER_MS
+    return min(max(t_ns, lo), lo + NS_PER_MS - 1)
+
+
+def _infer_page_size(addr_or: int) -> int:
+    if addr_or == 0:
+        return 4096
+    low = addr_or & -addr_or
+    return max(4096, min(low, 1 << 30))
+
+
+def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[TraceMeta, list[Event]]:
+    """Reconstruct the fault/placement stream of a QEMU trace log (see the module docstring).
+
+    ``vcpus`` is QEMU's smp_cpus; without it, the highest vCPU index seen + 1 is assumed (recorded as
+    ``extra["qemu"]["vcpus_inferred"]``).  Diagnostics go to ``meta.extra["qemu"]``.
+    """
+    path = os.fspath(path)
+    p = _parse(path)
+    begins = [it for it in p.fault_items if isinstance(it, _Begin)]
+    if not begins and not p.ends:
+        raise BlocktimeError(
+            f"{path}: no mark_postcopy_blocktime_begin/end lines (enable those trace events and the "
+            "postcopy-blocktime capability on the destination)"
+        )
+    if not begins:
+        raise BlocktimeError(f"{path}: no mark_postcopy_blocktime_begin lines, only end lines")
+    if len(p.dds) > 1:
+        raise BlocktimeError(
+            f"{path}: lines from {len(p.dds)} blocktime contexts (dd={', '.join(sorted(p.dds))}); "
+            "split the log per migration"
+        )
+    max_cpu = max(b.cpu for b in begins)
+    if max_cpu < 0:
+        raise BlocktimeError(f"{path}: begin lines carry no vCPU index")
+    inferred = vcpus is None
+    n = max_cpu + 1 if vcpus is None else vcpus
+    if n <= max_cpu:
+        raise BlocktimeError(f"{path}: vCPU {max_cpu} faults but --vcpus is {n}")
+    meta = TraceMeta(
+        vcpus=n,
+        page_size=_infer_page_size(p.placed_addrs_or),
+        tid_map=dict(p.tid_map),
+        start_ns=0,
+        source="qemu-log",
+    )
+    clock = _Clock(begins)
+    events, diag = _reconstruct(meta, p, clock)
+    final_logged = p.cleanup_total if p.cleanup_total is not None else (p.ends[-1].total if p.ends else 0)
+    diag.update(
+        {
+            "begin_lines": len(begins),
+            "already_received_begins": sum(1 for b in begins if b.ar),
+            "non_vcpu_faults": sum(1 for it in p.fault_items if isinstance(it, _NonVcpu)),
+            "end_lines": len(p.ends),
+            "logged_total_ms": final_logged,
+            "vcpus_inferred": inferred,
+            "clock_samples": clock.samples,
+            "dd": next(iter(p.dds), None),
+        }
+    )
+    meta.extra = {"qemu": diag}
+    return meta, events
+
+
+def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event], dict]:
+    seed = SeedEngine(meta)
+    items = p.fault_items
+    out: list[Event] = []
+    mismatches: list[int] = []
+    reordered = 0
+    fi = 0  # next fault-thread item not yet applied
+    last_end_ns = 0
+    prev_total = 0
+
+    def item_event(it: _Begin | _NonVcpu) -> Fault:
+        if isinstance(it, _NonVcpu):
+            return Fault(clock.offset_ns(it.w), it.addr, -1, it.pid, None)
+        t = clock.offset_ns(it.w)
+        if not it.ar:
+            t = _clamp_ms(t, it.time)
+        return Fault(max(t, 0), it.addr, it.cpu, it.pid, it.ar)
+
+    def apply_items(upto: int) -> list[Fault]:
+        evs = [item_event(items[k]) for k in range(fi, upto)]
+        for ev in evs:
+            seed.fault(ev)
+        return evs
+
+    def end_event(e: _End) -> tuple[Placed, int]:
+        """The end's time given the seed's current state, and how natural that explanation is:
+        2 = as expected, 1 = needs a same-millisecond coincidence, 0 = far from its stamp."""
+        est = max(clock.offset_ns(e.w), last_end_ns)
+        est_ms = est // NS_PER_MS
+        delta = (e.total - prev_total) & U32
+        releases = [i for i in range(seed.n) if seed.vcpu_addr[i] == e.addr and seed.fault_time[i]]
+        if delta:
+            ms = (seed.last_begin + delta) & U32
+            t = _clamp_ms(est, ms)
+            quality = 2 if abs(ms - est_ms) <= 2 else 0
+        elif releases and seed.cpus_down == seed.n:
+            # All vCPUs down and this end releases one, yet the total did not grow: it ran in the
+            # same millisecond as the last begin.
+            t = _clamp_ms(est, seed.last_begin)
+            quality = 1 if abs(seed.last_begin - est_ms) <= 1 else 0
+        else:
+            t, quality = est, 2
+        # A vCPU it releases faulted no later than this end.
+        floor_ms = max((seed.fault_time[i] for i in releases), default=0)
+        if t // NS_PER_MS < floor_ms:
+            t = floor_ms * NS_PER_MS
+        return Placed(t, e.addr, e.zero), quality
+
+    def verify(e: _End, upto: int) -> tuple[list[Fault], Placed, int] | None:
+        evs = apply_items(upto)
+        ev, quality = end_event(e)
+        affected = seed.end(ev.t_ns, ev.addr)
+        if affected == e.affected and seed.total == e.total:
+            return evs, ev, quality
+        return None
+
+    def window(e: _End, start: int) -> tuple[int, int, int]:
+        """Candidate counts of fault-thread items to apply before ``e``: lo..hi, stamp order j0."""
+        lo = start
+        while lo < len(items) and items[lo].w < e.w - ORDER_SLACK_NS:
+            lo += 1
+        j0 = lo
+        while j0 < len(items) and (items[j0].w, items[j0].line) < (e.w, e.line):
+            j0 += 1
+        hi = j0
+        while hi < len(items) and items[hi].w <= e.w + ORDER_SLACK_NS:
+            hi += 1
+        return lo, j0, min(hi + EXTRA_CANDIDATES, len(items))
+
+    def ranked(e: _End, snap: tuple) -> list[int]:
+        """Every interleaving in the window that explains ``e``, best first: plausible times
+        first, then closest to stamp order, then the most natural explanation."""
+        lo, j0, hi = window(e, fi)
+        scored = []
+        for j in range(lo, hi + 1):
+            seed.restore(snap)
+            got = verify(e, j)
+            if got is not None:
+                scored.append((got[2] == 0, abs(j - j0), -got[2], j))
+        seed.restore(snap)
+        return [j for *_, j in sorted(scored)]
+
+    # Recent decisions, so that an end nothing explains can revisit the ends before it: a late stamp
+    # can make an earlier end look as if it came after fault lines it really preceded.
+    frames: deque[tuple] = deque(maxlen=BACKTRACK_ENDS)
+    forced: dict[int, list[int]] = {}  # end index -> interleavings still to try there
+    ends = p.ends
+    k = 0
+    max_k = -1
+    budget = BACKTRACK_BUDGET
+    checkpoint: tuple | None = None  # state when the current run of rewinds began
+    give_up = -1  # an end to record as a mismatch without trying rewinds again
+    while k < len(ends):
+        if k > max_k:
+            max_k, budget, checkpoint = k, BACKTRACK_BUDGET, None
+        e = ends[k]
+        snap = seed.snapshot()
+        frame = (k, fi, snap, len(out), last_end_ns, prev_total)
+        _, j0, _ = window(e, fi)
+        if forced.get(k):
+            upto = forced[k].pop(0)
+            chosen = verify(e, upto)
+        else:
+            upto = j0
+            chosen = verify(e, j0)
+            if chosen is None or chosen[2] == 0:
+                alts = ranked(e, snap)
+                chosen = None
+                if alts:
+                    upto = alts[0]
+                    chosen = verify(e, upto)
+        if chosen is None and k != give_up:
+            if checkpoint is None:
+                checkpoint = (k, fi, snap, list(out), last_end_ns, prev_total, list(frames), dict(forced))
+            target = None if budget <= 0 else -1
+            here = (fi, last_end_ns, prev_total)
+            for kk, fi0, snap0, _n, last0, prev0, used in reversed(frames if budget > 0 else ()):
+                if kk not in forced:
+                    fi, last_end_ns, prev_total = fi0, last0, prev0
+                    forced[kk] = [j for j in ranked(ends[kk], snap0) if j != used]
+                    fi, last_end_ns, prev_total = here
+                if forced[kk]:
+                    target = kk
+                    break
+            if target is None or target < 0:
+                # No rewind explains it: go back to where the rewinds began and accept a mismatch
+                # there, rather than keep a path that only rewinds made worse.
+                k, fi, snap0, out_copy, last_end_ns, prev_total, fr, fo = checkpoint
+                out[:] = out_copy
+                frames.clear()
+                frames.extend(fr)
+                forced.clear()
+                forced.update(fo)
+                seed.restore(snap0)
+                give_up, checkpoint = k, None
+                continue
+            else:
+                budget -= 1
+                while True:
+                    kk, fi, snap0, out_len, last_end_ns, prev_total, _used = frames.pop()
+                    if kk == target:
+                        break
+                del out[out_len:]
+                seed.restore(snap0)
+                for later in [x for x in forced if x > target]:
+                    del forced[later]
+                k = target
+                continue
+        if chosen is None:
+            # Nothing explains this line: keep stamp order and follow the log's total from here.
+            mismatches.append(e.line)
+            seed.restore(snap)
+            upto = j0
+            evs = apply_items(j0)
+            ev, _ = end_event(e)
+            seed.end(ev.t_ns, ev.addr)
+            seed.total = e.total
+            chosen = (evs, ev, 0)
+        if upto != j0:
+            reordered += 1
+        evs, ev, _ = chosen
+        frames.append((*frame, upto))
+        out.extend(evs)
+        out.append(ev)
+        fi = upto
+        last_end_ns = ev.t_ns
+        prev_total = e.total
+        k += 1
+    out.extend(item_event(items[k]) for k in range(fi, len(items)))
+    diag = {
+        "verified_ends": len(p.ends) - len(mismatches),
+        "mismatched_ends": len(mismatches),
+        "first_mismatch_lines": mismatches[:10],
+        "reordered_ends": reordered,
+    }
+    return out, diag
