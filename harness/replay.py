@@ -1,0 +1,176 @@
+"""``postcopy-harness replay FILE``: run recorded faults and placements through the blocktime engines.
+
+FILE is a native trace (``run --trace``) or a QEMU trace log (``-msg timestamp=on``), plain or gzip.
+Prints a table (engines side by side, QEMU's query-migrate names and units) or writes JSON with the
+same ``engines`` object the run report has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from postcopy_core.blocktime import ENGINE_NAMES, BlocktimeError, replay_columns
+from postcopy_core.blocktime.trace import FORMATS, read_trace_columns
+
+# (field, unit shown in the table)
+_ROWS = (
+    ("postcopy-blocktime", "ms"),
+    ("postcopy-vcpu-blocktime", "ms"),
+    ("postcopy-latency", "ns"),
+    ("postcopy-vcpu-latency", "ns"),
+    ("postcopy-non-vcpu-latency", "ns"),
+    ("postcopy-latency-dist", "count/bucket"),
+    ("vcpu-faults", ""),
+    ("non-vcpu-faults", ""),
+)
+_MAX_LIST = 8  # vCPU lists longer than this are shortened in the table (the JSON has them all)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``replay`` subcommand (sets ``func=run``)."""
+    p = subparsers.add_parser(
+        "replay",
+        help="replay a trace or QEMU trace log through the blocktime engines",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("file", metavar="FILE", help="native trace or QEMU trace log (plain or .gz)")
+    p.add_argument(
+        "--engine", choices=(*ENGINE_NAMES, "all"), default="all", help="engine to run (default: all)"
+    )
+    p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto)")
+    p.add_argument(
+        "--vcpus", type=int, metavar="N", help="vCPU count (needed when some vCPU never faults in a QEMU log)"
+    )
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    p.add_argument(
+        "--compare",
+        metavar="FILE",
+        help="a query-migrate JSON from the same migration: show how each engine compares to it",
+    )
+    p.set_defaults(func=run)
+
+
+def _fmt_value(value: object) -> str:
+    if isinstance(value, list):
+        shown = ", ".join(f"{x:,}" if isinstance(x, int) else str(x) for x in value[:_MAX_LIST])
+        more = f", ... ({len(value)} values)" if len(value) > _MAX_LIST else ""
+        return f"[{shown}{more}]"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def _fmt_dist(dist: list[int]) -> str:
+    """Only the non-empty buckets, as ``2^N us: count``."""
+    parts = [f"2^{i}us:{c}" for i, c in enumerate(dist) if c]
+    return " ".join(parts) if parts else "(empty)"
+
+
+def render_table(results: dict[str, dict], title: str) -> Table:
+    """The engines side by side, one row per query-migrate field."""
+    table = Table(title=title, show_lines=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("unit", style="dim", no_wrap=True)
+    for name in results:
+        table.add_column(name, overflow="fold")
+    for field, unit in _ROWS:
+        if not any(field in r for r in results.values()):
+            continue
+        cells = []
+        for r in results.values():
+            v = r.get(field)
+            cells.append(
+                _fmt_dist(v) if field == "postcopy-latency-dist" and v is not None else _fmt_value(v)
+            )
+        table.add_row(field, unit, *cells)
+    return table
+
+
+def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            qm = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BlocktimeError(f"{path}: cannot read query-migrate JSON: {exc}") from None
+    if not isinstance(qm, dict) or "postcopy-blocktime" not in qm:
+        raise BlocktimeError(f"{path}: no 'postcopy-blocktime' in this query-migrate JSON")
+    out = {}
+    for name, r in results.items():
+        out[name] = {
+            "postcopy-blocktime": r["postcopy-blocktime"] - qm["postcopy-blocktime"],
+            "postcopy-vcpu-blocktime": [
+                a - b for a, b in zip(r["postcopy-vcpu-blocktime"], qm.get("postcopy-vcpu-blocktime", []), strict=False)
+            ],
+        }
+    return {"query-migrate": qm, "difference": out}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Replay ``args.file``; exit 0, or 2 with one line on stderr for bad input."""
+    console = Console()
+    engines = ENGINE_NAMES if args.engine == "all" else (args.engine,)
+    try:
+        meta, cols = read_trace_columns(args.file, args.format, args.vcpus)
+        results = replay_columns(meta, cols, engines)
+        comparison = _compare(results, args.compare) if args.compare else None
+    except BlocktimeError as exc:
+        print(f"postcopy-harness replay: {exc}", file=sys.stderr)  # one line, never wrapped
+        return 2
+    report = {
+        "file": args.file,
+        "format": meta.source,
+        "events": len(cols),
+        "vcpus": meta.vcpus,
+        "page_size": meta.page_size,
+        "meta": meta.extra,
+        "engines": results,
+    }
+    if comparison is not None:
+        report["compare"] = comparison
+    if args.json:
+        text = json.dumps(report, indent=2, sort_keys=False) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+            return 0
+        try:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
+            return 2
+    title = f"{args.file}: {len(cols):,} events, {meta.vcpus} vCPUs ({meta.source})"
+    console.print(render_table(results, title))
+    for line in _notes(meta.extra, comparison):
+        print(line)
+    return 0
+
+
+def _notes(extra: dict, comparison: dict | None) -> list[str]:
+    notes = []
+    q = extra.get("qemu")
+    if q:
+        notes.append(
+            f"QEMU log: {q['begin_lines']} begin / {q['end_lines']} end lines; the seed engine reproduces "
+            f"{q['verified_ends']} of {q['end_lines']} end lines (running total and affected vCPUs); "
+            f"the log's own final total: {q['logged_total_ms']} ms."
+        )
+        if q["mismatched_ends"]:
+            notes.append(f"  unexplained end lines (first): {q['first_mismatch_lines']}")
+        if q["vcpus_inferred"]:
+            notes.append(
+                "  vCPU count inferred from the highest vCPU that faulted; pass --vcpus N if one never did."
+            )
+    if extra.get("complete") is False:
+        notes.append("warning: the trace has no end marker (the recording run did not finish cleanly).")
+    if comparison:
+        for name, d in comparison["difference"].items():
+            notes.append(
+                f"{name} - query-migrate: blocktime {d['postcopy-blocktime']:+d} ms, "
+                f"per vCPU {d['postcopy-vcpu-blocktime']} ms"
+            )
+    return notes
