@@ -100,12 +100,12 @@ def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
     if not isinstance(qm, dict) or "postcopy-blocktime" not in qm:
         raise BlocktimeError(f"{path}: no 'postcopy-blocktime' in this query-migrate JSON")
     out = {}
+    theirs = qm.get("postcopy-vcpu-blocktime", [])
     for name, r in results.items():
+        mine = r["postcopy-vcpu-blocktime"]
         out[name] = {
             "postcopy-blocktime": r["postcopy-blocktime"] - qm["postcopy-blocktime"],
-            "postcopy-vcpu-blocktime": [
-                a - b for a, b in zip(r["postcopy-vcpu-blocktime"], qm.get("postcopy-vcpu-blocktime", []), strict=False)
-            ],
+            "postcopy-vcpu-blocktime": [a - b for a, b in zip(mine, theirs, strict=False)],
         }
     return {"query-migrate": qm, "difference": out}
 
