@@ -276,6 +276,8 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                 raise BlocktimeError(f"{path}: line {n}: event before the 'M' metadata line")
             else:
                 raise ValueError
+        except BlocktimeError:
+            raise  # already names the line (and is a ValueError, so it must pass through first)
         except (ValueError, KeyError):
             raise BlocktimeError(f"{path}: line {n}: malformed record: {line[:80]!r}") from None
         ts.append(t)
