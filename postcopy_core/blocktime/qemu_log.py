@@ -219,7 +219,7 @@ class _Clock:
         dq: deque[int] = deque()  # indexes with increasing bounds
         hi = 0
         lo = 0
-        for i, (w, _) in enumerate(samples):
+        for w, _ in samples:
             while hi < len(samples) and samples[hi][0] <= w + CLOCK_WINDOW_NS:
                 while dq and samples[dq[-1]][1] >= samples[hi][1]:
                     dq.pop()
@@ -230,7 +230,6 @@ class _Clock:
             while dq[0] < lo:
                 dq.popleft()
             out.append(samples[dq[0]][1])
-            del i
         return out
 
     def offset_ns(self, w: int) -> int:
