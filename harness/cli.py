@@ -31,6 +31,9 @@ def _add_run(sub) -> None:
     p.add_argument("--write-ratio", type=float, default=d.write_ratio, help="share of accesses that are stores")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
                    help="after placing a page, wake only known waiters or every uffd")
+    p.add_argument("--no-background", dest="background", action="store_false",
+                   help="the source sends only requested pages until the workload ends (pure demand paging, "
+                        "as ../shared/bench measures)")
     p.add_argument("--timeout", type=float, default=d.timeout, help="fail the run after this many seconds")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--trace", metavar="FILE", help="record fault/placement events (replayable; .gz to compress)")

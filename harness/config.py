@@ -41,6 +41,7 @@ class RunConfig:
     transport: str = "unix"
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
+    background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0
     json: str | None = None
     trace: str | None = None

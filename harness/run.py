@@ -169,9 +169,11 @@ class Run:
         t_go = time.monotonic_ns()
         os.close(start_w)
         self.fds.remove(start_w)
-        ctl_src.send(cmd="go")
+        ctl_src.send(cmd="go", background=cfg.background)
         self._supervise_workers(set(worker_pids), [ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
+        if not cfg.background:
+            ctl_src.send(cmd="stream")
 
         os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
         dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT)["stats"]

@@ -90,6 +90,7 @@ ffibuilder.cdef(
         uint32_t zero_permille;
         const uint8_t *ref;
         uint8_t *verified;
+        uint64_t min_fault_ns;
         uint32_t *lat_ns;
         uint32_t *lat_page;
         uint64_t n_faulting;

@@ -189,6 +189,8 @@ class Source:
                 if msg is None:
                     break  # the orchestrator is gone
                 if msg.get("cmd") == "go":
+                    streaming = msg.get("background", True)
+                elif msg.get("cmd") == "stream":  # demand-only runs: send the rest now
                     streaming = True
             if self.stream in rl and not self._read_requests():
                 break

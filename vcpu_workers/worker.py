@@ -21,6 +21,11 @@ from vcpu_workers import results as R
 from vcpu_workers.workloads import make_order, make_writes
 
 
+# On hugetlbfs an unmapped page may already be in the page cache (a minor fault, a few µs);
+# a userfault round trip through the handler takes tens of µs.  See pch.c, resident().
+HUGETLB_MIN_FAULT_NS = 10_000
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
     """Everything a worker needs, fixed before the fork."""
@@ -69,6 +74,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, area: R.ResultsArea, t_forked: int)
     t.seed, t.zero_permille = spec.seed, spec.zero_permille
     t.ref = ref.pointer() if ref is not None else ffi.NULL
     t.verified = ffi.from_buffer("uint8_t[]", verified)
+    t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
     t.lat_ns = ffi.from_buffer("uint32_t[]", area.lat_ns[vcpu])
     t.lat_page = ffi.from_buffer("uint32_t[]", area.lat_page[vcpu])
     rc = lib.pch_touch_run(t)

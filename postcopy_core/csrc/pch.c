@@ -249,12 +249,15 @@ uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t
 /* ---- the worker's touch loop ---- */
 
 /* An access is "faulting" when its page was not resident (mincore) just before it: on shmem
- * that is exactly when the kernel raises a MISSING userfault, so the worker can time the stalls
- * that the handler is supposed to account, without guessing from latencies. */
-static inline int resident(uint64_t addr, uint64_t page_size)
+ * mincore looks at the page cache, so that is exactly when the kernel raises a MISSING userfault
+ * and the worker can time the stalls the handler must account without guessing from latencies.
+ * On hugetlbfs mincore sees only this process's page tables, so a page another process already
+ * faulted in looks absent too; there an access must also take min_fault_ns to count. */
+static inline int resident(uint64_t addr)
 {
+    /* one base page is enough (and mincore writes one byte per *base* page, even on hugetlbfs) */
     unsigned char v = 0;
-    if (mincore((void *)(uintptr_t)addr, page_size, &v))
+    if (mincore((void *)(uintptr_t)addr, 1, &v))
         return 0;
     return v & 1;
 }
@@ -270,7 +273,7 @@ int pch_touch_run(struct pch_touch *t)
             return -EINVAL;
         uint64_t addr = t->base + page * t->page_size;
         volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)addr;
-        int missing = !resident(addr, t->page_size);
+        int missing = !resident(addr);
         uint64_t want = expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
         uint64_t got;
         uint64_t s = pch_now_ns();
@@ -284,7 +287,7 @@ int pch_touch_run(struct pch_touch *t)
         uint64_t e = pch_now_ns();
         uint64_t d = e - s;
         t->all_ns += d;
-        if (missing) {
+        if (missing && d >= t->min_fault_ns) {
             uint32_t d32 = d > UINT32_MAX ? UINT32_MAX : (uint32_t)d;
             t->lat_ns[t->n_faulting] = d32;
             t->lat_page[t->n_faulting] = (uint32_t)page;

@@ -1,0 +1,27 @@
+"""``postcopy-harness check``: print the host probe as a table or JSON; exit 0 only if postcopy can run."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from postcopy_core.probe import as_dict, can_run, probe
+
+
+def main(args) -> int:
+    checks = probe(args.vcpus)
+    if args.json:
+        print(json.dumps(as_dict(checks), indent=2))
+    else:
+        t = Table(title="postcopy-harness check: can postcopy run on this host?")
+        t.add_column("check")
+        t.add_column("", justify="center")
+        t.add_column("detail")
+        for c in checks:
+            mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]no[/]")
+            t.add_row(c.name, mark, c.detail)
+        Console().print(t)
+        Console().print("postcopy can run here" if can_run(checks) else "[red]postcopy cannot run here[/]")
+    return 0 if can_run(checks) else 1

@@ -1,0 +1,133 @@
+"""Can postcopy run on this host?  The harness's postcopy_ram_supported_by_host.
+
+Each check really exercises the kernel (open a uffd, negotiate features, register a shmem and a
+hugetlbfs range) rather than guessing from versions.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import resource
+from dataclasses import asdict, dataclass
+
+from postcopy_core import kernel
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True  # a failed required check means postcopy cannot run
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def fds_needed(vcpus: int) -> int:
+    """fds the fault handler holds: one uffd per vCPU plus sockets, eventfd, memfd and slack."""
+    return vcpus + 64
+
+
+def raise_fd_limit(vcpus: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to what ``vcpus`` need (up to the hard limit); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = fds_needed(vcpus)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    return soft
+
+
+def _try_register(hugetlb: bool) -> tuple[bool, str]:
+    feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)
+    size = kernel.HUGE_PAGE_SIZE if hugetlb else kernel.PAGE_SIZE * 4
+    fd = m = u = None
+    try:
+        fd = kernel.memfd_create("pch-probe", hugetlb=hugetlb)
+        os.ftruncate(fd, size)
+        m = kernel.mmap_fd(fd, size)
+        u = kernel.Uffd.open(feats)
+        ioctls = u.register(m.addr, size)
+        need = kernel.IOCTL_COPY | (0 if hugetlb else kernel.IOCTL_ZEROPAGE)
+        if ioctls & need != need:
+            return False, f"registered, but the range lacks COPY/ZEROPAGE (ioctls {ioctls:#x})"
+        # place one page through the uffd: the whole path, not just the registration
+        src = kernel.mmap_anon(kernel.HUGE_PAGE_SIZE if hugetlb else kernel.PAGE_SIZE)
+        u.copy(m.addr, src.addr, src.length)
+        src.close()
+        return True, "register + UFFDIO_COPY work"
+    except (kernel.KernelError, OSError) as e:
+        return False, str(e) if isinstance(e, kernel.KernelError) else f"{e.strerror}"
+    finally:
+        if u is not None:
+            u.close()
+        if m is not None:
+            m.close()
+        if fd is not None:
+            os.close(fd)
+
+
+def probe(vcpus: int = 4) -> list[Check]:
+    """Run every check; postcopy can run when every required one is ok."""
+    checks: list[Check] = []
+    checks.append(Check("kernel", True, f"{platform.system()} {platform.release()} ({platform.machine()})", False))
+    unpriv = _read("/proc/sys/vm/unprivileged_userfaultfd")
+    checks.append(Check("vm.unprivileged_userfaultfd", True,
+                        f"{unpriv} (euid {os.geteuid()}; root does not need it)" if unpriv is not None else "n/a",
+                        False))
+    try:
+        u = kernel.Uffd.open(0)
+        feats = u.features
+        u.close()
+        checks.append(Check("userfaultfd", True, "syscall or /dev/userfaultfd, UFFDIO_API ok"))
+    except kernel.KernelError as e:
+        hint = " (run as root, or sysctl vm.unprivileged_userfaultfd=1)" if e.errno in (errno.EPERM, errno.EACCES) else ""
+        checks.append(Check("userfaultfd", False, f"{e}{hint}"))
+        feats = 0
+    for name, bit in kernel.FEATURE_NAMES.items():
+        required = name != "MISSING_HUGETLBFS"
+        checks.append(Check(f"feature {name}", bool(feats & bit), "supported" if feats & bit else "missing", required))
+    ok, detail = _try_register(False) if feats else (False, "no userfaultfd")
+    checks.append(Check("shmem memfd + uffd", ok, detail))
+
+    nr = _read("/proc/sys/vm/nr_hugepages") or "0"
+    free = _read(f"/sys/kernel/mm/hugepages/hugepages-{kernel.HUGE_PAGE_SIZE // 1024}kB/free_hugepages") or "0"
+    checks.append(Check("huge pages reserved / free", int(free) > 0, f"{nr} / {free} of {kernel.HUGE_PAGE_SIZE >> 20} MiB"
+                        + ("" if int(free) else " (reserve: echo N > /proc/sys/vm/nr_hugepages)"), False))
+    if int(free) > 0 and feats & kernel.FEATURE_MISSING_HUGETLBFS:
+        ok, detail = _try_register(True)
+    else:
+        ok, detail = False, "skipped: no free huge pages" if feats else "no userfaultfd"
+    checks.append(Check("hugetlbfs memfd + uffd", ok, detail, False))
+    checks.append(Check("page sizes", True, f"base {kernel.PAGE_SIZE}, huge {kernel.HUGE_PAGE_SIZE}", False))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = fds_needed(vcpus)
+    fd_ok = hard == resource.RLIM_INFINITY or hard >= need
+    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok,
+                        f"soft {soft}, hard {hard}, need {need}" + (" (raised at run time)" if soft < need <= hard else "")))
+    nproc_soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    pid_max = int(_read("/proc/sys/kernel/pid_max") or 0)
+    threads_max = int(_read("/proc/sys/kernel/threads-max") or 0)
+    room = min(x for x in (nproc_soft if nproc_soft != resource.RLIM_INFINITY else 1 << 30, pid_max, threads_max) if x)
+    checks.append(Check(f"process limits for {vcpus} vCPUs", room > vcpus + 16,
+                        f"RLIMIT_NPROC {nproc_soft if nproc_soft != resource.RLIM_INFINITY else 'unlimited'}, "
+                        f"pid_max {pid_max}, threads-max {threads_max}"))
+    return checks
+
+
+def can_run(checks: list[Check]) -> bool:
+    return all(c.ok for c in checks if c.required)
+
+
+def as_dict(checks: list[Check]) -> dict:
+    return {"can-run": can_run(checks), "checks": [asdict(c) for c in checks]}

@@ -1,0 +1,79 @@
+"""Shared fixtures: leftover checks (processes, /dev/shm, sockets) and huge page reservation."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+def leftovers() -> list[str]:
+    """Everything a run may leave behind: pch-* processes, /dev/shm segments, abstract sockets."""
+    found = []
+    for p in psutil.process_iter(["name", "pid"]):
+        if (p.info["name"] or "").startswith("pch-"):
+            found.append(f"process {p.info['name']} pid {p.info['pid']}")
+    try:
+        found += [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith("pch-")]
+    except OSError:
+        pass
+    with open("/proc/net/unix") as f:
+        found += [f"socket {line.split()[-1]}" for line in f if "@pch-" in line]
+    return found
+
+
+def wait_no_leftovers(timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = leftovers()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def clean_machine():
+    """Fail the test if it leaves any process, segment or socket of a run behind."""
+    before = set(leftovers())
+    yield
+    left = [x for x in wait_no_leftovers() if x not in before]
+    assert not left, f"left behind: {left}"
+
+
+def _uffd_usable() -> bool:
+    try:
+        from postcopy_core import kernel
+
+        kernel.Uffd.open(kernel.FEATURE_THREAD_ID | kernel.FEATURE_MISSING_SHMEM).close()
+        return True
+    except Exception:
+        return False
+
+
+requires_uffd = pytest.mark.skipif(not _uffd_usable(), reason="userfaultfd with THREAD_ID/MISSING_SHMEM unavailable")
+
+
+@pytest.fixture
+def hugepages():
+    """Reserve huge pages for a test and restore the setting after: ``hugepages(n)``."""
+    with open(HUGEPAGES) as f:
+        original = f.read().strip()
+
+    def reserve(n: int) -> None:
+        try:
+            with open(HUGEPAGES, "w") as f:
+                f.write(str(n))
+        except OSError as e:
+            pytest.skip(f"cannot reserve huge pages ({e.strerror}): needs root")
+        with open(HUGEPAGES) as f:
+            got = int(f.read())
+        if got < n:
+            pytest.skip(f"the kernel reserved only {got} of {n} huge pages (memory fragmented)")
+
+    yield reserve
+    with open(HUGEPAGES, "w") as f:
+        f.write(original)
