@@ -8,6 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from harness.accounting import accuracy
 from harness.config import RunConfig
 
 
@@ -74,6 +75,9 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "uss-bytes": raw["worker_mem"],
         "uss-mean-mib": round(float(np.mean(raw["worker_mem"])) / 2**20, 2) if raw["worker_mem"] else 0.0,
     }
+    rep["engines"] = raw["engines"]
+    rep["accuracy"] = accuracy(rep["workers"]["vcpu-stall-ms"], raw["engines"])
+    rep["accounting"] = {"events": raw["events"], "cpu-s": round(raw["engines_cpu_s"], 3)}
     rep["duration-s"] = {
         "workload": round(workload_s, 4),
         "postcopy": round((raw["t_done"] - raw["t_go"]) / 1e9, 4),
@@ -117,7 +121,7 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
         t.add_row("vCPU stall ms (min / mean / max)",
                   f"{min(stall):.1f} / {sum(stall) / len(stall):.1f} / {max(stall):.1f}")
         for name, eng in rep.get("engines", {}).items():
-            t.add_row(f"blocktime [{name}] total ms", f"{eng.get('postcopy-blocktime')}")
+            t.add_row(f"blocktime \\[{name}] total ms", f"{eng.get('postcopy-blocktime')}")
         t.add_row("pages checked by vCPUs / mismatching words", f"{v['pages_checked']} / {v['mismatches']}")
         t.add_row("RAM pages verified at the end / bad", f"{v['ram_pages_verified']} / {v['ram_bad_pages']}")
         d = rep["duration-s"]

@@ -17,9 +17,11 @@ import time
 import numpy as np
 import psutil
 
+from harness.accounting import LiveAccounting
 from harness.config import RunConfig
 from harness.supervise import Children, RunFailed, describe_status
 from postcopy_core import kernel
+from postcopy_core.blocktime import TraceMeta
 from postcopy_core.channel import ControlLine, tcp_accept_channels, tcp_connect, tcp_listener, tune
 from postcopy_core.channel import CHANNEL_STREAM, CHANNEL_URGENT
 from postcopy_core.content import ContentSpec, image_size_check
@@ -47,7 +49,7 @@ class Run:
         self.ram: GuestRam | None = None
         self.received: ReceivedMap | None = None
         self.area: R.ResultsArea | None = None
-        self.events = bytearray()
+        self.accounting: LiveAccounting | None = None
         self._ev_thread: threading.Thread | None = None
         self.roles: dict[str, int] = {}
 
@@ -163,10 +165,15 @@ class Run:
         self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT)
         self._wait_workers_ready(STARTUP_TIMEOUT)
         startup_s = time.monotonic() - t_fork
-        self._start_event_reader(ev_parent)
 
-        # go: every worker starts at EOF of the start pipe; the source starts streaming
+        # go: every worker starts at EOF of the start pipe; the source starts streaming.  The
+        # engines' context starts here, like QEMU's blocktime context at postcopy start.
         t_go = time.monotonic_ns()
+        tid_map = {int(pid): v for v, pid in enumerate(self.area.summary["pid"])}
+        meta = TraceMeta(cfg.vcpus, cfg.page_size, tid_map, start_ns=t_go, source="harness",
+                         extra={"workload": cfg.workload, "link": cfg.link, "backing": cfg.backing})
+        self.accounting = LiveAccounting(meta, trace=cfg.trace)
+        self._start_event_reader(ev_parent)
         os.close(start_w)
         self.fds.remove(start_w)
         ctl_src.send(cmd="go", background=cfg.background)
@@ -185,7 +192,8 @@ class Run:
         return dict(
             summary=self.area.summary.copy(),
             latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
-            handler=dst_stats, source=src_stats, events=bytes(self.events),
+            handler=dst_stats, source=src_stats, engines=self.accounting.results(),
+            events=self.accounting.events, engines_cpu_s=self.accounting.cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem,
         )
@@ -272,7 +280,7 @@ class Run:
                     return
                 if not chunk:
                     return
-                self.events += chunk
+                self.accounting.feed(chunk)
 
         self._ev_thread = threading.Thread(target=pump, name="pch-events", daemon=True)
         self._ev_thread.start()
@@ -296,6 +304,8 @@ class Run:
         self.fds.clear()
         if self._ev_thread:
             self._ev_thread.join(5)
+        if self.accounting is not None:
+            self.accounting.close()
         if self.received is not None:
             self.received.close()
             self.received = None
