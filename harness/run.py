@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 import psutil
 
 from harness.accounting import LiveAccounting
@@ -22,8 +21,15 @@ from harness.config import RunConfig
 from harness.supervise import Children, RunFailed, describe_status
 from postcopy_core import kernel
 from postcopy_core.blocktime import TraceMeta
-from postcopy_core.channel import ControlLine, tcp_accept_channels, tcp_connect, tcp_listener, tune
-from postcopy_core.channel import CHANNEL_STREAM, CHANNEL_URGENT
+from postcopy_core.channel import (
+    CHANNEL_STREAM,
+    CHANNEL_URGENT,
+    ControlLine,
+    tcp_accept_channels,
+    tcp_connect,
+    tcp_listener,
+    tune,
+)
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import abstract_address, accept_uffd, listen
@@ -324,7 +330,8 @@ def _raise_interrupt(signum, frame):
 def execute(cfg: RunConfig) -> dict:
     """Run once and always tear down; SIGTERM is treated like Ctrl-C."""
     run = Run(cfg)
-    old = signal.signal(signal.SIGTERM, _raise_interrupt) if threading.current_thread() is threading.main_thread() else None
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     try:
         return run.execute()
     finally:

@@ -31,10 +31,10 @@ from postcopy_core.channel import ControlLine, Outbox
 from postcopy_core.content import ContentSpec, check_page
 from postcopy_core.kernel import KernelError, Uffd
 from postcopy_core.protocol import (
+    FLAG_URGENT,
     MSG_EOS,
     MSG_PAGES,
     MSG_ZERO,
-    FLAG_URGENT,
     FrameReader,
     Geometry,
     ProtocolError,
@@ -182,7 +182,7 @@ class Destination:
 
     def _place_frame(self, src, f) -> None:
         """Place the pages of one frame; ``src`` points at the receive buffer holding its payload."""
-        recv, waiters, ps, shift = self.received.view, self.waiters, self.ps, self.shift
+        recv, waiters, shift = self.received.view, self.waiters, self.shift
         zero = f.mtype == MSG_ZERO
         first = f.offset >> shift
         end = first + f.count

@@ -90,7 +90,8 @@ def probe(vcpus: int = 4) -> list[Check]:
         u.close()
         checks.append(Check("userfaultfd", True, "syscall or /dev/userfaultfd, UFFDIO_API ok"))
     except kernel.KernelError as e:
-        hint = " (run as root, or sysctl vm.unprivileged_userfaultfd=1)" if e.errno in (errno.EPERM, errno.EACCES) else ""
+        denied = e.errno in (errno.EPERM, errno.EACCES)
+        hint = " (run as root, or sysctl vm.unprivileged_userfaultfd=1)" if denied else ""
         checks.append(Check("userfaultfd", False, f"{e}{hint}"))
         feats = 0
     for name, bit in kernel.FEATURE_NAMES.items():
@@ -101,8 +102,9 @@ def probe(vcpus: int = 4) -> list[Check]:
 
     nr = _read("/proc/sys/vm/nr_hugepages") or "0"
     free = _read(f"/sys/kernel/mm/hugepages/hugepages-{kernel.HUGE_PAGE_SIZE // 1024}kB/free_hugepages") or "0"
-    checks.append(Check("huge pages reserved / free", int(free) > 0, f"{nr} / {free} of {kernel.HUGE_PAGE_SIZE >> 20} MiB"
-                        + ("" if int(free) else " (reserve: echo N > /proc/sys/vm/nr_hugepages)"), False))
+    hint = "" if int(free) else " (reserve: echo N > /proc/sys/vm/nr_hugepages)"
+    checks.append(Check("huge pages reserved / free", int(free) > 0,
+                        f"{nr} / {free} of {kernel.HUGE_PAGE_SIZE >> 20} MiB{hint}", False))
     if int(free) > 0 and feats & kernel.FEATURE_MISSING_HUGETLBFS:
         ok, detail = _try_register(True)
     else:
@@ -113,12 +115,13 @@ def probe(vcpus: int = 4) -> list[Check]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = fds_needed(vcpus)
     fd_ok = hard == resource.RLIM_INFINITY or hard >= need
-    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok,
-                        f"soft {soft}, hard {hard}, need {need}" + (" (raised at run time)" if soft < need <= hard else "")))
+    raised = " (raised at run time)" if soft < need <= hard else ""
+    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok, f"soft {soft}, hard {hard}, need {need}{raised}"))
     nproc_soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     pid_max = int(_read("/proc/sys/kernel/pid_max") or 0)
     threads_max = int(_read("/proc/sys/kernel/threads-max") or 0)
-    room = min(x for x in (nproc_soft if nproc_soft != resource.RLIM_INFINITY else 1 << 30, pid_max, threads_max) if x)
+    nproc = nproc_soft if nproc_soft != resource.RLIM_INFINITY else 1 << 30
+    room = min(x for x in (nproc, pid_max, threads_max) if x)
     checks.append(Check(f"process limits for {vcpus} vCPUs", room > vcpus + 16,
                         f"RLIMIT_NPROC {nproc_soft if nproc_soft != resource.RLIM_INFINITY else 'unlimited'}, "
                         f"pid_max {pid_max}, threads-max {threads_max}"))

@@ -20,7 +20,6 @@ from postcopy_core.handoff import WorkerHello, send_uffd
 from vcpu_workers import results as R
 from vcpu_workers.workloads import make_order, make_writes
 
-
 # On hugetlbfs an unmapped page may already be in the page cache (a minor fault, a few µs);
 # a userfault round trip through the handler takes tens of µs.  See pch.c, resident().
 HUGETLB_MIN_FAULT_NS = 10_000

@@ -80,9 +80,9 @@ class QMP:
             except OSError:
                 self.sock.close()
                 if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"QEMU exited with {proc.returncode} before QMP came up")
+                    raise RuntimeError(f"QEMU exited with {proc.returncode} before QMP came up") from None
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"QMP socket {path} never came up")
+                    raise TimeoutError(f"QMP socket {path} never came up") from None
                 time.sleep(0.05)
         self.sock.settimeout(timeout)
         self.buf = b""
@@ -344,7 +344,7 @@ def run(args) -> int:
                 problems.append(f"active vCPU {i} has zero blocktime")
         if args.active == "bsp" and any(vcpu_bt[1:]):
             problems.append("idle APs accumulated blocktime")
-        if any(d <= b for d, b in zip(hb_dst[:active], hb[:active])):
+        if any(d <= b for d, b in zip(hb_dst[:active], hb[:active], strict=True)):
             problems.append("guest made no progress on the destination")
 
         dump("info.json", {
