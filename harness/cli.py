@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one line, printed as is
 
 
 def _add_run(sub) -> None:
@@ -34,6 +34,8 @@ def _add_run(sub) -> None:
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="the source sends only requested pages until the workload ends (pure demand paging, "
                         "as ../shared/bench measures)")
+    p.add_argument("--live-engines", action="store_true",
+                   help="feed the blocktime engines during the run (default: over the recorded events after it)")
     p.add_argument("--timeout", type=float, default=d.timeout, help="fail the run after this many seconds")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--trace", metavar="FILE", help="record fault/placement events (replayable; .gz to compress)")

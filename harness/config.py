@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from postcopy_core.content import image_size_check
 from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
 from vcpu_workers.workloads import WORKLOADS
@@ -41,6 +42,7 @@ class RunConfig:
     transport: str = "unix"
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
+    live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0
     json: str | None = None
@@ -62,7 +64,7 @@ class RunConfig:
             raise ConfigError(f"--zero-share {self.zero_share}: must be between 0 and 1")
         if not 0 <= self.write_ratio <= 1:
             raise ConfigError(f"--write-ratio {self.write_ratio}: must be between 0 and 1")
-        if self.timeout <= 0:
+        if not self.timeout > 0:  # also rejects nan, which would disable the timeout
             raise ConfigError("--timeout must be positive")
         if self.seed < 0 or self.seed >= 1 << 63:
             raise ConfigError(f"--seed {self.seed}: must be 0 .. 2^63-1")
@@ -76,6 +78,11 @@ class RunConfig:
             raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
         if self.npages >= 1 << 32:
             raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
+        if self.image is not None:
+            try:
+                image_size_check(self.image, self.page_size)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         return self
 
     @property

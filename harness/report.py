@@ -77,7 +77,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
     }
     rep["engines"] = raw["engines"]
     rep["accuracy"] = accuracy(rep["workers"]["vcpu-stall-ms"], raw["engines"])
-    rep["accounting"] = {"events": raw["events"], "cpu-s": round(raw["engines_cpu_s"], 3)}
+    rep["accounting"] = {"events": raw["events"], "cpu-s": round(raw["engines_cpu_s"], 3),
+                         "mode": "live" if raw["engines_live"] else "after-workload"}
     rep["duration-s"] = {
         "workload": round(workload_s, 4),
         "postcopy": round((raw["t_done"] - raw["t_go"]) / 1e9, 4),

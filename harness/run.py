@@ -16,7 +16,7 @@ import time
 
 import psutil
 
-from harness.accounting import LiveAccounting
+from harness.accounting import Accounting
 from harness.config import RunConfig
 from harness.supervise import Children, RunFailed, describe_status
 from postcopy_core import kernel
@@ -55,7 +55,7 @@ class Run:
         self.ram: GuestRam | None = None
         self.received: ReceivedMap | None = None
         self.area: R.ResultsArea | None = None
-        self.accounting: LiveAccounting | None = None
+        self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
         self.roles: dict[str, int] = {}
 
@@ -178,7 +178,7 @@ class Run:
         tid_map = {int(pid): v for v, pid in enumerate(self.area.summary["pid"])}
         meta = TraceMeta(cfg.vcpus, cfg.page_size, tid_map, start_ns=t_go, source="harness",
                          extra={"workload": cfg.workload, "link": cfg.link, "backing": cfg.backing})
-        self.accounting = LiveAccounting(meta, trace=cfg.trace)
+        self.accounting = Accounting(meta, live=cfg.live_engines)
         self._start_event_reader(ev_parent)
         os.close(start_w)
         self.fds.remove(start_w)
@@ -195,11 +195,14 @@ class Run:
         self._wait_exit(SHUTDOWN_TIMEOUT)
         if self._ev_thread:
             self._ev_thread.join(SHUTDOWN_TIMEOUT)
+        t_acc = time.thread_time()
+        engines = self.accounting.results(cfg.trace)
+        engines_cpu_s = self.accounting.cpu_s + time.thread_time() - t_acc
         return dict(
             summary=self.area.summary.copy(),
             latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
-            handler=dst_stats, source=src_stats, engines=self.accounting.results(),
-            events=self.accounting.events, engines_cpu_s=self.accounting.cpu_s,
+            handler=dst_stats, source=src_stats, engines=engines, engines_live=cfg.live_engines,
+            events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem,
         )
@@ -310,8 +313,6 @@ class Run:
         self.fds.clear()
         if self._ev_thread:
             self._ev_thread.join(5)
-        if self.accounting is not None:
-            self.accounting.close()
         if self.received is not None:
             self.received.close()
             self.received = None

@@ -110,6 +110,49 @@ ffibuilder.cdef(
     """
 )
 
+# csrc/dest.h: the destination's per-fault and per-page work.
+ffibuilder.cdef(
+    """
+    struct pch_port {
+        int fd;
+        int alive;
+        int32_t vcpu;
+        uint32_t pid;
+        uint64_t base;
+        uint32_t other_events;
+    };
+    struct pch_dest_stats {
+        uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
+        uint64_t placed, placed_urgent, placed_background, placed_zero, duplicates, wakes;
+        uint64_t copy_eexist, dead_ports, eos, frames;
+    };
+    struct pch_dest;
+    struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *received,
+                                  struct pch_port *ports, int nports, struct pch_port *carrier,
+                                  const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
+                                  int hugetlb, uint64_t zero_page, int wake_all, const char *idstr);
+    void pch_dest_free(struct pch_dest *d);
+    int pch_dest_on_uffd(struct pch_dest *d, int port);
+    int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int urgent_channel);
+    const uint8_t *pch_dest_requests(struct pch_dest *d, uint64_t *len);
+    const uint8_t *pch_dest_events(struct pch_dest *d, uint64_t *len);
+    void pch_dest_clear_requests(struct pch_dest *d);
+    void pch_dest_clear_events(struct pch_dest *d);
+    const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d);
+    const char *pch_dest_error(struct pch_dest *d);
+    #define PCH_RUN_AGAIN ...
+    #define PCH_RUN_QUIT ...
+    #define PCH_RUN_EOF ...
+    struct pch_dest_loop {
+        int epfd, quit_fd, stream_fd, urgent_fd;
+        const int32_t *port_of_fd;
+        int nfds;
+        int64_t idle_ns;
+    };
+    int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms);
+    """
+)
+
 ffibuilder.set_source(
     "postcopy_core._uffd",
     """
@@ -118,8 +161,9 @@ ffibuilder.set_source(
     #include <sys/eventfd.h>
     #include <linux/userfaultfd.h>
     #include "pch.h"
+    #include "dest.h"
     """,
-    sources=[str(CSRC / "pch.c")],
+    sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c")],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

@@ -61,5 +61,5 @@ def parse_link(text: str | None) -> Link:
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ns|us|ms|s)", parts[1])
         if not m:
             raise ValueError(f"--link {text!r}: bad latency {parts[1]!r} (use e.g. 2ms, 500us)")
-        lat = int(float(m.group(1)) * _TIME[m.group(2)])
+        lat = round(float(m.group(1)) * _TIME[m.group(2)])
     return Link(bw, lat)

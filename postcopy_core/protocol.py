@@ -260,6 +260,8 @@ class FrameReader:
                 raise ProtocolError("HELLO: sent twice")
             if not HELLO.size < plen <= MAX_HELLO:
                 raise ProtocolError(f"HELLO: payload length {plen} out of range")
+            if plen > len(self.buf) - HDR.size:
+                raise ProtocolError(f"HELLO: {plen} bytes do not fit the receive buffer")
             return
         geo = self.geo
         if geo is None:

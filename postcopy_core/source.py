@@ -87,7 +87,7 @@ class Source:
     def _next_urgent(self, now: int) -> list | None:
         while self.requests and self.requests[0][0] <= now:
             _, first, count = self.requests.popleft()
-            msgs = [m for p, n in self._runs(first, count, 0xFFFF) for m in self._pages_message(p, n, True)]
+            msgs = [m for p, n in self._runs(first, count, self.chunk) for m in self._pages_message(p, n, True)]
             if msgs:
                 return msgs
             self.stats["requested_already_sent"] += 1

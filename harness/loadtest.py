@@ -1,0 +1,422 @@
+"""``postcopy-harness loadtest``: sweep vCPU counts x workloads x backing x wake policy.
+
+Every point of the sweep is a full run (:func:`harness.run.execute`), repeated ``--repeat`` times;
+its row holds the medians (the maximum for max latency).  Rows are printed as points complete,
+under a progress bar, and the CSV and JSON files are rewritten after every point, so an
+interrupted sweep keeps what it measured.  A point that fails (no huge pages reserved, a dead
+process, wrong content) becomes a failed row with its one-line error and the sweep goes on; the
+exit code is then 1.  Bad flags are refused up front with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from harness.config import ConfigError, RunConfig, parse_size
+from postcopy_core.blocktime import ENGINE_NAMES as ENGINES  # one CSV column each
+
+PROG = "postcopy-harness loadtest"
+
+# CSV / JSON row keys, in order.  Medians over the repeats unless the name says otherwise.
+COLUMNS: tuple[str, ...] = (
+    "backing", "workload", "wake_policy", "vcpus", "ram_bytes", "repeats", "status",
+    "faults", "faults_per_s", "p50_us", "p99_us", "max_us",
+    *(f"blocktime_{e}_ms" for e in ENGINES),
+    "handler_cpu_s", "source_cpu_s", "stall_ms_mean", "workload_s", "error",
+)
+
+
+class SweepError(ValueError):
+    """A bad sweep definition; reported as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of the sweep (everything that varies between runs)."""
+
+    backing: str
+    workload: str
+    wake_policy: str
+    vcpus: int
+
+    def label(self) -> str:
+        return f"{self.backing} {self.workload} wake={self.wake_policy} {self.vcpus} vCPUs"
+
+
+# ------------------------------------------------------------------ sweep definition
+
+
+def parse_list(text: str, flag: str, convert: Callable[[str], Any] = str) -> list:
+    """``"1,8,64"`` -> ``[1, 8, 64]``: comma list, order kept, duplicates dropped, one-line errors."""
+    out: list = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            raise SweepError(f"{flag} {text!r}: empty item in the comma list")
+        try:
+            value = convert(item)
+        except ValueError:
+            raise SweepError(f"{flag} {text!r}: {item!r} is not valid here") from None
+        if value not in out:
+            out.append(value)
+    return out
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Point], dict, dict]:
+    """The points of the sweep, the settings they share and the parsed lists; all validated up front."""
+    try:
+        ram = parse_size(args.ram)
+    except ConfigError as e:
+        raise SweepError(f"--ram: {e}") from None
+    vcpus = parse_list(args.vcpus, "--vcpus", int)
+    workloads = parse_list(args.workload, "--workload")
+    backings = parse_list(args.backing, "--backing")
+    policies = parse_list(args.wake_policy, "--wake-policy")
+    if args.repeat < 1:
+        raise SweepError(f"--repeat {args.repeat}: must be at least 1")
+    common = dict(ram=ram, link=args.link, seed=args.seed, background=args.background, timeout=args.timeout)
+    points = [Point(b, w, p, n) for b, w, p, n in product(backings, workloads, policies, vcpus)]
+    for pt in points:
+        try:
+            config_for(pt, common).validate()
+        except ConfigError as e:
+            raise SweepError(f"{pt.label()}: {e}") from None
+    lists = dict(vcpus=vcpus, workloads=workloads, backings=backings, wake_policies=policies)
+    return points, common, lists
+
+
+def config_for(point: Point, common: dict) -> RunConfig:
+    """The run configuration of one point."""
+    return RunConfig(vcpus=point.vcpus, workload=point.workload, backing=point.backing,
+                     wake_policy=point.wake_policy, **common)
+
+
+# ------------------------------------------------------------------ running a point
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def hugepages_available() -> int:
+    """Huge pages a new hugetlbfs mapping can still get: free and unreserved, plus overcommit headroom."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key.startswith("HugePages_"):
+                    info[key] = int(rest.split()[0])
+        with open("/proc/sys/vm/nr_overcommit_hugepages", encoding="ascii") as f:
+            overcommit = int(f.read())
+    except (OSError, ValueError):
+        return -1  # unknown: let the run find out
+    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
+    return free + max(0, overcommit - info.get("HugePages_Surp", 0))
+
+
+@contextmanager
+def _child_stderr() -> Iterator[list[str]]:
+    """Collect what the run's processes write to fd 2 (children inherit it); yields the lines at exit.
+
+    A failing child says why on stderr (``vcpu 0: KernelError: mmap failed: ENOMEM``) while the
+    orchestrator only sees its exit status; the row's error gets both, and the lines do not tear
+    through the table and progress bar.
+    """
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines += [ln for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip()]
+
+
+def run_once(cfg: RunConfig) -> tuple[dict, list[str]]:
+    """One run of the harness -> (report, lines its processes wrote to stderr).
+
+    Failures become a failed report, never an exception; KeyboardInterrupt passes through (the run
+    has torn itself down by then).
+    """
+    from harness.report import build_report
+    from harness.run import execute
+    from harness.supervise import RunFailed
+    from postcopy_core.kernel import KernelError
+
+    if cfg.backing == "hugetlb":
+        have = hugepages_available()
+        if 0 <= have < cfg.npages:
+            return build_report(cfg, None, f"hugetlb needs {cfg.npages} free huge pages, {have} available "
+                                           f"(reserve them: echo N > /proc/sys/vm/nr_hugepages)"), []
+    error: str | None = None
+    raw = None
+    with _child_stderr() as said:
+        try:
+            raw = execute(cfg)
+        except (RunFailed, KernelError, OSError, ValueError) as e:
+            error = _one_line(e)
+        except Exception as e:  # a bug in one point must not end a long sweep; say what it was
+            error = _one_line(f"{type(e).__name__}: {e}")
+    if error and said:
+        error = f"{error} ({_one_line(said[0])})"  # the first complaint is the cause, later ones fallout
+    return build_report(cfg, raw, error), said
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarise(point: Point, cfg: RunConfig, reports: list[dict]) -> dict:
+    """The row of a point: medians over its runs; failed if any run failed."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(backing=point.backing, workload=point.workload, wake_policy=point.wake_policy,
+               vcpus=point.vcpus, ram_bytes=cfg.ram, repeats=len(reports), error="")
+    failed = [r for r in reports if r.get("status") != "completed"]
+    row["status"] = "failed" if failed else "completed"
+    if failed:
+        row["error"] = _one_line(failed[0].get("error") or "failed")
+    done = [r for r in reports if "faults" in r]
+    if not done:
+        return row
+
+    def med(get: Callable[[dict], float | None]) -> float | None:
+        return _median(get(r) for r in done)
+
+    row["faults"] = med(lambda r: r["faults"]["total"])
+    row["faults_per_s"] = med(lambda r: r["faults"]["per-second"])
+    row["p50_us"] = med(lambda r: r["latency-us"]["p50"])
+    row["p99_us"] = med(lambda r: r["latency-us"]["p99"])
+    row["max_us"] = max(r["latency-us"]["max"] for r in done)
+    for e in ENGINES:
+        row[f"blocktime_{e}_ms"] = med(lambda r, e=e: r.get("engines", {}).get(e, {}).get("postcopy-blocktime"))
+    row["handler_cpu_s"] = med(lambda r: r["handler"]["cpu-s"])
+    row["source_cpu_s"] = med(lambda r: r["source"]["cpu-s"])
+    row["stall_ms_mean"] = med(lambda r: round(statistics.fmean(r["workers"]["vcpu-stall-ms"]), 3))
+    row["workload_s"] = med(lambda r: r["duration-s"]["workload"])
+    return row
+
+
+# ------------------------------------------------------------------ output
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+# (header, width, row -> cell); fixed widths so rows printed one at a time line up under the header
+_TABLE: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
+    ("backing", 7, lambda r: r["backing"]),
+    ("workload", 10, lambda r: r["workload"]),
+    ("wake", 7, lambda r: r["wake_policy"]),
+    ("vCPUs", 5, lambda r: str(r["vcpus"])),
+    ("status", 6, lambda r: "[green]ok[/]" if r["status"] == "completed" else "[red]FAILED[/]"),
+    ("faults/s", 9, lambda r: _fmt(r["faults_per_s"])),
+    ("p50 µs", 8, lambda r: _fmt(r["p50_us"], ",.1f")),
+    ("p99 µs", 8, lambda r: _fmt(r["p99_us"], ",.1f")),
+    ("max µs", 8, lambda r: _fmt(r["max_us"], ",.0f")),
+    *((f"bt:{e}", 9, (lambda r, e=e: _fmt(r[f"blocktime_{e}_ms"], ",.0f"))) for e in ENGINES),
+    ("hdl CPU", 7, lambda r: _fmt(r["handler_cpu_s"], ",.2f")),
+)
+TABLE_WIDTH = sum(w + 1 for _, w, _ in _TABLE)
+TABLE_NOTE = "latency in µs; bt:ENGINE = postcopy-blocktime in ms per engine; hdl CPU = fault handler CPU s"
+
+
+def _row_table(rows: list[dict], header: bool) -> Table:
+    t = Table(box=None, show_header=header, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
+    for i, (name, width, _) in enumerate(_TABLE):
+        t.add_column(name, width=width, no_wrap=True, justify="left" if i < 3 else "right")
+    for r in rows:
+        t.add_row(*(cell(r) for _, _, cell in _TABLE))
+    return t
+
+
+def render_table(rows: list[dict], title: str | None = None) -> Table:
+    """All rows as one table (the same columns as the rows printed during the sweep)."""
+    t = _row_table(rows, header=True)
+    t.title = title
+    return t
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """One line per point, the columns of :data:`COLUMNS` (empty cell = not measured)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if r.get(k) is None else r[k] for k in COLUMNS})
+
+
+def write_json(doc: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def host_info() -> dict:
+    """What the numbers depend on: CPUs, kernel, Python."""
+    return {
+        "cpus": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+# ------------------------------------------------------------------ the command
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register the ``loadtest`` subcommand (sets ``func=run``)."""
+    from postcopy_core.handler import WAKE_POLICIES
+    from vcpu_workers.workloads import WORKLOADS
+
+    d = RunConfig()
+    p = subparsers.add_parser(
+        "loadtest", help="sweep vCPU counts x workloads x backing; table, CSV and JSON",
+        description="Run the harness at every combination of the listed vCPU counts, workloads, "
+                    "backings and wake policies; print one row per point (faults/s, fault latency, "
+                    "blocktime per engine, handler CPU) and write CSV and JSON. Failed points are "
+                    "recorded and the sweep goes on; the exit code is 1 if any point failed.")
+    p.add_argument("--vcpus", default="1,8,64", metavar="LIST", help="comma list of vCPU counts (default 1,8,64)")
+    p.add_argument("--workload", default="sequential,random,shared", metavar="LIST",
+                   help=f"comma list from {','.join(WORKLOADS)} (default sequential,random,shared)")
+    p.add_argument("--backing", default="shmem", metavar="LIST", help="comma list from shmem,hugetlb (default shmem)")
+    p.add_argument("--wake-policy", default=d.wake_policy, metavar="LIST",
+                   help=f"comma list from {','.join(WAKE_POLICIES)} (default {d.wake_policy})")
+    p.add_argument("--ram", default="256M", help="guest RAM size of every point, K/M/G suffixes (default 256M)")
+    p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
+    p.add_argument("--no-background", dest="background", action="store_false",
+                   help="pure demand paging: only requested pages move until the workload ends")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per point; rows show medians (default 1)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the RAM content and the access orders")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="fail a run after this many seconds")
+    p.add_argument("--csv", metavar="FILE", help="write one line per point here")
+    p.add_argument("--json", metavar="FILE", help="write the points, each with its full run reports, here")
+    p.set_defaults(func=run)
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise SweepError(f"{flag} {path}: {e.strerror}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep: 0 if every point completed, 1 if any failed, 2 for bad flags, 130 on Ctrl-C."""
+    console = Console(highlight=False)
+    if not console.is_terminal:  # files and pipes: as wide as the table, never squeezed to 80 columns
+        console.width = max(console.width, TABLE_WIDTH)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # one-line messages stay one line
+    try:
+        points, common, lists = plan(args)
+        _check_writable(args.csv, "--csv")
+        _check_writable(args.json, "--json")
+    except SweepError as e:
+        err.print(f"{PROG}: {e}")
+        return 2
+
+    sweep = dict(**lists, ram=common["ram"], link=args.link, background=args.background, repeat=args.repeat,
+                 seed=args.seed, argv=sys.argv[1:])
+    rows: list[dict] = []
+    points_json: list[dict] = []
+    status = "completed"
+
+    def save() -> None:
+        if args.csv:
+            write_csv(rows, args.csv)
+        if args.json:
+            write_json(dict(command="loadtest", status=status, sweep=sweep, host=host_info(),
+                            columns=list(COLUMNS), points=points_json), args.json)
+
+    ram_mib = common["ram"] / 2**20
+    console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), {ram_mib:g} MiB, "
+                  f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}")
+    console.print(TABLE_NOTE, style="dim")
+    console.print(_row_table([], header=True))
+    t0 = time.monotonic()
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True, refresh_per_second=4)
+    try:
+        with progress:
+            task = progress.add_task("", total=len(points) * args.repeat)
+            for pt in points:
+                cfg = config_for(pt, common)
+                reports = []
+                for i in range(args.repeat):
+                    progress.update(task, description=f"{pt.label()} (run {i + 1}/{args.repeat})")
+                    rep, said = run_once(cfg)
+                    reports.append(rep)
+                    if said and rep["status"] == "completed":  # warnings of a good run: pass them on
+                        err.print("\n".join(said), markup=False)
+                    progress.advance(task)
+                row = summarise(pt, cfg, reports)
+                rows.append(row)
+                points_json.append({**row, "runs": reports})
+                progress.console.print(_row_table([row], header=False))
+                if row["error"]:
+                    progress.console.print(f"  [red]{row['error']}[/]", soft_wrap=True)
+                save()
+    except KeyboardInterrupt:
+        status = "interrupted"
+        save()
+        err.print(f"{PROG}: interrupted after {len(rows)} of {len(points)} points")
+        return 130
+    failed = [r for r in rows if r["status"] != "completed"]
+    status = "failed" if failed else "completed"
+    save()
+    written = " ".join(f"{k} {v}" for k, v in (("CSV", args.csv), ("JSON", args.json)) if v)
+    console.print(f"{len(rows)} point(s) in {time.monotonic() - t0:.1f} s"
+                  + (f"; wrote {written}" if written else ""))
+    if failed:
+        err.print(f"{PROG}: {len(failed)} of {len(rows)} points failed")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m harness.loadtest``), the same as the subcommand."""
+    parser = argparse.ArgumentParser(prog="postcopy-harness")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,568 @@
+/* dest.c - see dest.h.  Mirrors QEMU's fault thread and postcopy_place_page, one fault at a time. */
+#define _GNU_SOURCE
+#include "dest.h"
+#include "pch.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* page stream, as postcopy_core/protocol.py documents it */
+#define MSG_HELLO 1
+#define MSG_PAGES 2
+#define MSG_ZERO 3
+#define MSG_EOS 4
+#define FLAG_URGENT 1
+#define HDR_SIZE 16
+#define HELLO_SIZE 19 /* 4s magic, be16 version, be32 page_size, be64 ram_size, u8 idlen */
+#define PROTO_VERSION 1
+/* return path: QEMU's message numbers */
+#define RP_REQ_PAGES_ID 3
+#define RP_REQ_PAGES 4
+
+struct waiter { int32_t port, next; };
+
+/* a page channel's receive buffer: unread bytes in [start, end) */
+struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
+#define RX_CAP (8u << 20)      /* the largest frame (a 2 MiB huge page) several times over */
+#define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
+
+struct pch_dest {
+    uint64_t ps, npages;
+    unsigned shift;
+    uint8_t *received;
+    struct pch_port *ports, *carrier;
+    int nports;
+    const uint32_t *tids;       /* sorted, for a binary search: ptid -> vCPU */
+    const int32_t *tid_vcpu;
+    int ntids;
+    int hugetlb, wake_all;
+    uint64_t zero_page;
+    char idstr[256];
+    int sent_id, hello[2];
+    /* waiters: per page the head of a list in `pool` (-1: not requested); free list in pool */
+    int32_t *head;
+    struct waiter *pool;
+    int32_t pool_cap, pool_free;
+    /* pages to request, in fault order; flushed into req by pch_dest_on_uffd */
+    uint8_t *req;
+    uint64_t req_len, req_cap;
+    uint8_t *ev;
+    uint64_t ev_len, ev_cap;
+    struct pch_dest_stats st;
+    struct rxbuf rx[2];
+    char err[256];
+};
+
+static inline int64_t now_ns(void) { return (int64_t)pch_now_ns(); }
+
+static int grow(uint8_t **buf, uint64_t *cap, uint64_t need)
+{
+    if (need <= *cap)
+        return 0;
+    uint64_t n = *cap ? *cap : 1 << 16;
+    while (n < need)
+        n *= 2;
+    uint8_t *p = realloc(*buf, n);
+    if (!p)
+        return -ENOMEM;
+    *buf = p;
+    *cap = n;
+    return 0;
+}
+
+static int fail(struct pch_dest *d, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(struct pch_dest *d, int rc, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(d->err, sizeof d->err, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *received,
+                              struct pch_port *ports, int nports, struct pch_port *carrier,
+                              const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
+                              int hugetlb, uint64_t zero_page, int wake_all, const char *idstr)
+{
+    struct pch_dest *d = calloc(1, sizeof *d);
+    if (!d)
+        return NULL;
+    d->ps = page_size;
+    d->npages = npages;
+    d->shift = (unsigned)__builtin_ctzll(page_size);
+    d->received = received;
+    d->ports = ports;
+    d->nports = nports;
+    d->carrier = carrier;
+    d->tids = tids;
+    d->tid_vcpu = tid_vcpu;
+    d->ntids = ntids;
+    d->hugetlb = hugetlb;
+    d->zero_page = zero_page;
+    d->wake_all = wake_all;
+    snprintf(d->idstr, sizeof d->idstr, "%s", idstr);
+    d->head = malloc(npages * sizeof *d->head);
+    /* each single-threaded worker waits on at most one page at a time; slack for re-faults */
+    d->pool_cap = 2 * nports + 64;
+    d->pool = malloc((size_t)d->pool_cap * sizeof *d->pool);
+    if (!d->head || !d->pool) {
+        pch_dest_free(d);
+        return NULL;
+    }
+    memset(d->head, 0xff, npages * sizeof *d->head);
+    for (int32_t i = 0; i < d->pool_cap; i++)
+        d->pool[i].next = i + 1 < d->pool_cap ? i + 1 : -1;
+    d->pool_free = 0;
+    return d;
+}
+
+void pch_dest_free(struct pch_dest *d)
+{
+    if (!d)
+        return;
+    free(d->head);
+    free(d->pool);
+    free(d->req);
+    free(d->ev);
+    free(d->rx[0].buf);
+    free(d->rx[1].buf);
+    free(d);
+}
+
+static int32_t vcpu_of(const struct pch_dest *d, uint32_t tid)
+{
+    int lo = 0, hi = d->ntids - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (d->tids[mid] == tid)
+            return d->tid_vcpu[mid];
+        if (d->tids[mid] < tid)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return -1;
+}
+
+static int add_event(struct pch_dest *d, int64_t t, uint64_t off, int32_t vcpu, uint32_t tid, uint8_t kind,
+                     uint8_t flag)
+{
+    if (grow(&d->ev, &d->ev_cap, d->ev_len + sizeof(struct pch_event)))
+        return -ENOMEM;
+    struct pch_event e = { t, off, vcpu, tid, kind, flag };
+    memcpy(d->ev + d->ev_len, &e, sizeof e);
+    d->ev_len += sizeof e;
+    return 0;
+}
+
+static void put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
+static void put_be32(uint8_t *p, uint32_t v) { for (int i = 3; i >= 0; i--, v >>= 8) p[i] = v & 0xff; }
+static void put_be64(uint8_t *p, uint64_t v) { for (int i = 7; i >= 0; i--, v >>= 8) p[i] = v & 0xff; }
+static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
+
+/* REQ_PAGES, or REQ_PAGES_ID the first time (QEMU sends the id when the RAM block changes) */
+static int request(struct pch_dest *d, uint64_t page)
+{
+    size_t idlen = strlen(d->idstr);
+    size_t body = 12 + (d->sent_id ? 0 : 1 + idlen);
+    if (grow(&d->req, &d->req_cap, d->req_len + 4 + body))
+        return -ENOMEM;
+    uint8_t *p = d->req + d->req_len;
+    put_be16(p, d->sent_id ? RP_REQ_PAGES : RP_REQ_PAGES_ID);
+    put_be16(p + 2, (uint16_t)body);
+    put_be64(p + 4, page << d->shift);
+    put_be32(p + 12, (uint32_t)d->ps);
+    if (!d->sent_id) {
+        p[16] = (uint8_t)idlen;
+        memcpy(p + 17, d->idstr, idlen);
+        d->sent_id = 1;
+    }
+    d->req_len += 4 + body;
+    d->st.requests++;
+    d->st.pages_requested++;
+    return 0;
+}
+
+static void port_dead(struct pch_dest *d, struct pch_port *p)
+{
+    if (p->alive) {
+        p->alive = 0;
+        d->st.dead_ports++;
+    }
+}
+
+static int wake(struct pch_dest *d, struct pch_port *p, uint64_t addr, uint64_t len)
+{
+    if (!p->alive)
+        return 0;
+    int rc = pch_uffd_wake(p->fd, addr, len);
+    if (rc == -ESRCH || rc == -ENOENT) {
+        port_dead(d, p);
+        return 0;
+    }
+    if (rc)
+        return fail(d, rc, "UFFDIO_WAKE failed: %s (vCPU %d)", strerror(-rc), p->vcpu);
+    d->st.wakes++;
+    return 0;
+}
+
+/* Remember that `port` waits for `page`; returns 1 if the page must be requested now. */
+static int add_waiter(struct pch_dest *d, uint64_t page, int32_t port)
+{
+    int32_t h = d->head[page];
+    for (int32_t w = h; w >= 0; w = d->pool[w].next)
+        if (d->pool[w].port == port)
+            return 0; /* a re-fault of a waiter we know */
+    if (d->pool_free < 0) {
+        int32_t old = d->pool_cap, cap = old * 2;
+        struct waiter *np = realloc(d->pool, (size_t)cap * sizeof *np);
+        if (!np)
+            return -ENOMEM;
+        d->pool = np;
+        for (int32_t i = old; i < cap; i++)
+            np[i].next = i + 1 < cap ? i + 1 : -1;
+        d->pool_free = old;
+        d->pool_cap = cap;
+    }
+    int32_t w = d->pool_free;
+    d->pool_free = d->pool[w].next;
+    d->pool[w].port = port;
+    d->pool[w].next = -1;
+    if (h < 0) {
+        d->head[page] = w;
+        return 1;
+    }
+    /* append, so the first waiter stays first: the copy goes through its uffd */
+    while (d->pool[h].next >= 0)
+        h = d->pool[h].next;
+    d->pool[h].next = w;
+    return 0;
+}
+
+int pch_dest_on_uffd(struct pch_dest *d, int pi)
+{
+    struct pch_port *port = &d->ports[pi];
+    uint64_t addr[128], flags[128];
+    uint32_t ptid[128];
+    int n = pch_uffd_read_faults(port->fd, addr, flags, ptid, 128, &port->other_events);
+    if (n < 0)
+        return fail(d, n, "read(userfaultfd) failed: %s (vCPU %d)", strerror(-n), port->vcpu);
+    if (n == 0)
+        return 0;
+    int64_t t = now_ns(); /* the fault's time: when the handler learns of it, as in QEMU */
+    d->st.faults += (uint64_t)n;
+    for (int i = 0; i < n; i++) {
+        uint64_t off = (addr[i] - port->base) & ~(d->ps - 1);
+        uint64_t page = off >> d->shift;
+        if (addr[i] < port->base || page >= d->npages)
+            return fail(d, -EFAULT, "fault at %#llx outside guest RAM of vCPU %d",
+                        (unsigned long long)addr[i], port->vcpu);
+        int32_t vcpu = vcpu_of(d, ptid[i]);
+        uint8_t already = d->received[page];
+        if (vcpu >= 0)
+            d->st.faults_vcpu++;
+        if (add_event(d, t, off, vcpu, ptid[i], 'F', already))
+            return fail(d, -ENOMEM, "out of memory for events");
+        if (already) {
+            /* placed after the kernel queued this fault: the waiter only needs a wake */
+            d->st.faults_already_received++;
+            int rc = wake(d, port, port->base + off, d->ps);
+            if (rc)
+                return rc;
+            continue;
+        }
+        int r = add_waiter(d, page, pi);
+        if (r < 0 || (r == 1 && request(d, page)))
+            return fail(d, -ENOMEM, "out of memory for waiters");
+    }
+    return n;
+}
+
+/* Install [page, page+count) through `via`; on a dead waiter fall back to the carrier. */
+static int install(struct pch_dest *d, struct pch_port **via, uint64_t page, uint64_t count, const uint8_t *src)
+{
+    uint64_t off = page << d->shift, len = count << d->shift;
+    for (;;) {
+        struct pch_port *p = *via;
+        int rc = 0;
+        if (src)
+            rc = pch_uffd_copy(p->fd, p->base + off, src, len, 0);
+        else if (!d->hugetlb)
+            rc = pch_uffd_zeropage(p->fd, p->base + off, len, 0);
+        else /* no UFFDIO_ZEROPAGE on hugetlbfs: copy a zeroed huge page */
+            for (uint64_t k = 0; k < count && !rc; k++)
+                rc = pch_uffd_copy(p->fd, p->base + off + (k << d->shift), (const void *)(uintptr_t)d->zero_page,
+                                   d->ps, 0);
+        if (rc == 0)
+            return 0;
+        if (rc == -EEXIST) {
+            d->st.copy_eexist++; /* already in the page cache: count it, still wake */
+            return 0;
+        }
+        if ((rc == -ESRCH || rc == -ENOENT) && p != d->carrier) {
+            port_dead(d, p);
+            *via = d->carrier;
+            continue;
+        }
+        return fail(d, rc, "%s failed: %s (page %llu)", src || d->hugetlb ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE",
+                    strerror(-rc), (unsigned long long)page);
+    }
+}
+
+static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent)
+{
+    int32_t w = d->head[page];
+    struct pch_port *via = w >= 0 ? &d->ports[d->pool[w].port] : d->carrier;
+    int rc = install(d, &via, page, count, src);
+    if (rc)
+        return rc;
+    int64_t t = now_ns(); /* placement time: right after the copy, as QEMU takes it */
+    memset(d->received + page, 1, count);
+    d->st.placed += count;
+    if (urgent)
+        d->st.placed_urgent += count;
+    else
+        d->st.placed_background += count;
+    if (!src)
+        d->st.placed_zero += count;
+    for (uint64_t k = 0; k < count; k++)
+        if (add_event(d, t, (page + k) << d->shift, -1, 0, 'P', !src))
+            return fail(d, -ENOMEM, "out of memory for events");
+    uint64_t off = page << d->shift, len = count << d->shift;
+    /* wake the sharers: the copy woke only the waiters on the uffd it went through */
+    if (d->wake_all) {
+        for (int i = 0; i < d->nports; i++)
+            if (&d->ports[i] != via && (rc = wake(d, &d->ports[i], d->ports[i].base + off, len)))
+                return rc;
+    }
+    if (w >= 0) { /* a page with waiters is placed alone (count == 1) */
+        for (int32_t x = w; x >= 0;) {
+            struct pch_port *p = &d->ports[d->pool[x].port];
+            if (!d->wake_all && p != via && (rc = wake(d, p, p->base + off, len)))
+                return rc;
+            int32_t next = d->pool[x].next;
+            d->pool[x].next = d->pool_free;
+            d->pool_free = x;
+            x = next;
+        }
+        d->head[page] = -1;
+    }
+    return 0;
+}
+
+/* Place the pages of one PAGES/ZERO frame: pages with waiters one by one (through the first
+ * waiter's uffd), runs nobody waits for with one ioctl through the carrier. */
+static int place_frame(struct pch_dest *d, uint64_t first, uint64_t count, const uint8_t *data, int urgent)
+{
+    uint64_t p = first, end = first + count;
+    while (p < end) {
+        if (d->received[p]) {
+            d->st.duplicates++; /* a background copy of a page that came urgently */
+            p++;
+            continue;
+        }
+        uint64_t q = p + 1;
+        if (d->head[p] < 0)
+            while (q < end && !d->received[q] && d->head[q] < 0)
+                q++;
+        int rc = place(d, p, q - p, data ? data + ((p - first) << d->shift) : NULL, urgent);
+        if (rc)
+            return rc;
+        p = q;
+    }
+    return 0;
+}
+
+static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
+{
+    if (d->hello[ch])
+        return fail(d, -EPROTO, "HELLO: sent twice");
+    if (plen < HELLO_SIZE || plen > HELLO_SIZE + 255)
+        return fail(d, -EPROTO, "HELLO: payload length %u out of range", plen);
+    if (memcmp(p, "PCHS", 4))
+        return fail(d, -EPROTO, "HELLO: bad magic (not a postcopy-harness source?)");
+    if (be16(p + 4) != PROTO_VERSION)
+        return fail(d, -EPROTO, "HELLO: protocol version %u, this destination speaks %u", be16(p + 4), PROTO_VERSION);
+    uint32_t ps = be32(p + 6);
+    uint64_t size = be64(p + 10);
+    uint8_t idlen = p[18];
+    if (plen != HELLO_SIZE + (uint32_t)idlen || idlen == 0)
+        return fail(d, -EPROTO, "HELLO: RAM block id length does not match the payload");
+    if (ps != d->ps || size != d->npages * d->ps)
+        return fail(d, -EPROTO, "HELLO: source RAM is %llu bytes in %u-byte pages, destination has %llu in %llu",
+                    (unsigned long long)size, ps, (unsigned long long)(d->npages * d->ps), (unsigned long long)d->ps);
+    if (idlen != strlen(d->idstr) || memcmp(p + HELLO_SIZE, d->idstr, idlen))
+        return fail(d, -EPROTO, "HELLO: unknown RAM block id");
+    d->hello[ch] = 1;
+    return 0;
+}
+
+int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int ch)
+{
+    static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS" };
+    uint64_t pos = 0;
+    ch = ch ? 1 : 0;
+    while (len - pos >= HDR_SIZE) {
+        const uint8_t *h = buf + pos;
+        uint8_t type = h[0], flags = h[1];
+        uint16_t count = be16(h + 2);
+        uint32_t plen = be32(h + 4);
+        uint64_t off = be64(h + 8);
+        if (type < MSG_HELLO || type > MSG_EOS)
+            return fail(d, -EPROTO, "page stream: unknown message type %u", type);
+        const char *name = names[type];
+        if (flags & ~FLAG_URGENT)
+            return fail(d, -EPROTO, "%s: unknown flags %#x", name, flags);
+        if (type != MSG_HELLO && !d->hello[ch])
+            return fail(d, -EPROTO, "%s: received before HELLO", name);
+        if (type == MSG_EOS && (count || plen || off))
+            return fail(d, -EPROTO, "EOS: must carry no pages");
+        if (type == MSG_PAGES || type == MSG_ZERO) {
+            uint64_t expect = type == MSG_PAGES ? (uint64_t)count << d->shift : 0;
+            if (count == 0)
+                return fail(d, -EPROTO, "%s: zero pages", name);
+            if (plen != expect)
+                return fail(d, -EPROTO, "%s: payload length %u, expected %llu for %u pages", name, plen,
+                            (unsigned long long)expect, count);
+            if (off & (d->ps - 1) || (off >> d->shift) + count > d->npages)
+                return fail(d, -EPROTO, "%s: pages %#llx+%u outside guest RAM", name, (unsigned long long)off, count);
+        }
+        if (len - pos - HDR_SIZE < plen)
+            break; /* incomplete: the caller keeps the rest for the next read */
+        const uint8_t *payload = h + HDR_SIZE;
+        int rc = 0;
+        if (type == MSG_HELLO)
+            rc = hello(d, payload, plen, ch);
+        else if (type == MSG_EOS)
+            d->st.eos = 1;
+        else
+            rc = place_frame(d, off >> d->shift, count, type == MSG_PAGES ? payload : NULL, flags & FLAG_URGENT);
+        if (rc)
+            return rc;
+        d->st.frames++;
+        pos += HDR_SIZE + plen;
+    }
+    return (int64_t)pos;
+}
+
+const uint8_t *pch_dest_requests(struct pch_dest *d, uint64_t *len) { *len = d->req_len; return d->req; }
+const uint8_t *pch_dest_events(struct pch_dest *d, uint64_t *len) { *len = d->ev_len; return d->ev; }
+void pch_dest_clear_requests(struct pch_dest *d) { d->req_len = 0; }
+void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
+const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
+const char *pch_dest_error(struct pch_dest *d) { return d->err; }
+
+/* Receive what a channel has and place every complete frame; PCH_RUN_EOF at EOF. */
+static int on_channel(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    if (!r->buf) {
+        if (!(r->buf = malloc(RX_CAP)))
+            return fail(d, -ENOMEM, "out of memory for a receive buffer");
+        r->cap = RX_CAP;
+    }
+    for (;;) {
+        if (r->cap - r->end < (64u << 10) && r->start) { /* keep the partial frame, at the front */
+            memmove(r->buf, r->buf + r->start, r->end - r->start);
+            r->end -= r->start;
+            r->start = 0;
+        }
+        if (r->end == r->cap)
+            return fail(d, -EPROTO, "page stream: a frame larger than the receive buffer");
+        ssize_t got = recv(fd, r->buf + r->end, r->cap - r->end, MSG_DONTWAIT);
+        if (got < 0)
+            return errno == EAGAIN || errno == EINTR ? 0 : fail(d, -errno, "recv(page channel): %s", strerror(errno));
+        if (got == 0)
+            return PCH_RUN_EOF;
+        r->end += (uint64_t)got;
+        int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
+        if (used < 0)
+            return (int)used;
+        r->start += (uint64_t)used;
+        if (r->start == r->end)
+            r->start = r->end = 0;
+        if ((uint64_t)got < (64u << 10))
+            return 0; /* drained for now */
+    }
+}
+
+static int send_requests(struct pch_dest *d, int fd)
+{
+    uint64_t pos = 0;
+    while (pos < d->req_len) {
+        ssize_t n = send(fd, d->req + pos, d->req_len - pos, MSG_NOSIGNAL); /* blocking: requests are tiny */
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(d, -errno, "send(return path): %s", strerror(errno));
+        }
+        pos += (uint64_t)n;
+    }
+    d->req_len = 0;
+    return 0;
+}
+
+int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
+{
+    struct epoll_event evs[256];
+    int64_t end = now_ns() + (int64_t)budget_ms * 1000000;
+    l->idle_ns = 0;
+    for (;;) {
+        int64_t left = end - now_ns();
+        if (left <= 0 || d->ev_len >= EVENTS_SHIP)
+            return PCH_RUN_AGAIN;
+        int64_t t0 = now_ns();
+        int k = epoll_wait(l->epfd, evs, 256, (int)((left + 999999) / 1000000));
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(d, -errno, "epoll_wait: %s", strerror(errno));
+        }
+        if (k == 0)
+            l->idle_ns += now_ns() - t0;
+        int result = 0;
+        for (int i = 0; i < k; i++) {
+            int fd = evs[i].data.fd, rc = 0;
+            int32_t port = fd >= 0 && fd < l->nfds ? l->port_of_fd[fd] : -1;
+            if (port >= 0) {
+                if (evs[i].events & (EPOLLERR | EPOLLHUP)) {
+                    epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL); /* nothing more will come */
+                    port_dead(d, &d->ports[port]);
+                } else {
+                    rc = pch_dest_on_uffd(d, port);
+                }
+            } else if (fd == l->stream_fd || fd == l->urgent_fd) {
+                rc = on_channel(d, fd, fd == l->urgent_fd);
+                if (rc == PCH_RUN_EOF) {
+                    epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
+                    result = PCH_RUN_EOF;
+                    rc = 0;
+                }
+            } else if (fd == l->quit_fd) {
+                uint64_t v;
+                if (read(fd, &v, sizeof v) == sizeof v)
+                    result = result ? result : PCH_RUN_QUIT;
+            }
+            if (rc < 0)
+                return rc;
+        }
+        /* one send for every request this turn produced */
+        if (d->req_len) {
+            int rc = send_requests(d, l->stream_fd);
+            if (rc)
+                return rc;
+        }
+        if (result)
+            return result;
+    }
+}
