@@ -1,0 +1,457 @@
+"""The harness against the C reference (../shared/bench/uffd_ref.c), same parameters, same run.
+
+Builds the reference into a temporary directory, then for every vCPU count runs the reference
+(``-m mp``, WARM line = rounds 2..R) and the harness (``--no-background``: pure demand paging, as
+the reference measures) on the same RAM size, workload and pinning, alternating which goes first
+so both see the same machine state, and prints the medians of ``--repeat`` runs with ratios.
+
+faults/s is pages resolved on demand per second of the workload on both sides (the reference's
+``faults_per_s`` = installs / wall; the harness's requested pages / workload seconds), so the
+``shared`` workload, where several vCPUs fault on one page, counts each page once on both sides.
+
+Reproduce:  python bench/compare_ref.py --vcpus 1,8,32 --ram 256M --repeat 3          (a few minutes)
+            python bench/compare_ref.py --vcpus 1,8,32 --ram 256M --repeat 3 --pin    (handler CPU 0,
+                                                                                       vCPUs CPU 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from harness.config import ConfigError, RunConfig, parse_size  # noqa: E402
+
+PROG = "compare_ref"
+PATTERN = {"sequential": "seq", "shared": "same"}  # harness workload -> reference -p
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+SERVICE_CPU, VCPU_CPU = 0, 1  # what the reference's -A pins: handler to CPU 0, workers to CPU 1
+
+
+class BenchError(RuntimeError):
+    """Bad input or an unusable machine; printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see ``--help``)."""
+    ap = argparse.ArgumentParser(
+        prog="compare_ref.py", description=__doc__.split("\n\n")[0],
+        epilog="Needs make and a C compiler, and userfaultfd (root or vm.unprivileged_userfaultfd=1).")
+    ap.add_argument("--vcpus", default="1,8,32", metavar="LIST", help="comma list of vCPU counts (default 1,8,32)")
+    ap.add_argument("--ram", default="256M", help="RAM size, a whole number of MiB (default 256M)")
+    ap.add_argument("--workload", default="sequential", choices=sorted(PATTERN),
+                    help="sequential = reference -p seq, shared = -p same (default sequential)")
+    ap.add_argument("--backing", default="shmem", choices=("shmem", "hugetlb"),
+                    help="hugetlb = reference -H; needs free huge pages (default shmem)")
+    ap.add_argument("--reserve-hugepages", action="store_true",
+                    help="as root: raise vm.nr_hugepages for the run, restore the original value after")
+    ap.add_argument("--pin", action="store_true",
+                    help="reference -A; the harness gets the same placement (fault handler and source "
+                         f"on CPU {SERVICE_CPU}, vCPU workers on CPU {VCPU_CPU})")
+    ap.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per side and size; medians (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, metavar="R",
+                    help="reference rounds; its WARM line (rounds 2..R) is used (default 3, at least 2)")
+    ap.add_argument("--seed", type=int, default=1, help="harness RAM content and access order seed")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run (default 600)")
+    ap.add_argument("--shared", metavar="DIR", help="the shared/ directory (default: ../shared beside the repo)")
+    ap.add_argument("--json", metavar="FILE", help="write every run and the medians here")
+    return ap.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[list[int], int, Path]:
+    """vCPU counts, RAM bytes, the reference's source file; BenchError for anything unusable."""
+    try:
+        vcpus = [int(x) for x in args.vcpus.split(",")]
+    except ValueError:
+        raise BenchError(f"--vcpus {args.vcpus!r}: give a comma list of integers, e.g. 1,8,32") from None
+    try:
+        ram = parse_size(args.ram)
+    except ConfigError as e:
+        raise BenchError(f"--ram: {e}") from None
+    if ram <= 0 or ram % (1 << 20):
+        raise BenchError(f"--ram {args.ram}: the reference takes whole MiB")
+    if args.rounds < 2:
+        raise BenchError(f"--rounds {args.rounds}: at least 2 (round 1 is the cold one, left out)")
+    if args.repeat < 1:
+        raise BenchError(f"--repeat {args.repeat}: at least 1")
+    for n in vcpus:
+        try:
+            cfg = harness_config(args, n, ram).validate()
+        except ConfigError as e:
+            raise BenchError(f"{n} vCPUs: {e}") from None
+        if args.workload == "sequential" and cfg.npages % n:
+            raise BenchError(f"--vcpus {n}: the reference needs the {cfg.npages} pages to split evenly")
+    shared = Path(args.shared) if args.shared else REPO.parent / "shared"
+    src = shared / "bench" / "uffd_ref.c"
+    if not src.is_file():
+        raise BenchError(f"no {src}: pass --shared DIR (the directory holding bench/uffd_ref.c)")
+    limits = reference_limits(src)
+    if max(vcpus) > limits.get("MAXN", max(vcpus)):
+        raise BenchError(f"--vcpus {max(vcpus)}: the reference takes at most {limits['MAXN']} workers")
+    if args.rounds > limits.get("MAXR", args.rounds):
+        raise BenchError(f"--rounds {args.rounds}: the reference takes at most {limits['MAXR']}")
+    if args.pin:
+        have = os.sched_getaffinity(0)
+        if not {SERVICE_CPU, VCPU_CPU} <= have:
+            raise BenchError(f"--pin needs CPUs {SERVICE_CPU} and {VCPU_CPU}; this process may use {sorted(have)}")
+    if args.reserve_hugepages and args.backing != "hugetlb":
+        raise BenchError("--reserve-hugepages is for --backing hugetlb")
+    return vcpus, ram, src
+
+
+def reference_limits(src: Path) -> dict[str, int]:
+    """``#define MAXN 1024``-style limits of the reference, read from its source (it may change)."""
+    limits = {}
+    for m in re.finditer(r"^#define\s+(MAX[NR])\s+(\d+)\s*$", src.read_text(errors="replace"), re.MULTILINE):
+        limits[m.group(1)] = int(m.group(2))
+    return limits
+
+
+def harness_config(args: argparse.Namespace, vcpus: int, ram: int) -> RunConfig:
+    """The harness side of one point: demand paging only, like the reference."""
+    return RunConfig(vcpus=vcpus, ram=ram, workload=args.workload, backing=args.backing,
+                     background=False, seed=args.seed, timeout=args.timeout)
+
+
+# ------------------------------------------------------------------ the reference
+
+
+def build_reference(src: Path, out_dir: str) -> Path:
+    """``make -C <shared>/bench OUT=<tmp>/uffd_ref``: shared/ may be read-only, the binary goes to tmp."""
+    for tool in ("make", os.environ.get("CC", "cc")):
+        if not shutil.which(tool):
+            raise BenchError(f"building the reference needs {tool!r}, not found on PATH")
+    out = Path(out_dir) / "uffd_ref"
+    p = subprocess.run(["make", "-s", "-C", str(src.parent), f"OUT={out}"], capture_output=True, text=True)
+    if p.returncode or not out.is_file():
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"building {src} failed: {last}")
+    return out
+
+
+def reference_argv(binary: str, args: argparse.Namespace, n: int | str, ram: int) -> list[str]:
+    """The reference's command line for ``n`` workers (the same options as the harness side)."""
+    argv = [binary, "-m", "mp", "-n", str(n), "-s", str(ram >> 20), "-r", str(args.rounds),
+            "-p", PATTERN[args.workload]]
+    if args.backing == "hugetlb":
+        argv.append("-H")
+    if args.pin:
+        argv.append("-A")
+    return argv
+
+
+def parse_reference(text: str) -> dict[str, Any]:
+    """The WARM line's ``key=value`` fields (numbers as floats) plus the totals line's verify_err."""
+    def fields(line: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for tok in line.split():
+            k, sep, v = tok.partition("=")
+            if sep:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+        return out
+
+    warm = [ln for ln in text.splitlines() if ln.split()[1:2] == ["WARM"]]
+    totals = [ln for ln in text.splitlines() if ln.startswith("# totals:")]
+    if not warm or not totals:
+        raise BenchError("the reference printed no WARM or totals line (rounds < 2, or it failed)")
+    row = fields(warm[-1])
+    row["verify_err"] = fields(totals[-1]).get("verify_err", 0.0)
+    return row
+
+
+def run_reference(binary: Path, args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:
+    """One reference run -> faults/s, p50, p99 (µs) and its whole WARM line."""
+    argv = reference_argv(str(binary), args, n, ram)
+    # its own session: on a timeout or Ctrl-C its handler and workers go down with it
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        _killpg_quietly(proc.pid)
+        proc.wait()
+        raise BenchError(f"reference {shlex.join(argv[1:])}: no result within --timeout {args.timeout:g} s") from None
+    except BaseException:
+        _killpg_quietly(proc.pid)
+        proc.wait()
+        raise
+    if proc.returncode:
+        _killpg_quietly(proc.pid)  # a dead main may leave its handler behind
+        # the first lines hold the cause (its processes die one after the other); keep it one line
+        said = " | ".join(err.strip().splitlines()[:3]) or f"exit status {proc.returncode}"
+        raise BenchError(f"reference {shlex.join(argv[1:])}: {' '.join(said.split())}")
+    row = parse_reference(out)
+    if row["verify_err"]:
+        raise BenchError(f"reference {shlex.join(argv[1:])}: {row['verify_err']:.0f} pages failed verification")
+    return {"faults-per-s": row["faults_per_s"], "p50-us": row["flt_p50_us"], "p99-us": row["flt_p99_us"],
+            "warm": row}
+
+
+def _killpg_quietly(pgid: int) -> None:
+    """Whatever of the reference's session is left (its handler, if a worker died)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ------------------------------------------------------------------ the harness
+
+
+@contextmanager
+def harness_pinned(enabled: bool) -> Iterator[None]:
+    """Place the harness's processes as the reference's ``-A`` does, without a run option for it.
+
+    The fault handler (with placement) and the source go to SERVICE_CPU, the vCPU workers to
+    VCPU_CPU.  The run module forks them and calls these entry points in the children, so each
+    child sets its own affinity first (threads it starts inherit it); the orchestrator stays
+    unpinned, like the reference's main process.
+    """
+    if not enabled:
+        yield
+        return
+    import harness.run as hr
+
+    where = {"source_main": SERVICE_CPU, "destination_main": SERVICE_CPU, "run_in_child": VCPU_CPU}
+    missing = [name for name in where if not callable(getattr(hr, name, None))]
+    if missing:
+        raise BenchError(f"--pin: harness.run has no {', '.join(missing)} to pin; run without --pin")
+    saved = {name: getattr(hr, name) for name in where}
+
+    def pinned(fn: Callable[..., Any], cpu: int) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def body(*a: Any, **kw: Any) -> Any:
+            os.sched_setaffinity(0, {cpu})
+            return fn(*a, **kw)
+
+        return body
+
+    for name, cpu in where.items():
+        setattr(hr, name, pinned(saved[name], cpu))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(hr, name, fn)
+
+
+def run_harness(args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:
+    """One harness run -> faults/s (pages resolved on demand / workload s), p50, p99 (µs)."""
+    from harness.report import build_report
+    from harness.run import execute
+    from harness.supervise import RunFailed
+    from postcopy_core.kernel import KernelError
+
+    cfg = harness_config(args, n, ram)
+    try:
+        with harness_pinned(args.pin):
+            raw = execute(cfg)
+    except (RunFailed, KernelError, OSError, ValueError) as e:
+        raise BenchError(f"harness, {n} vCPUs: {' '.join(str(e).split())}") from None
+    rep = build_report(cfg, raw)
+    if rep["status"] != "completed":
+        raise BenchError(f"harness, {n} vCPUs: {rep['error']}")
+    return {"faults-per-s": rep["pages"]["requested"] / rep["duration-s"]["workload"],
+            "p50-us": rep["latency-us"]["p50"], "p99-us": rep["latency-us"]["p99"],
+            "uffd-events-per-s": rep["faults"]["per-second"], "handler-cpu-s": rep["handler"]["cpu-s"],
+            "workload-s": rep["duration-s"]["workload"]}
+
+
+# ------------------------------------------------------------------ huge pages
+
+
+def hugepages_available() -> int:
+    """Huge pages a new mapping can still get (free and unreserved, plus overcommit headroom)."""
+    info = {}
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key.startswith("HugePages_"):
+                info[key] = int(rest.split()[0])
+    with open("/proc/sys/vm/nr_overcommit_hugepages", encoding="ascii") as f:
+        overcommit = int(f.read())
+    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
+    return free + max(0, overcommit - info.get("HugePages_Surp", 0))
+
+
+@contextmanager
+def huge_pages(args: argparse.Namespace, ram: int) -> Iterator[None]:
+    """Make sure ``ram`` of huge pages is free; with --reserve-hugepages raise the pool and always restore it.
+
+    The two sides run one after the other, so one RAM's worth is enough.
+    """
+    if args.backing != "hugetlb":
+        yield
+        return
+    from postcopy_core.kernel import HUGE_PAGE_SIZE
+
+    need = ram // HUGE_PAGE_SIZE
+    short = need - hugepages_available()
+    if short <= 0:
+        yield
+        return
+    if not args.reserve_hugepages:
+        raise BenchError(f"--backing hugetlb needs {need} free huge pages, {need - short} available: "
+                         f"raise /proc/sys/vm/nr_hugepages or pass --reserve-hugepages (as root)")
+    with open(HUGEPAGES, encoding="ascii") as f:
+        original = f.read().strip()
+    try:
+        try:
+            with open(HUGEPAGES, "w", encoding="ascii") as f:
+                f.write(str(int(original) + short))
+        except OSError as e:
+            raise BenchError(f"--reserve-hugepages: cannot write {HUGEPAGES} ({e.strerror}): needs root") from None
+        if hugepages_available() < need:
+            raise BenchError(f"--reserve-hugepages: the kernel gave only {hugepages_available()} of {need} "
+                             "free huge pages (memory fragmented?)")
+        yield
+    finally:
+        with open(HUGEPAGES, "w", encoding="ascii") as f:
+            f.write(original)
+
+
+# ------------------------------------------------------------------ the comparison
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median faults/s, p50 and p99 over runs of one side."""
+    return {k: statistics.median(r[k] for r in runs) for k in ("faults-per-s", "p50-us", "p99-us")}
+
+
+def reproduce_command(args: argparse.Namespace) -> str:
+    """Every option spelled out, so the line means the same thing whatever the defaults become."""
+    argv = ["python", "bench/compare_ref.py", "--vcpus", args.vcpus, "--ram", args.ram,
+            "--workload", args.workload, "--repeat", str(args.repeat), "--rounds", str(args.rounds),
+            "--seed", str(args.seed)]
+    if args.backing != "shmem":
+        argv += ["--backing", args.backing]
+    if args.reserve_hugepages:
+        argv.append("--reserve-hugepages")
+    if args.pin:
+        argv.append("--pin")
+    if args.shared:
+        argv += ["--shared", args.shared]
+    return shlex.join(argv)
+
+
+def render(points: list[dict[str, Any]], args: argparse.Namespace, ram: int) -> Table:
+    """The comparison table: one row per vCPU count."""
+    pin = "pinned" if args.pin else "unpinned"
+    t = Table(title=f"harness vs C reference: {args.workload}, {ram >> 20} MiB {args.backing}, {pin}, "
+                    f"median of {args.repeat}", header_style="bold",
+              caption=f"pinned as the reference's -A: fault handler and source on CPU {SERVICE_CPU}, "
+                      f"vCPUs on CPU {VCPU_CPU}" if args.pin else None)
+    for name in ("N", "ref faults/s", "harness faults/s", "ratio", "ref p50/p99 µs", "harness p50/p99 µs",
+                 "p50 ratio"):
+        t.add_column(name, justify="right", no_wrap=True)
+    for p in points:
+        r, h = p["ref"]["median"], p["harness"]["median"]
+        t.add_row(str(p["vcpus"]), f"{r['faults-per-s']:,.0f}", f"{h['faults-per-s']:,.0f}",
+                  f"{p['ratio']:.2f}x", f"{r['p50-us']:.1f} / {r['p99-us']:.1f}",
+                  f"{h['p50-us']:.1f} / {h['p99-us']:.1f}", f"{p['p50-ratio']:.2f}x")
+    return t
+
+
+def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Build the reference, run both sides ``--repeat`` times per size; every run and the medians."""
+    vcpus, ram, src = check_args(args)
+    points = {n: {"vcpus": n, "ref": {"runs": []}, "harness": {"runs": []}} for n in vcpus}
+    with tempfile.TemporaryDirectory(prefix="pch-compare-") as tmp:
+        binary = build_reference(src, tmp)
+        with huge_pages(args, ram):
+            total = args.repeat * len(vcpus)
+            done = 0
+            for i in range(args.repeat):
+                for n in vcpus:
+                    sides: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                        ("ref", lambda n=n: run_reference(binary, args, n, ram)),
+                        ("harness", lambda n=n: run_harness(args, n, ram)),
+                    ]
+                    if i % 2:  # alternate who goes first: neither side always gets the warmer machine
+                        sides.reverse()
+                    for side, fn in sides:
+                        points[n][side]["runs"].append(fn())
+                    done += 1
+                    console.print(f"[dim]run {done}/{total}: {n} vCPUs done[/]")
+    for p in points.values():
+        for side in ("ref", "harness"):
+            p[side]["median"] = median_of(p[side]["runs"])
+        r, h = p["ref"]["median"], p["harness"]["median"]
+        p["ratio"] = h["faults-per-s"] / r["faults-per-s"] if r["faults-per-s"] else float("nan")
+        p["p50-ratio"] = h["p50-us"] / r["p50-us"] if r["p50-us"] else float("nan")
+    return {
+        "params": {"vcpus": vcpus, "ram-bytes": ram, "workload": args.workload, "backing": args.backing,
+                   "pin": args.pin, "repeat": args.repeat, "rounds": args.rounds, "seed": args.seed},
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "reference-command": shlex.join(reference_argv("uffd_ref", args, "N", ram)),
+        "reproduce": reproduce_command(args),
+        "points": list(points.values()),
+    }
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, run both, print the table; 0 on success, 2 with one line for bad input or a failed run."""
+    args = parse_args(argv)
+    console = Console(highlight=False)
+    if not console.is_terminal:  # files and pipes: the table on whole lines, not squeezed to 80 columns
+        console.width = max(console.width, 120)
+    progress = Console(stderr=True, highlight=False)  # run-by-run lines stay out of the table on stdout
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the huge page pool is restored on kill too
+    try:
+        doc = compare(args, progress)
+    except BenchError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    console.print(render(doc["points"], args, doc["params"]["ram-bytes"]))
+    console.print("faults/s = pages resolved on demand per second of the workload; ratio = harness / reference "
+                  "(faults/s: higher is better for the harness, p50: lower is)", style="dim", soft_wrap=True)
+    pinned = ", pinned as -A" if args.pin else ""
+    console.print(f"reference: {doc['reference-command']}   harness: the same size, workload "
+                  f"{args.workload}, --no-background{pinned}", style="dim", soft_wrap=True)
+    console.print(f"Reproduce: {doc['reproduce']}", soft_wrap=True)
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1)
+                f.write("\n")
+        except OSError as e:
+            print(f"{PROG}: cannot write {args.json}: {e.strerror}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
