@@ -17,7 +17,7 @@ Reproduce:  python bench/compare_ref.py --vcpus 1,8,32 --ram 256M --repeat 3    
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import json
 import os
 import platform
@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reserve-hugepages", action="store_true",
                     help="as root: raise vm.nr_hugepages for the run, restore the original value after")
     ap.add_argument("--pin", action="store_true",
-                    help="reference -A; the harness gets the same placement (fault handler and source "
-                         f"on CPU {SERVICE_CPU}, vCPU workers on CPU {VCPU_CPU})")
+                    help="reference -A; the harness runs with its --pin, the same placement (fault handler "
+                         f"and source on CPU {SERVICE_CPU}, vCPU workers on CPU {VCPU_CPU})")
     ap.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per side and size; medians (default 3)")
     ap.add_argument("--rounds", type=int, default=3, metavar="R",
                     help="reference rounds; its WARM line (rounds 2..R) is used (default 3, at least 2)")
@@ -131,9 +131,12 @@ def reference_limits(src: Path) -> dict[str, int]:
 
 
 def harness_config(args: argparse.Namespace, vcpus: int, ram: int) -> RunConfig:
-    """The harness side of one point: demand paging only, like the reference."""
+    """The harness side of one point: demand paging only, like the reference, pinned like it if asked."""
+    pin = {"pin": True} if args.pin else {}
+    if pin and "pin" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        raise BenchError("--pin: this harness has no pin option (RunConfig.pin); run without --pin")
     return RunConfig(vcpus=vcpus, ram=ram, workload=args.workload, backing=args.backing,
-                     background=False, seed=args.seed, timeout=args.timeout)
+                     background=False, seed=args.seed, timeout=args.timeout, **pin)
 
 
 # ------------------------------------------------------------------ the reference
@@ -224,43 +227,6 @@ def _killpg_quietly(pgid: int) -> None:
 # ------------------------------------------------------------------ the harness
 
 
-@contextmanager
-def harness_pinned(enabled: bool) -> Iterator[None]:
-    """Place the harness's processes as the reference's ``-A`` does, without a run option for it.
-
-    The fault handler (with placement) and the source go to SERVICE_CPU, the vCPU workers to
-    VCPU_CPU.  The run module forks them and calls these entry points in the children, so each
-    child sets its own affinity first (threads it starts inherit it); the orchestrator stays
-    unpinned, like the reference's main process.
-    """
-    if not enabled:
-        yield
-        return
-    import harness.run as hr
-
-    where = {"source_main": SERVICE_CPU, "destination_main": SERVICE_CPU, "run_in_child": VCPU_CPU}
-    missing = [name for name in where if not callable(getattr(hr, name, None))]
-    if missing:
-        raise BenchError(f"--pin: harness.run has no {', '.join(missing)} to pin; run without --pin")
-    saved = {name: getattr(hr, name) for name in where}
-
-    def pinned(fn: Callable[..., Any], cpu: int) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def body(*a: Any, **kw: Any) -> Any:
-            os.sched_setaffinity(0, {cpu})
-            return fn(*a, **kw)
-
-        return body
-
-    for name, cpu in where.items():
-        setattr(hr, name, pinned(saved[name], cpu))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(hr, name, fn)
-
-
 def run_harness(args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:
     """One harness run -> faults/s (pages resolved on demand / workload s), p50, p99 (µs)."""
     from harness.report import build_report
@@ -270,8 +236,7 @@ def run_harness(args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:
 
     cfg = harness_config(args, n, ram)
     try:
-        with harness_pinned(args.pin):
-            raw = execute(cfg)
+        raw = execute(cfg)
     except (RunFailed, KernelError, OSError, ValueError) as e:
         raise BenchError(f"harness, {n} vCPUs: {' '.join(str(e).split())}") from None
     rep = build_report(cfg, raw)
@@ -438,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(render(doc["points"], args, doc["params"]["ram-bytes"]))
     console.print("faults/s = pages resolved on demand per second of the workload; ratio = harness / reference "
                   "(faults/s: higher is better for the harness, p50: lower is)", style="dim", soft_wrap=True)
-    pinned = ", pinned as -A" if args.pin else ""
-    console.print(f"reference: {doc['reference-command']}   harness: the same size, workload "
-                  f"{args.workload}, --no-background{pinned}", style="dim", soft_wrap=True)
+    pinned = " --pin" if args.pin else ""
+    console.print(f"reference: {doc['reference-command']}   harness: postcopy-harness run --vcpus N "
+                  f"--ram {args.ram} --workload {args.workload} --backing {args.backing} --no-background{pinned}",
+                  style="dim", soft_wrap=True)
     console.print(f"Reproduce: {doc['reproduce']}", soft_wrap=True)
     if args.json:
         try:
