@@ -16,11 +16,18 @@ def _add_run(sub) -> None:
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
+
+    def size(text: str) -> int:  # argparse shows an ArgumentTypeError's own message
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.")
     p.add_argument("--vcpus", type=int, default=d.vcpus, help=f"vCPU worker processes (default {d.vcpus})")
-    p.add_argument("--ram", type=parse_size, default=d.ram, help="guest RAM size, K/M/G suffixes (default 256M)")
+    p.add_argument("--ram", type=size, default=d.ram, help="guest RAM size, K/M/G suffixes (default 256M)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing)
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
     p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
@@ -34,6 +41,9 @@ def _add_run(sub) -> None:
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="the source sends only requested pages until the workload ends (pure demand paging, "
                         "as ../shared/bench measures)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1 "
+                        "(what ../shared/bench's -A does), for comparisons")
     p.add_argument("--live-engines", action="store_true",
                    help="feed the blocktime engines during the run (default: over the recorded events after it)")
     p.add_argument("--timeout", type=float, default=d.timeout, help="fail the run after this many seconds")
@@ -45,10 +55,6 @@ def _add_run(sub) -> None:
 
 def _run(args) -> int:
     from harness.config import ConfigError, RunConfig
-    from harness.report import build_report, print_summary, write_json
-    from harness.run import execute
-    from harness.supervise import RunFailed
-    from postcopy_core.kernel import KernelError
 
     fields = {k: getattr(args, k.replace("-", "_")) for k in RunConfig().as_dict()}
     cfg = RunConfig(**fields)
@@ -57,6 +63,11 @@ def _run(args) -> int:
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
+    from harness.report import build_report, print_summary, write_json
+    from harness.run import execute
+    from harness.supervise import RunFailed
+    from postcopy_core.kernel import KernelError
+
     raw, error = None, None
     try:
         raw = execute(cfg)

@@ -42,6 +42,7 @@ class RunConfig:
     transport: str = "unix"
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
+    pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0

@@ -26,6 +26,7 @@ from itertools import product
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,7 +35,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from harness.config import ConfigError, RunConfig, parse_size
 from postcopy_core.blocktime import ENGINE_NAMES as ENGINES  # one CSV column each
@@ -241,7 +241,7 @@ _TABLE: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
     ("workload", 10, lambda r: r["workload"]),
     ("wake", 7, lambda r: r["wake_policy"]),
     ("vCPUs", 5, lambda r: str(r["vcpus"])),
-    ("status", 6, lambda r: "[green]ok[/]" if r["status"] == "completed" else "[red]FAILED[/]"),
+    ("status", 6, lambda r: "ok" if r["status"] == "completed" else "FAILED"),
     ("faults/s", 9, lambda r: _fmt(r["faults_per_s"])),
     ("p50 µs", 8, lambda r: _fmt(r["p50_us"], ",.1f")),
     ("p99 µs", 8, lambda r: _fmt(r["p99_us"], ",.1f")),
@@ -249,24 +249,30 @@ _TABLE: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
     *((f"bt:{e}", 9, (lambda r, e=e: _fmt(r[f"blocktime_{e}_ms"], ",.0f"))) for e in ENGINES),
     ("hdl CPU", 7, lambda r: _fmt(r["handler_cpu_s"], ",.2f")),
 )
-TABLE_WIDTH = sum(w + 1 for _, w, _ in _TABLE)
+_LEFT = 3  # the first columns (the point) are text, left-aligned; the rest are numbers
 TABLE_NOTE = "latency in µs; bt:ENGINE = postcopy-blocktime in ms per engine; hdl CPU = fault handler CPU s"
 
 
-def _row_table(rows: list[dict], header: bool) -> Table:
-    t = Table(box=None, show_header=header, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
-    for i, (name, width, _) in enumerate(_TABLE):
-        t.add_column(name, width=width, no_wrap=True, justify="left" if i < 3 else "right")
-    for r in rows:
-        t.add_row(*(cell(r) for _, _, cell in _TABLE))
-    return t
+def _line(cells: list[str], styles: dict[int, str] | None = None) -> str:
+    """Cells padded to their column (wider values push, never cut), as rich markup."""
+    out = []
+    for i, ((_, width, _), cell) in enumerate(zip(_TABLE, cells, strict=True)):
+        text = escape(cell.ljust(width) if i < _LEFT else cell.rjust(width))
+        style = (styles or {}).get(i)
+        out.append(f"[{style}]{text}[/]" if style else text)
+    return " ".join(out)
 
 
-def render_table(rows: list[dict], title: str | None = None) -> Table:
-    """All rows as one table (the same columns as the rows printed during the sweep)."""
-    t = _row_table(rows, header=True)
-    t.title = title
-    return t
+def format_header() -> str:
+    """The column headers, as rich markup."""
+    return f"[bold]{_line([name for name, _, _ in _TABLE])}[/]"
+
+
+def format_row(row: dict) -> str:
+    """One point as a fixed-width line under :func:`format_header` (rich markup: status coloured)."""
+    status = [name for name, _, _ in _TABLE].index("status")
+    colour = "green" if row["status"] == "completed" else "red"
+    return _line([cell(row) for _, _, cell in _TABLE], {status: colour})
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -341,8 +347,6 @@ def _check_writable(path: str | None, flag: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep: 0 if every point completed, 1 if any failed, 2 for bad flags, 130 on Ctrl-C."""
     console = Console(highlight=False)
-    if not console.is_terminal:  # files and pipes: as wide as the table, never squeezed to 80 columns
-        console.width = max(console.width, TABLE_WIDTH)
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # one-line messages stay one line
     try:
         points, common, lists = plan(args)
@@ -368,8 +372,8 @@ def run(args: argparse.Namespace) -> int:
     ram_mib = common["ram"] / 2**20
     console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), {ram_mib:g} MiB, "
                   f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}")
-    console.print(TABLE_NOTE, style="dim")
-    console.print(_row_table([], header=True))
+    console.print(TABLE_NOTE, style="dim", soft_wrap=True)
+    console.print(format_header(), soft_wrap=True)  # soft wrap: a narrow terminal wraps, nothing is cut
     t0 = time.monotonic()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True, refresh_per_second=4)
@@ -389,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
                 row = summarise(pt, cfg, reports)
                 rows.append(row)
                 points_json.append({**row, "runs": reports})
-                progress.console.print(_row_table([row], header=False))
+                progress.console.print(format_row(row), soft_wrap=True)
                 if row["error"]:
                     progress.console.print(f"  [red]{row['error']}[/]", soft_wrap=True)
                 save()

@@ -11,6 +11,8 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +20,7 @@ import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig
-from harness.supervise import Children, RunFailed, describe_status
+from harness.supervise import Children, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.blocktime import TraceMeta
 from postcopy_core.channel import (
@@ -37,10 +39,12 @@ from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
 from vcpu_workers import results as R
-from vcpu_workers.worker import WorkerPlan, run_in_child
+from vcpu_workers.worker import WorkerPlan
 from vcpu_workers.workloads import accesses_per_vcpu
+from vcpu_workers.zygote import plan_to_json
 
 STARTUP_TIMEOUT = 120.0
+ROLE_NAMES = {"fault": "the fault handler", "source": "the source", "zygote": "the vCPU zygote"}
 SHUTDOWN_TIMEOUT = 60.0
 
 
@@ -73,6 +77,13 @@ class Run:
             if pages * cfg.page_size != cfg.ram:
                 raise RunFailed(f"--image is {pages * cfg.page_size} bytes but --ram is {cfg.ram}")
         return ContentSpec(cfg.page_size, cfg.npages, cfg.seed, round(cfg.zero_share * 1000), cfg.image)
+
+    def _cpus(self, which: int) -> tuple[int, ...]:
+        """With --pin: CPU 0 for the handler and source, the next CPU for the workers."""
+        if not self.cfg.pin:
+            return ()
+        cpus = sorted(os.sched_getaffinity(0))
+        return (cpus[min(which, len(cpus) - 1)],)
 
     # ------------------------------------------------------------ the run
 
@@ -144,22 +155,14 @@ class Run:
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy))
 
-        self.roles["source"] = self.children.spawn("source", src_keep, source_body)
-        self.roles["handler"] = self.children.spawn("fault", dst_keep, dest_body)
+        self.roles["source"] = self.children.spawn("source", src_keep, source_body, self._cpus(0))
+        self.roles["handler"] = self.children.spawn("fault", dst_keep, dest_body, self._cpus(0))
 
+        # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
-                          handoff_addr, start_r)
+                          handoff_addr, start_r, self.area.fd, self.area.capacity, self._cpus(1))
         t_fork = time.monotonic()
-        worker_pids = []
-        for v in range(cfg.vcpus):
-            pid = os.fork()
-            if pid == 0:
-                from harness.supervise import close_fds_except
-
-                close_fds_except({self.ram.fd, start_r})
-                run_in_child(v, plan, self.area)
-            self.children.add(pid, f"vcpu-{v}")
-            worker_pids.append(pid)
+        self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process
         for s in (ctl_src_child, ctl_dst_child, ev_child):
             s.close()
@@ -183,7 +186,7 @@ class Run:
         os.close(start_w)
         self.fds.remove(start_w)
         ctl_src.send(cmd="go", background=cfg.background)
-        self._supervise_workers(set(worker_pids), [ctl_src, ctl_dst], t_begin + cfg.timeout)
+        self._supervise_workers([ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
         if not cfg.background:
             ctl_src.send(cmd="stream")
@@ -207,14 +210,51 @@ class Run:
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem,
         )
 
+    def _spawn_zygote(self, plan: WorkerPlan) -> None:
+        r, w = os.pipe()
+        self.fds.append(r)
+        os.set_blocking(r, False)
+        self.worker_status = r
+        self._status_buf = b""
+        self.workers_done: set[int] = set()
+        kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
+        keep = (plan.memfd, plan.start_fd, plan.results_fd, w)
+        proc = subprocess.Popen([sys.executable, "-m", "vcpu_workers.zygote"], stdin=subprocess.PIPE,
+                                pass_fds=keep, close_fds=True)
+        os.close(w)
+        self.children.add(proc.pid, "zygote")
+        self.zygote = proc
+        proc.stdin.write(plan_to_json(plan, w).encode())
+        proc.stdin.close()
+        proc.returncode = 0  # we reap it ourselves (Children.reap); keep Popen from trying
+
+    def _worker_exits(self) -> None:
+        """Read the zygote's reports (``vcpu pid status``); fail the run on any bad exit."""
+        try:
+            data = os.read(self.worker_status, 65536)
+        except BlockingIOError:
+            return
+        self._status_buf += data
+        *lines, self._status_buf = self._status_buf.split(b"\n")
+        for line in lines:
+            vcpu, pid, status = (int(x) for x in line.split())
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                self.workers_done.add(vcpu)
+            elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4:
+                bad = int(self.area.summary[vcpu]["first_bad_page"])
+                raise RunFailed(f"vCPU {vcpu} read wrong content (first bad page {bad}): data lost or misplaced")
+            else:
+                raise RunFailed(f"vcpu {vcpu} (pid {pid}) {describe_status(status)}")
+
     # ------------------------------------------------------------ supervision
 
     def _check_children(self, expected_exit: set[int] = frozenset()) -> None:
         for pid, role, status in self.children.reap():
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
-            what = {"fault": "the fault handler", "source": "the source"}.get(role, role.replace("-", " "))
-            raise RunFailed(f"{what} (pid {pid}) {describe_status(status)}")
+            if role == "zygote" and self.workers_done and len(self.workers_done) == self.cfg.vcpus:
+                continue
+            raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}")
 
     def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -236,6 +276,7 @@ class Run:
         deadline = time.monotonic() + timeout
         while (self.area.summary["state"] < R.STATE_READY).any():
             self._check_children()
+            self._worker_exits()
             if time.monotonic() > deadline:
                 raise RunFailed(f"vCPU workers were not ready within {timeout:.0f} s")
             time.sleep(0.005)
@@ -251,20 +292,14 @@ class Run:
                 out.append(0)
         return out
 
-    def _supervise_workers(self, workers: set[int], ctls: list[ControlLine], deadline: float) -> None:
-        while workers:
-            for pid, role, status in self.children.reap():
-                if pid in workers and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-                    workers.discard(pid)
-                    continue
-                if pid in workers and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4:
-                    v = role.split("-")[1]
-                    bad = int(self.area.summary[int(v)]["first_bad_page"])
-                    raise RunFailed(f"vCPU {v} read wrong content (first bad page {bad}): data lost or misplaced")
-                what = {"fault": "the fault handler", "source": "the source"}.get(role, role.replace("-", " "))
-                raise RunFailed(f"{what} (pid {pid}) {describe_status(status)}")
-            r, _, _ = select.select(ctls, [], [], 0.02)
+    def _supervise_workers(self, ctls: list[ControlLine], deadline: float) -> None:
+        while len(self.workers_done) < self.cfg.vcpus:
+            self._worker_exits()
+            self._check_children({self.zygote.pid})
+            r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
             for ctl in r:
+                if ctl is self.worker_status:
+                    continue
                 msg = ctl.recv(1.0)
                 if msg is None or msg.get("event") == "error":
                     raise RunFailed((msg or {}).get("error", "a service process closed its control channel"))
@@ -299,6 +334,8 @@ class Run:
     def teardown(self) -> None:
         """Kill and reap every child, close every fd, unlink the shared memory.  Idempotent."""
         self.children.kill_all()
+        if self.area is not None:
+            reap_workers([int(p) for p in self.area.summary["pid"] if p > 0])
         for s in self.socks:
             try:
                 s.close()

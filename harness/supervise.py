@@ -43,8 +43,8 @@ class Children:
     roles: dict[int, str] = field(default_factory=dict)  # pid -> "source" | "handler" | "vcpu-N"
     exited: dict[int, int] = field(default_factory=dict)  # pid -> wait status
 
-    def spawn(self, role: str, keep: set[int], body: Callable[[], int]) -> int:
-        """Fork a child that runs ``body`` with only ``keep`` fds open, then _exits with its code."""
+    def spawn(self, role: str, keep: set[int], body: Callable[[], int], cpus: tuple[int, ...] = ()) -> int:
+        """Fork a child that runs ``body`` with only ``keep`` fds open (on ``cpus``), then _exits."""
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -56,6 +56,8 @@ class Children:
                 kernel.die_with_parent()
                 kernel.set_process_name(f"pch-{role}")
                 close_fds_except(keep)
+                if cpus:
+                    os.sched_setaffinity(0, cpus)
                 code = body()
             except BaseException as e:
                 try:
@@ -114,3 +116,34 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def reap_workers(pids: list[int], timeout: float = 10.0) -> None:
+    """Make sure vCPU workers are gone: they die with their zygote (PDEATHSIG) and, as orphans,
+    come to us (we are a child subreaper) to be reaped.  Kill any still there, reap until none."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.name().startswith("pch-vcpu"):
+                p.kill()
+        except psutil.Error:
+            pass
+    while time.monotonic() < deadline:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.Error:
+                pass
+        if not alive:
+            return
+        time.sleep(0.01)

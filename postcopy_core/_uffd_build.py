@@ -79,6 +79,17 @@ ffibuilder.cdef(
     uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
                             uint32_t zero_permille, const uint8_t *ref);
 
+    uint64_t pch_order_length(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages);
+    int64_t pch_make_order(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages, uint64_t seed,
+                           uint32_t *out);
+    void pch_make_writes(uint8_t *out, uint64_t n, double ratio, uint64_t seed, uint32_t vcpu);
+    struct pch_worker_result {
+        int64_t vcpu, pid, state;
+        uint64_t accesses, faulting, stall_ns, max_ns, all_ns, pages_checked, words_checked, mismatches;
+        int64_t first_bad_page;
+        uint64_t t_start, t_end, t_forked, t_ready;
+    };
+
     struct pch_touch {
         uint64_t base;
         uint64_t page_size;
@@ -107,6 +118,7 @@ ffibuilder.cdef(
     uint64_t pch_now_ns(void);
     int pch_set_pdeathsig(int sig);
     int pch_set_name(const char *name);
+    int pch_set_child_subreaper(void);
     """
 )
 
@@ -163,7 +175,8 @@ ffibuilder.set_source(
     #include "pch.h"
     #include "dest.h"
     """,
-    sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c")],
+    sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c"), str(CSRC / "workloads.c")],
+    libraries=["m"],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

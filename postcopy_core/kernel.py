@@ -233,6 +233,11 @@ def die_with_parent(sig: int = 9) -> None:
     _check(lib.pch_set_pdeathsig(sig), "prctl(PR_SET_PDEATHSIG)")
 
 
+def become_subreaper() -> None:
+    """Adopt the orphans of our descendants (PR_SET_CHILD_SUBREAPER), so that they can be reaped."""
+    _check(lib.pch_set_child_subreaper(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def now_ns() -> int:
     """CLOCK_MONOTONIC in ns: the clock of every timestamp in the harness (same as time.monotonic_ns)."""
     return lib.pch_now_ns()

@@ -26,9 +26,19 @@ def leftovers() -> list[str]:
     return found
 
 
+def _reap_adopted() -> None:
+    """In-process runs make this process a child subreaper: reap orphans that were handed to us."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
 def wait_no_leftovers(timeout: float = 5.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
+        _reap_adopted()
         left = leftovers()
         if not left or time.monotonic() > deadline:
             return left

@@ -33,7 +33,7 @@ def wait_for_children(proc: subprocess.Popen, name: str, count: int = 1, timeout
     """Wait until ``count`` children of the run called ``name`` are up, and the workload has begun."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kids = [c for c in psutil.Process(proc.pid).children() if c.name().startswith(name)]
+        kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name().startswith(name)]
         if len(kids) >= count:
             time.sleep(0.7)  # let the vCPUs start faulting
             return kids
@@ -69,12 +69,13 @@ def test_worker_killed_mid_run_fails_the_run():
     assert_clean()
 
 
-@pytest.mark.parametrize("role", ["pch-fault", "pch-source"])
+@pytest.mark.parametrize("role", ["pch-fault", "pch-source", "pch-zygote"])
 def test_service_killed_mid_run_fails_loudly(role):
-    """Losing the handler would let the kernel fill zero pages: the run must fail, never pass."""
+    """Losing the handler would let the kernel fill zero pages: the run must fail, never pass.
+    Losing the zygote takes the workers with it (PDEATHSIG): that fails the run too."""
     proc = start_cli(SLOW_RUN)
     wait_for_children(proc, "pch-vcpu", 4)
-    [svc] = [c for c in psutil.Process(proc.pid).children() if c.name() == role]
+    [svc] = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == role]
     svc.kill()
     code, err = finish(proc)
     assert code == 1, err

@@ -1,45 +1,68 @@
-"""The results area the vCPU workers write and the orchestrator reads (anonymous shared memory).
+"""The results area the vCPU workers write and the orchestrator reads.
 
-Created before the workers fork, so it needs no name and vanishes with the last process.
-Per worker: one summary record, and room for the latency and page of each faulting access.
+A memfd (no name in /dev/shm, gone with the last fd and mapping) that the orchestrator creates and
+hands to the zygote, so workers that were exec'd apart still share it.  Layout: one
+``struct pch_worker_result`` per vCPU, then per vCPU ``capacity`` latencies (uint32 ns) and
+``capacity`` page numbers of its faulting accesses.  Workers write it through cffi (no numpy in a
+worker); the orchestrator reads it as numpy arrays.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import os
 
 from postcopy_core import kernel
+from postcopy_core._uffd import ffi
 
-SUMMARY = np.dtype(
-    [
-        ("vcpu", "<i8"), ("pid", "<i8"), ("state", "<i8"), ("accesses", "<u8"), ("faulting", "<u8"),
-        ("stall_ns", "<u8"), ("max_ns", "<u8"), ("all_ns", "<u8"), ("pages_checked", "<u8"),
-        ("words_checked", "<u8"), ("mismatches", "<u8"), ("first_bad_page", "<i8"),
-        ("t_start", "<u8"), ("t_end", "<u8"), ("t_forked", "<u8"), ("t_ready", "<u8"),
-    ]
-)
+RESULT = ffi.sizeof("struct pch_worker_result")
 STATE_NONE, STATE_READY, STATE_DONE, STATE_FAILED = 0, 1, 2, 3
+FIELDS = ("vcpu", "pid", "state", "accesses", "faulting", "stall_ns", "max_ns", "all_ns", "pages_checked",
+          "words_checked", "mismatches", "first_bad_page", "t_start", "t_end", "t_forked", "t_ready")
+_SIGNED = {"vcpu", "pid", "state", "first_bad_page"}
+
+
+def layout(nvcpus: int, capacity: int) -> tuple[int, int, int]:
+    """(offset of the latencies, offset of the pages, total size) of an area."""
+    lat = -(-RESULT * nvcpus // 4096) * 4096
+    pages = lat + 4 * nvcpus * capacity
+    return lat, pages, pages + 4 * nvcpus * capacity
+
+
+class WorkerSlot:
+    """One worker's view: its result record and its latency/page arrays (cffi pointers)."""
+
+    def __init__(self, fd: int, nvcpus: int, capacity: int, vcpu: int) -> None:
+        lat, pages, size = layout(nvcpus, capacity)
+        self.mapping = kernel.mmap_fd(fd, size)
+        self.result = ffi.cast("struct pch_worker_result *", self.mapping.addr + RESULT * vcpu)
+        self.lat_ns = ffi.cast("uint32_t *", self.mapping.addr + lat + 4 * capacity * vcpu)
+        self.lat_page = ffi.cast("uint32_t *", self.mapping.addr + pages + 4 * capacity * vcpu)
 
 
 class ResultsArea:
-    """``summary[v]`` is vCPU v's record; ``lat_ns[v]`` / ``lat_page[v]`` its faulting accesses."""
+    """The orchestrator's side: ``summary`` (numpy records, one per vCPU) and the latencies."""
 
     def __init__(self, nvcpus: int, capacity: int) -> None:
-        self.nvcpus, self.capacity = nvcpus, capacity
-        sz = SUMMARY.itemsize * nvcpus
-        lat = 4 * nvcpus * capacity
-        self.mapping = kernel.mmap_anon(sz + 2 * lat, shared=True)
-        buf = self.mapping.buffer()
-        self.summary = np.frombuffer(buf, dtype=SUMMARY, count=nvcpus)
-        self.lat_ns = np.frombuffer(buf, dtype=np.uint32, count=nvcpus * capacity, offset=sz).reshape(nvcpus, -1)
-        self.lat_page = np.frombuffer(buf, dtype=np.uint32, count=nvcpus * capacity, offset=sz + lat).reshape(
-            nvcpus, -1
-        )
+        import numpy as np
 
-    def latencies(self, vcpu: int) -> np.ndarray:
+        self.nvcpus, self.capacity = nvcpus, capacity
+        lat, pages, size = layout(nvcpus, capacity)
+        self.fd = kernel.memfd_create("pch-results")
+        os.ftruncate(self.fd, size)
+        self.mapping = kernel.mmap_fd(self.fd, size)
+        buf = self.mapping.buffer()
+        dtype = np.dtype([(f, "<i8" if f in _SIGNED else "<u8") for f in FIELDS])
+        assert dtype.itemsize == RESULT
+        self.summary = np.frombuffer(buf, dtype=dtype, count=nvcpus)
+        self.lat_ns = np.frombuffer(buf, dtype=np.uint32, count=nvcpus * capacity, offset=lat).reshape(nvcpus, -1)
+        self.lat_page = np.frombuffer(buf, dtype=np.uint32, count=nvcpus * capacity, offset=pages).reshape(nvcpus, -1)
+
+    def latencies(self, vcpu: int):
         n = int(self.summary[vcpu]["faulting"])
         return self.lat_ns[vcpu, :n]
 
     def close(self) -> None:
+        """Unmap and close; copy out what you need first."""
         del self.summary, self.lat_ns, self.lat_page
         self.mapping.close()
+        os.close(self.fd)

@@ -6,16 +6,32 @@ Each generator is deterministic in (seed, vcpu), so a run can be repeated exactl
   stride      its own slice in columns of STRIDE pages (0, 16, 32, ..., 1, 17, ...)
   hotset      zipf-like draws over all of RAM (hot pages scattered by a seeded permutation)
   shared      every vCPU walks all pages in the same order: collisions on purpose
+
+The generators are C (csrc/workloads.c) so that a vCPU worker builds its order right after fork
+without importing numpy (1024 workers must start in seconds and stay small); the numpy-returning
+functions here are for the orchestrator, tools and tests.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-WORKLOADS = ("sequential", "random", "stride", "hotset", "shared")
+from postcopy_core._uffd import ffi, lib
+
+if TYPE_CHECKING:
+    import numpy as np
+
+WORKLOADS = ("sequential", "random", "stride", "hotset", "shared")  # index = C kind
 STRIDE = 16
 HOTSET_ACCESSES = 2  # hotset: draws per vCPU, as a multiple of its share of pages
 HOTSET_SKEW = 1.1
+
+
+def _kind(workload: str) -> int:
+    try:
+        return WORKLOADS.index(workload)
+    except ValueError:
+        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}") from None
 
 
 def own_slice(vcpu: int, nvcpus: int, npages: int) -> tuple[int, int]:
@@ -33,35 +49,39 @@ def accesses_per_vcpu(workload: str, nvcpus: int, npages: int) -> int:
     return share
 
 
+def order_buffer(workload: str, vcpu: int, nvcpus: int, npages: int, seed: int):
+    """The page index of every access of ``vcpu`` as a cffi ``uint32_t[]`` (no numpy)."""
+    kind = _kind(workload)
+    n = lib.pch_order_length(kind, vcpu, nvcpus, npages)
+    buf = ffi.new("uint32_t[]", max(n, 1))
+    got = lib.pch_make_order(kind, vcpu, nvcpus, npages, seed & (2**64 - 1), buf)
+    if got < 0:
+        raise MemoryError("no memory for the hotset permutation")
+    return buf, got
+
+
+def writes_buffer(count: int, write_ratio: float, vcpu: int, seed: int):
+    """Per access 1 = store as a cffi ``uint8_t[]``, or None when all accesses are loads."""
+    if write_ratio <= 0:
+        return None
+    buf = ffi.new("uint8_t[]", max(count, 1))
+    lib.pch_make_writes(buf, count, write_ratio, seed & (2**64 - 1), vcpu)
+    return buf
+
+
 def make_order(workload: str, vcpu: int, nvcpus: int, npages: int, seed: int) -> np.ndarray:
-    """The page index of every access of ``vcpu``, as uint32."""
-    rng = np.random.default_rng([seed, vcpu])
-    first, end = own_slice(vcpu, nvcpus, npages)
-    if workload == "sequential":
-        order = np.arange(first, end)
-    elif workload == "random":
-        order = rng.permutation(np.arange(first, end))
-    elif workload == "stride":
-        n = end - first
-        cols = -(-n // STRIDE)
-        idx = np.arange(cols * STRIDE).reshape(cols, STRIDE).T.ravel()
-        order = first + idx[idx < n]
-    elif workload == "hotset":
-        ranks = np.arange(1, npages + 1, dtype=np.float64)
-        weights = ranks**-HOTSET_SKEW
-        weights /= weights.sum()
-        hot = np.random.default_rng([seed, 0xC0FFEE]).permutation(npages)  # same hot pages for all vCPUs
-        order = hot[rng.choice(npages, size=HOTSET_ACCESSES * (end - first), p=weights)]
-    elif workload == "shared":
-        order = np.random.default_rng([seed, 0x5EED]).permutation(npages)
-    else:
-        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
-    return np.ascontiguousarray(order, dtype=np.uint32)
+    """The page index of every access of ``vcpu``, as a numpy uint32 array."""
+    import numpy as np
+
+    buf, n = order_buffer(workload, vcpu, nvcpus, npages, seed)
+    return np.frombuffer(ffi.buffer(buf), dtype=np.uint32, count=n).copy()
 
 
 def make_writes(count: int, write_ratio: float, vcpu: int, seed: int) -> np.ndarray | None:
-    """Per access 1 = store, 0 = load; None when all are loads."""
-    if write_ratio <= 0:
+    """Per access 1 = store, 0 = load, as a numpy uint8 array; None when all are loads."""
+    import numpy as np
+
+    buf = writes_buffer(count, write_ratio, vcpu, seed)
+    if buf is None:
         return None
-    rng = np.random.default_rng([seed, vcpu, 0x77])
-    return (rng.random(count) < write_ratio).astype(np.uint8)
+    return np.frombuffer(ffi.buffer(buf), dtype=np.uint8, count=count).copy()

@@ -333,3 +333,9 @@ int pch_set_name(const char *name)
 {
     return prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0) ? -errno : 0;
 }
+
+/* Orphans of our descendants (workers whose zygote died) are reparented to us, so we can reap them. */
+int pch_set_child_subreaper(void)
+{
+    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) ? -errno : 0;
+}

@@ -37,6 +37,19 @@ void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t n
 uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
                         uint32_t zero_permille, const uint8_t *ref);
 
+/* ---- workloads (workloads.c): kind = index in vcpu_workers.workloads.WORKLOADS ---- */
+uint64_t pch_order_length(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages);
+int64_t pch_make_order(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages, uint64_t seed, uint32_t *out);
+void pch_make_writes(uint8_t *out, uint64_t n, double ratio, uint64_t seed, uint32_t vcpu);
+
+/* ---- what each worker reports, in the shared results area (vcpu_workers/results.py) ---- */
+struct pch_worker_result {
+    int64_t vcpu, pid, state;
+    uint64_t accesses, faulting, stall_ns, max_ns, all_ns, pages_checked, words_checked, mismatches;
+    int64_t first_bad_page;
+    uint64_t t_start, t_end, t_forked, t_ready;
+};
+
 /* ---- the vCPU worker's timed touch loop ---- */
 struct pch_touch {
     /* in */
@@ -70,5 +83,6 @@ uint64_t pch_now_ns(void);
 /* ---- process hygiene ---- */
 int pch_set_pdeathsig(int sig);
 int pch_set_name(const char *name);
+int pch_set_child_subreaper(void);
 
 #endif

@@ -1,0 +1,92 @@
+"""The zygote: a lean process that forks every vCPU worker.
+
+The orchestrator has numpy, rich and psutil loaded; forking a thousand copies of it is slow and
+each copy soon owns megabytes of copied pages.  So the orchestrator execs this module in a fresh
+interpreter with only what a worker needs, and the zygote forks the workers from that small,
+frozen heap.  It then reaps them and reports each exit on a pipe, one line per worker:
+``vcpu pid wait-status``.  Workers die with the zygote, the zygote with the orchestrator
+(PR_SET_PDEATHSIG), and Ctrl-C is left to the orchestrator.
+
+Usage (by harness/run.py): ``python -m vcpu_workers.zygote`` with the plan as JSON on stdin.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import sys
+
+from postcopy_core import kernel
+from postcopy_core.content import ContentSpec
+from vcpu_workers.worker import WorkerPlan, worker_main
+
+
+def plan_to_json(plan: WorkerPlan, report_fd: int) -> str:
+    d = dict(plan.__dict__, spec=plan.spec.__dict__, report_fd=report_fd)
+    return json.dumps(d)
+
+
+def _plan_from_json(text: str) -> tuple[WorkerPlan, int]:
+    d = json.loads(text)
+    report_fd = d.pop("report_fd")
+    d["spec"] = ContentSpec(**d["spec"])
+    d["cpus"] = tuple(d["cpus"])
+    return WorkerPlan(**d), report_fd
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _worker(vcpu: int, plan: WorkerPlan) -> None:
+    """Right after fork: hygiene, then the worker; never returns."""
+    t_forked = kernel.now_ns()
+    code = 5
+    try:
+        kernel.die_with_parent()
+        kernel.set_process_name(f"pch-vcpu-{vcpu}")
+        _close_fds_except({plan.memfd, plan.start_fd, plan.results_fd})
+        code = worker_main(vcpu, plan, t_forked)
+    except BaseException as e:  # one line; the orchestrator fails the run on our exit status
+        try:
+            os.write(2, f"vcpu {vcpu}: {type(e).__name__}: {e}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(code)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kernel.die_with_parent()
+    kernel.set_process_name("pch-zygote")
+    plan, report_fd = _plan_from_json(sys.stdin.read())
+    gc.freeze()  # the GC would otherwise touch (and so copy) every object page in every worker
+    pids: dict[int, int] = {}
+    for vcpu in range(plan.nvcpus):
+        pid = os.fork()
+        if pid == 0:
+            _worker(vcpu, plan)
+        pids[pid] = vcpu
+    os.close(plan.start_fd)  # only workers hold the read end now: EOF reaches them alone
+    while pids:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        vcpu = pids.pop(pid, None)
+        if vcpu is not None:
+            os.write(report_fd, f"{vcpu} {pid} {status}\n".encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
