@@ -107,12 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_check(sub)
-    try:
-        from harness import replay
-    except ImportError:  # the replay engines are optional until installed
-        replay = None
-    if replay is not None and hasattr(replay, "add_parser"):
-        replay.add_parser(sub)
+    from harness import loadtest, replay
+
+    replay.add_parser(sub)
+    loadtest.add_parser(sub)
     return parser
 
 

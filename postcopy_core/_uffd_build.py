@@ -116,6 +116,15 @@ ffibuilder.cdef(
     };
     int pch_touch_run(struct pch_touch *t);
     uint64_t pch_now_ns(void);
+    struct pch_source {
+        int fd;
+        const uint8_t *image;
+        const uint8_t *zero;
+        uint8_t *sent;
+        uint64_t page_size, ram_size;
+        uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent;
+    };
+    int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
     int pch_set_pdeathsig(int sig);
     int pch_set_name(const char *name);
     int pch_set_child_subreaper(void);
@@ -175,7 +184,8 @@ ffibuilder.set_source(
     #include "pch.h"
     #include "dest.h"
     """,
-    sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c"), str(CSRC / "workloads.c")],
+    sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c"), str(CSRC / "workloads.c"),
+             str(CSRC / "source.c")],
     libraries=["m"],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -23,7 +23,9 @@ def console_script() -> str:
 # (argv, exit code, the one stderr line (exact), whether argparse prints its usage block first)
 CASES = {
     "vcpus": (["run", "--vcpus", "0"], 2, "postcopy-harness run: --vcpus 0: must be 1..4096", False),
-    "ram": (["run", "--ram", "12Q"], 2, "postcopy-harness run: error: argument --ram: invalid parse_size value: '12Q'",
+    "ram": (["run", "--ram", "12Q"], 2,
+            "postcopy-harness run: error: argument --ram: bad size '12Q': "
+            "use a number with an optional K/M/G suffix, e.g. 256M",
             True),
     "link": (["run", "--link", "fast"], 2,
              "postcopy-harness run: --link 'fast': bad bandwidth 'fast' (use e.g. 1gbit, 100mbit, 500MB)", False),

@@ -80,6 +80,18 @@ struct pch_touch {
 int pch_touch_run(struct pch_touch *t);
 uint64_t pch_now_ns(void);
 
+/* ---- the source's answer lane (source.c) ---- */
+struct pch_source {
+    int fd;                 /* the urgent channel */
+    const uint8_t *image;   /* guest RAM as the source holds it */
+    const uint8_t *zero;    /* per page: 1 = all zeros (sent as ZERO) */
+    uint8_t *sent;          /* per page: 1 once sent on either channel */
+    uint64_t page_size, ram_size;
+    uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent;
+};
+/* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno. */
+int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
+
 /* ---- process hygiene ---- */
 int pch_set_pdeathsig(int sig);
 int pch_set_name(const char *name);
