@@ -35,6 +35,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import abstract_address, accept_uffd, listen
+from postcopy_core.probe import free_huge_pages, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
@@ -91,9 +92,15 @@ class Run:
         cfg = self.cfg
         t_begin = time.monotonic()
         sweep_stale_segments()
+        raise_fd_limit(cfg.vcpus)  # the handler holds one uffd per vCPU
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)
         hugetlb = cfg.backing == "hugetlb"
+        if hugetlb:
+            free = free_huge_pages()
+            if free < cfg.npages:
+                raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
+                                f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
         try:
             self.ram = GuestRam(cfg.ram, hugetlb=hugetlb)
         except kernel.KernelError as e:

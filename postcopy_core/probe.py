@@ -47,6 +47,11 @@ def raise_fd_limit(vcpus: int) -> int:
     return soft
 
 
+def free_huge_pages() -> int:
+    """Free 2 MiB huge pages in the pool (what a hugetlbfs run can still map)."""
+    return int(_read(f"/sys/kernel/mm/hugepages/hugepages-{kernel.HUGE_PAGE_SIZE // 1024}kB/free_hugepages") or 0)
+
+
 def _try_register(hugetlb: bool) -> tuple[bool, str]:
     feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)
     size = kernel.HUGE_PAGE_SIZE if hugetlb else kernel.PAGE_SIZE * 4
@@ -101,7 +106,7 @@ def probe(vcpus: int = 4) -> list[Check]:
     checks.append(Check("shmem memfd + uffd", ok, detail))
 
     nr = _read("/proc/sys/vm/nr_hugepages") or "0"
-    free = _read(f"/sys/kernel/mm/hugepages/hugepages-{kernel.HUGE_PAGE_SIZE // 1024}kB/free_hugepages") or "0"
+    free = str(free_huge_pages())
     hint = "" if int(free) else " (reserve: echo N > /proc/sys/vm/nr_hugepages)"
     checks.append(Check("huge pages reserved / free", int(free) > 0,
                         f"{nr} / {free} of {kernel.HUGE_PAGE_SIZE >> 20} MiB{hint}", False))

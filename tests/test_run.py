@@ -116,3 +116,12 @@ def test_engines_track_the_workers_stall_clock(clean_machine):
     for stall, eng in zip(acc["vcpu-stall-ms"], acc["exact"]["vcpu-blocktime-ms"], strict=True):
         assert eng <= stall * 1.01 + 1.0
         assert eng >= 0.9 * stall
+
+
+def test_hugetlbfs_without_enough_free_pages_fails_up_front(hugepages, clean_machine):
+    hugepages(2)
+    cfg = RunConfig(vcpus=1, ram=16 << 20, backing="hugetlb").validate()
+    from harness.supervise import RunFailed
+
+    with pytest.raises(RunFailed, match="hugetlbfs needs 8 free huge pages for --ram 16M, 2 are free"):
+        execute(cfg)
