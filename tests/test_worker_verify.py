@@ -1,0 +1,67 @@
+"""The vCPU touch loop catches wrong content: a page filled with the wrong bytes is reported."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from postcopy_core import kernel
+from postcopy_core._uffd import ffi, lib
+from postcopy_core.content import ContentSpec, Image
+from vcpu_workers.workloads import order_buffer
+
+PS = kernel.PAGE_SIZE
+
+
+def touch(ram: kernel.Mapping, spec: ContentSpec):
+    order, n = order_buffer("random", 0, 1, spec.npages, seed=3)
+    lat = ffi.new("uint32_t[]", n)
+    pages = ffi.new("uint32_t[]", n)
+    verified = ffi.new("uint8_t[]", spec.npages)
+    t = ffi.new("struct pch_touch *")
+    t.base, t.page_size, t.npages, t.order, t.count = ram.addr, PS, spec.npages, order, n
+    t.seed, t.zero_permille, t.ref, t.verified = spec.seed, spec.zero_permille, ffi.NULL, verified
+    t.lat_ns, t.lat_page = lat, pages
+    assert lib.pch_touch_run(t) == 0
+    return t
+
+
+@pytest.fixture
+def ram():
+    spec = ContentSpec(PS, 16, seed=11, zero_permille=0)
+    fd = kernel.memfd_create("pch-test-verify")
+    os.ftruncate(fd, spec.size)
+    m = kernel.mmap_fd(fd, spec.size)
+    img = Image(spec)
+    m.buffer()[:] = img.mapping.buffer()  # every page right...
+    img.close()
+    yield spec, m
+    m.close()
+    os.close(fd)
+
+
+def test_right_content_passes(ram):
+    spec, m = ram
+    t = touch(m, spec)
+    assert t.mismatches == 0 and t.first_bad_page == -1
+    assert t.pages_checked == spec.npages
+    assert t.words_checked == spec.npages * (1 + PS // 8)
+
+
+@pytest.mark.parametrize("offset", [0, 8, PS - 8])
+def test_a_zero_filled_page_is_caught(ram, offset):
+    """What a lost handler would cause: the kernel fills a zero page."""
+    spec, m = ram
+    m.buffer(5 * PS, PS)[:] = bytes(PS)
+    t = touch(m, spec)
+    assert t.first_bad_page == 5
+    assert t.mismatches >= PS // 8  # every word of the page (plus the touched word itself)
+
+
+def test_one_flipped_byte_is_caught(ram):
+    spec, m = ram
+    b = m.buffer(9 * PS + 1234, 1)
+    b[0] = b[0] ^ 0xFF
+    t = touch(m, spec)
+    assert t.first_bad_page == 9 and t.mismatches == 1
