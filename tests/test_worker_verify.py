@@ -49,8 +49,7 @@ def test_right_content_passes(ram):
     assert t.words_checked == spec.npages * (1 + PS // 8)
 
 
-@pytest.mark.parametrize("offset", [0, 8, PS - 8])
-def test_a_zero_filled_page_is_caught(ram, offset):
+def test_a_zero_filled_page_is_caught(ram):
     """What a lost handler would cause: the kernel fills a zero page."""
     spec, m = ram
     m.buffer(5 * PS, PS)[:] = bytes(PS)
@@ -62,6 +61,6 @@ def test_a_zero_filled_page_is_caught(ram, offset):
 def test_one_flipped_byte_is_caught(ram):
     spec, m = ram
     b = m.buffer(9 * PS + 1234, 1)
-    b[0] = b[0] ^ 0xFF
+    b[:] = bytes([b[:][0] ^ 0xFF])
     t = touch(m, spec)
     assert t.first_bad_page == 9 and t.mismatches == 1
