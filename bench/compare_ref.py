@@ -41,6 +41,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from harness.config import ConfigError, RunConfig, parse_size  # noqa: E402
+from postcopy_core.probe import free_huge_pages  # noqa: E402
 
 PROG = "compare_ref"
 PATTERN = {"sequential": "seq", "shared": "same"}  # harness workload -> reference -p
@@ -251,18 +252,7 @@ def run_harness(args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ huge pages
 
 
-def hugepages_available() -> int:
-    """Huge pages a new mapping can still get (free and unreserved, plus overcommit headroom)."""
-    info = {}
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key.startswith("HugePages_"):
-                info[key] = int(rest.split()[0])
-    with open("/proc/sys/vm/nr_overcommit_hugepages", encoding="ascii") as f:
-        overcommit = int(f.read())
-    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
-    return free + max(0, overcommit - info.get("HugePages_Surp", 0))
+hugepages_available = free_huge_pages  # the harness's own count (postcopy_core.probe)
 
 
 @contextmanager

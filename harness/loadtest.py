@@ -121,23 +121,6 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def hugepages_available() -> int:
-    """Huge pages a new hugetlbfs mapping can still get: free and unreserved, plus overcommit headroom."""
-    info: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key.startswith("HugePages_"):
-                    info[key] = int(rest.split()[0])
-        with open("/proc/sys/vm/nr_overcommit_hugepages", encoding="ascii") as f:
-            overcommit = int(f.read())
-    except (OSError, ValueError):
-        return -1  # unknown: let the run find out
-    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
-    return free + max(0, overcommit - info.get("HugePages_Surp", 0))
-
-
 @contextmanager
 def _child_stderr() -> Iterator[list[str]]:
     """Collect what the run's processes write to fd 2 (children inherit it); yields the lines at exit.
@@ -172,11 +155,6 @@ def run_once(cfg: RunConfig) -> tuple[dict, list[str]]:
     from harness.supervise import RunFailed
     from postcopy_core.kernel import KernelError
 
-    if cfg.backing == "hugetlb":
-        have = hugepages_available()
-        if 0 <= have < cfg.npages:
-            return build_report(cfg, None, f"hugetlb needs {cfg.npages} free huge pages, {have} available "
-                                           f"(reserve them: echo N > /proc/sys/vm/nr_hugepages)"), []
     error: str | None = None
     raw = None
     with _child_stderr() as said:

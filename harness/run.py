@@ -98,7 +98,7 @@ class Run:
         hugetlb = cfg.backing == "hugetlb"
         if hugetlb:
             free = free_huge_pages()
-            if free < cfg.npages:
+            if 0 <= free < cfg.npages:
                 raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
                                 f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
         try:

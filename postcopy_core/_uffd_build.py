@@ -1,9 +1,11 @@
 """cffi (API mode) build script for postcopy_core._uffd, the kernel interface.
 
-Declarations are grouped by header; the C helpers they call live in csrc/pch.c.  Built at install
+Kernel constants are declared here, grouped by header; our own functions and structs are read from
+csrc/*.h (written once, there); their code is csrc/*.c.  Built at install
 time through setuptools' ``cffi_modules`` (see setup.py).
 """
 
+import re
 from pathlib import Path
 
 from cffi import FFI
@@ -12,6 +14,16 @@ from cffi import FFI
 CSRC = Path("postcopy_core") / "csrc"
 
 ffibuilder = FFI()
+
+
+def header_declarations(path: Path) -> str:
+    """A header as cffi's cdef reads it: no preprocessor lines (integer #defines stay), and
+    without the blocks marked ``/* cffi: skip (C only) { */ ... /* } cffi: skip */``."""
+    text = re.sub(r"/\* cffi: skip.*?\{ \*/.*?/\* \} cffi: skip \*/", "", path.read_text(), flags=re.S)
+    keep = [line for line in text.splitlines()
+            if not line.startswith("#") or re.match(r"#define [A-Z_]+ +-?\d+\b", line)]
+    return "\n".join(keep)
+
 
 # <linux/userfaultfd.h>: the constants we negotiate and register with.
 ffibuilder.cdef(
@@ -54,125 +66,8 @@ ffibuilder.cdef(
     """
 )
 
-# csrc/pch.h: thin wrappers (return -errno) and the tight loops.
-ffibuilder.cdef(
-    """
-    int pch_userfaultfd(int flags);
-    int pch_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
-    int pch_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
-    int pch_uffd_unregister(int fd, uint64_t start, uint64_t len);
-    int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode);
-    int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
-    int pch_uffd_wake(int fd, uint64_t start, uint64_t len);
-    int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
-                             uint32_t *other_events);
-
-    int pch_memfd_create(const char *name, unsigned int flags);
-    int pch_eventfd(unsigned int initval, int flags);
-    int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out);
-    int pch_munmap(uint64_t addr, uint64_t len);
-    int pch_punch_hole(int fd, uint64_t off, uint64_t len);
-
-    int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille);
-    void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t npages,
-                        uint64_t page_size, uint32_t zero_permille);
-    uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
-                            uint32_t zero_permille, const uint8_t *ref);
-
-    uint64_t pch_order_length(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages);
-    int64_t pch_make_order(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages, uint64_t seed,
-                           uint32_t *out);
-    void pch_make_writes(uint8_t *out, uint64_t n, double ratio, uint64_t seed, uint32_t vcpu);
-    struct pch_worker_result {
-        int64_t vcpu, pid, state;
-        uint64_t accesses, faulting, stall_ns, max_ns, all_ns, pages_checked, words_checked, mismatches;
-        int64_t first_bad_page;
-        uint64_t t_start, t_end, t_forked, t_ready;
-    };
-
-    struct pch_touch {
-        uint64_t base;
-        uint64_t page_size;
-        uint64_t npages;
-        const uint32_t *order;
-        uint64_t count;
-        const uint8_t *is_write;
-        uint64_t seed;
-        uint32_t zero_permille;
-        const uint8_t *ref;
-        uint8_t *verified;
-        uint64_t min_fault_ns;
-        uint32_t *lat_ns;
-        uint32_t *lat_page;
-        uint64_t n_faulting;
-        uint64_t stall_ns;
-        uint64_t max_ns;
-        uint64_t all_ns;
-        uint64_t pages_checked;
-        uint64_t words_checked;
-        uint64_t mismatches;
-        int64_t first_bad_page;
-        uint64_t t_start, t_end;
-    };
-    int pch_touch_run(struct pch_touch *t);
-    uint64_t pch_now_ns(void);
-    struct pch_source {
-        int fd;
-        const uint8_t *image;
-        const uint8_t *zero;
-        uint8_t *sent;
-        uint64_t page_size, ram_size;
-        uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent;
-    };
-    int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
-    int pch_set_pdeathsig(int sig);
-    int pch_set_name(const char *name);
-    int pch_set_child_subreaper(void);
-    """
-)
-
-# csrc/dest.h: the destination's per-fault and per-page work.
-ffibuilder.cdef(
-    """
-    struct pch_port {
-        int fd;
-        int alive;
-        int32_t vcpu;
-        uint32_t pid;
-        uint64_t base;
-        uint32_t other_events;
-    };
-    struct pch_dest_stats {
-        uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
-        uint64_t placed, placed_urgent, placed_background, placed_zero, duplicates, wakes;
-        uint64_t copy_eexist, dead_ports, eos, frames;
-    };
-    struct pch_dest;
-    struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *received,
-                                  struct pch_port *ports, int nports, struct pch_port *carrier,
-                                  const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
-                                  int hugetlb, uint64_t zero_page, int wake_all, const char *idstr);
-    void pch_dest_free(struct pch_dest *d);
-    int pch_dest_on_uffd(struct pch_dest *d, int port);
-    int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int urgent_channel);
-    const uint8_t *pch_dest_requests(struct pch_dest *d, uint64_t *len);
-    const uint8_t *pch_dest_events(struct pch_dest *d, uint64_t *len);
-    void pch_dest_clear_requests(struct pch_dest *d);
-    void pch_dest_clear_events(struct pch_dest *d);
-    const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d);
-    const char *pch_dest_error(struct pch_dest *d);
-    #define PCH_RUN_AGAIN ...
-    #define PCH_RUN_QUIT ...
-    #define PCH_RUN_EOF ...
-    struct pch_dest_loop {
-        int epfd, quit_fd, stream_fd, urgent_fd;
-        const int32_t *port_of_fd;
-        int nfds;
-        int64_t idle_ns;
-    };
-    int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms);
-    """
-)
+# csrc/*.h: our own declarations, read from the headers so they are written once.
+ffibuilder.cdef(header_declarations(CSRC / "pch.h") + header_declarations(CSRC / "dest.h"))
 
 ffibuilder.set_source(
     "postcopy_core._uffd",

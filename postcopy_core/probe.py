@@ -48,8 +48,21 @@ def raise_fd_limit(vcpus: int) -> int:
 
 
 def free_huge_pages() -> int:
-    """Free 2 MiB huge pages in the pool (what a hugetlbfs run can still map)."""
-    return int(_read(f"/sys/kernel/mm/hugepages/hugepages-{kernel.HUGE_PAGE_SIZE // 1024}kB/free_hugepages") or 0)
+    """Huge pages a new hugetlbfs mapping can still get: free and unreserved, plus overcommit
+    headroom; -1 when the kernel does not say."""
+    info: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key.startswith("HugePages_"):
+                    info[key] = int(rest.split()[0])
+        with open("/proc/sys/vm/nr_overcommit_hugepages", encoding="ascii") as f:
+            overcommit = int(f.read())
+    except (OSError, ValueError):
+        return -1
+    free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
+    return free + max(0, overcommit - info.get("HugePages_Surp", 0))
 
 
 def _try_register(hugetlb: bool) -> tuple[bool, str]:
@@ -106,7 +119,7 @@ def probe(vcpus: int = 4) -> list[Check]:
     checks.append(Check("shmem memfd + uffd", ok, detail))
 
     nr = _read("/proc/sys/vm/nr_hugepages") or "0"
-    free = str(free_huge_pages())
+    free = str(max(0, free_huge_pages()))
     hint = "" if int(free) else " (reserve: echo N > /proc/sys/vm/nr_hugepages)"
     checks.append(Check("huge pages reserved / free", int(free) > 0,
                         f"{nr} / {free} of {kernel.HUGE_PAGE_SIZE >> 20} MiB{hint}", False))

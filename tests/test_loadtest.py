@@ -95,7 +95,9 @@ def test_repeat_and_wake_policies(tmp_path, clean_machine):
 @requires_uffd
 def test_hugetlb_without_huge_pages_is_a_failed_row(tmp_path, monkeypatch, capsys, clean_machine):
     # as if vm.nr_hugepages were 0, whatever other tests on this machine have reserved right now
-    monkeypatch.setattr(loadtest, "hugepages_available", lambda: 0)
+    from harness import run as run_module
+
+    monkeypatch.setattr(run_module, "free_huge_pages", lambda: 0)
     code, rows, doc = sweep(tmp_path, ["--vcpus", "1", "--workload", "sequential", "--ram", "8M",
                                        "--backing", "shmem,hugetlb"])
     assert code == 1
@@ -111,10 +113,13 @@ def test_hugetlb_without_huge_pages_is_a_failed_row(tmp_path, monkeypatch, capsy
 @pytest.mark.kernel
 @requires_uffd
 def test_a_run_that_dies_names_the_cause(tmp_path, monkeypatch, capsys, clean_machine):
-    """Past the huge page pre-check, the dying worker's own stderr line ends up in the row."""
-    if loadtest.hugepages_available() >= (4 << 20) // (2 << 20):
+    """Past the run's huge page pre-check, the dying process's own stderr line ends up in the row."""
+    from harness import run as run_module
+    from postcopy_core.probe import free_huge_pages
+
+    if free_huge_pages() >= (4 << 20) // (2 << 20):
         pytest.skip("huge pages are available here: the run would not fail")
-    monkeypatch.setattr(loadtest, "hugepages_available", lambda: -1)
+    monkeypatch.setattr(run_module, "free_huge_pages", lambda: -1)
     code, rows, _ = sweep(tmp_path, ["--vcpus", "1", "--workload", "sequential", "--ram", "4M",
                                      "--backing", "hugetlb"])
     assert code == 1 and rows[0]["status"] == "failed"

@@ -22,6 +22,7 @@ struct pch_port {
     uint32_t other_events;
 };
 
+/* cffi: skip (C only) { */
 /* one record per fault and per placed page: the accounting engines' input (little endian) */
 struct __attribute__((packed)) pch_event {
     int64_t t_ns;
@@ -31,6 +32,7 @@ struct __attribute__((packed)) pch_event {
     uint8_t kind;      /* 'F' fault, 'P' placed */
     uint8_t flag;      /* F: page already received; P: zero page */
 };
+/* } cffi: skip */
 
 struct pch_dest_stats {
     uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
