@@ -97,7 +97,8 @@ def plan(args: argparse.Namespace) -> tuple[list[Point], dict, dict]:
     policies = parse_list(args.wake_policy, "--wake-policy")
     if args.repeat < 1:
         raise SweepError(f"--repeat {args.repeat}: must be at least 1")
-    common = dict(ram=ram, link=args.link, seed=args.seed, background=args.background, timeout=args.timeout)
+    common = dict(ram=ram, link=args.link, seed=args.seed, background=args.background, timeout=args.timeout,
+                  pin=args.pin)
     points = [Point(b, w, p, n) for b, w, p, n in product(backings, workloads, policies, vcpus)]
     for pt in points:
         try:
@@ -302,6 +303,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma list from {','.join(WAKE_POLICIES)} (default {d.wake_policy})")
     p.add_argument("--ram", default="256M", help="guest RAM size of every point, K/M/G suffixes (default 256M)")
     p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
+    p.add_argument("--pin", action="store_true",
+                   help="handler and source on CPU 0, vCPU workers on CPU 1 (as the C reference's -A)")
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="pure demand paging: only requested pages move until the workload ends")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per point; rows show medians (default 1)")
@@ -334,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"{PROG}: {e}")
         return 2
 
-    sweep = dict(**lists, ram=common["ram"], link=args.link, background=args.background, repeat=args.repeat,
+    sweep = dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
+                 repeat=args.repeat,
                  seed=args.seed, argv=sys.argv[1:])
     rows: list[dict] = []
     points_json: list[dict] = []
