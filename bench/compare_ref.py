@@ -105,6 +105,12 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], int, Path]:
             raise BenchError(f"{n} vCPUs: {e}") from None
         if args.workload == "sequential" and cfg.npages % n:
             raise BenchError(f"--vcpus {n}: the reference needs the {cfg.npages} pages to split evenly")
+    if args.pin:
+        have = os.sched_getaffinity(0)
+        if not {SERVICE_CPU, VCPU_CPU} <= have:
+            raise BenchError(f"--pin needs CPUs {SERVICE_CPU} and {VCPU_CPU}; this process may use {sorted(have)}")
+    if args.reserve_hugepages and args.backing != "hugetlb":
+        raise BenchError("--reserve-hugepages is for --backing hugetlb")
     shared = Path(args.shared) if args.shared else REPO.parent / "shared"
     src = shared / "bench" / "uffd_ref.c"
     if not src.is_file():
@@ -114,12 +120,6 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], int, Path]:
         raise BenchError(f"--vcpus {max(vcpus)}: the reference takes at most {limits['MAXN']} workers")
     if args.rounds > limits.get("MAXR", args.rounds):
         raise BenchError(f"--rounds {args.rounds}: the reference takes at most {limits['MAXR']}")
-    if args.pin:
-        have = os.sched_getaffinity(0)
-        if not {SERVICE_CPU, VCPU_CPU} <= have:
-            raise BenchError(f"--pin needs CPUs {SERVICE_CPU} and {VCPU_CPU}; this process may use {sorted(have)}")
-    if args.reserve_hugepages and args.backing != "hugetlb":
-        raise BenchError("--reserve-hugepages is for --backing hugetlb")
     return vcpus, ram, src
 
 
