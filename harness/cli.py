@@ -73,7 +73,7 @@ def _run(args) -> int:
         raw = execute(cfg)
     except KeyboardInterrupt:
         error = "interrupted"
-    except (RunFailed, KernelError, OSError, ValueError) as e:
+    except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
         error = str(e)
     rep = build_report(cfg, raw, error)
     if args.json:

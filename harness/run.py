@@ -35,7 +35,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import abstract_address, accept_uffd, listen
-from postcopy_core.probe import free_huge_pages, raise_fd_limit
+from postcopy_core.probe import free_huge_pages, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
@@ -92,6 +92,7 @@ class Run:
         cfg = self.cfg
         t_begin = time.monotonic()
         sweep_stale_segments()
+        preflight(cfg.backing == "hugetlb")
         raise_fd_limit(cfg.vcpus)  # the handler holds one uffd per vCPU
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)

@@ -65,6 +65,15 @@ def free_huge_pages() -> int:
     return free + max(0, overcommit - info.get("HugePages_Surp", 0))
 
 
+def preflight(hugetlb: bool) -> None:
+    """Fail fast, in one line, when this host cannot run postcopy at all (before any process starts)."""
+    feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)
+    try:
+        kernel.Uffd.open(feats).close()
+    except kernel.KernelError as e:
+        raise RuntimeError(f"this host cannot run postcopy: {e} (see: postcopy-harness check)") from None
+
+
 def _try_register(hugetlb: bool) -> tuple[bool, str]:
     feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)
     size = kernel.HUGE_PAGE_SIZE if hugetlb else kernel.PAGE_SIZE * 4

@@ -125,3 +125,17 @@ def test_hugetlbfs_without_enough_free_pages_fails_up_front(hugepages, clean_mac
 
     with pytest.raises(RunFailed, match="hugetlbfs needs 8 free huge pages for --ram 16M, 2 are free"):
         execute(cfg)
+
+
+def test_host_without_userfaultfd_fails_in_one_line_before_starting_anything(monkeypatch, clean_machine):
+    """As on a host where userfaultfd is denied (EPERM): one line that points at `check`."""
+    import errno
+
+    from postcopy_core import kernel, probe
+
+    def denied(features):
+        raise kernel.KernelError("userfaultfd", errno.EPERM)
+
+    monkeypatch.setattr(probe.kernel.Uffd, "open", staticmethod(denied))
+    with pytest.raises(RuntimeError, match=r"this host cannot run postcopy: userfaultfd failed: EPERM .*check"):
+        execute(RunConfig(vcpus=1, ram=1 << 20).validate())
