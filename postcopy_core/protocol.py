@@ -197,6 +197,9 @@ class Frame:
 class FrameReader:
     """Reassembles page-stream frames from a non-blocking socket into one fixed buffer.
 
+    The reference decoder of the page stream, in Python: tools and tests use it, and the tests hold
+    the destination's own decoder (csrc/dest.c, ``pch_dest_on_data``) to the same verdicts.
+
     The buffer never moves (the destination hands pointers into it straight to UFFDIO_COPY), so
     it is a bytearray of fixed capacity with the unread bytes in [start, end); it is compacted
     only when a frame does not fit behind ``end``.
