@@ -58,12 +58,6 @@ class Image:
         ps = self.spec.page_size
         return memoryview(self.mapping.buffer(page * ps, ps))
 
-    def page_is_zero(self, page: int) -> bool:
-        """Whether the page is all zeros (generated: from the seed; files: by looking)."""
-        if self.spec.image is None:
-            return self.spec.is_zero(page)
-        return not any(self.page(page))
-
     def close(self) -> None:
         self.mapping.close()
 

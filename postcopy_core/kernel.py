@@ -125,36 +125,17 @@ class Uffd:
     def wake(self, addr: int, length: int) -> None:
         _check(lib.pch_uffd_wake(self.fd, addr, length), "UFFDIO_WAKE", f"range {addr:#x}+{length:#x}")
 
-    def read_raw(self, max_msgs: int = 128) -> int:
-        """Read up to ``max_msgs`` faults into this object's buffers (:attr:`fault_addr` etc.).
+    def read(self, max_msgs: int = 128) -> list[Fault]:
+        """Read up to ``max_msgs`` queued faults (one read(2) call).
 
-        Returns how many; 0 when nothing was queued (poll() can report a uffd readable that
-        another reader already drained).
+        An empty list when nothing was queued: poll() can report a uffd readable that another
+        reader already drained.  (The fault handler reads in C, csrc/dest.c; this is for tools
+        and tests.)
         """
-        return _check(
+        n = _check(
             lib.pch_uffd_read_faults(self.fd, self._addr, self._flags, self._ptid, max_msgs, self._other),
             "read(userfaultfd)",
         )
-
-    @property
-    def fault_addr(self):
-        return self._addr
-
-    @property
-    def fault_ptid(self):
-        return self._ptid
-
-    @property
-    def fault_flags(self):
-        return self._flags
-
-    @property
-    def other_events(self) -> int:
-        return self._other[0]
-
-    def read(self, max_msgs: int = 128) -> list[Fault]:
-        """Read queued faults as objects (convenient; the fault handler uses :meth:`read_raw`)."""
-        n = self.read_raw(max_msgs)
         return [Fault(self._addr[i], self._flags[i], self._ptid[i]) for i in range(n)]
 
     def close(self) -> None:
@@ -175,11 +156,6 @@ def memfd_create(name: str, hugetlb: bool = False) -> int:
 def eventfd(initval: int = 0, nonblock: bool = True) -> int:
     flags = lib.EFD_CLOEXEC | (lib.EFD_NONBLOCK if nonblock else 0)
     return _check(lib.pch_eventfd(initval, flags), "eventfd")
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Drop pages from a memfd (they become 'missing' again for every mapping)."""
-    _check(lib.pch_punch_hole(fd, offset, length), "fallocate(PUNCH_HOLE)")
 
 
 class Mapping:

@@ -29,7 +29,6 @@ MAGIC = b"PCHS"
 RP_SHUT = 1
 RP_REQ_PAGES_ID = 3
 RP_REQ_PAGES = 4
-RP_NAMES = {RP_SHUT: "SHUT", RP_REQ_PAGES_ID: "REQ_PAGES_ID", RP_REQ_PAGES: "REQ_PAGES"}
 
 # page stream message types and flags
 MSG_HELLO = 1
@@ -45,7 +44,6 @@ REQ = struct.Struct(">QI")
 SHUT = struct.Struct(">I")
 HDR = struct.Struct(">BBHIQ")
 HELLO = struct.Struct(">4sHIQB")
-MAX_COUNT = 0xFFFF
 MAX_HELLO = HELLO.size + 255
 
 

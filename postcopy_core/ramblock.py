@@ -38,9 +38,6 @@ class GuestRam:
     def npages(self) -> int:
         return self.size // self.page_size
 
-    def map(self) -> kernel.Mapping:
-        return kernel.mmap_fd(self.fd, self.size)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -142,3 +142,21 @@ def test_eventfd_and_hugetlb_memfd():
     # creating a hugetlbfs memfd needs no reserved pages; mapping it does
     hfd = kernel.memfd_create("pch-test-huge", hugetlb=True)
     os.close(hfd)
+
+
+def test_unregister_ends_missing_faults_for_the_range():
+    """After UNREGISTER the range faults normally (zero-filled by shmem), so COPY has nothing to do."""
+    fd, m = shmem(2)
+    u = kernel.Uffd.open(FEATS)
+    try:
+        u.register(m.addr, m.length)
+        u.unregister(m.addr, m.length)
+        assert bytes(m.buffer(0, 8)) == bytes(8)  # would block forever if still registered
+        with pytest.raises(kernel.KernelError) as ei:
+            u.copy(m.addr, m.addr + PS, PS)  # not registered any more
+        assert "UFFDIO_COPY" in str(ei.value)
+        assert u.read() == []
+    finally:
+        u.close()
+        m.close()
+        os.close(fd)

@@ -4,7 +4,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/falloc.h>
 #include <linux/userfaultfd.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -161,11 +160,6 @@ int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *
 int pch_munmap(uint64_t addr, uint64_t len)
 {
     return munmap((void *)(uintptr_t)addr, len) ? -errno : 0;
-}
-
-int pch_punch_hole(int fd, uint64_t off, uint64_t len)
-{
-    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) ? -errno : 0;
 }
 
 /* ---- content ---- */

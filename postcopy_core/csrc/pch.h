@@ -28,7 +28,6 @@ int pch_memfd_create(const char *name, unsigned int flags);
 int pch_eventfd(unsigned int initval, int flags);
 int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out);
 int pch_munmap(uint64_t addr, uint64_t len);
-int pch_punch_hole(int fd, uint64_t off, uint64_t len);
 
 /* ---- guest RAM content: deterministic per page from a seed ---- */
 int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille);
