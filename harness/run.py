@@ -62,7 +62,6 @@ class Run:
         self.area: R.ResultsArea | None = None
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
-        self.roles: dict[str, int] = {}
 
     # ------------------------------------------------------------ setup helpers
 
@@ -163,8 +162,8 @@ class Run:
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy))
 
-        self.roles["source"] = self.children.spawn("source", src_keep, source_body, self._cpus(0))
-        self.roles["handler"] = self.children.spawn("fault", dst_keep, dest_body, self._cpus(0))
+        self.children.spawn("source", src_keep, source_body, self._cpus(0))
+        self.children.spawn("fault", dst_keep, dest_body, self._cpus(0))
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
