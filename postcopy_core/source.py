@@ -48,6 +48,8 @@ class Source:
         # per page, 1 byte each: which pages go as ZERO messages, which were sent (bytes index fast)
         self.zero = (~words.any(axis=1)).astype(np.uint8).tobytes()
         self.sent = bytearray(spec.npages)
+        self._rest = ffi.new("uint8_t[]", 1 << 16)  # what the C serve loop hands back to the parser
+        self._rest_len = ffi.new("uint64_t *")
         # the C answer lane shares these maps and counts into its own struct (merged in run())
         self.fast = ffi.new("struct pch_source *", dict(
             fd=urgent.fileno(), image=self.image.pointer(), zero=ffi.from_buffer(self.zero),
@@ -151,12 +153,28 @@ class Source:
 
     # -- the loop
 
-    def _read_requests(self) -> bool:
-        """Drain the return path; False at EOF or SHUT."""
-        try:
-            data = self.stream.recv(1 << 16)
-        except BlockingIOError:
-            return True
+    def _serve_in_c(self) -> bool | None:
+        """Demand-only phase: let C serve plain requests until something needs Python.
+
+        Returns None when the control socket has a command, else what :meth:`_read_requests` says.
+        """
+        rc = lib.pch_source_serve(self.fast, self.stream.fileno(), self.control.fileno(), self._rest,
+                                  len(self._rest), self._rest_len)
+        if rc < 0:
+            raise OSError(-rc, f"serving page requests: {os.strerror(-rc)}")
+        if rc == lib.PCH_SERVE_CONTROL:
+            return None
+        if rc == lib.PCH_SERVE_EOF:
+            return False
+        return self._read_requests(bytes(ffi.buffer(self._rest, self._rest_len[0])))
+
+    def _read_requests(self, data: bytes | None = None) -> bool:
+        """Drain the return path (or take ``data`` already read from it); False at EOF or SHUT."""
+        if data is None:
+            try:
+                data = self.stream.recv(1 << 16)
+            except BlockingIOError:
+                return True
         if not data:
             return False
         if self.link.unlimited and self.rp.idstr is not None and not self.rp.buf:
@@ -202,6 +220,13 @@ class Source:
                     self._deliver(time.monotonic_ns())
             urgent_done = not self.out_urgent.q or self.out_urgent.flush()
             stream_done = not self.out_stream.q or self.out_stream.flush()
+            if (not modelled and not streaming and urgent_done and stream_done and self.rp.idstr is not None
+                    and not self.rp.buf):
+                served = self._serve_in_c()  # the demand-only hot path, until a command or an odd message
+                if served is False:
+                    break
+                if served is True:
+                    continue
             timeout = None
             if modelled and (self.in_flight or self.requests or self.link_free > time.monotonic_ns()):
                 nxt = [t for t in (self.in_flight[0][0] if self.in_flight else None,

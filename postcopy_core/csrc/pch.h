@@ -90,6 +90,11 @@ struct pch_source {
 };
 /* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno. */
 int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
+#define PCH_SERVE_CONTROL 0
+#define PCH_SERVE_REST 1
+#define PCH_SERVE_EOF 2
+/* Serves plain requests in C until the control socket speaks or a message needs the Python parser. */
+int pch_source_serve(struct pch_source *s, int rp_fd, int ctl_fd, uint8_t *rest, uint64_t cap, uint64_t *rest_len);
 
 /* ---- process hygiene ---- */
 int pch_set_pdeathsig(int sig);

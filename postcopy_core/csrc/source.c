@@ -110,3 +110,44 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
     }
     return (int64_t)pos;
 }
+
+/* Serve the return path in C while there is nothing else to do (no background stream): poll the
+ * return path and the control socket, answer plain REQ_PAGES runs.  Returns
+ *   PCH_SERVE_CONTROL  the control socket is readable (Python reads the command)
+ *   PCH_SERVE_REST     bytes the lane does not take (a partial or other message) are in rest[0..*rest_len)
+ *   PCH_SERVE_EOF      the destination closed the return path
+ * or -errno. */
+int pch_source_serve(struct pch_source *s, int rp_fd, int ctl_fd, uint8_t *rest, uint64_t cap, uint64_t *rest_len)
+{
+    uint8_t buf[1 << 16];
+    if (cap < sizeof buf)
+        return -EINVAL;
+    for (;;) {
+        struct pollfd p[2] = { { rp_fd, POLLIN, 0 }, { ctl_fd, POLLIN, 0 } };
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (p[1].revents)
+            return PCH_SERVE_CONTROL;
+        if (!p[0].revents)
+            continue;
+        ssize_t n = recv(rp_fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return PCH_SERVE_EOF;
+        int64_t used = pch_source_answer(s, buf, (uint64_t)n);
+        if (used < 0)
+            return (int)used;
+        if (used < n) {
+            *rest_len = (uint64_t)(n - used);
+            memcpy(rest, buf + used, *rest_len);
+            return PCH_SERVE_REST;
+        }
+    }
+}
