@@ -139,3 +139,12 @@ def test_host_without_userfaultfd_fails_in_one_line_before_starting_anything(mon
     monkeypatch.setattr(probe.kernel.Uffd, "open", staticmethod(denied))
     with pytest.raises(RuntimeError, match=r"this host cannot run postcopy: userfaultfd failed: EPERM .*check"):
         execute(RunConfig(vcpus=1, ram=1 << 20).validate())
+
+
+def test_urgent_pages_are_not_stuck_behind_the_background_stream(clean_machine):
+    """While the source streams RAM in the background, faulting vCPUs still get their pages on the
+    urgent channel: they keep running (many requests served), not wait for the whole stream."""
+    rep = run(vcpus=2, ram=128 << 20, workload="random")
+    assert rep["pages"]["background"] > 0
+    assert rep["pages"]["requested"] >= 20  # stuck behind the stream, each vCPU would get ~1
+    assert rep["latency-us"]["p50"] / 1e6 < rep["duration-s"]["postcopy"] / 4

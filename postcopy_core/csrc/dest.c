@@ -31,6 +31,7 @@ struct waiter { int32_t port, next; };
 /* a page channel's receive buffer: unread bytes in [start, end) */
 struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
 #define RX_CAP (8u << 20)      /* the largest frame (a 2 MiB huge page) several times over */
+#define RX_TURN (256u << 10)   /* bytes read from a channel per loop turn */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
 
 struct pch_dest {
@@ -462,7 +463,9 @@ void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
 const char *pch_dest_error(struct pch_dest *d) { return d->err; }
 
-/* Receive what a channel has and place every complete frame; PCH_RUN_EOF at EOF. */
+/* Receive once from a channel (at most RX_TURN bytes) and place every complete frame; PCH_RUN_EOF
+ * at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
+ * the urgent channel and the uffds (epoll is level-triggered, so the rest comes next turn). */
 static int on_channel(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
@@ -471,29 +474,27 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
         r->cap = RX_CAP;
     }
-    for (;;) {
-        if (r->cap - r->end < (64u << 10) && r->start) { /* keep the partial frame, at the front */
-            memmove(r->buf, r->buf + r->start, r->end - r->start);
-            r->end -= r->start;
-            r->start = 0;
-        }
-        if (r->end == r->cap)
-            return fail(d, -EPROTO, "page stream: a frame larger than the receive buffer");
-        ssize_t got = recv(fd, r->buf + r->end, r->cap - r->end, MSG_DONTWAIT);
-        if (got < 0)
-            return errno == EAGAIN || errno == EINTR ? 0 : fail(d, -errno, "recv(page channel): %s", strerror(errno));
-        if (got == 0)
-            return PCH_RUN_EOF;
-        r->end += (uint64_t)got;
-        int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
-        if (used < 0)
-            return (int)used;
-        r->start += (uint64_t)used;
-        if (r->start == r->end)
-            r->start = r->end = 0;
-        if ((uint64_t)got < (64u << 10))
-            return 0; /* drained for now */
+    if (r->cap - r->end < RX_TURN && r->start) { /* keep the partial frame, at the front */
+        memmove(r->buf, r->buf + r->start, r->end - r->start);
+        r->end -= r->start;
+        r->start = 0;
     }
+    if (r->end == r->cap)
+        return fail(d, -EPROTO, "page stream: a frame larger than the receive buffer");
+    uint64_t room = r->cap - r->end < RX_TURN ? r->cap - r->end : RX_TURN;
+    ssize_t got = recv(fd, r->buf + r->end, room, MSG_DONTWAIT);
+    if (got < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : fail(d, -errno, "recv(page channel): %s", strerror(errno));
+    if (got == 0)
+        return PCH_RUN_EOF;
+    r->end += (uint64_t)got;
+    int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
+    if (used < 0)
+        return (int)used;
+    r->start += (uint64_t)used;
+    if (r->start == r->end)
+        r->start = r->end = 0;
+    return 0;
 }
 
 static int send_requests(struct pch_dest *d, int fd)
