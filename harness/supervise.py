@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from postcopy_core.child import run_child
+
 
 class RunFailed(RuntimeError):
     """The run cannot complete; the message is one line for the user."""
@@ -24,18 +26,6 @@ def describe_status(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def close_fds_except(keep: set[int]) -> None:
-    """Close every fd of this process not in ``keep`` (0, 1, 2 are always kept)."""
-    keep = keep | {0, 1, 2}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 @dataclass
 class Children:
     """The processes of one run, by role."""
@@ -46,27 +36,8 @@ class Children:
     def spawn(self, role: str, keep: set[int], body: Callable[[], int], cpus: tuple[int, ...] = ()) -> int:
         """Fork a child that runs ``body`` with only ``keep`` fds open (on ``cpus``), then _exits."""
         pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                from postcopy_core import kernel
-
-                kernel.die_with_parent()
-                kernel.set_process_name(f"pch-{role}")
-                close_fds_except(keep)
-                if cpus:
-                    os.sched_setaffinity(0, cpus)
-                code = body()
-            except BaseException as e:
-                try:
-                    os.write(2, f"{role}: {type(e).__name__}: {e}\n".encode())
-                except OSError:
-                    pass
-                code = 5
-            finally:
-                os._exit(code)
+        if pid == 0:
+            run_child(f"pch-{role}", role, keep, body, cpus)
         self.roles[pid] = role
         return pid
 

@@ -42,8 +42,6 @@ class WorkerPlan:
 
 def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     """Body of worker ``vcpu``; returns the exit code."""
-    if plan.cpus:
-        os.sched_setaffinity(0, plan.cpus)
     slot = R.WorkerSlot(plan.results_fd, plan.nvcpus, plan.capacity, vcpu)
     rec = slot.result
     rec.vcpu, rec.pid, rec.t_forked = vcpu, os.getpid(), t_forked

@@ -17,8 +17,10 @@ import json
 import os
 import signal
 import sys
+from functools import partial
 
 from postcopy_core import kernel
+from postcopy_core.child import run_child
 from postcopy_core.content import ContentSpec
 from vcpu_workers.worker import WorkerPlan, worker_main
 
@@ -36,34 +38,6 @@ def _plan_from_json(text: str) -> tuple[WorkerPlan, int]:
     return WorkerPlan(**d), report_fd
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _worker(vcpu: int, plan: WorkerPlan) -> None:
-    """Right after fork: hygiene, then the worker; never returns."""
-    t_forked = kernel.now_ns()
-    code = 5
-    try:
-        kernel.die_with_parent()
-        kernel.set_process_name(f"pch-vcpu-{vcpu}")
-        _close_fds_except({plan.memfd, plan.start_fd, plan.results_fd})
-        code = worker_main(vcpu, plan, t_forked)
-    except BaseException as e:  # one line; the orchestrator fails the run on our exit status
-        try:
-            os.write(2, f"vcpu {vcpu}: {type(e).__name__}: {e}\n".encode())
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
-
-
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kernel.die_with_parent()
@@ -74,7 +48,9 @@ def main() -> int:
     for vcpu in range(plan.nvcpus):
         pid = os.fork()
         if pid == 0:
-            _worker(vcpu, plan)
+            t_forked = kernel.now_ns()
+            run_child(f"pch-vcpu-{vcpu}", f"vcpu {vcpu}", {plan.memfd, plan.start_fd, plan.results_fd},
+                      partial(worker_main, vcpu, plan, t_forked), plan.cpus)
         pids[pid] = vcpu
     os.close(plan.start_fd)  # only workers hold the read end now: EOF reaches them alone
     while pids:
