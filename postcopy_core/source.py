@@ -188,17 +188,9 @@ class Source:
         requests = self.rp.feed(data)  # anything else: the full parser, with its exact errors
         self.stats["requests"] += len(requests)
         ps = self.spec.page_size
-        if self.link.unlimited:
-            for req in requests:
-                msgs = [m for p, n in self._runs(req.offset // ps, req.length // ps, self.chunk)
-                        for m in self._pages_message(p, n, True)]
-                self._emit(msgs, True, time.monotonic_ns())
-                if not msgs:
-                    self.stats["requested_already_sent"] += 1
-        else:
-            ready = time.monotonic_ns() + self.link.latency_ns  # the request's own trip over the link
-            for req in requests:
-                self.requests.append((ready, req.offset // ps, req.length // ps))
+        ready = time.monotonic_ns() + self.link.latency_ns  # the request's own trip over the link
+        for req in requests:  # sent by _schedule, urgent first
+            self.requests.append((ready, req.offset // ps, req.length // ps))
         return self.rp.shut is None
 
     def run(self) -> dict:
