@@ -67,9 +67,6 @@ class ReceivedMap:
     def __getitem__(self, page: int) -> int:
         return self.view[page]
 
-    def count(self) -> int:
-        return bytes(self.view).count(1)
-
     def close(self) -> None:
         """Unmap; the creator also unlinks the name."""
         self.view.release()
