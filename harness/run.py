@@ -23,6 +23,7 @@ from harness.config import RunConfig
 from harness.supervise import Children, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.blocktime import TraceMeta
+from postcopy_core.board import AccessBoard
 from postcopy_core.channel import (
     CHANNEL_STREAM,
     CHANNEL_URGENT,
@@ -60,6 +61,7 @@ class Run:
         self.ram: GuestRam | None = None
         self.received: ReceivedMap | None = None
         self.area: R.ResultsArea | None = None
+        self.board: AccessBoard | None = None
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
 
@@ -108,6 +110,7 @@ class Run:
             raise RunFailed(f"cannot create guest RAM: {e}{hint}") from None
         self.received = ReceivedMap(cfg.npages)
         self.area = R.ResultsArea(cfg.vcpus, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
+        self.board = AccessBoard(cfg.vcpus)
 
         ctl_src_parent, ctl_src_child = self._pair()
         ctl_dst_parent, ctl_dst_child = self._pair()
@@ -160,14 +163,14 @@ class Run:
             return destination_main(dict(
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
-                wake_policy=cfg.wake_policy))
+                wake_policy=cfg.wake_policy, board=self.board))
 
         self.children.spawn("source", src_keep, source_body, self._cpus(0))
         self.children.spawn("fault", dst_keep, dest_body, self._cpus(0))
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
-                          handoff_addr, start_r, self.area.fd, self.area.capacity, self._cpus(1))
+                          handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1))
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process
@@ -225,7 +228,7 @@ class Run:
         self._status_buf = b""
         self.workers_done: set[int] = set()
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
-        keep = (plan.memfd, plan.start_fd, plan.results_fd, w)
+        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
         proc = subprocess.Popen([sys.executable, "-m", "vcpu_workers.zygote"], stdin=subprocess.PIPE,
                                 pass_fds=keep, close_fds=True)
         os.close(w)
@@ -366,6 +369,9 @@ class Run:
         if self.area is not None:
             self.area.close()
             self.area = None
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 def _raise_interrupt(signum, frame):

@@ -28,6 +28,7 @@ import time
 
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
+from postcopy_core.board import AccessBoard
 from postcopy_core.channel import ControlLine
 from postcopy_core.content import ContentSpec, Image, check_page
 from postcopy_core.kernel import KernelError, Uffd
@@ -49,7 +50,7 @@ NO_PROGRESS_S = 30.0
 
 STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "pages_requested", "placed",
                "placed_urgent", "placed_background", "placed_zero", "duplicates", "wakes", "copy_eexist",
-               "dead_ports", "eos", "frames")
+               "dead_ports", "eos", "frames", "board_wakes")
 
 
 class Port:
@@ -70,7 +71,8 @@ class Destination:
 
     def __init__(self, geo: Geometry, spec: ContentSpec, memfd: int, hugetlb: bool, received: ReceivedMap,
                  ports: list[Port], stream: socket.socket, urgent: socket.socket, quit_fd: int,
-                 control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS) -> None:
+                 control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
+                 board: AccessBoard | None = None) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
@@ -94,7 +96,7 @@ class Destination:
         d = lib.pch_dest_new(geo.page_size, geo.npages, self.c_received, self.c_ports, len(ports), self.c_carrier,
                              self.c_tids, self.c_tid_vcpu, len(tids), int(hugetlb),
                              self.zero_page.addr if self.zero_page else 0, int(wake_policy == WAKE_ALL),
-                             geo.idstr.encode())
+                             geo.idstr.encode(), board.slots if board else ffi.NULL, board.nvcpus if board else 0)
         if d == ffi.NULL:
             raise HandlerError("out of memory for the destination's page tables")
         self.d = ffi.gc(d, lib.pch_dest_free)
@@ -127,15 +129,18 @@ class Destination:
 
     def run(self) -> dict:
         """Serve faults and place pages until told to quit and every page is in."""
+        # two epoll sets (see dest.h): faults and urgent pages in `pri`, which `ep` holds with the rest
+        pri, ep = select.epoll(), select.epoll()
         fds = [p.uffd.fd for p in self.ports] + [self.stream.fileno(), self.urgent.fileno(), self.quit_fd]
-        port_of_fd = ffi.new("int32_t[]", [-1] * (max(fds) + 1))
-        ep = select.epoll()
+        port_of_fd = ffi.new("int32_t[]", [-1] * (max(fds + [pri.fileno()]) + 1))
         for i, port in enumerate(self.ports):
             port_of_fd[port.uffd.fd] = i
-        for fd in fds:
-            ep.register(fd, select.EPOLLIN)  # data.fd = fd, which the C loop dispatches on
+        for fd in [p.uffd.fd for p in self.ports] + [self.urgent.fileno()]:
+            pri.register(fd, select.EPOLLIN)  # data.fd = fd, which the C loop dispatches on
+        for fd in (pri.fileno(), self.stream.fileno(), self.quit_fd):
+            ep.register(fd, select.EPOLLIN)
         loop = ffi.new("struct pch_dest_loop *", dict(
-            epfd=ep.fileno(), quit_fd=self.quit_fd, stream_fd=self.stream.fileno(),
+            epfd=ep.fileno(), pri_epfd=pri.fileno(), quit_fd=self.quit_fd, stream_fd=self.stream.fileno(),
             urgent_fd=self.urgent.fileno(), port_of_fd=port_of_fd, nfds=len(port_of_fd)))
         quitting = False
         idle_since = None
@@ -145,9 +150,8 @@ class Destination:
                 if rc < 0:
                     raise self._c_failed("destination")
                 self.ship_events()
-                if rc == lib.PCH_RUN_QUIT:
-                    quitting = True
-                elif rc == lib.PCH_RUN_EOF and not self.complete:
+                quitting = quitting or bool(loop.quit_seen)
+                if rc == lib.PCH_RUN_EOF and not self.complete:
                     raise HandlerError("the source closed a page channel before every page arrived")
                 # a whole turn of silence while pages are missing and the workers are done: stuck
                 if quitting and loop.idle_ns >= LOOP_BUDGET_MS * 900_000:
@@ -159,6 +163,7 @@ class Destination:
                     idle_since = None
         finally:
             ep.close()
+            pri.close()
         self.stream.setblocking(True)
         self.stream.sendall(encode_shut(0))
         return self.finish()

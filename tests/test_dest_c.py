@@ -54,7 +54,7 @@ class CDest:
         self.tids = ffi.new("uint32_t[]", 1)
         self.tid_vcpu = ffi.new("int32_t[]", 1)
         self.d = lib.pch_dest_new(PS, NPAGES, self.received, self.ports, 0, self.carrier, self.tids, self.tid_vcpu, 0,
-                                  0, 0, 0, b"pc.ram")
+                                  0, 0, 0, b"pc.ram", ffi.NULL, 0)
 
     def feed(self, data: bytes) -> int:
         buf = ffi.from_buffer(data)

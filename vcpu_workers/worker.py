@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
+from postcopy_core.board import worker_slot
 from postcopy_core.content import ContentSpec, Image
 from postcopy_core.handoff import WorkerHello, send_uffd
 from vcpu_workers import results as R
@@ -37,6 +38,7 @@ class WorkerPlan:
     start_fd: int  # EOF on this pipe = go
     results_fd: int
     capacity: int  # room for faulting accesses per vCPU in the results area
+    board_fd: int  # the access board (vcpu_workers/board.py)
     cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
 
 
@@ -61,6 +63,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     writes = writes_buffer(count, plan.write_ratio, vcpu, spec.seed)
     ref = Image(spec) if spec.image else None
     verified = ffi.new("uint8_t[]", spec.npages)
+    board, _board_map = worker_slot(plan.board_fd, plan.nvcpus, vcpu)
     rec.accesses = count
     rec.t_ready = kernel.now_ns()
     rec.state = R.STATE_READY
@@ -76,6 +79,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     t.verified = verified
     t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
     t.lat_ns, t.lat_page = slot.lat_ns, slot.lat_page
+    t.board = board
     rc = lib.pch_touch_run(t)
     if rc < 0:
         raise kernel.KernelError("touch loop", -rc)

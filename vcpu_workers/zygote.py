@@ -49,7 +49,7 @@ def main() -> int:
         pid = os.fork()
         if pid == 0:
             t_forked = kernel.now_ns()
-            run_child(f"pch-vcpu-{vcpu}", f"vcpu {vcpu}", {plan.memfd, plan.start_fd, plan.results_fd},
+            run_child(f"pch-vcpu-{vcpu}", f"vcpu {vcpu}", {plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd},
                       partial(worker_main, vcpu, plan, t_forked), plan.cpus)
         pids[pid] = vcpu
     os.close(plan.start_fd)  # only workers hold the read end now: EOF reaches them alone

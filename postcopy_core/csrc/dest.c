@@ -58,6 +58,13 @@ struct pch_dest {
     uint64_t ev_len, ev_cap;
     struct pch_dest_stats st;
     struct rxbuf rx[2];
+    /* the access board: per vCPU the page it touches + 1 (0: none); board_port: vCPU -> port */
+    const uint64_t *board;
+    int32_t *board_port;
+    int nboard;
+    uint32_t *woken, wake_gen; /* per port: the placement that last woke it (no double wakes) */
+    struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
+    int loop_result;
     char err[256];
 };
 
@@ -91,7 +98,8 @@ static int fail(struct pch_dest *d, int rc, const char *fmt, ...)
 struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *received,
                               struct pch_port *ports, int nports, struct pch_port *carrier,
                               const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
-                              int hugetlb, uint64_t zero_page, int wake_all, const char *idstr)
+                              int hugetlb, uint64_t zero_page, int wake_all, const char *idstr,
+                              const uint64_t *board, int nboard)
 {
     struct pch_dest *d = calloc(1, sizeof *d);
     if (!d)
@@ -114,7 +122,11 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
     /* each single-threaded worker waits on at most one page at a time; slack for re-faults */
     d->pool_cap = 2 * nports + 64;
     d->pool = malloc((size_t)d->pool_cap * sizeof *d->pool);
-    if (!d->head || !d->pool) {
+    d->woken = calloc((size_t)nports + 1, sizeof *d->woken);
+    d->board = board;
+    d->nboard = board ? nboard : 0;
+    d->board_port = malloc(((size_t)d->nboard + 1) * sizeof *d->board_port);
+    if (!d->head || !d->pool || !d->woken || !d->board_port) {
         pch_dest_free(d);
         return NULL;
     }
@@ -122,6 +134,11 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
     for (int32_t i = 0; i < d->pool_cap; i++)
         d->pool[i].next = i + 1 < d->pool_cap ? i + 1 : -1;
     d->pool_free = 0;
+    for (int v = 0; v < d->nboard; v++)
+        d->board_port[v] = -1;
+    for (int i = 0; i < nports; i++)
+        if (ports[i].vcpu >= 0 && ports[i].vcpu < d->nboard)
+            d->board_port[ports[i].vcpu] = i;
     return d;
 }
 
@@ -131,6 +148,8 @@ void pch_dest_free(struct pch_dest *d)
         return;
     free(d->head);
     free(d->pool);
+    free(d->woken);
+    free(d->board_port);
     free(d->req);
     free(d->ev);
     free(d->rx[0].buf);
@@ -320,6 +339,52 @@ static int install(struct pch_dest *d, struct pch_port **via, uint64_t page, uin
     }
 }
 
+/* Wake port `pi` for [off, off+len) unless this placement already woke it (or copied through it). */
+static int wake_once(struct pch_dest *d, int32_t pi, const struct pch_port *via, uint64_t off, uint64_t len)
+{
+    struct pch_port *p = &d->ports[pi];
+    if (p == via || d->woken[pi] == d->wake_gen)
+        return 0;
+    d->woken[pi] = d->wake_gen;
+    return wake(d, p, p->base + off, len);
+}
+
+/* Wake every vCPU that may sleep on the pages just placed: the copy woke only the waiters of the
+ * uffd it went through.  Waiters whose fault we read are in the list; vCPUs whose fault message
+ * is still queued show on the access board (postcopy_core/board.py says why that is enough). */
+static int wake_sharers(struct pch_dest *d, const struct pch_port *via, int32_t w, uint64_t page, uint64_t count)
+{
+    uint64_t off = page << d->shift, len = count << d->shift;
+    int rc;
+    if (++d->wake_gen == 0) { /* wrapped: forget the old marks */
+        memset(d->woken, 0, (size_t)d->nports * sizeof *d->woken);
+        d->wake_gen = 1;
+    }
+    if (d->wake_all) {
+        for (int32_t i = 0; i < d->nports; i++)
+            if ((rc = wake_once(d, i, via, off, len)))
+                return rc;
+        return 0;
+    }
+    for (int32_t x = w; x >= 0; x = d->pool[x].next)
+        if ((rc = wake_once(d, d->pool[x].port, via, off, len)))
+            return rc;
+    /* the page is in before we look: a vCPU that writes its slot after this load finds it there */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    for (int v = 0; v < d->nboard; v++) {
+        uint64_t slot = __atomic_load_n(&d->board[v], __ATOMIC_RELAXED);
+        if (slot - 1 - page >= count) /* 0 (no page) wraps to a huge value */
+            continue;
+        int32_t pi = d->board_port[v];
+        if (pi < 0 || &d->ports[pi] == via || d->woken[pi] == d->wake_gen)
+            continue;
+        d->st.board_wakes++;
+        if ((rc = wake_once(d, pi, via, off, len)))
+            return rc;
+    }
+    return 0;
+}
+
 static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent)
 {
     int32_t w = d->head[page];
@@ -339,18 +404,10 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     for (uint64_t k = 0; k < count; k++)
         if (add_event(d, t, (page + k) << d->shift, -1, 0, 'P', !src))
             return fail(d, -ENOMEM, "out of memory for events");
-    uint64_t off = page << d->shift, len = count << d->shift;
-    /* wake the sharers: the copy woke only the waiters on the uffd it went through */
-    if (d->wake_all) {
-        for (int i = 0; i < d->nports; i++)
-            if (&d->ports[i] != via && (rc = wake(d, &d->ports[i], d->ports[i].base + off, len)))
-                return rc;
-    }
-    if (w >= 0) { /* a page with waiters is placed alone (count == 1) */
+    if ((rc = wake_sharers(d, via, w, page, count)))
+        return rc;
+    if (w >= 0) { /* a page with waiters is placed alone (count == 1): free its list */
         for (int32_t x = w; x >= 0;) {
-            struct pch_port *p = &d->ports[d->pool[x].port];
-            if (!d->wake_all && p != via && (rc = wake(d, p, p->base + off, len)))
-                return rc;
             int32_t next = d->pool[x].next;
             d->pool[x].next = d->pool_free;
             d->pool_free = x;
@@ -408,6 +465,8 @@ static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
     return 0;
 }
 
+static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l);
+
 int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int ch)
 {
     static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS" };
@@ -452,6 +511,9 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
             return rc;
         d->st.frames++;
         pos += HDR_SIZE + plen;
+        /* between two stream frames, faults and urgent pages go first */
+        if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
+            return rc;
     }
     return (int64_t)pos;
 }
@@ -513,57 +575,97 @@ static int send_requests(struct pch_dest *d, int fd)
     return 0;
 }
 
-int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
+/* Serve what is ready in the priority set (every uffd, the urgent channel) without blocking, then
+ * send the requests that made.  A quit or EOF seen here is kept in d->loop_result. */
+static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
 {
     struct epoll_event evs[256];
-    int64_t end = now_ns() + (int64_t)budget_ms * 1000000;
-    l->idle_ns = 0;
-    for (;;) {
-        int64_t left = end - now_ns();
-        if (left <= 0 || d->ev_len >= EVENTS_SHIP)
-            return PCH_RUN_AGAIN;
-        int64_t t0 = now_ns();
-        int k = epoll_wait(l->epfd, evs, 256, (int)((left + 999999) / 1000000));
+    int k;
+    do {
+        k = epoll_wait(l->pri_epfd, evs, 256, 0);
         if (k < 0) {
             if (errno == EINTR)
                 continue;
             return fail(d, -errno, "epoll_wait: %s", strerror(errno));
         }
-        if (k == 0)
-            l->idle_ns += now_ns() - t0;
-        int result = 0;
         for (int i = 0; i < k; i++) {
             int fd = evs[i].data.fd, rc = 0;
             int32_t port = fd >= 0 && fd < l->nfds ? l->port_of_fd[fd] : -1;
             if (port >= 0) {
                 if (evs[i].events & (EPOLLERR | EPOLLHUP)) {
-                    epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL); /* nothing more will come */
+                    epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL); /* nothing more will come */
                     port_dead(d, &d->ports[port]);
                 } else {
                     rc = pch_dest_on_uffd(d, port);
                 }
-            } else if (fd == l->stream_fd || fd == l->urgent_fd) {
-                rc = on_channel(d, fd, fd == l->urgent_fd);
+            } else if (fd == l->urgent_fd) {
+                rc = on_channel(d, fd, 1);
                 if (rc == PCH_RUN_EOF) {
-                    epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
-                    result = PCH_RUN_EOF;
+                    epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL);
+                    d->loop_result = PCH_RUN_EOF;
                     rc = 0;
                 }
-            } else if (fd == l->quit_fd) {
-                uint64_t v;
-                if (read(fd, &v, sizeof v) == sizeof v)
-                    result = result ? result : PCH_RUN_QUIT;
             }
             if (rc < 0)
                 return rc;
         }
-        /* one send for every request this turn produced */
-        if (d->req_len) {
-            int rc = send_requests(d, l->stream_fd);
-            if (rc)
-                return rc;
+    } while (k == 256); /* more may be ready than one call returns */
+    return d->req_len ? send_requests(d, l->stream_fd) : 0;
+}
+
+int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
+{
+    struct epoll_event evs[8];
+    int64_t end = now_ns() + (int64_t)budget_ms * 1000000;
+    int rc = 0;
+    l->idle_ns = 0;
+    d->loop = l;
+    d->loop_result = 0;
+    for (;;) {
+        int64_t left = end - now_ns();
+        if (left <= 0 || d->ev_len >= EVENTS_SHIP)
+            break;
+        int64_t t0 = now_ns();
+        int k = epoll_wait(l->epfd, evs, 8, (int)((left + 999999) / 1000000));
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = fail(d, -errno, "epoll_wait: %s", strerror(errno));
+            break;
         }
-        if (result)
-            return result;
+        if (k == 0)
+            l->idle_ns += now_ns() - t0;
+        int stream_ready = 0;
+        for (int i = 0; i < k; i++) {
+            int fd = evs[i].data.fd;
+            uint64_t v;
+            if (fd == l->stream_fd)
+                stream_ready = 1;
+            else if (fd == l->quit_fd && read(fd, &v, sizeof v) == sizeof v) {
+                l->quit_seen = 1;
+                if (!d->loop_result)
+                    d->loop_result = PCH_RUN_QUIT;
+            }
+        }
+        if ((rc = serve_priority(d, l)) < 0)
+            break;
+        if (stream_ready) {
+            rc = on_channel(d, l->stream_fd, 0);
+            if (rc == PCH_RUN_EOF) {
+                epoll_ctl(l->epfd, EPOLL_CTL_DEL, l->stream_fd, NULL);
+                d->loop_result = PCH_RUN_EOF;
+                rc = 0;
+            }
+            if (rc < 0)
+                break;
+            if (d->req_len && (rc = send_requests(d, l->stream_fd)) < 0)
+                break;
+        }
+        if (d->loop_result) {
+            rc = d->loop_result;
+            break;
+        }
     }
+    d->loop = NULL;
+    return rc;
 }

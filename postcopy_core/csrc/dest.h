@@ -5,7 +5,9 @@
  * policy; these functions do what it must do for every fault and every page, which Python cannot
  * do at kernel speed:
  *   pch_dest_on_uffd()  read a batch of faults from one uffd: attribute, wake-or-request, record
- *   pch_dest_on_data()  parse page-stream frames from a receive buffer and place their pages
+ *   pch_dest_on_data()  parse page-stream frames from a receive buffer and place their pages,
+ *                       waking every vCPU blocked on a placed page (its read fault, or the access
+ *                       board, postcopy_core/board.py, for faults not read yet)
  * Requests (QEMU's REQ_PAGES layout) and event records accumulate in buffers that Python sends.
  */
 #ifndef PCH_DEST_H
@@ -37,7 +39,7 @@ struct __attribute__((packed)) pch_event {
 struct pch_dest_stats {
     uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
     uint64_t placed, placed_urgent, placed_background, placed_zero, duplicates, wakes;
-    uint64_t copy_eexist, dead_ports, eos, frames;
+    uint64_t copy_eexist, dead_ports, eos, frames, board_wakes;
 };
 
 struct pch_dest;
@@ -45,7 +47,8 @@ struct pch_dest;
 struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *received,
                               struct pch_port *ports, int nports, struct pch_port *carrier,
                               const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
-                              int hugetlb, uint64_t zero_page, int wake_all, const char *idstr);
+                              int hugetlb, uint64_t zero_page, int wake_all, const char *idstr,
+                              const uint64_t *board, int nboard);
 void pch_dest_free(struct pch_dest *d);
 int pch_dest_on_uffd(struct pch_dest *d, int port);
 int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int urgent_channel);
@@ -56,18 +59,21 @@ void pch_dest_clear_requests(struct pch_dest *d);
 void pch_dest_clear_events(struct pch_dest *d);
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d);
 
-/* The whole loop turn in C: epoll_wait on `epfd` (every uffd, both channels and the quit eventfd
- * registered by the caller with data.fd = the fd), dispatch, send the requests.  Returns after
- * `budget_ms`, or sooner when events pile up or on quit/EOF, so the caller can ship events and
- * watch the clock.  Result: PCH_RUN_* or -errno (error text in pch_dest_error). */
+/* The whole loop turn in C.  Two epoll sets, registered by the caller with data.fd = the fd:
+ * `pri_epfd` holds every uffd and the urgent channel, `epfd` holds pri_epfd, the stream channel and
+ * the quit eventfd.  Faults and urgent pages are served first, and again between the stream's
+ * frames, so a fault never waits for more than one stream frame.  Returns after `budget_ms`, or
+ * sooner when events pile up or on quit/EOF, so the caller can ship events and watch the clock.
+ * Result: PCH_RUN_* or -errno (error text in pch_dest_error). */
 #define PCH_RUN_AGAIN 0     /* budget spent (or events to ship); call again */
 #define PCH_RUN_QUIT 1      /* the quit eventfd fired */
 #define PCH_RUN_EOF 2       /* a page channel reached EOF */
 struct pch_dest_loop {
-    int epfd, quit_fd, stream_fd, urgent_fd;
+    int epfd, pri_epfd, quit_fd, stream_fd, urgent_fd;
     const int32_t *port_of_fd;   /* fd -> port index, -1 for other fds */
     int nfds;                    /* size of port_of_fd */
     int64_t idle_ns;             /* out: time the last call spent in epoll_wait with nothing ready */
+    int quit_seen;               /* out: the quit eventfd fired (stays set, even when EOF is returned) */
 };
 int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms);
 const char *pch_dest_error(struct pch_dest *d);

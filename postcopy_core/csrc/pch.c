@@ -270,6 +270,9 @@ int pch_touch_run(struct pch_touch *t)
         int missing = !resident(addr);
         uint64_t want = expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
         uint64_t got;
+        /* tell the handler which page we may block on; ordered before the access itself */
+        if (t->board)
+            __atomic_store_n(t->board, page + 1, __ATOMIC_SEQ_CST);
         uint64_t s = pch_now_ns();
         if (t->is_write && t->is_write[i]) {
             /* a store of the value the page must hold: a real write fault, content unchanged */
@@ -300,6 +303,8 @@ int pch_touch_run(struct pch_touch *t)
         t->verified[page] = 1;
     }
     t->t_end = pch_now_ns();
+    if (t->board)
+        __atomic_store_n(t->board, 0, __ATOMIC_RELEASE);
     /* Every byte of every page this vCPU read, checked once, outside the timed loop (as
      * ../shared/bench does): a page torn, misplaced or zero-filled by a lost handler shows here. */
     for (uint64_t page = 0; page < t->npages; page++) {

@@ -63,6 +63,7 @@ struct pch_touch {
     const uint8_t *ref;       /* expected image (--image) or NULL: use the seed generator */
     uint8_t *verified;        /* per page: 1 once this worker read it (checked after the loop) */
     uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
+    uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -79,22 +80,44 @@ struct pch_touch {
 int pch_touch_run(struct pch_touch *t);
 uint64_t pch_now_ns(void);
 
-/* ---- the source's answer lane (source.c) ---- */
+/* ---- the source's byte lane (source.c): policy (what to stream, in which order) is Python's ---- */
+#define PCH_SENT_STREAM 1   /* sent[] values: went out on the background stream */
+#define PCH_SENT_URGENT 2   /*                went out on the urgent channel */
 struct pch_source {
     int fd;                 /* the urgent channel */
+    int id_known;           /* the RAM block id arrived (REQ_PAGES_ID): plain REQ_PAGES are valid */
     const uint8_t *image;   /* guest RAM as the source holds it */
     const uint8_t *zero;    /* per page: 1 = all zeros (sent as ZERO) */
-    uint8_t *sent;          /* per page: 1 once sent on either channel */
+    uint8_t *sent;          /* per page: PCH_SENT_* once sent */
     uint64_t page_size, ram_size;
-    uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent;
+    uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent, pages_stream;
 };
-/* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno. */
+/* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno.  A
+ * requested page is sent at once unless it already went out urgently: one that went on the
+ * stream may still sit behind the stream's backlog, and the destination asks only for pages it
+ * lacks (it drops the copy that comes second). */
 int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
-#define PCH_SERVE_CONTROL 0
-#define PCH_SERVE_REST 1
-#define PCH_SERVE_EOF 2
-/* Serves plain requests in C until the control socket speaks or a message needs the Python parser. */
-int pch_source_serve(struct pch_source *s, int rp_fd, int ctl_fd, uint8_t *rest, uint64_t cap, uint64_t *rest_len);
+
+/* The streaming lane: sends the pages of `order` (a batch of page numbers chosen by the Python
+ * strategy) on the stream as PAGES/ZERO frames of consecutive unsent pages, while answering
+ * requests first.  A frame the socket did not take whole stays in `part` (never interleaved).
+ * With order == NULL it only serves requests. */
+struct pch_pump {
+    int rp_fd, ctl_fd, stream_fd;
+    const uint32_t *order;
+    uint64_t norder, pos;        /* pos: next index of order to look at */
+    uint32_t max_run;            /* pages per stream frame at most */
+    uint8_t hdr[16];             /* header of the frame in `part` */
+    const uint8_t *part[2];      /* what is left of the current frame: header, data */
+    uint64_t part_len[2];
+    uint8_t *rest;               /* bytes for the Python parser (PCH_SERVE_REST) */
+    uint64_t cap, rest_len;
+};
+#define PCH_SERVE_CONTROL 0   /* the control socket is readable */
+#define PCH_SERVE_REST 1      /* rest[0..rest_len) holds a message the lane does not take */
+#define PCH_SERVE_EOF 2       /* the destination closed the return path */
+#define PCH_SERVE_MORE 3      /* order is sent (whole frames): give the next batch */
+int pch_source_pump(struct pch_source *s, struct pch_pump *p);
 
 /* ---- process hygiene ---- */
 int pch_set_pdeathsig(int sig);

@@ -1,4 +1,5 @@
-/* source.c - the source's hot path: answer a run of plain REQ_PAGES messages in C.
+/* source.c - the source's byte lane: answers plain REQ_PAGES in C, and streams the pages that
+ * the Python strategy picked (postcopy_core/source.py), requests first.
  *
  * A busy destination sends long runs of identical REQ_PAGES messages (be16 type 4, be16 len 12,
  * be64 offset, be32 length).  This lane answers exactly those, with one-page PAGES/ZERO frames
@@ -13,6 +14,11 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+
+/* page stream messages, as postcopy_core/protocol.py documents them */
+#define MSG_PAGES 2
+#define MSG_ZERO 3
+#define FLAG_URGENT 1
 
 #define REQ_SIZE 16
 #define HDR_SIZE 16
@@ -66,6 +72,8 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
     struct iovec iov[2 * BATCH];
     int nh = 0, ni = 0;
     uint64_t pos = 0;
+    if (!s->id_known)
+        return 0; /* a plain REQ_PAGES is only valid after REQ_PAGES_ID: the parser decides */
     for (; len - pos >= REQ_SIZE; pos += REQ_SIZE) {
         const uint8_t *m = buf + pos;
         uint64_t off = be(m + 4, 8), length = be(m + 12, 4);
@@ -74,15 +82,15 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
             break; /* not the plain case: the Python parser takes it from here */
         s->requests++;
         for (uint64_t p = off / s->page_size; p < (off + length) / s->page_size; p++) {
-            if (s->sent[p]) {
-                s->requested_already_sent++; /* already on its way in the background stream */
-                continue;
-            }
-            s->sent[p] = 1;
+            if (s->sent[p])
+                s->requested_already_sent++;
+            if (s->sent[p] == PCH_SENT_URGENT)
+                continue; /* already answered: it is on its way */
+            s->sent[p] = PCH_SENT_URGENT;
             int zero = s->zero[p];
             uint8_t *h = hdr[nh++];
-            h[0] = zero ? 3 : 2; /* ZERO or PAGES */
-            h[1] = 1;            /* URGENT */
+            h[0] = zero ? MSG_ZERO : MSG_PAGES;
+            h[1] = FLAG_URGENT;
             put_be(h + 2, 1, 2);
             put_be(h + 4, zero ? 0 : s->page_size, 4);
             put_be(h + 8, p * s->page_size, 8);
@@ -111,43 +119,124 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
     return (int64_t)pos;
 }
 
-/* Serve the return path in C while there is nothing else to do (no background stream): poll the
- * return path and the control socket, answer plain REQ_PAGES runs.  Returns
- *   PCH_SERVE_CONTROL  the control socket is readable (Python reads the command)
- *   PCH_SERVE_REST     bytes the lane does not take (a partial or other message) are in rest[0..*rest_len)
- *   PCH_SERVE_EOF      the destination closed the return path
- * or -errno. */
-int pch_source_serve(struct pch_source *s, int rp_fd, int ctl_fd, uint8_t *rest, uint64_t cap, uint64_t *rest_len)
+#define GO_ON (-4096) /* serve_requests: nothing for the caller, keep pumping (below every -errno) */
+
+/* Read what the return path has and answer it: GO_ON, a PCH_SERVE_* to return, or -errno. */
+static int serve_requests(struct pch_source *s, struct pch_pump *p)
 {
     uint8_t buf[1 << 16];
-    if (cap < sizeof buf)
+    ssize_t n = recv(p->rp_fd, buf, sizeof buf, MSG_DONTWAIT);
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR ? GO_ON : -errno;
+    if (n == 0)
+        return PCH_SERVE_EOF;
+    int64_t used = pch_source_answer(s, buf, (uint64_t)n);
+    if (used < 0)
+        return (int)used;
+    if (used < n) {
+        p->rest_len = (uint64_t)(n - used);
+        memcpy(p->rest, buf + used, p->rest_len);
+        return PCH_SERVE_REST;
+    }
+    return GO_ON;
+}
+
+/* The next stream frame: consecutive unsent pages of one kind from order[pos..], into p->part. */
+static int next_frame(struct pch_source *s, struct pch_pump *p)
+{
+    while (p->pos < p->norder && s->sent[p->order[p->pos]])
+        p->pos++;
+    if (p->pos >= p->norder)
+        return 0;
+    uint64_t first = p->order[p->pos], n = 0, npages = s->ram_size / s->page_size;
+    if (first >= npages)
+        return -EINVAL;
+    int zero = s->zero[first];
+    while (p->pos < p->norder && n < p->max_run) {
+        uint64_t pg = p->order[p->pos];
+        if (pg != first + n || s->sent[pg] || s->zero[pg] != zero)
+            break;
+        s->sent[pg] = PCH_SENT_STREAM;
+        n++;
+        p->pos++;
+    }
+    uint8_t *h = p->hdr;
+    h[0] = zero ? MSG_ZERO : MSG_PAGES;
+    h[1] = 0;
+    put_be(h + 2, n, 2);
+    put_be(h + 4, zero ? 0 : n * s->page_size, 4);
+    put_be(h + 8, first * s->page_size, 8);
+    p->part[0] = h;
+    p->part_len[0] = HDR_SIZE;
+    p->part[1] = s->image + first * s->page_size;
+    p->part_len[1] = zero ? 0 : n * s->page_size;
+    s->pages_stream += n;
+    if (zero)
+        s->pages_zero += n;
+    s->bytes_sent += HDR_SIZE + p->part_len[1];
+    return 1;
+}
+
+/* Write as much of the current frame as the stream socket takes; 1 when it went whole. */
+static int write_part(struct pch_pump *p)
+{
+    while (p->part_len[0] + p->part_len[1]) {
+        struct iovec iov[2];
+        int n = 0;
+        for (int i = 0; i < 2; i++)
+            if (p->part_len[i])
+                iov[n++] = (struct iovec){ (void *)p->part[i], p->part_len[i] };
+        struct msghdr m = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        ssize_t w = sendmsg(p->stream_fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN ? 0 : -errno;
+        }
+        for (int i = 0; i < 2 && w > 0; i++) {
+            uint64_t k = (uint64_t)w < p->part_len[i] ? (uint64_t)w : p->part_len[i];
+            p->part[i] += k;
+            p->part_len[i] -= k;
+            w -= (ssize_t)k;
+        }
+    }
+    return 1;
+}
+
+int pch_source_pump(struct pch_source *s, struct pch_pump *p)
+{
+    if (p->cap < (1 << 16))
         return -EINVAL;
     for (;;) {
-        struct pollfd p[2] = { { rp_fd, POLLIN, 0 }, { ctl_fd, POLLIN, 0 } };
-        if (poll(p, 2, -1) < 0) {
+        int pending = p->part_len[0] + p->part_len[1] > 0;
+        if (!pending && p->order && p->pos >= p->norder)
+            return PCH_SERVE_MORE;
+        int streaming = p->order != NULL;
+        struct pollfd fds[3] = { { p->rp_fd, POLLIN, 0 }, { p->ctl_fd, POLLIN, 0 }, { p->stream_fd, POLLOUT, 0 } };
+        if (poll(fds, streaming ? 3 : 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
-        if (p[1].revents)
-            return PCH_SERVE_CONTROL;
-        if (!p[0].revents)
-            continue;
-        ssize_t n = recv(rp_fd, buf, sizeof buf, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            return -errno;
+        if (fds[0].revents) { /* requests first: an urgent page must not wait for the stream */
+            int rc = serve_requests(s, p);
+            if (rc != GO_ON)
+                return rc;
         }
-        if (n == 0)
-            return PCH_SERVE_EOF;
-        int64_t used = pch_source_answer(s, buf, (uint64_t)n);
-        if (used < 0)
-            return (int)used;
-        if (used < n) {
-            *rest_len = (uint64_t)(n - used);
-            memcpy(rest, buf + used, *rest_len);
-            return PCH_SERVE_REST;
+        if (fds[1].revents)
+            return PCH_SERVE_CONTROL;
+        if (streaming && fds[2].revents) {
+            /* one frame per turn, so the return path is looked at between frames */
+            if (!pending) {
+                int rc = next_frame(s, p);
+                if (rc < 0)
+                    return rc;
+                if (rc == 0)
+                    continue;
+            }
+            int rc = write_part(p);
+            if (rc < 0)
+                return rc;
         }
     }
 }

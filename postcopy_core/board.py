@@ -1,0 +1,46 @@
+"""The access board: which page each vCPU is touching right now, so a placed page wakes its waiters.
+
+In QEMU every vCPU thread faults through one shared uffd, so the UFFDIO_COPY that places a page
+wakes every thread blocked on it, whatever placed it.  Here each vCPU is a process with a uffd of
+its own, and a copy wakes only the waiters of the uffd it went through: a vCPU blocked on a page
+that the background stream placed through the handler's own mapping would sleep until the
+handler read its fault message.  So each worker writes the page it is about to touch (page + 1;
+0 = none) into its 8-byte slot, and after every placement the handler scans the slots (one
+contiguous array: cheap even for thousands of vCPUs) and wakes exactly the uffds whose vCPU sits
+on a placed page (csrc/dest.c).  A wake that comes before the vCPU went to sleep is lost, which
+is harmless: its fault message is still queued, and the handler wakes it when it reads it.
+
+A memfd (no name anywhere), created by the orchestrator, handed to the zygote like the results area;
+the handler, forked from the orchestrator, keeps the orchestrator's mapping.
+"""
+
+from __future__ import annotations
+
+import os
+
+from postcopy_core import kernel
+from postcopy_core._uffd import ffi
+
+SLOT = 8
+
+
+class AccessBoard:
+    """One uint64 slot per vCPU in shared memory: ``fd`` for the workers, ``slots`` for the handler."""
+
+    def __init__(self, nvcpus: int) -> None:
+        self.nvcpus = nvcpus
+        size = -(-max(1, nvcpus) * SLOT // 4096) * 4096
+        self.fd = kernel.memfd_create("pch-board")
+        os.ftruncate(self.fd, size)
+        self.mapping = kernel.mmap_fd(self.fd, size)
+        self.slots = ffi.cast("uint64_t *", self.mapping.addr)
+
+    def close(self) -> None:
+        self.mapping.close()
+        os.close(self.fd)
+
+
+def worker_slot(fd: int, nvcpus: int, vcpu: int):
+    """A worker's own slot (a ``uint64_t *``), and the mapping that keeps it alive."""
+    mapping = kernel.mmap_fd(fd, -(-max(1, nvcpus) * SLOT // 4096) * 4096)
+    return ffi.cast("uint64_t *", mapping.addr) + vcpu, mapping
