@@ -34,6 +34,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
     t1 = int(summ["t_end"].max())
     workload_s = max((t1 - t0) / 1e9, 1e-9)
     mismatches = int(summ["mismatches"].sum())
+    # the postcopy phase: from "go" until the last page is in (not the shutdown and final checks)
+    postcopy_s = max((hs["t_last_place"] - raw["t_go"]) / 1e9, 1e-9)
     rep["pages"] = {
         "total": cfg.npages,
         "placed": hs["placed"],
@@ -41,6 +43,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "background": hs["placed_background"],
         "zero": hs["placed_zero"],
         "duplicates-dropped": hs["duplicates"],
+        "per-second": round(hs["placed"] / postcopy_s, 1),
     }
     rep["verification"] = {
         "pages_checked": int(summ["pages_checked"].sum()),
@@ -58,6 +61,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "requests-sent": hs["requests"],
         "pages-requested": hs["pages_requested"],
         "wakes": hs["wakes"],
+        "board-wakes": hs["board_wakes"],
         "faulting-accesses": int(lat.size),
     }
     rep["latency-us"] = {
@@ -81,7 +85,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
                          "mode": "live" if raw["engines_live"] else "after-workload"}
     rep["duration-s"] = {
         "workload": round(workload_s, 4),
-        "postcopy": round((raw["t_done"] - raw["t_go"]) / 1e9, 4),
+        "postcopy": round(postcopy_s, 4),
         "total": round(raw["wall_s"], 3),
     }
     rep["handler"] = {"cpu-s": hs["cpu_s"], "copy-eexist": hs["copy_eexist"], "dead-ports": hs["dead_ports"],
@@ -115,6 +119,8 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
         t.add_row("pages total / requested / background / zero",
                   f"{p['total']} / {p['requested']} / {p['background']} / {p['zero']}")
+        t.add_row("pages per second / MiB/s (postcopy phase)",
+                  f"{p['per-second']:,.0f} / {p['per-second'] * rep['page-size'] / 2**20:,.1f}")
         t.add_row("uffd faults", f"{f['total']}")
         t.add_row("faults per second (workload phase)", f"{f['per-second']:,.0f}")
         t.add_row("fault latency p50 / p99 / max (µs)", f"{lat['p50']} / {lat['p99']} / {lat['max']}")

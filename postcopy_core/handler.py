@@ -50,7 +50,7 @@ NO_PROGRESS_S = 30.0
 
 STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "pages_requested", "placed",
                "placed_urgent", "placed_background", "placed_zero", "duplicates", "wakes", "copy_eexist",
-               "dead_ports", "eos", "frames", "board_wakes")
+               "dead_ports", "eos", "frames", "board_wakes", "t_last_place")
 
 
 class Port:

@@ -393,6 +393,7 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     if (rc)
         return rc;
     int64_t t = now_ns(); /* placement time: right after the copy, as QEMU takes it */
+    d->st.t_last_place = (uint64_t)t;
     memset(d->received + page, 1, count);
     d->st.placed += count;
     if (urgent)

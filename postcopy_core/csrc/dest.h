@@ -40,6 +40,7 @@ struct pch_dest_stats {
     uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
     uint64_t placed, placed_urgent, placed_background, placed_zero, duplicates, wakes;
     uint64_t copy_eexist, dead_ports, eos, frames, board_wakes;
+    uint64_t t_last_place; /* CLOCK_MONOTONIC ns of the last placement: the end of postcopy */
 };
 
 struct pch_dest;
