@@ -42,7 +42,7 @@ from postcopy_core.protocol import (
 
 BACKGROUND_CHUNK = 256 << 10  # bytes per background message: big enough to amortise, small enough to preempt
 BACKGROUND_AHEAD = 1 << 20  # background bytes allowed to sit in the outbox before we wait
-WIRE_SLOT_NS = 100_000  # on a modelled link an urgent page waits for at most this much stream on the wire
+WIRE_SLOT_NS = 200_000  # on a modelled link an urgent page waits for at most this much stream on the wire
 STREAM_BATCH = 1 << 16  # page numbers handed to the C lane at a time
 SENT_STREAM, SENT_URGENT = lib.PCH_SENT_STREAM, lib.PCH_SENT_URGENT
 
