@@ -7,6 +7,9 @@ path), so accounting costs the fault path nothing.  With ``live=True`` the threa
 and feeds the engines' per-event path as the records arrive (a dashboard's view), at the price of
 CPU that the workers and the handler share on a small machine.  Either way the engines see the
 records in the order the handler produced them, and a replay of the trace gives the same numbers.
+
+The fourth engine, ``truth``, needs no handler records: it takes the stall intervals the vCPU workers
+recorded themselves (given to ``results`` once the workload is over) and is written to the trace too.
 """
 
 from __future__ import annotations
@@ -15,7 +18,18 @@ import time
 
 import numpy as np
 
-from postcopy_core.blocktime import ENGINE_NAMES, EventColumns, Fault, Placed, TraceMeta, make_engine, replay_columns
+from postcopy_core.blocktime import (
+    ENGINE_NAMES,
+    TRUTH,
+    EventColumns,
+    Fault,
+    Placed,
+    StallColumns,
+    TraceMeta,
+    make_engine,
+    replay_columns,
+    truth_result,
+)
 from postcopy_core.blocktime.events import KIND_FAULT, KIND_PLACED
 from postcopy_core.blocktime.trace import TraceWriter
 from postcopy_core.handler import EV_FAULT, EV_PLACED, EVENT
@@ -80,30 +94,68 @@ class Accounting:
     def events(self) -> int:
         return sum(len(c) for c in self.chunks) // EVENT.size
 
-    def results(self, trace: str | None = None) -> dict[str, dict]:
-        """The engines' query-migrate fields; writes the trace to ``trace`` when given."""
+    def results(self, trace: str | None = None, stalls: StallColumns | None = None) -> dict[str, dict]:
+        """The engines' query-migrate fields (``truth`` too when the vCPUs' ``stalls`` are given);
+        writes the trace to ``trace`` when given."""
         cols = columns_from_records(b"".join(self.chunks))
         if trace:
             with TraceWriter(trace, self.meta) as w:
                 w.write_many(cols.to_events())
+                if stalls is not None:
+                    w.write_stalls(stalls)
         if self.live:
-            return {name: eng.result() for name, eng in self.engines.items()}
-        return replay_columns(self.meta, cols, self.names)
+            out = {name: eng.result() for name, eng in self.engines.items()}
+        else:
+            out = replay_columns(self.meta, cols, self.names)
+        if stalls is not None:
+            out[TRUTH] = truth_result(self.meta, stalls)
+        return out
+
+
+def _vcpu_ms(res: dict) -> list[float]:
+    """An engine's per-vCPU blocktime in ms, at ns precision where the engine gives it."""
+    if "vcpu-blocktime-ns" in res:
+        return [ns / 1e6 for ns in res["vcpu-blocktime-ns"]]
+    return [float(ms) for ms in res["postcopy-vcpu-blocktime"]]
+
+
+def _total_ms(res: dict) -> float:
+    """An engine's all-vCPUs-blocked time in ms, at ns precision where the engine gives it."""
+    if "blocktime-ns" in res:
+        return res["blocktime-ns"] / 1e6
+    return float(res["postcopy-blocktime"])
+
+
+def _share(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole > 0 else None
+
+
+def _against_truth(per: list[float], total: float, truth: dict) -> dict:
+    """How an engine's per-vCPU and all-vCPUs blocktime compare with the truth engine's."""
+    t_per, t_total = _vcpu_ms(truth), _total_ms(truth)
+    return {
+        "vcpu-share": [_share(b, t) for b, t in zip(per, t_per, strict=True)],
+        "vcpu-total-share": _share(sum(per), sum(t_per)),
+        "blocktime-ms": round(total, 3),
+        "truth-blocktime-ms": round(t_total, 3),
+        "blocktime-share": _share(total, t_total),
+    }
 
 
 def accuracy(stall_ms: list[float], engines: dict[str, dict]) -> dict:
-    """Each engine's per-vCPU blocktime next to the workers' own stall clocks, as a share."""
+    """Each engine's per-vCPU blocktime next to the workers' own stall clocks, as a share; with a
+    ``truth`` engine, also each other engine's per-vCPU and total blocktime against truth's."""
     out: dict = {"vcpu-stall-ms": stall_ms}
     total_stall = sum(stall_ms)
+    truth = engines.get(TRUTH)
     for name, res in engines.items():
-        if "vcpu-blocktime-ns" in res:
-            per = [ns / 1e6 for ns in res["vcpu-blocktime-ns"]]
-        else:
-            per = [float(ms) for ms in res["postcopy-vcpu-blocktime"]]
+        per = _vcpu_ms(res)
         out[name] = {
             "vcpu-blocktime-ms": [round(x, 3) for x in per],
             "share": [round(b / s, 4) if s > 0 else None for b, s in zip(per, stall_ms, strict=True)],
             "total-share": round(sum(per) / total_stall, 4) if total_stall > 0 else None,
             "max-excess-ms": round(max((b - s for b, s in zip(per, stall_ms, strict=True)), default=0.0), 3),
         }
+        if truth is not None and name != TRUTH:
+            out[name]["vs-truth"] = _against_truth(per, _total_ms(res), truth)
     return out

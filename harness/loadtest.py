@@ -37,7 +37,7 @@ from rich.progress import (
 )
 
 from harness.config import ConfigError, RunConfig, parse_size
-from postcopy_core.blocktime import ENGINE_NAMES as ENGINES  # one CSV column each
+from postcopy_core.blocktime import ALL_ENGINE_NAMES as ENGINES  # one CSV column each (truth included)
 
 PROG = "postcopy-harness loadtest"
 

@@ -2,7 +2,8 @@
 
 FILE is a native trace (``run --trace``) or a QEMU trace log (``-msg timestamp=on``), plain or gzip.
 Prints a table (engines side by side, QEMU's query-migrate names and units) or writes JSON with the
-same ``engines`` object the run report has.
+same ``engines`` object the run report has.  A harness trace that holds the vCPUs' own stall
+intervals also gives ``truth``; other traces and QEMU logs have none.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from postcopy_core.blocktime import ENGINE_NAMES, BlocktimeError, replay_columns
+from postcopy_core.blocktime import ALL_ENGINE_NAMES, TRUTH, BlocktimeError, replay_columns
 from postcopy_core.blocktime.trace import FORMATS, read_trace_columns
 
 # (field, unit shown in the table)
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", metavar="FILE", help="native trace or QEMU trace log (plain or .gz)")
     p.add_argument(
-        "--engine", choices=(*ENGINE_NAMES, "all"), default="all", help="engine to run (default: all)"
+        "--engine", choices=(*ALL_ENGINE_NAMES, "all"), default="all", help="engine to run (default: all)"
     )
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto)")
     p.add_argument(
@@ -113,9 +114,11 @@ def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
 def run(args: argparse.Namespace) -> int:
     """Replay ``args.file``; exit 0, or 2 with one line on stderr for bad input."""
     console = Console()
-    engines = ENGINE_NAMES if args.engine == "all" else (args.engine,)
+    engines = ALL_ENGINE_NAMES if args.engine == "all" else (args.engine,)
     try:
         meta, cols = read_trace_columns(args.file, args.format, args.vcpus)
+        if args.engine == TRUTH and cols.stalls is None:
+            raise BlocktimeError(f"{args.file}: no stall intervals in this trace (truth needs a run's --trace)")
         results = replay_columns(meta, cols, engines)
         comparison = _compare(results, args.compare) if args.compare else None
     except BlocktimeError as exc:
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         "file": args.file,
         "format": meta.source,
         "events": len(cols),
+        "stall-intervals": None if cols.stalls is None else len(cols.stalls),
         "vcpus": meta.vcpus,
         "page_size": meta.page_size,
         "meta": meta.extra,

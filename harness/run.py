@@ -209,7 +209,7 @@ class Run:
         if self._ev_thread:
             self._ev_thread.join(SHUTDOWN_TIMEOUT)
         t_acc = time.thread_time()
-        engines = self.accounting.results(cfg.trace)
+        engines = self.accounting.results(cfg.trace, self.area.stalls(cfg.page_size))
         engines_cpu_s = self.accounting.cpu_s + time.thread_time() - t_acc
         return dict(
             summary=self.area.summary.copy(),

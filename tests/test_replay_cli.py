@@ -6,7 +6,7 @@ import argparse
 import json
 
 from harness import replay as replay_cmd
-from postcopy_core.blocktime import Fault, Placed, TraceMeta, replay
+from postcopy_core.blocktime import Fault, Placed, StallColumns, TraceMeta, replay
 from postcopy_core.blocktime.trace import TraceWriter
 
 MS = 1_000_000
@@ -76,3 +76,29 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "line 2" in err and "Traceback" not in err
     args = parse(["replay", str(tmp_path / "missing")])
     assert args.func(args) == 2
+
+
+def test_truth_column_when_the_trace_has_stall_intervals(tmp_path, capsys):
+    trace = tmp_path / "run.trace"
+    meta = TraceMeta(vcpus=2, page_size=4096)
+    with TraceWriter(trace, meta) as w:
+        w.write_many(EVENTS)
+        w.write_stalls(StallColumns.from_lists([0, 1], [9 * MS, 19 * MS], [31 * MS, 46 * MS]))
+    out_json = tmp_path / "out.json"
+    args = parse(["replay", str(trace), "--json", str(out_json)])
+    assert args.func(args) == 0
+    report = json.loads(out_json.read_text())
+    assert list(report["engines"]) == ["seed", "modern", "exact", "truth"]
+    assert report["stall-intervals"] == 2
+    assert report["engines"]["truth"]["postcopy-vcpu-blocktime"] == [22, 27]
+    assert report["engines"]["truth"]["postcopy-blocktime"] == 12  # [19, 31) ms both stalled
+    assert "truth" in capsys.readouterr().out  # ...and a truth column in the table
+
+
+def test_truth_asked_of_a_trace_without_intervals_exits_2(tmp_path, capsys):
+    trace = tmp_path / "run.trace"
+    make_trace(trace)
+    args = parse(["replay", str(trace), "--engine", "truth"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no stall intervals" in err

@@ -6,7 +6,17 @@ import gzip
 
 import pytest
 
-from postcopy_core.blocktime import BlocktimeError, Fault, Placed, TraceMeta, replay
+from postcopy_core.blocktime import (
+    TRUTH,
+    BlocktimeError,
+    Fault,
+    Placed,
+    StallColumns,
+    TraceMeta,
+    replay,
+    replay_columns,
+    truth_result,
+)
 from postcopy_core.blocktime.trace import TraceWriter, detect_format, read_trace, read_trace_columns
 
 EVENTS = [
@@ -110,6 +120,13 @@ def test_missing_end_marker_is_accepted_but_flagged(tmp_path):
             '#postcopy-harness-trace v1\nM {"vcpus": 1, "page_size": 4096}\n#end events=0\nP 1 0x0 0\n',
             "line 4",
         ),
+        ('#postcopy-harness-trace v1\nM {"vcpus": 1, "page_size": 4096}\nS 0 5 1 0x0\n', "line 3: malformed"),
+        ('#postcopy-harness-trace v1\nM {"vcpus": 1, "page_size": 4096}\nS 0 1 2\n', "line 3: malformed"),
+        ('#postcopy-harness-trace v1\nS 0 1 2 0x0\n', "line 2: event before the 'M'"),
+        (
+            '#postcopy-harness-trace v1\nM {"vcpus": 1, "page_size": 4096}\nS 0 1 2 0x0\n#end events=0 stalls=2\n',
+            "end marker says 2 stall intervals",
+        ),
     ],
 )
 def test_bad_input_names_the_line(tmp_path, text, message):
@@ -144,3 +161,45 @@ def test_plain_gzip_content_is_detected_without_suffix(tmp_path):
     dst = tmp_path / "renamed"
     dst.write_bytes(gzip.compress(src.read_bytes()))
     assert read_trace(dst)[1] == EVENTS
+
+
+STALLS = StallColumns.from_lists([0, 1, 0], [900_000, 1_900_000, 2_550_000], [2_600_000, 4_100_000, 2_700_000],
+                                 [0x1000, 0x4000, 0x5000])
+
+
+@pytest.mark.parametrize("name", ["t.trace", "t.trace.gz"])
+def test_stall_intervals_round_trip_and_give_truth(tmp_path, name):
+    path = tmp_path / name
+    meta = TraceMeta(vcpus=2, page_size=4096)
+    with TraceWriter(path, meta) as w:
+        w.write_many(EVENTS)
+        w.write_stalls(STALLS)
+    meta2, cols = read_trace_columns(path)
+    assert cols.to_events() == EVENTS
+    assert cols.stalls is not None
+    for col in ("vcpu", "start_ns", "end_ns", "addr"):
+        assert getattr(cols.stalls, col).tolist() == getattr(STALLS, col).tolist()
+    res = replay_columns(meta2, cols)
+    assert res[TRUTH] == truth_result(meta, STALLS)
+    assert res[TRUTH]["vcpu-blocktime-ns"] == [1_800_000, 2_200_000]  # vCPU 0: [0.9, 2.7) ms
+    assert read_trace(path)[1] == EVENTS  # the per-event reader just skips them
+
+
+def test_a_trace_without_intervals_is_unchanged_and_has_no_truth(tmp_path):
+    path = tmp_path / "t.trace"
+    write(path)
+    assert path.read_text().splitlines()[-1] == f"#end events={len(EVENTS)}"  # as before intervals existed
+    meta, cols = read_trace_columns(path)
+    assert cols.stalls is None
+    assert TRUTH not in replay_columns(meta, cols)
+
+
+def test_a_run_where_no_vcpu_stalled_still_has_a_truth(tmp_path):
+    path = tmp_path / "t.trace"
+    meta = TraceMeta(vcpus=2, page_size=4096)
+    with TraceWriter(path, meta) as w:
+        w.write_stalls(StallColumns.from_lists([], [], []))
+    assert path.read_text().splitlines()[-1] == "#end events=0 stalls=0"
+    meta, cols = read_trace_columns(path)
+    res = replay_columns(meta, cols)
+    assert res[TRUTH]["vcpu-blocktime-ns"] == [0, 0] and res[TRUTH]["blocktime-ns"] == 0

@@ -78,7 +78,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     t.ref = ref.pointer() if ref is not None else ffi.NULL
     t.verified = verified
     t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
-    t.lat_ns, t.lat_page = slot.lat_ns, slot.lat_page
+    t.lat_ns, t.lat_page, t.lat_start = slot.lat_ns, slot.lat_page, slot.lat_start
     t.board = board
     rc = lib.pch_touch_run(t)
     if rc < 0:

@@ -10,6 +10,10 @@ Times are integer nanoseconds on one clock; ``TraceMeta.start_ns`` is the instan
 context was created (the seed engine's millisecond offsets count from there).
 
 ``EventColumns`` is the same stream as parallel numpy arrays, for the engines' fast replay path.
+
+A live run also has what no handler-side event shows: each vCPU worker's own record of every stalled
+access (``StallColumns``: vCPU, start, end on the same clock).  They travel with the event columns
+(``EventColumns.stalls``) into traces and to the ``truth`` engine; QEMU logs have none.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "TraceMeta",
     "Event",
     "EventColumns",
+    "StallColumns",
     "KIND_FAULT",
     "KIND_PLACED",
     "AR_UNKNOWN",
@@ -97,6 +102,38 @@ AR_UNKNOWN = -1  # ``flag`` for a fault whose already_received is None
 
 
 @dataclass
+class StallColumns:
+    """The vCPUs' own stall intervals: access i of vCPU ``vcpu[i]`` was stalled during
+    [``start_ns[i]``, ``end_ns[i]``), on the page at ``addr[i]`` (order does not matter)."""
+
+    vcpu: np.ndarray  # int32
+    start_ns: np.ndarray  # int64
+    end_ns: np.ndarray  # int64
+    addr: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return int(self.vcpu.shape[0])
+
+    @classmethod
+    def from_lists(
+        cls, vcpu: Sequence[int], start_ns: Sequence[int], end_ns: Sequence[int], addr: Sequence[int] | None = None
+    ) -> StallColumns:
+        """Build from equally long Python sequences (``addr`` defaults to 0)."""
+        try:
+            out = cls(
+                vcpu=np.asarray(vcpu, dtype=np.int32),
+                start_ns=np.asarray(start_ns, dtype=np.int64),
+                end_ns=np.asarray(end_ns, dtype=np.int64),
+                addr=np.asarray([0] * len(vcpu) if addr is None else addr, dtype=np.int64),
+            )
+        except OverflowError as exc:
+            raise BlocktimeError(f"a stall time or address does not fit in 63 bits: {exc}") from None
+        if not (out.vcpu.shape == out.start_ns.shape == out.end_ns.shape == out.addr.shape):
+            raise BlocktimeError("stall columns must be equally long")
+        return out
+
+
+@dataclass
 class EventColumns:
     """An event stream as parallel arrays (index = position in the stream).
 
@@ -110,6 +147,7 @@ class EventColumns:
     vcpu: np.ndarray  # int32
     tid: np.ndarray  # int64
     flag: np.ndarray  # int8
+    stalls: StallColumns | None = None  # the vCPUs' own stall intervals, when recorded
 
     def __len__(self) -> int:
         return int(self.kind.shape[0])

@@ -7,11 +7,14 @@ chosen by a ``.gz`` suffix when writing)::
     M {"vcpus": 2, "page_size": 4096, "start_ns": 0, "source": "harness", "tid_map": {"4242": 0}, "extra": {}}
     F 1500000 0 0x7000 4242 -
     P 3000000 0x7000 0
-    #end events=2
+    S 0 1400000 3100000 0x7000
+    #end events=2 stalls=1
 
 ``F t_ns vcpu addr tid already_received`` (vcpu ``-`` = look the tid up in tid_map; already_received
-``-``/``0``/``1``), ``P t_ns addr zero``.  Everything the engines use is stored, so a replay gives
-exactly the live numbers.
+``-``/``0``/``1``), ``P t_ns addr zero``, and ``S vcpu start_ns end_ns addr``: a stall interval the
+vCPU itself recorded (for the truth engine; a trace without ``S`` records and without ``stalls=`` in
+its end marker has no truth).  Everything the engines use is stored, so a replay gives exactly the
+live numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .events import (
     EventColumns,
     Fault,
     Placed,
+    StallColumns,
     TraceMeta,
 )
 
@@ -49,7 +53,8 @@ class TraceWriter:
     """Write a native trace: ``TraceWriter(path, meta)``, ``.write(ev)`` per event, ``.close()``.
 
     Use as a context manager.  The closing ``#end events=N`` line lets readers tell a complete trace
-    from one cut short by a crash.
+    from one cut short by a crash; ``.write_stalls(stalls)`` adds the vCPUs' stall intervals and
+    ``stalls=K`` to that line.
     """
 
     def __init__(self, path: str | os.PathLike, meta: TraceMeta) -> None:
@@ -61,6 +66,7 @@ class TraceWriter:
         else:
             self._fh = open(self.path, "w", encoding="ascii")  # noqa: SIM115 - closed in close()
         self.count = 0
+        self.stalls: int | None = None  # stall records written (None: this trace has no intervals)
         self._fh.write(f"{MAGIC} v{VERSION}\n")
         self._fh.write("M " + json.dumps(meta_to_json(meta), sort_keys=True) + "\n")
 
@@ -80,6 +86,18 @@ class TraceWriter:
         for ev in events:
             self.write(ev)
 
+    def write_stalls(self, stalls: StallColumns) -> None:
+        """Append the vCPUs' stall intervals (``S`` records); the trace then has a ``truth``."""
+        lines = [
+            f"S {v} {s} {e} {a:#x}\n"
+            for v, s, e, a in zip(
+                stalls.vcpu.tolist(), stalls.start_ns.tolist(), stalls.end_ns.tolist(),
+                stalls.addr.tolist(), strict=True,
+            )
+        ]
+        self._fh.writelines(lines)
+        self.stalls = (self.stalls or 0) + len(lines)
+
     def flush(self) -> None:
         """Push buffered lines to the file (a live run may call this now and then)."""
         self._fh.flush()
@@ -88,7 +106,8 @@ class TraceWriter:
         """Write the end marker and close; safe to call twice."""
         if self._fh.closed:
             return
-        self._fh.write(f"#end events={self.count}\n")
+        tail = "" if self.stalls is None else f" stalls={self.stalls}"
+        self._fh.write(f"#end events={self.count}{tail}\n")
         self._fh.close()
 
     def __enter__(self) -> TraceWriter:
@@ -202,8 +221,13 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
     vcpu: list[int] = []
     tid: list[int] = []
     flag: list[int] = []
+    s_vcpu: list[int] = []
+    s_start: list[int] = []
+    s_end: list[int] = []
+    s_addr: list[int] = []
     meta: TraceMeta | None = None
     declared_end: int | None = None
+    declared_stalls: int | None = None
     seen_magic = False
     tid_map: dict[int, int] = {}
     for n, line in iter_lines(path):
@@ -224,10 +248,12 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
             continue
         if not line or line[0] == "#":
             if line.startswith("#end"):
-                m = re.fullmatch(r"#end events=(\d+)\s*", line)
+                m = re.fullmatch(r"#end events=(\d+)(?: stalls=(\d+))?\s*", line)
                 if not m:
                     raise BlocktimeError(f"{path}: line {n}: malformed end marker: {line[:80]!r}")
                 declared_end = int(m.group(1))
+                if m.group(2) is not None:
+                    declared_stalls = int(m.group(2))
             continue
         if declared_end is not None:
             raise BlocktimeError(f"{path}: line {n}: record after the end marker")
@@ -259,6 +285,15 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                 vcpu.append(0)
                 tid.append(0)
                 flag.append(int(z))
+            elif tag == "S" and len(parts) == 5 and meta is not None:
+                v, t0, t1, a = int(parts[1]), int(parts[2]), int(parts[3]), int(parts[4], 16)
+                if v < 0 or t0 < 0 or t1 < t0 or a < 0:
+                    raise ValueError
+                s_vcpu.append(v)
+                s_start.append(t0)
+                s_end.append(t1)
+                s_addr.append(a)
+                continue  # not an event: no time/address in the event columns
             elif tag == "M" and meta is None and line.startswith("M "):
                 try:
                     obj = json.loads(line[2:])
@@ -290,7 +325,14 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
         meta.extra = {**meta.extra, "complete": False}
     elif declared_end != len(kind):
         raise BlocktimeError(f"{path}: end marker says {declared_end} events, the file holds {len(kind)}")
-    return meta, EventColumns.from_lists(kind, ts, addr, vcpu, tid, flag)
+    if declared_stalls is not None and declared_stalls != len(s_vcpu):
+        raise BlocktimeError(
+            f"{path}: end marker says {declared_stalls} stall intervals, the file holds {len(s_vcpu)}"
+        )
+    cols = EventColumns.from_lists(kind, ts, addr, vcpu, tid, flag)
+    if s_vcpu or declared_stalls is not None:
+        cols.stalls = StallColumns.from_lists(s_vcpu, s_start, s_end, s_addr)
+    return meta, cols
 
 
 def read_trace_columns(

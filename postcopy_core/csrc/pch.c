@@ -288,6 +288,8 @@ int pch_touch_run(struct pch_touch *t)
             uint32_t d32 = d > UINT32_MAX ? UINT32_MAX : (uint32_t)d;
             t->lat_ns[t->n_faulting] = d32;
             t->lat_page[t->n_faulting] = (uint32_t)page;
+            if (t->lat_start)
+                t->lat_start[t->n_faulting] = s;
             t->n_faulting++;
             t->stall_ns += d;
             if (d > t->max_ns)

@@ -67,6 +67,8 @@ struct pch_touch {
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
+    uint64_t *lat_start;      /* CLOCK_MONOTONIC ns at which each faulting access began, or NULL;
+                               * the stall interval is [lat_start, lat_start + lat_ns) */
     uint64_t n_faulting;
     uint64_t stall_ns;        /* sum of faulting-access latencies: the worker's stall clock */
     uint64_t max_ns;
