@@ -1,0 +1,57 @@
+"""``bench/stream_faults.py`` runs on a tiny size and prints both tables; bad input is one line, exit 2.
+
+Only that it works is checked here: the measurement itself is the script's job, run by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import requires_uffd
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "stream_faults.py"
+SHARED = REPO.parent / "shared"
+
+can_build = pytest.mark.skipif(
+    not (SHARED / "bench" / "uffd_ref.c").is_file() or not shutil.which("make") or not shutil.which("cc"),
+    reason="needs ../shared/bench/uffd_ref.c, make and cc",
+)
+
+
+def bench(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.kernel
+@requires_uffd
+@can_build
+def test_tiny_run_prints_both_tables_and_json(tmp_path, clean_machine):
+    out = tmp_path / "b.json"
+    p = bench("--vcpus", "1,2", "--ram", "4M", "--stream-ram", "4M", "--repeat", "1", "--rounds", "2",
+              "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "with and without the stream" in p.stdout and "uffd_ref -m raw" in p.stdout
+    assert "reproduce: python bench/stream_faults.py" in p.stdout
+    doc = json.loads(out.read_text())
+    assert [r["vcpus"] for r in doc["latency"]] == [1, 2]
+    for r in doc["latency"]:
+        assert r["stream"]["p50"] > 0 and r["demand"]["p50"] > 0
+    (row,) = doc["stream"]
+    assert row["backing"] == "shmem" and row["harness-pages-per-s"] > 0 and row["raw-pages-per-s"] > 0
+    assert {r["side"] for r in doc["runs"] if r["table"] == "stream"} == {"harness", "ref"}
+
+
+@pytest.mark.parametrize("argv", [["--ram", "lots"], ["--stream-ram", "1500K"], ["--repeat", "0"],
+                                  ["--shared", "/nonexistent"]])
+def test_bad_input_is_one_line(argv):
+    p = bench(*argv)
+    assert p.returncode == 2
+    assert p.stderr.startswith("stream_faults: ") and len(p.stderr.strip().splitlines()) == 1
