@@ -74,6 +74,8 @@ class Source:
             rp_fd=stream.fileno(), ctl_fd=control.fileno(), stream_fd=stream.fileno(),
             rest=self._rest, cap=len(self._rest)))
         self._batch = None  # the batch of page numbers the C lane is streaming (kept alive here)
+        self.resend_streamed = spec.page_size < BACKGROUND_CHUNK  # see pch.h, pch_source_answer
+        self.fast.resend_streamed = int(self.resend_streamed)
         self.rp = ReturnPathReader(geo)
         self.out_stream, self.out_urgent = Outbox(stream), Outbox(urgent)
         self.cursor = 0  # next page the background stream looks at
@@ -106,10 +108,10 @@ class Source:
     def _runs(self, first: int, count: int, limit: int, urgent: bool = False):
         """Split pages [first, first+count) into runs of pages to send, of one kind (zero or data).
 
-        The stream skips every page sent; an answer skips only pages already answered (one that
-        went on the stream may still be stuck behind the stream's backlog, see csrc/source.c)."""
+        The stream skips every page sent; an answer of small pages skips only pages already
+        answered (one that went on the stream may be stuck behind its backlog, see pch.h)."""
         sent = self.sent
-        skip = (lambda p: sent[p] == SENT_URGENT) if urgent else sent.__getitem__
+        skip = (lambda p: sent[p] == SENT_URGENT) if urgent and self.resend_streamed else sent.__getitem__
         p, end = first, first + count
         while p < end:
             if skip(p):

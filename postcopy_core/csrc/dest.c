@@ -32,6 +32,7 @@ struct waiter { int32_t port, next; };
 struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
 #define RX_CAP (8u << 20)      /* the largest frame (a 2 MiB huge page) several times over */
 #define RX_TURN (256u << 10)   /* bytes read from a channel per loop turn */
+#define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
 
 struct pch_dest {
@@ -526,8 +527,8 @@ void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
 const char *pch_dest_error(struct pch_dest *d) { return d->err; }
 
-/* Receive once from a channel (at most RX_TURN bytes) and place every complete frame; PCH_RUN_EOF
- * at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
+/* Receive once from a channel (at most RX_TURN bytes) and place every complete frame: 1 if it read
+ * something, 0 if nothing was there, PCH_RUN_EOF at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
  * the urgent channel and the uffds (epoll is level-triggered, so the rest comes next turn). */
 static int on_channel(struct pch_dest *d, int fd, int ch)
 {
@@ -557,7 +558,7 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
     r->start += (uint64_t)used;
     if (r->start == r->end)
         r->start = r->end = 0;
-    return 0;
+    return 1;
 }
 
 static int send_requests(struct pch_dest *d, int fd)
@@ -600,7 +601,11 @@ static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
                     rc = pch_dest_on_uffd(d, port);
                 }
             } else if (fd == l->urgent_fd) {
-                rc = on_channel(d, fd, 1);
+                /* answers first, whole: a huge page must not come in at the stream's pace */
+                for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1; n++)
+                    ;
+                if (rc == 1)
+                    rc = 0;
                 if (rc == PCH_RUN_EOF) {
                     epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL);
                     d->loop_result = PCH_RUN_EOF;
@@ -652,6 +657,8 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
             break;
         if (stream_ready) {
             rc = on_channel(d, l->stream_fd, 0);
+            if (rc == 1)
+                rc = 0;
             if (rc == PCH_RUN_EOF) {
                 epoll_ctl(l->epfd, EPOLL_CTL_DEL, l->stream_fd, NULL);
                 d->loop_result = PCH_RUN_EOF;

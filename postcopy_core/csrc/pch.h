@@ -88,6 +88,7 @@ uint64_t pch_now_ns(void);
 struct pch_source {
     int fd;                 /* the urgent channel */
     int id_known;           /* the RAM block id arrived (REQ_PAGES_ID): plain REQ_PAGES are valid */
+    int resend_streamed;    /* answer a request for a page already on the stream (small pages) */
     const uint8_t *image;   /* guest RAM as the source holds it */
     const uint8_t *zero;    /* per page: 1 = all zeros (sent as ZERO) */
     uint8_t *sent;          /* per page: PCH_SENT_* once sent */
@@ -95,9 +96,10 @@ struct pch_source {
     uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent, pages_stream;
 };
 /* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno.  A
- * requested page is sent at once unless it already went out urgently: one that went on the
- * stream may still sit behind the stream's backlog, and the destination asks only for pages it
- * lacks (it drops the copy that comes second). */
+ * requested page is sent at once unless it already went out: urgently, or on the stream when
+ * resend_streamed is 0.  A small page that went on the stream may sit behind megabytes of the
+ * stream's backlog, and sending it again costs little (the destination asks only for pages it
+ * lacks, and drops the copy that comes second); a huge page would cost as much as it saves. */
 int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
 
 /* The streaming lane: sends the pages of `order` (a batch of page numbers chosen by the Python

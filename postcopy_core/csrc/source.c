@@ -84,8 +84,8 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
         for (uint64_t p = off / s->page_size; p < (off + length) / s->page_size; p++) {
             if (s->sent[p])
                 s->requested_already_sent++;
-            if (s->sent[p] == PCH_SENT_URGENT)
-                continue; /* already answered: it is on its way */
+            if (s->sent[p] == PCH_SENT_URGENT || (s->sent[p] && !s->resend_streamed))
+                continue; /* on its way */
             s->sent[p] = PCH_SENT_URGENT;
             int zero = s->zero[p];
             uint8_t *h = hdr[nh++];
