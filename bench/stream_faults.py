@@ -149,7 +149,7 @@ def render(lat_rows: list[dict], stream_rows: list[dict], args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapped numbers when piped
     try:
         try:
             vcpus = [int(x) for x in args.vcpus.split(",") if x]

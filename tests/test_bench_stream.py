@@ -55,3 +55,21 @@ def test_bad_input_is_one_line(argv):
     p = bench(*argv)
     assert p.returncode == 2
     assert p.stderr.startswith("stream_faults: ") and len(p.stderr.strip().splitlines()) == 1
+
+
+ACCURACY = REPO / "bench" / "accuracy.py"
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_accuracy_tiny_run_has_every_cell(tmp_path, clean_machine):
+    out = tmp_path / "a.json"
+    p = subprocess.run([sys.executable, str(ACCURACY), "--vcpus", "2", "--ram", "4M", "--repeat", "1",
+                        "--workloads", "shared", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    cells = json.loads(out.read_text())["cells"]
+    assert {(c["link"], c["stream"]) for c in cells} == {("unlimited", False), ("unlimited", True),
+                                                         ("1gbit,2ms", False), ("1gbit,2ms", True)}
+    for c in cells:  # a handler-side engine never sees more per-vCPU stall than the vCPUs lived
+        assert 0 < c["shares"]["exact"]["vcpu"] <= 1.0

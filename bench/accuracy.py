@@ -1,0 +1,124 @@
+"""How much of the vCPUs' real stall each blocktime engine sees: seed, modern and exact against
+``truth`` (the vCPUs' own clocks), demand-only and with the background stream, on an unlimited
+and on a modelled link, one run per cell (medians of ``--repeat``).
+
+Per engine two shares: ``vCPU`` = sum of its per-vCPU blocktime / sum of truth's per-vCPU
+blocktime; ``all`` = its ``postcopy-blocktime`` (all vCPUs blocked at once) / truth's.
+
+Reproduce:  python bench/accuracy.py --vcpus 4 --ram 64M --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from harness.config import ConfigError, RunConfig, parse_size
+
+PROG = "accuracy"
+ENGINES = ("seed", "modern", "exact")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="accuracy.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vcpus", type=int, default=4, help="vCPUs (default 4)")
+    ap.add_argument("--ram", default="64M", help="guest RAM (default 64M)")
+    ap.add_argument("--workloads", default="sequential,shared", help="comma list (default sequential,shared)")
+    ap.add_argument("--links", default="unlimited,1gbit,2ms", metavar="LIST",
+                    help="'unlimited' and/or one modelled link, e.g. 1gbit,2ms (default unlimited,1gbit,2ms)")
+    ap.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per cell; medians (default 3)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--json", metavar="FILE", help="write every cell here")
+    return ap.parse_args(argv)
+
+
+def links(text: str) -> list[str | None]:
+    """'unlimited,1gbit,2ms' -> [None, '1gbit,2ms'] (a link spec itself holds a comma)."""
+    out: list[str | None] = []
+    if text.startswith("unlimited"):
+        out.append(None)
+        text = text[len("unlimited"):].lstrip(",")
+    if text:
+        out.append(text)
+    return out
+
+
+def shares(rep: dict) -> dict[str, dict[str, float]]:
+    truth = rep["engines"]["truth"]
+    t_vcpu = sum(truth["postcopy-vcpu-blocktime"]) or 1e-9
+    t_all = truth["postcopy-blocktime"]
+    out = {}
+    for name in ENGINES:
+        e = rep["engines"][name]
+        out[name] = {"vcpu": sum(e["postcopy-vcpu-blocktime"]) / t_vcpu,
+                     "all": e["postcopy-blocktime"] / t_all if t_all else float("nan")}
+    return out
+
+
+def cell(args: argparse.Namespace, ram: int, workload: str, link: str | None, background: bool) -> dict[str, Any]:
+    from harness.report import build_report
+    from harness.run import execute
+
+    runs = []
+    for _ in range(args.repeat):
+        cfg = RunConfig(vcpus=args.vcpus, ram=ram, workload=workload, background=background, seed=args.seed,
+                        **({"link": link} if link else {}))
+        rep = build_report(cfg, execute(cfg))
+        if rep["status"] != "completed":
+            raise RuntimeError(f"{workload} {link or 'unlimited'}: {rep['error']}")
+        runs.append(shares(rep) | {"truth-ms": rep["engines"]["truth"]["postcopy-blocktime"]})
+    med = {n: {k: statistics.median(r[n][k] for r in runs) for k in ("vcpu", "all")} for n in ENGINES}
+    return {"workload": workload, "link": link or "unlimited", "stream": background, "shares": med,
+            "truth-all-ms": statistics.median(r["truth-ms"] for r in runs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        ram = parse_size(args.ram)
+        RunConfig(vcpus=args.vcpus, ram=ram).validate()
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print(f"{PROG}: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    rows = []
+    try:
+        for link in links(args.links):
+            for workload in args.workloads.split(","):
+                for background in (False, True):
+                    rows.append(cell(args, ram, workload, link, background))
+    except (RuntimeError, ConfigError, OSError) as e:
+        print(f"{PROG}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    t = Table(title=f"share of the vCPUs' own stall each engine sees ({args.vcpus} vCPUs, {args.ram}, "
+                    f"median of {args.repeat}): per-vCPU sum / all-vCPUs-blocked total")
+    for c in ("link", "workload", "pages", *ENGINES, "truth all-blocked ms"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(r["link"], r["workload"], "stream + demand" if r["stream"] else "demand only",
+                  *[f"{r['shares'][n]['vcpu']:.0%} / {r['shares'][n]['all']:.0%}" for n in ENGINES],
+                  f"{r['truth-all-ms']:.1f}")
+    console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapped numbers when piped
+    console.print(t)
+    cmd = "python bench/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    console.print(f"reproduce: {cmd}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": cmd, "cells": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
