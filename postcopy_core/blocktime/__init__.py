@@ -1,6 +1,7 @@
 """Postcopy blocktime accounting: three engines over one event stream.
 
-* ``seed``   -- QEMU's 2018 algorithm, flaws included (ms, one slot per vCPU, O(vCPUs) scan).
+* ``seed``   -- QEMU's 2018 algorithm, flaws included (ms, one slot per vCPU; O(vCPUs) scan per placement
+  on the per-event path, none in the columnar replay).
 * ``modern`` -- QEMU 10.1's algorithm (ns, per-address fault lists, latencies, histogram).
 * ``exact``  -- the truth from intervals (union per vCPU, all-vCPUs-blocked overlap).
 
