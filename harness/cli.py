@@ -63,21 +63,11 @@ def _run(args) -> int:
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
-    from harness.report import build_report, print_summary, write_json
-    from harness.run import execute
-    from harness.supervise import RunFailed
-    from postcopy_core.kernel import KernelError
+    from harness.report import print_summary
+    from postcopy_harness import run_config
 
-    raw, error = None, None
-    try:
-        raw = execute(cfg)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
-        error = str(e)
-    rep = build_report(cfg, raw, error)
-    if args.json:
-        write_json(rep, args.json)
+    rep = run_config(cfg)  # the same function the Python API and the pytest plugin use
+    error = rep["error"]
     if not args.quiet:
         print_summary(rep)
     if rep["status"] != "completed":
