@@ -27,6 +27,9 @@ def _add_run(sub) -> None:
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.")
     p.add_argument("--vcpus", type=int, default=d.vcpus, help=f"vCPU worker processes (default {d.vcpus})")
+    p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
+                   help="also N faulting processes that are not vCPUs (like a device model's DMA): served "
+                        "like any fault, counted as non-vCPU by every engine")
     p.add_argument("--ram", type=size, default=d.ram, help="guest RAM size, K/M/G suffixes (default 256M)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing)
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
