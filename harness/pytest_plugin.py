@@ -90,16 +90,18 @@ def postcopy_run() -> Callable[..., dict]:
     import postcopy_harness
 
     def _run(**options: object) -> dict:
+        problem = None  # failed outside the except blocks: one line, no exception chain
         try:
             report = postcopy_harness.run(**options)
         except postcopy_harness.ConfigError as e:
-            pytest.fail(f"postcopy_run: {e}", pytrace=False)
+            problem = f"postcopy_run: {e}"
         except postcopy_harness.RunError as e:
-            pytest.fail(f"postcopy_run: the run failed: {e}", pytrace=False)
-        finally:
-            left = _wait_clean()
+            problem = f"postcopy_run: the run failed: {e}"
+        left = _wait_clean()
         if left:
-            pytest.fail(f"postcopy_run: the run left behind: {', '.join(left)}", pytrace=False)
+            problem = f"postcopy_run: the run left behind: {', '.join(left)}" + (f"; {problem}" if problem else "")
+        if problem:
+            pytest.fail(problem, pytrace=False)
         return report
 
     return _run
@@ -117,6 +119,7 @@ def postcopy_replay() -> Callable[..., dict[str, dict]]:
         try:
             return postcopy_harness.replay(path, format=format, vcpus=vcpus, engines=engines)
         except postcopy_harness.BlocktimeError as e:
-            pytest.fail(f"postcopy_replay: {e}", pytrace=False)
+            problem = f"postcopy_replay: {e}"
+        pytest.fail(problem, pytrace=False)
 
     return _replay
