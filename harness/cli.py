@@ -27,6 +27,9 @@ def _add_run(sub) -> None:
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.")
     p.add_argument("--vcpus", type=int, default=d.vcpus, help=f"vCPU worker processes (default {d.vcpus})")
+    p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
+                   help="also N faulting processes that are not vCPUs (like a device model's DMA): served "
+                        "like any fault, counted as non-vCPU by every engine")
     p.add_argument("--ram", type=size, default=d.ram, help="guest RAM size, K/M/G suffixes (default 256M)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing)
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
@@ -63,21 +66,11 @@ def _run(args) -> int:
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
-    from harness.report import build_report, print_summary, write_json
-    from harness.run import execute
-    from harness.supervise import RunFailed
-    from postcopy_core.kernel import KernelError
+    from harness.report import print_summary
+    from postcopy_harness import run_config
 
-    raw, error = None, None
-    try:
-        raw = execute(cfg)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
-        error = str(e)
-    rep = build_report(cfg, raw, error)
-    if args.json:
-        write_json(rep, args.json)
+    rep = run_config(cfg)  # the same function the Python API and the pytest plugin use
+    error = rep["error"]
     if not args.quiet:
         print_summary(rep)
     if rep["status"] != "completed":

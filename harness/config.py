@@ -32,6 +32,7 @@ class RunConfig:
     """What one run does.  Defaults are the no-argument run: a few vCPUs, a few hundred MiB, random."""
 
     vcpus: int = 4
+    non_vcpu: int = 0  # faulting processes that are not vCPUs (a device model's DMA into guest RAM)
     ram: int = 256 << 20
     backing: str = "shmem"
     workload: str = "random"
@@ -53,6 +54,8 @@ class RunConfig:
     def validate(self) -> RunConfig:
         if not 1 <= self.vcpus <= 4096:
             raise ConfigError(f"--vcpus {self.vcpus}: must be 1..4096")
+        if not 0 <= self.non_vcpu <= 4096:
+            raise ConfigError(f"--non-vcpu {self.non_vcpu}: must be 0..4096")
         if self.backing not in ("shmem", "hugetlb"):
             raise ConfigError(f"--backing {self.backing!r}: choose shmem or hugetlb")
         if self.workload not in WORKLOADS:

@@ -33,7 +33,9 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
     t0 = int(summ["t_start"].min())
     t1 = int(summ["t_end"].max())
     workload_s = max((t1 - t0) / 1e9, 1e-9)
-    mismatches = int(summ["mismatches"].sum())
+    nv = raw.get("non_vcpu")  # the non-vCPU processes' records (run --non-vcpu N); their reads count too
+    checked = summ if nv is None or not len(nv) else np.concatenate([summ, nv])
+    mismatches = int(checked["mismatches"].sum())
     # the postcopy phase: from "go" until the last page is in (not the shutdown and final checks)
     postcopy_s = max((hs["t_last_place"] - raw["t_go"]) / 1e9, 1e-9)
     rep["pages"] = {
@@ -46,8 +48,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "per-second": round(hs["placed"] / postcopy_s, 1),
     }
     rep["verification"] = {
-        "pages_checked": int(summ["pages_checked"].sum()),
-        "words_checked": int(summ["words_checked"].sum()),
+        "pages_checked": int(checked["pages_checked"].sum()),
+        "words_checked": int(checked["words_checked"].sum()),
         "mismatches": mismatches,
         "ram_pages_verified": hs["ram_pages_verified"],
         "ram_bad_pages": hs["ram_bad_pages"],
@@ -79,6 +81,14 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "uss-bytes": raw["worker_mem"],
         "uss-mean-mib": round(float(np.mean(raw["worker_mem"])) / 2**20, 2) if raw["worker_mem"] else 0.0,
     }
+    if nv is not None and len(nv):
+        rep["non-vcpu-processes"] = {
+            "count": len(nv),
+            "stall-ms": [round(int(s) / 1e6, 3) for s in nv["stall_ns"]],
+            "faulting-accesses": [int(x) for x in nv["faulting"]],
+            "accesses": [int(x) for x in nv["accesses"]],
+            "pages-checked": [int(x) for x in nv["pages_checked"]],
+        }
     rep["engines"] = raw["engines"]
     rep["accuracy"] = accuracy(rep["workers"]["vcpu-stall-ms"], raw["engines"])
     rep["accounting"] = {"events": raw["events"], "cpu-s": round(raw["engines_cpu_s"], 3),

@@ -94,7 +94,8 @@ class Run:
         t_begin = time.monotonic()
         sweep_stale_segments()
         preflight(cfg.backing == "hugetlb")
-        raise_fd_limit(cfg.vcpus)  # the handler holds one uffd per vCPU
+        nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
+        raise_fd_limit(nworkers)  # the handler holds one uffd per worker
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)
         hugetlb = cfg.backing == "hugetlb"
@@ -109,7 +110,7 @@ class Run:
             hint = " (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
             raise RunFailed(f"cannot create guest RAM: {e}{hint}") from None
         self.received = ReceivedMap(cfg.npages)
-        self.area = R.ResultsArea(cfg.vcpus, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
+        self.area = R.ResultsArea(nworkers, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
         self.board = AccessBoard(cfg.vcpus)
 
         ctl_src_parent, ctl_src_child = self._pair()
@@ -118,7 +119,7 @@ class Run:
         quit_fd = kernel.eventfd(0)
         self.fds.append(quit_fd)
         handoff_addr = abstract_address("uffd")
-        handoff = listen(handoff_addr, backlog=min(cfg.vcpus, 4096))
+        handoff = listen(handoff_addr, backlog=min(nworkers, 4096))
         self.socks.append(handoff)
         start_r, start_w = os.pipe()
         self.fds += [start_r, start_w]
@@ -153,13 +154,14 @@ class Run:
         def dest_body() -> int:
             control = ControlLine(ctl_dst_child)
             ports = []
-            for _ in range(cfg.vcpus):
+            for _ in range(nworkers):
                 hello, fd = accept_uffd(handoff, timeout=STARTUP_TIMEOUT)
-                ports.append(Port(hello.vcpu, hello.pid, kernel.Uffd.adopt(fd), hello.base))
+                vcpu = hello.vcpu if hello.vcpu < cfg.vcpus else -1  # -1: not a vCPU, pid left unmapped
+                ports.append(Port(vcpu, hello.pid, kernel.Uffd.adopt(fd), hello.base))
             handoff.close()
             stream, urgent = dest_channels()
             ports.sort(key=lambda p: p.vcpu)
-            control.send(event="ready", vcpus=len(ports))
+            control.send(event="ready", vcpus=cfg.vcpus)
             return destination_main(dict(
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
@@ -170,7 +172,8 @@ class Run:
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
-                          handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1))
+                          handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1),
+                          cfg.non_vcpu)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process
@@ -188,7 +191,7 @@ class Run:
         # go: every worker starts at EOF of the start pipe; the source starts streaming.  The
         # engines' context starts here, like QEMU's blocktime context at postcopy start.
         t_go = time.monotonic_ns()
-        tid_map = {int(pid): v for v, pid in enumerate(self.area.summary["pid"])}
+        tid_map = {int(pid): v for v, pid in enumerate(self.area.summary["pid"][: cfg.vcpus])}
         meta = TraceMeta(cfg.vcpus, cfg.page_size, tid_map, start_ns=t_go, source="harness",
                          extra={"workload": cfg.workload, "link": cfg.link, "backing": cfg.backing})
         self.accounting = Accounting(meta, live=cfg.live_engines)
@@ -209,11 +212,12 @@ class Run:
         if self._ev_thread:
             self._ev_thread.join(SHUTDOWN_TIMEOUT)
         t_acc = time.thread_time()
-        engines = self.accounting.results(cfg.trace, self.area.stalls(cfg.page_size))
+        engines = self.accounting.results(cfg.trace, self.area.stalls(cfg.page_size, cfg.vcpus))
         engines_cpu_s = self.accounting.cpu_s + time.thread_time() - t_acc
         return dict(
-            summary=self.area.summary.copy(),
+            summary=self.area.summary[: cfg.vcpus].copy(),
             latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
+            non_vcpu=self.area.summary[cfg.vcpus :].copy(),
             handler=dst_stats, source=src_stats, engines=engines, engines_live=cfg.live_engines,
             events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
@@ -252,9 +256,13 @@ class Run:
                 self.workers_done.add(vcpu)
             elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4:
                 bad = int(self.area.summary[vcpu]["first_bad_page"])
-                raise RunFailed(f"vCPU {vcpu} read wrong content (first bad page {bad}): data lost or misplaced")
+                raise RunFailed(f"{self._who(vcpu)} read wrong content (first bad page {bad}): data lost or misplaced")
             else:
-                raise RunFailed(f"vcpu {vcpu} (pid {pid}) {describe_status(status)}")
+                raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}")
+
+    def _who(self, index: int, vcpu_word: str = "vCPU") -> str:
+        n = self.cfg.vcpus
+        return f"{vcpu_word} {index}" if index < n else f"non-vCPU process {index - n}"
 
     # ------------------------------------------------------------ supervision
 
@@ -262,7 +270,7 @@ class Run:
         for pid, role, status in self.children.reap():
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
-            if role == "zygote" and self.workers_done and len(self.workers_done) == self.cfg.vcpus:
+            if role == "zygote" and self.workers_done and len(self.workers_done) == self.area.nvcpus:
                 continue
             raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}")
 
@@ -295,7 +303,7 @@ class Run:
     def _measure_workers(self) -> list[int]:
         """USS of each worker before the workload (what one idle vCPU process costs)."""
         out = []
-        for pid in self.area.summary["pid"]:
+        for pid in self.area.summary["pid"][: self.cfg.vcpus]:
             try:
                 out.append(psutil.Process(int(pid)).memory_full_info().uss)
             except (psutil.Error, OSError):
@@ -303,7 +311,7 @@ class Run:
         return out
 
     def _supervise_workers(self, ctls: list[ControlLine], deadline: float) -> None:
-        while len(self.workers_done) < self.cfg.vcpus:
+        while len(self.workers_done) < self.area.nvcpus:  # every worker, vCPU or not
             self._worker_exits()
             self._check_children({self.zygote.pid})
             r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)

@@ -88,8 +88,9 @@ class Destination:
             self.c_ports[i].pid, self.c_ports[i].base = p.pid, p.base
         self.c_carrier = ffi.new("struct pch_port *", dict(fd=self.carrier_uffd.fd, alive=1, vcpu=-1,
                                                            pid=os.getpid(), base=self.mapping.addr))
-        # each worker is one single-threaded process: its pid is its vCPU thread's id
-        tids = sorted((p.pid, p.vcpu) for p in ports)
+        # each worker is one single-threaded process: its pid is its vCPU thread's id; a port with
+        # vcpu -1 (a non-vCPU process) stays out of the map, so its faults are non-vCPU faults
+        tids = sorted((p.pid, p.vcpu) for p in ports if p.vcpu >= 0)
         self.c_tids = ffi.new("uint32_t[]", [t for t, _ in tids] or [0])
         self.c_tid_vcpu = ffi.new("int32_t[]", [v for _, v in tids] or [0])
         self.c_received = ffi.from_buffer("uint8_t[]", received.view)

@@ -66,18 +66,20 @@ class ResultsArea:
         n = int(self.summary[vcpu]["faulting"])
         return self.lat_ns[vcpu, :n]
 
-    def stalls(self, page_size: int):
-        """Every vCPU's stall intervals (a copy, as ``StallColumns``), addresses as RAM offsets."""
+    def stalls(self, page_size: int, nvcpus: int | None = None):
+        """The stall intervals of the first ``nvcpus`` rows (default all: the vCPUs; rows after them
+        are non-vCPU processes), a copy, as ``StallColumns``, addresses as RAM offsets."""
         import numpy as np
 
         from postcopy_core.blocktime.events import StallColumns
 
-        counts = self.summary["faulting"].astype(np.int64)
+        nvcpus = self.nvcpus if nvcpus is None else nvcpus
+        counts = self.summary["faulting"][:nvcpus].astype(np.int64)
         take = [slice(0, int(k)) for k in counts]
         start = np.concatenate([self.lat_start[v, s] for v, s in enumerate(take)]).astype(np.int64)
         lat = np.concatenate([self.lat_ns[v, s] for v, s in enumerate(take)]).astype(np.int64)
         page = np.concatenate([self.lat_page[v, s] for v, s in enumerate(take)]).astype(np.int64)
-        vcpu = np.repeat(np.arange(self.nvcpus, dtype=np.int32), counts)
+        vcpu = np.repeat(np.arange(nvcpus, dtype=np.int32), counts)
         return StallColumns(vcpu=vcpu, start_ns=start, end_ns=start + lat, addr=page * page_size)
 
     def close(self) -> None:

@@ -4,6 +4,10 @@ Runs in a child forked by the zygote (vcpu_workers/zygote.py).  The uffd is crea
 in the worker: a uffd belongs to the address space that created it, and the handler's ioctls
 through it must act on this process's mapping.  Imports stay lean (no numpy): a thousand of these
 must start in seconds and each should cost little memory.
+
+The same body serves the non-vCPU processes of ``run --non-vcpu N`` (slots after the vCPUs): they
+fault and hand over their uffd like a vCPU, but the handler does not map their pid to a vCPU, so
+their faults are non-vCPU faults.
 """
 
 from __future__ import annotations
@@ -38,13 +42,26 @@ class WorkerPlan:
     start_fd: int  # EOF on this pipe = go
     results_fd: int
     capacity: int  # room for faulting accesses per vCPU in the results area
-    board_fd: int  # the access board (vcpu_workers/board.py)
+    board_fd: int  # the access board (postcopy_core/board.py)
     cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
+    ndevices: int = 0  # non-vCPU faulting processes, in the slots after the vCPUs
+
+
+# A non-vCPU process walks one vCPU's slice in its own random order (a seed of its own), so it
+# meets that vCPU on some pages (both wait for one page) and is first on others.
+DEVICE_SEED = 0xD3A
+
+
+def device_order(device: int, plan: WorkerPlan):
+    """Access order of non-vCPU process ``device``: a random walk over a vCPU's slice of RAM."""
+    spec = plan.spec
+    owner = device * plan.nvcpus // max(plan.ndevices, 1)
+    return order_buffer("random", owner, plan.nvcpus, spec.npages, spec.seed ^ (DEVICE_SEED + device))
 
 
 def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
-    """Body of worker ``vcpu``; returns the exit code."""
-    slot = R.WorkerSlot(plan.results_fd, plan.nvcpus, plan.capacity, vcpu)
+    """Body of worker ``vcpu`` (``>= plan.nvcpus``: a non-vCPU process); returns the exit code."""
+    slot = R.WorkerSlot(plan.results_fd, plan.nvcpus + plan.ndevices, plan.capacity, vcpu)
     rec = slot.result
     rec.vcpu, rec.pid, rec.t_forked = vcpu, os.getpid(), t_forked
     spec = plan.spec
@@ -59,11 +76,15 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     send_uffd(plan.handoff_address, WorkerHello(vcpu, os.getpid(), ram.addr, spec.size), uffd.fd)
     uffd.close()  # the handler now holds the only reference
 
-    order, count = order_buffer(plan.workload, vcpu, plan.nvcpus, spec.npages, spec.seed)
+    if vcpu < plan.nvcpus:
+        order, count = order_buffer(plan.workload, vcpu, plan.nvcpus, spec.npages, spec.seed)
+    else:
+        order, count = device_order(vcpu - plan.nvcpus, plan)
     writes = writes_buffer(count, plan.write_ratio, vcpu, spec.seed)
     ref = Image(spec) if spec.image else None
     verified = ffi.new("uint8_t[]", spec.npages)
-    board, _board_map = worker_slot(plan.board_fd, plan.nvcpus, vcpu)
+    # only vCPUs publish what they touch: a device's faults are woken when the handler reads them
+    board, _board_map = worker_slot(plan.board_fd, plan.nvcpus, vcpu) if vcpu < plan.nvcpus else (ffi.NULL, None)
     rec.accesses = count
     rec.t_ready = kernel.now_ns()
     rec.state = R.STATE_READY

@@ -45,11 +45,13 @@ def main() -> int:
     plan, report_fd = _plan_from_json(sys.stdin.read())
     gc.freeze()  # the GC would otherwise touch (and so copy) every object page in every worker
     pids: dict[int, int] = {}
-    for vcpu in range(plan.nvcpus):
+    for vcpu in range(plan.nvcpus + plan.ndevices):  # vCPUs, then the non-vCPU processes
         pid = os.fork()
         if pid == 0:
             t_forked = kernel.now_ns()
-            run_child(f"pch-vcpu-{vcpu}", f"vcpu {vcpu}", {plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd},
+            name = f"pch-vcpu-{vcpu}" if vcpu < plan.nvcpus else f"pch-dev-{vcpu - plan.nvcpus}"
+            label = f"vcpu {vcpu}" if vcpu < plan.nvcpus else f"non-vCPU process {vcpu - plan.nvcpus}"
+            run_child(name, label, {plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd},
                       partial(worker_main, vcpu, plan, t_forked), plan.cpus)
         pids[pid] = vcpu
     os.close(plan.start_fd)  # only workers hold the read end now: EOF reaches them alone
