@@ -210,6 +210,7 @@ class FrameReader:
         self.end = 0
         self.geo = geo
         self.eof = False
+        self.eos = False  # nothing may follow EOS on a channel
 
     def recv_from(self, sock) -> int:
         """Read what the socket has (without blocking); returns bytes read, 0 at EOF."""
@@ -246,6 +247,7 @@ class FrameReader:
                 return
             at = self.start + HDR.size
             self.start = at + plen
+            self.eos = mtype == MSG_EOS
             if mtype == MSG_HELLO:
                 self.geo = decode_hello(self.view[at : at + plen])
             yield Frame(mtype, flags, count, offset, at, plen)
@@ -256,6 +258,8 @@ class FrameReader:
             raise ProtocolError(f"page stream: unknown message type {mtype}")
         if flags & ~KNOWN_FLAGS:
             raise ProtocolError(f"{name}: unknown flags {flags:#x}")
+        if self.eos:
+            raise ProtocolError(f"{name}: received after EOS")
         if mtype == MSG_HELLO:
             if self.geo is not None:
                 raise ProtocolError("HELLO: sent twice")

@@ -115,6 +115,21 @@ def test_a_partial_frame_is_left_for_the_next_read(dest):
     assert dest.received[5] == 1
 
 
+def test_a_page_already_in_inside_a_run_leaves_the_rest_copied(dest):
+    """EEXIST stops the kernel inside a multi-page copy: every other page must still be copied."""
+    dest.uffd.copy(dest.ram.addr + 5 * PS, IMG.mapping.pointer(5 * PS), PS)  # in the page cache behind our back
+    data = HELLO + pages_frame(3, 6)
+    assert dest.feed(data) == len(data)
+    assert [dest.received[p] for p in range(3, 9)] == [1] * 6
+    assert dest.stats.copy_eexist == 1
+    # read through a second, unregistered mapping: a page never copied would read as zeros there
+    view = kernel.mmap_fd(dest.fd, GEO.ram_size)
+    try:
+        assert bytes(view.buffer(3 * PS, 6 * PS)) == bytes(IMG.mapping.buffer(3 * PS, 6 * PS))
+    finally:
+        view.close()
+
+
 def test_eos_is_noted(dest):
     assert dest.feed(HELLO + HDR.pack(MSG_EOS, 0, 0, 0, 0)) == len(HELLO) + HDR.size
     assert dest.stats.eos == 1
@@ -135,6 +150,9 @@ def test_eos_is_noted(dest):
     (encode_hello(Geometry(PS, NPAGES * PS, "pc.rom")), "HELLO: unknown RAM block id"),
     (HELLO[:16] + b"XXXX" + HELLO[20:], "HELLO: bad magic"),
     (HELLO[:20] + b"\x00\x07" + HELLO[22:], "HELLO: protocol version 7"),
+    (HELLO + HDR.pack(MSG_EOS, 0, 0, 0, 0) + HDR.pack(MSG_ZERO, 0, 1, 0, 0), "ZERO: received after EOS"),
+    # an impossible length is refused once the header is in, not waited for
+    (HDR.pack(1, 0, 0, 1 << 30, 0), "HELLO: payload length 1073741824 out of range"),
 ])
 def test_bad_frames_are_refused_with_one_line(dest, data, words):
     assert dest.feed(data) < 0
@@ -145,19 +163,34 @@ def test_bad_frames_are_refused_with_one_line(dest, data, words):
 
 
 frame = st.tuples(
-    st.sampled_from([MSG_PAGES, MSG_ZERO, MSG_EOS, 0, 7]),  # type
+    st.sampled_from([MSG_PAGES, MSG_ZERO, MSG_EOS, 1, 0, 7]),  # type (1: a second HELLO)
     st.sampled_from([0, 1, 2]),  # flags
     st.integers(0, 3),  # count
-    st.sampled_from(["right", "wrong"]),  # payload length
+    st.sampled_from(["right", "wrong", "huge"]),  # payload length ("huge": only the header is sent)
     st.one_of(st.integers(0, NPAGES + 1).map(lambda p: p * PS), st.integers(0, NPAGES * PS)),  # offset
 )
 
 
 def encode(t, flags, count, plen_kind, off) -> bytes:
+    if plen_kind == "huge":
+        return HDR.pack(t, flags, count, 1 << 31, off)
     plen = count * PS if t == MSG_PAGES else 0
     if plen_kind == "wrong":
         plen += 8
     return HDR.pack(t, flags, count, plen, off) + bytes(plen)
+
+
+def c_feed_split(d: CDest, data: bytes, cuts: list[int]) -> bool:
+    """Feed the C decoder in pieces cut at ``cuts``, keeping what it leaves (as its receive loop
+    does); True when it took everything, False at its first error."""
+    pending = b""
+    for a, b in zip([0] + cuts, cuts + [len(data)]):
+        pending += data[a:b]
+        used = d.feed(pending)
+        if used < 0:
+            return False
+        pending = pending[used:]
+    return not pending
 
 
 def python_verdict(data: bytes) -> tuple[bool, set[int]]:
@@ -182,15 +215,15 @@ def python_verdict(data: bytes) -> tuple[bool, set[int]]:
         b.close()
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(frame, min_size=1, max_size=6))
-def test_c_decoder_agrees_with_the_reference(frames):
+@settings(max_examples=300, deadline=None)
+@given(st.lists(frame, min_size=1, max_size=6), st.data())
+def test_c_decoder_agrees_with_the_reference(frames, draw):
     data = HELLO + b"".join(encode(*f) for f in frames)
+    cuts = sorted(draw.draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=6)))
     ok_py, pages = python_verdict(data)
     d = CDest()
     try:
-        used = d.feed(data)
-        ok_c = used == len(data)
+        ok_c = c_feed_split(d, data, cuts)
         assert ok_c == ok_py, (ok_c, ok_py, d.error)
         if ok_c:
             assert {p for p in range(NPAGES) if d.received[p]} == pages

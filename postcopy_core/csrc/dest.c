@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -30,7 +31,7 @@ struct waiter { int32_t port, next; };
 
 /* a page channel's receive buffer: unread bytes in [start, end) */
 struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
-#define RX_CAP (8u << 20)      /* the largest frame (a 2 MiB huge page) several times over */
+
 #define RX_TURN (256u << 10)   /* bytes read from a channel per loop turn */
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
@@ -47,7 +48,7 @@ struct pch_dest {
     int hugetlb, wake_all;
     uint64_t zero_page;
     char idstr[256];
-    int sent_id, hello[2];
+    int sent_id, hello[2], eos[2];
     /* waiters: per page the head of a list in `pool` (-1: not requested); free list in pool */
     int32_t *head;
     struct waiter *pool;
@@ -281,13 +282,17 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
     if (n == 0)
         return 0;
     int64_t t = now_ns(); /* the fault's time: when the handler learns of it, as in QEMU */
+    int err = 0;          /* the first fault we cannot serve; the rest of the batch is served first */
     d->st.faults += (uint64_t)n;
     for (int i = 0; i < n; i++) {
         uint64_t off = (addr[i] - port->base) & ~(d->ps - 1);
         uint64_t page = off >> d->shift;
-        if (addr[i] < port->base || page >= d->npages)
-            return fail(d, -EFAULT, "fault at %#llx outside guest RAM of vCPU %d",
-                        (unsigned long long)addr[i], port->vcpu);
+        if (addr[i] < port->base || page >= d->npages) {
+            if (!err)
+                err = fail(d, -EFAULT, "fault at %#llx outside guest RAM of vCPU %d",
+                           (unsigned long long)addr[i], port->vcpu);
+            continue;
+        }
         int32_t vcpu = vcpu_of(d, ptid[i]);
         uint8_t already = d->received[page];
         if (vcpu >= 0)
@@ -298,46 +303,57 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
             /* placed after the kernel queued this fault: the waiter only needs a wake */
             d->st.faults_already_received++;
             int rc = wake(d, port, port->base + off, d->ps);
-            if (rc)
-                return rc;
+            if (rc && !err)
+                err = rc;
             continue;
         }
         int r = add_waiter(d, page, pi);
         if (r < 0 || (r == 1 && request(d, page)))
             return fail(d, -ENOMEM, "out of memory for waiters");
     }
-    return n;
+    return err ? err : n;
 }
 
-/* Install [page, page+count) through `via`; on a dead waiter fall back to the carrier. */
+/* One ioctl for [page, page+count) through port p: a copy of src, a zero fill, or on hugetlbfs
+ * (no UFFDIO_ZEROPAGE there) a copy of the zeroed huge page (count == 1). */
+static int put_pages(struct pch_dest *d, struct pch_port *p, uint64_t page, uint64_t count, const uint8_t *src,
+                     uint64_t *done)
+{
+    uint64_t addr = p->base + (page << d->shift), len = count << d->shift;
+    if (src)
+        return pch_uffd_copy_upto(p->fd, addr, src, len, 0, done);
+    if (!d->hugetlb)
+        return pch_uffd_zeropage_upto(p->fd, addr, len, 0, done);
+    return pch_uffd_copy_upto(p->fd, addr, (const void *)(uintptr_t)d->zero_page, len, 0, done);
+}
+
+/* Install [page, page+count) through `via`; on a dead waiter fall back to the carrier.  EEXIST
+ * stops the kernel at the first page of the range that is in already: that page is skipped (and
+ * counted) and the rest goes on, so that every other page is really copied before it is marked
+ * received. */
 static int install(struct pch_dest *d, struct pch_port **via, uint64_t page, uint64_t count, const uint8_t *src)
 {
-    uint64_t off = page << d->shift, len = count << d->shift;
-    for (;;) {
-        struct pch_port *p = *via;
-        int rc = 0;
-        if (src)
-            rc = pch_uffd_copy(p->fd, p->base + off, src, len, 0);
-        else if (!d->hugetlb)
-            rc = pch_uffd_zeropage(p->fd, p->base + off, len, 0);
-        else /* no UFFDIO_ZEROPAGE on hugetlbfs: copy a zeroed huge page */
-            for (uint64_t k = 0; k < count && !rc; k++)
-                rc = pch_uffd_copy(p->fd, p->base + off + (k << d->shift), (const void *)(uintptr_t)d->zero_page,
-                                   d->ps, 0);
+    int one_by_one = d->hugetlb && !src;
+    for (uint64_t k = 0; k < count;) {
+        uint64_t n = one_by_one ? 1 : count - k, done = 0;
+        int rc = put_pages(d, *via, page + k, n, src ? src + (k << d->shift) : NULL, &done);
+        k += done >> d->shift;
         if (rc == 0)
-            return 0;
+            continue;
         if (rc == -EEXIST) {
             d->st.copy_eexist++; /* already in the page cache: count it, still wake */
-            return 0;
+            k++;
+            continue;
         }
-        if ((rc == -ESRCH || rc == -ENOENT) && p != d->carrier) {
-            port_dead(d, p);
+        if ((rc == -ESRCH || rc == -ENOENT) && *via != d->carrier) {
+            port_dead(d, *via);
             *via = d->carrier;
             continue;
         }
         return fail(d, rc, "%s failed: %s (page %llu)", src || d->hugetlb ? "UFFDIO_COPY" : "UFFDIO_ZEROPAGE",
-                    strerror(-rc), (unsigned long long)page);
+                    strerror(-rc), (unsigned long long)(page + k));
     }
+    return 0;
 }
 
 /* Wake port `pi` for [off, off+len) unless this placement already woke it (or copied through it). */
@@ -485,6 +501,12 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
         const char *name = names[type];
         if (flags & ~FLAG_URGENT)
             return fail(d, -EPROTO, "%s: unknown flags %#x", name, flags);
+        if (d->eos[ch])
+            return fail(d, -EPROTO, "%s: received after EOS", name);
+        if (type == MSG_HELLO && d->hello[ch])
+            return fail(d, -EPROTO, "HELLO: sent twice");
+        if (type == MSG_HELLO && (plen < HELLO_SIZE || plen > HELLO_SIZE + 255))
+            return fail(d, -EPROTO, "HELLO: payload length %u out of range", plen);
         if (type != MSG_HELLO && !d->hello[ch])
             return fail(d, -EPROTO, "%s: received before HELLO", name);
         if (type == MSG_EOS && (count || plen || off))
@@ -498,6 +520,8 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
                             (unsigned long long)expect, count);
             if (off & (d->ps - 1) || (off >> d->shift) + count > d->npages)
                 return fail(d, -EPROTO, "%s: pages %#llx+%u outside guest RAM", name, (unsigned long long)off, count);
+            if (plen > PCH_RX_CAP - HDR_SIZE)
+                return fail(d, -EPROTO, "%s: %u bytes do not fit the receive buffer", name, plen);
         }
         if (len - pos - HDR_SIZE < plen)
             break; /* incomplete: the caller keeps the rest for the next read */
@@ -506,7 +530,7 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
         if (type == MSG_HELLO)
             rc = hello(d, payload, plen, ch);
         else if (type == MSG_EOS)
-            d->st.eos = 1;
+            d->st.eos = d->eos[ch] = 1;
         else
             rc = place_frame(d, off >> d->shift, count, type == MSG_PAGES ? payload : NULL, flags & FLAG_URGENT);
         if (rc)
@@ -534,9 +558,9 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
     if (!r->buf) {
-        if (!(r->buf = malloc(RX_CAP)))
+        if (!(r->buf = malloc(PCH_RX_CAP)))
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
-        r->cap = RX_CAP;
+        r->cap = PCH_RX_CAP;
     }
     if (r->cap - r->end < RX_TURN && r->start) { /* keep the partial frame, at the front */
         memmove(r->buf, r->buf + r->start, r->end - r->start);
@@ -565,10 +589,16 @@ static int send_requests(struct pch_dest *d, int fd)
 {
     uint64_t pos = 0;
     while (pos < d->req_len) {
-        ssize_t n = send(fd, d->req + pos, d->req_len - pos, MSG_NOSIGNAL); /* blocking: requests are tiny */
+        ssize_t n = send(fd, d->req + pos, d->req_len - pos, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == EAGAIN) { /* a stalled source: wait for room (the socket is non-blocking) */
+                struct pollfd pfd = { fd, POLLOUT, 0 };
+                if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+                    return fail(d, -errno, "poll(return path): %s", strerror(errno));
+                continue;
+            }
             return fail(d, -errno, "send(return path): %s", strerror(errno));
         }
         pos += (uint64_t)n;

@@ -15,6 +15,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* a page channel's receive buffer: the largest frame (a 2 MiB huge page) several times over */
+#define PCH_RX_CAP 8388608
+
 struct pch_port {
     int fd;            /* the uffd */
     int alive;         /* 0 once an ioctl through it said the process is gone */

@@ -69,38 +69,68 @@ int pch_uffd_unregister(int fd, uint64_t start, uint64_t len)
 
 /* COPY and ZEROPAGE may stop part-way with EAGAIN (the mm is changing under them); the kernel
  * reports how much it did, so carry on from there until the whole range is in. */
-int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode)
+/* The kernel answers a partial copy with EAGAIN and the bytes done: go on from there.  On any
+ * other error *done (when given) says how many bytes went in before it. */
+int pch_uffd_copy_upto(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint64_t *done)
 {
     const char *s = src;
+    uint64_t total = 0;
+    int rc = 0;
     while (len) {
         struct uffdio_copy c = { .dst = dst, .src = (uint64_t)(uintptr_t)s, .len = len, .mode = mode };
-        if (ioctl(fd, UFFDIO_COPY, &c) == 0)
-            return 0;
-        if (errno != EAGAIN)
-            return -errno;
+        if (ioctl(fd, UFFDIO_COPY, &c) == 0) {
+            total += len;
+            break;
+        }
+        if (errno != EAGAIN) {
+            rc = -errno;
+            break;
+        }
         if (c.copy > 0) {
             dst += (uint64_t)c.copy;
             s += c.copy;
             len -= (uint64_t)c.copy;
+            total += (uint64_t)c.copy;
         }
     }
-    return 0;
+    if (done)
+        *done = total;
+    return rc;
+}
+
+int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode)
+{
+    return pch_uffd_copy_upto(fd, dst, src, len, mode, NULL);
+}
+
+int pch_uffd_zeropage_upto(int fd, uint64_t dst, uint64_t len, uint64_t mode, uint64_t *done)
+{
+    uint64_t total = 0;
+    int rc = 0;
+    while (len) {
+        struct uffdio_zeropage z = { .range = { dst, len }, .mode = mode };
+        if (ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0) {
+            total += len;
+            break;
+        }
+        if (errno != EAGAIN) {
+            rc = -errno;
+            break;
+        }
+        if (z.zeropage > 0) {
+            dst += (uint64_t)z.zeropage;
+            len -= (uint64_t)z.zeropage;
+            total += (uint64_t)z.zeropage;
+        }
+    }
+    if (done)
+        *done = total;
+    return rc;
 }
 
 int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode)
 {
-    while (len) {
-        struct uffdio_zeropage z = { .range = { dst, len }, .mode = mode };
-        if (ioctl(fd, UFFDIO_ZEROPAGE, &z) == 0)
-            return 0;
-        if (errno != EAGAIN)
-            return -errno;
-        if (z.zeropage > 0) {
-            dst += (uint64_t)z.zeropage;
-            len -= (uint64_t)z.zeropage;
-        }
-    }
-    return 0;
+    return pch_uffd_zeropage_upto(fd, dst, len, mode, NULL);
 }
 
 int pch_uffd_wake(int fd, uint64_t start, uint64_t len)

@@ -19,6 +19,9 @@ int pch_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint6
 int pch_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode);
 int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
+/* the same, telling in *done how many bytes went in before an error */
+int pch_uffd_copy_upto(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint64_t *done);
+int pch_uffd_zeropage_upto(int fd, uint64_t dst, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_wake(int fd, uint64_t start, uint64_t len);
 int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
                          uint32_t *other_events);
