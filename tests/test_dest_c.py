@@ -184,7 +184,7 @@ def c_feed_split(d: CDest, data: bytes, cuts: list[int]) -> bool:
     """Feed the C decoder in pieces cut at ``cuts``, keeping what it leaves (as its receive loop
     does); True when it took everything, False at its first error."""
     pending = b""
-    for a, b in zip([0] + cuts, cuts + [len(data)]):
+    for a, b in zip([0] + cuts, cuts + [len(data)], strict=True):
         pending += data[a:b]
         used = d.feed(pending)
         if used < 0:
