@@ -34,14 +34,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+try:  # the installed package (plain or editable), not this checkout's files by path
+    from rich.console import Console
+    from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+    from harness.config import ConfigError, RunConfig, parse_size
+    from postcopy_core.probe import free_huge_pages
+except ImportError as e:
+    sys.exit(f"bench/compare_ref.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
 
-from harness.config import ConfigError, RunConfig, parse_size  # noqa: E402
-from postcopy_core.probe import free_huge_pages  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # ../shared (the C reference) is found beside it
 
 PROG = "compare_ref"
 PATTERN = {"sequential": "seq", "shared": "same"}  # harness workload -> reference -p

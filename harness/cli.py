@@ -12,6 +12,7 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one
 
 def _add_run(sub) -> None:
     from harness.config import RunConfig, parse_size
+    from postcopy_core.link import LINK_UNITS
     from postcopy_core.handler import WAKE_POLICIES
     from vcpu_workers.workloads import WORKLOADS
 
@@ -26,39 +27,53 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.")
-    p.add_argument("--vcpus", type=int, default=d.vcpus, help=f"vCPU worker processes (default {d.vcpus})")
-    p.add_argument("--ram", type=size, default=d.ram, help="guest RAM size, K/M/G suffixes (default 256M)")
-    p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing)
-    p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
-    p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the RAM content and the access orders")
-    p.add_argument("--zero-share", type=float, default=d.zero_share, help="share of all-zero pages (0..1)")
-    p.add_argument("--image", help="raw RAM image file to migrate instead of generated content")
-    p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport)
-    p.add_argument("--write-ratio", type=float, default=d.write_ratio, help="share of accesses that are stores")
+    p.add_argument("--vcpus", type=int, default=d.vcpus, help="vCPU worker processes, 1..4096 (default %(default)s)")
+    p.add_argument("--ram", type=size, default=None,
+                   help="guest RAM size in bytes, K/M/G/T suffixes = KiB/MiB/GiB/TiB "
+                        "(default 256M, or the size of --image)")
+    p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
+                   help="guest RAM in shmem (4 KiB pages) or hugetlbfs (2 MiB pages) (default %(default)s)")
+    p.add_argument("--workload", choices=WORKLOADS, default=d.workload,
+                   help="the vCPUs' access pattern (default %(default)s)")
+    p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
+                   help=f"the migration link, e.g. 1gbit,2ms; {LINK_UNITS} (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the RAM content and the access orders (default %(default)s)")
+    p.add_argument("--zero-share", type=float, default=d.zero_share,
+                   help="share of all-zero pages, 0..1 (default %(default)s)")
+    p.add_argument("--image", metavar="FILE",
+                   help="raw RAM image file to migrate instead of generated content (default: generated)")
+    p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport,
+                   help="Unix socket pair or TCP on loopback (default %(default)s)")
+    p.add_argument("--write-ratio", type=float, default=d.write_ratio,
+                   help="share of accesses that are stores, 0..1 (default %(default)s)")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
-                   help="after placing a page, wake only known waiters or every uffd")
+                   help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
     p.add_argument("--no-background", dest="background", action="store_false",
-                   help="the source sends only requested pages until the workload ends (pure demand paging, "
-                        "as ../shared/bench measures)")
+                   help="the source sends only requested pages until the workload ends (pure demand paging; "
+                        "default: a background stream too)")
     p.add_argument("--pin", action="store_true",
-                   help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1 "
-                        "(what ../shared/bench's -A does), for comparisons")
+                   help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1, "
+                        "for comparisons with a pinned reference (default: not pinned)")
     p.add_argument("--live-engines", action="store_true",
                    help="feed the blocktime engines during the run (default: over the recorded events after it)")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="fail the run after this many seconds")
-    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--trace", metavar="FILE", help="record fault/placement events (replayable; .gz to compress)")
-    p.add_argument("--quiet", action="store_true", help="no summary table")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="fail the run after this many seconds (default %(default)g)")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="record fault/placement events (replayable; .gz to compress) (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress line and no summary table")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from harness.config import ConfigError, RunConfig
+    from harness.config import ConfigError, RunConfig, image_bytes
 
     fields = {k: getattr(args, k.replace("-", "_")) for k in RunConfig().as_dict()}
-    cfg = RunConfig(**fields)
     try:
+        if fields["ram"] is None:  # not given: the image's size, or the default
+            fields["ram"] = image_bytes(args.image) if args.image else RunConfig().ram
+        cfg = RunConfig(**fields)
         cfg.validate()
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
@@ -104,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="postcopy-harness",
         description="The destination side of QEMU's postcopy live migration, across real processes "
                     "on the real Linux userfaultfd.")
+    from harness import tool_version
+
+    parser.add_argument("--version", action="version", version=f"postcopy-harness {tool_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_check(sub)
@@ -117,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if not argv:
-        argv = ["run"]  # the no-argument job: the embedded default run
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]  # the bare command is `run`: `postcopy-harness --vcpus 2` = `run --vcpus 2`
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -20,7 +20,7 @@ import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig
-from harness.supervise import Children, RunFailed, describe_status, reap_workers
+from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.blocktime import TraceMeta
 from postcopy_core.channel import (
@@ -35,7 +35,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import abstract_address, accept_uffd, listen
-from postcopy_core.probe import free_huge_pages, preflight, raise_fd_limit
+from postcopy_core.probe import available_memory, free_huge_pages, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
@@ -55,6 +55,8 @@ class Run:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg.validate()
         self.children = Children()
+        self.stderr = ChildStderr()
+        self.completed = False  # set once the run got its results: then the children's stderr is passed on
         self.fds: list[int] = []
         self.socks: list[socket.socket] = []
         self.ram: GuestRam | None = None
@@ -93,6 +95,7 @@ class Run:
         sweep_stale_segments()
         preflight(cfg.backing == "hugetlb")
         raise_fd_limit(cfg.vcpus)  # the handler holds one uffd per vCPU
+        check_memory(cfg)
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)
         hugetlb = cfg.backing == "hugetlb"
@@ -162,8 +165,10 @@ class Run:
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy))
 
-        self.children.spawn("source", src_keep, source_body, self._cpus(0))
-        self.children.spawn("fault", dst_keep, dest_body, self._cpus(0))
+        for role, body in (("source", source_body), ("fault", dest_body)):
+            w = self.stderr.pipe(role)
+            self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
+            os.close(w)
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
@@ -208,6 +213,7 @@ class Run:
         t_acc = time.thread_time()
         engines = self.accounting.results(cfg.trace)
         engines_cpu_s = self.accounting.cpu_s + time.thread_time() - t_acc
+        self.completed = True
         return dict(
             summary=self.area.summary.copy(),
             latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
@@ -226,9 +232,11 @@ class Run:
         self.workers_done: set[int] = set()
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
         keep = (plan.memfd, plan.start_fd, plan.results_fd, w)
-        proc = subprocess.Popen([sys.executable, "-m", "vcpu_workers.zygote"], stdin=subprocess.PIPE,
-                                pass_fds=keep, close_fds=True)
+        err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
+        proc = subprocess.Popen(zygote_command(), stdin=subprocess.PIPE, stderr=err_w, pass_fds=keep,
+                                close_fds=True)
         os.close(w)
+        os.close(err_w)
         self.children.add(proc.pid, "zygote")
         self.zygote = proc
         proc.stdin.write(plan_to_json(plan, w).encode())
@@ -251,17 +259,20 @@ class Run:
                 bad = int(self.area.summary[vcpu]["first_bad_page"])
                 raise RunFailed(f"vCPU {vcpu} read wrong content (first bad page {bad}): data lost or misplaced")
             else:
-                raise RunFailed(f"vcpu {vcpu} (pid {pid}) {describe_status(status)}")
+                why = self.stderr.reason("zygote", f"vcpu {vcpu}")
+                raise RunFailed(f"vcpu {vcpu} (pid {pid}) {describe_status(status)}{why}")
 
     # ------------------------------------------------------------ supervision
 
     def _check_children(self, expected_exit: set[int] = frozenset()) -> None:
+        self.stderr.drain()  # a child blocked on a full stderr pipe would hang the run
         for pid, role, status in self.children.reap():
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
             if role == "zygote" and self.workers_done and len(self.workers_done) == self.cfg.vcpus:
                 continue
-            raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}")
+            why = self.stderr.reason(role)
+            raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
 
     def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -270,14 +281,24 @@ class Run:
             if r:
                 msg = ctl.recv(1.0)
                 if msg is None:
-                    self._check_children(set(self.children.roles))
-                    raise RunFailed(f"the {who} closed its control channel")
+                    self._closed(who)
                 if msg.get("event") == "error":
                     raise RunFailed(msg.get("error", f"the {who} failed"))
                 if msg.get("event") == event:
                     return msg
             self._check_children(set(self.children.roles) if event == "stats" else set())
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
+
+    def _closed(self, who: str) -> None:
+        """A control channel hit EOF: its process is dying; wait a moment to say how and why."""
+        role = "source" if who == "source" else "fault"
+        pid = next((p for p, r in self.children.roles.items() if r == role), None)
+        deadline = time.monotonic() + 2.0
+        while pid in self.children.alive() and time.monotonic() < deadline:
+            self._check_children(set(self.children.roles))  # raises for a bad exit
+            time.sleep(0.01)
+        self._check_children(set(self.children.roles))
+        raise RunFailed(f"the {who} closed its control channel{self.stderr.reason(role)}")
 
     def _wait_workers_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -308,8 +329,10 @@ class Run:
                 if ctl is self.worker_status:
                     continue
                 msg = ctl.recv(1.0)
-                if msg is None or msg.get("event") == "error":
-                    raise RunFailed((msg or {}).get("error", "a service process closed its control channel"))
+                if msg is None:
+                    self._closed("source" if ctl is ctls[0] else "fault handler")
+                if msg.get("event") == "error":
+                    raise RunFailed(msg.get("error", "a service process failed"))
             if time.monotonic() > deadline:
                 raise RunFailed(f"the run did not finish within --timeout {self.cfg.timeout:g} s")
 
@@ -366,6 +389,43 @@ class Run:
         if self.area is not None:
             self.area.close()
             self.area = None
+        self.stderr.close(forward=self.completed)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n < 10 << 30 else f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(cfg: RunConfig) -> None:
+    """Refuse, before anything starts, a --ram this host cannot hold.
+
+    The guest RAM (shmem, or huge pages on hugetlbfs) and the source's copy of it (anonymous
+    memory) are both filled during the run; without room the kernel would kill a process midway.
+    """
+    need = cfg.ram if cfg.backing == "hugetlb" else 2 * cfg.ram
+    avail = available_memory()
+    if 0 <= avail < need:
+        what = "the source's copy of the guest RAM" if cfg.backing == "hugetlb" else "guest RAM and the source's copy"
+        raise RunFailed(f"--ram {_mib(cfg.ram)} needs about {_mib(need)} of memory ({what}), "
+                        f"only {_mib(avail)} is available (MemAvailable in /proc/meminfo)")
+
+
+def zygote_command() -> list[str]:
+    """How to start the zygote so that it runs the same code as this process, whatever the cwd.
+
+    ``python -m`` (and ``-c``) put the current folder first on the import path: started from a
+    checkout, the workers would import the checkout's files (without its built ``_uffd`` after a
+    plain ``pip install .``) instead of the installed ones.  ``-P`` is Python 3.11+ only, and ``-I``
+    would also drop PYTHONPATH and the user site a user install needs; so ``-c`` drops that entry ('')
+    and puts first the folder our own packages were imported from (site-packages, or the checkout of an
+    editable install).
+    """
+    import vcpu_workers
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vcpu_workers.__file__)))
+    boot = (f"import sys; sys.path[:] = [{root!r}, *(p for p in sys.path if p)]; "
+            "from vcpu_workers.zygote import main; sys.exit(main())")
+    return [sys.executable, "-c", boot]
 
 
 def _raise_interrupt(signum, frame):

@@ -65,6 +65,18 @@ def free_huge_pages() -> int:
     return free + max(0, overcommit - info.get("HugePages_Surp", 0))
 
 
+def available_memory() -> int:
+    """Bytes the kernel says new allocations can get without swapping (MemAvailable); -1 if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def preflight(hugetlb: bool) -> None:
     """Fail fast, in one line, when this host cannot run postcopy at all (before any process starts)."""
     feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 TIMEOUT = 60
+UNITS = ("tc units: bit, kbit, mbit, gbit, tbit = bits/s; bps, kbps, mbps, gbps, tbps = bytes/s; "
+         "kibit, mibit, gibit, tibit, kibps, mibps, gibps, tibps = powers of 1024; a bare number = bit")
 
 
 def console_script() -> str:
@@ -28,14 +30,14 @@ CASES = {
             "use a number with an optional K/M/G suffix, e.g. 256M",
             True),
     "link": (["run", "--link", "fast"], 2,
-             "postcopy-harness run: --link 'fast': bad bandwidth 'fast' (use e.g. 1gbit, 100mbit, 500MB)", False),
+             "postcopy-harness run: --link 'fast': bad bandwidth 'fast' (" + UNITS + ")", False),
     # rich markup in a user-supplied value must be printed as is, not interpreted (or crash)
     "link-markup-close": (["run", "--link", "[/x]"], 2,
-                          "postcopy-harness run: --link '[/x]': bad bandwidth '[/x]' (use e.g. 1gbit, 100mbit, 500MB)",
+                          "postcopy-harness run: --link '[/x]': bad bandwidth '[/x]' (" + UNITS + ")",
                           False),
     "link-markup-open": (["run", "--link", "[bold]x"], 2,
                          "postcopy-harness run: --link '[bold]x': bad bandwidth '[bold]x' "
-                         "(use e.g. 1gbit, 100mbit, 500MB)", False),
+                         "(" + UNITS + ")", False),
     "workload": (["run", "--workload", "nope"], 2,
                  "postcopy-harness run: error: argument --workload: invalid choice: 'nope' "
                  "(choose from 'sequential', 'random', 'stride', 'hotset', 'shared')", True),
