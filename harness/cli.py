@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -12,8 +13,8 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one
 
 def _add_run(sub) -> None:
     from harness.config import RunConfig, parse_size
-    from postcopy_core.link import LINK_UNITS
     from postcopy_core.handler import WAKE_POLICIES
+    from postcopy_core.link import LINK_UNITS
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
@@ -78,27 +79,53 @@ def _run(args) -> int:
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
+    for flag, path in (("--json", args.json), ("--trace", args.trace)):
+        problem = unwritable(path)
+        if problem:  # before the run, so its results are not lost at the end
+            err.print(f"postcopy-harness run: {flag} {path}: {problem}")
+            return 2
     from harness.report import build_report, print_summary, write_json
-    from harness.run import execute
+    from harness.run import Terminated, execute
     from harness.supervise import RunFailed
     from postcopy_core.kernel import KernelError
 
     raw, error = None, None
     try:
         raw = execute(cfg)
+    except Terminated:
+        error = "terminated"
     except KeyboardInterrupt:
         error = "interrupted"
     except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
         error = str(e)
     rep = build_report(cfg, raw, error)
     if args.json:
-        write_json(rep, args.json)
+        try:
+            write_json(rep, args.json)
+        except OSError as e:
+            err.print(f"postcopy-harness run: cannot write --json {args.json}: {e.strerror}")
+            return 1
     if not args.quiet:
         print_summary(rep)
     if rep["status"] != "completed":
         err.print(f"postcopy-harness run: failed: {rep['error']}", highlight=False)
-        return 130 if error == "interrupted" else 1
+        return {"interrupted": 130, "terminated": 143}.get(error, 1)
     return 0
+
+
+def unwritable(path: str | None) -> str | None:
+    """Why ``path`` cannot take an output file (None if it can): found now, not after a long run.
+    Nothing is created, so a run that fails early leaves no empty file."""
+    if path is None or path == "-":
+        return None
+    if os.path.isdir(path):
+        return "is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no folder {folder}"
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        return "permission denied"
+    return None
 
 
 def _add_check(sub) -> None:
@@ -143,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        err.print(f"postcopy-harness {args.command}: interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        from harness.run import Terminated
+
+        word, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        err.print(f"postcopy-harness {args.command}: {word}")
+        return code
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import csv
 import json
 import os
-import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -43,10 +43,10 @@ PROG = "postcopy-harness loadtest"
 
 # CSV / JSON row keys, in order.  Medians over the repeats unless the name says otherwise.
 COLUMNS: tuple[str, ...] = (
-    "backing", "workload", "wake_policy", "vcpus", "ram_bytes", "repeats", "status",
-    "faults", "faults_per_s", "p50_us", "p99_us", "max_us",
-    *(f"blocktime_{e}_ms" for e in ENGINES),
-    "handler_cpu_s", "source_cpu_s", "stall_ms_mean", "workload_s", "error",
+    "backing", "workload", "wake-policy", "vcpus", "ram-bytes", "repeats", "status",
+    "faults", "faults-per-s", "p50-us", "p99-us", "max-us",
+    *(f"blocktime-{e}-ms" for e in ENGINES),
+    "handler-cpu-s", "source-cpu-s", "stall-ms-mean", "workload-s", "error",
 )
 
 
@@ -178,8 +178,8 @@ def _median(values: Iterable[float | None]) -> float | None:
 def summarise(point: Point, cfg: RunConfig, reports: list[dict]) -> dict:
     """The row of a point: medians over its runs; failed if any run failed."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(backing=point.backing, workload=point.workload, wake_policy=point.wake_policy,
-               vcpus=point.vcpus, ram_bytes=cfg.ram, repeats=len(reports), error="")
+    row.update({"backing": point.backing, "workload": point.workload, "wake-policy": point.wake_policy,
+                "vcpus": point.vcpus, "ram-bytes": cfg.ram, "repeats": len(reports), "error": ""})
     failed = [r for r in reports if r.get("status") != "completed"]
     row["status"] = "failed" if failed else "completed"
     if failed:
@@ -192,16 +192,16 @@ def summarise(point: Point, cfg: RunConfig, reports: list[dict]) -> dict:
         return _median(get(r) for r in done)
 
     row["faults"] = med(lambda r: r["faults"]["total"])
-    row["faults_per_s"] = med(lambda r: r["faults"]["per-second"])
-    row["p50_us"] = med(lambda r: r["latency-us"]["p50"])
-    row["p99_us"] = med(lambda r: r["latency-us"]["p99"])
-    row["max_us"] = max(r["latency-us"]["max"] for r in done)
+    row["faults-per-s"] = med(lambda r: r["faults"]["per-second"])
+    row["p50-us"] = med(lambda r: r["latency-us"]["p50"])
+    row["p99-us"] = med(lambda r: r["latency-us"]["p99"])
+    row["max-us"] = max(r["latency-us"]["max"] for r in done)
     for e in ENGINES:
-        row[f"blocktime_{e}_ms"] = med(lambda r, e=e: r.get("engines", {}).get(e, {}).get("postcopy-blocktime"))
-    row["handler_cpu_s"] = med(lambda r: r["handler"]["cpu-s"])
-    row["source_cpu_s"] = med(lambda r: r["source"]["cpu-s"])
-    row["stall_ms_mean"] = med(lambda r: round(statistics.fmean(r["workers"]["vcpu-stall-ms"]), 3))
-    row["workload_s"] = med(lambda r: r["duration-s"]["workload"])
+        row[f"blocktime-{e}-ms"] = med(lambda r, e=e: r.get("engines", {}).get(e, {}).get("postcopy-blocktime"))
+    row["handler-cpu-s"] = med(lambda r: r["handler"]["cpu-s"])
+    row["source-cpu-s"] = med(lambda r: r["source"]["cpu-s"])
+    row["stall-ms-mean"] = med(lambda r: round(statistics.fmean(r["workers"]["vcpu-stall-ms"]), 3))
+    row["workload-s"] = med(lambda r: r["duration-s"]["workload"])
     return row
 
 
@@ -218,15 +218,15 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 _TABLE: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
     ("backing", 7, lambda r: r["backing"]),
     ("workload", 10, lambda r: r["workload"]),
-    ("wake", 7, lambda r: r["wake_policy"]),
+    ("wake", 7, lambda r: r["wake-policy"]),
     ("vCPUs", 5, lambda r: str(r["vcpus"])),
     ("status", 6, lambda r: "ok" if r["status"] == "completed" else "FAILED"),
-    ("faults/s", 9, lambda r: _fmt(r["faults_per_s"])),
-    ("p50 µs", 8, lambda r: _fmt(r["p50_us"], ",.1f")),
-    ("p99 µs", 8, lambda r: _fmt(r["p99_us"], ",.1f")),
-    ("max µs", 8, lambda r: _fmt(r["max_us"], ",.0f")),
-    *((f"bt:{e}", 9, (lambda r, e=e: _fmt(r[f"blocktime_{e}_ms"], ",.0f"))) for e in ENGINES),
-    ("hdl CPU", 7, lambda r: _fmt(r["handler_cpu_s"], ",.2f")),
+    ("faults/s", 9, lambda r: _fmt(r["faults-per-s"])),
+    ("p50 µs", 8, lambda r: _fmt(r["p50-us"], ",.1f")),
+    ("p99 µs", 8, lambda r: _fmt(r["p99-us"], ",.1f")),
+    ("max µs", 8, lambda r: _fmt(r["max-us"], ",.0f")),
+    *((f"bt:{e}", 9, (lambda r, e=e: _fmt(r[f"blocktime-{e}-ms"], ",.0f"))) for e in ENGINES),
+    ("hdl CPU", 7, lambda r: _fmt(r["handler-cpu-s"], ",.2f")),
 )
 _LEFT = 3  # the first columns (the point) are text, left-aligned; the rest are numbers
 TABLE_NOTE = "latency in µs; bt:ENGINE = postcopy-blocktime in ms per engine; hdl CPU = fault handler CPU s"
@@ -267,17 +267,6 @@ def write_json(doc: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
-
-
-def host_info() -> dict:
-    """What the numbers depend on: CPUs, kernel, Python."""
-    return {
-        "cpus": os.cpu_count(),
-        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
 
 
 # ------------------------------------------------------------------ the command
@@ -337,9 +326,11 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"{PROG}: {e}")
         return 2
 
-    sweep = dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
-                 repeat=args.repeat,
-                 seed=args.seed, argv=sys.argv[1:])
+    from harness.report import kebab, provenance
+
+    started = provenance()  # tool-version, started-at, host, argv, units: once, for the whole sweep
+    sweep = kebab(dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
+                       repeat=args.repeat, seed=args.seed))
     rows: list[dict] = []
     points_json: list[dict] = []
     status = "completed"
@@ -348,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         if args.csv:
             write_csv(rows, args.csv)
         if args.json:
-            write_json(dict(command="loadtest", status=status, sweep=sweep, host=host_info(),
+            write_json(dict(started, command="loadtest", status=status, sweep=sweep,
                             columns=list(COLUMNS), points=points_json), args.json)
 
     ram_mib = common["ram"] / 2**20
@@ -359,6 +350,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True, refresh_per_second=4)
+    from harness.run import Terminated, raise_terminated
+
+    old_term = signal.signal(signal.SIGTERM, raise_terminated)  # between runs too: save, then exit 143
     try:
         with progress:
             task = progress.add_task("", total=len(points) * args.repeat)
@@ -379,11 +373,13 @@ def run(args: argparse.Namespace) -> int:
                 if row["error"]:
                     progress.console.print(f"  [red]{row['error']}[/]", soft_wrap=True)
                 save()
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except KeyboardInterrupt as e:
+        status = "terminated" if isinstance(e, Terminated) else "interrupted"
         save()
-        err.print(f"{PROG}: interrupted after {len(rows)} of {len(points)} points")
-        return 130
+        err.print(f"{PROG}: {status} after {len(rows)} of {len(points)} points")
+        return 143 if status == "terminated" else 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     failed = [r for r in rows if r["status"] != "completed"]
     status = "failed" if failed else "completed"
     save()

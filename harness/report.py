@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
+import time
 
 import numpy as np
 from rich.console import Console
@@ -11,17 +15,68 @@ from rich.table import Table
 from harness.accounting import accuracy
 from harness.config import RunConfig
 
+# Units of the report's fields whose names cannot carry one (QEMU's query-migrate names) or do not.
+# Every other number is a count, or says its unit in its name (-bytes, -s, -ms, -us, -ns, per-second).
+UNITS = {
+    "postcopy-blocktime": "ms", "postcopy-vcpu-blocktime": "ms", "postcopy-latency": "ns",
+    "postcopy-vcpu-latency": "ns", "postcopy-non-vcpu-latency": "ns",
+    "postcopy-latency-dist": "faults per power-of-two bucket of us", "latency-us": "us", "duration-s": "s",
+    "faults.per-second": "faults resolved per second of the workload", "share": "fraction of the stall",
+    "config.ram": "bytes", "config.timeout": "s", "started-at": "UTC, ISO 8601",
+}
+
+
+def kebab(obj: object) -> object:
+    """``obj`` with every dict key's underscores turned into hyphens (the report's one key style)."""
+    if isinstance(obj, dict):
+        return {str(k).replace("_", "-"): kebab(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [kebab(v) for v in obj]
+    return obj
+
+
+def host_info() -> dict:
+    """What the numbers depend on: host name, CPUs, kernel, Python."""
+    return {
+        "name": platform.node(),
+        "cpus": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def provenance(started_at: float | None = None, argv: list[str] | None = None) -> dict:
+    """The keys every report starts with: which tool, when (wall clock, UTC), where, how invoked."""
+    from harness import tool_version
+
+    started = time.time() if started_at is None else started_at
+    return {
+        "tool-version": tool_version(),
+        "started-at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)) + f".{int(started % 1 * 1000):03d}Z",
+        "host": host_info(),
+        "argv": list(sys.argv if argv is None else argv),
+        "units": UNITS,
+    }
+
 
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else 0.0
 
 
-def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> dict:
-    """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error)."""
+def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
+                 started_at: float | None = None) -> dict:
+    """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error);
+    ``started_at`` (wall clock) defaults to when the run said it started, else now."""
+    if started_at is None and raw:
+        started_at = raw.get("started_at")
     rep: dict = {
+        **provenance(started_at),
         "status": "failed" if error or raw is None else "completed",
         "error": error,
-        "config": cfg.as_dict(),
+        "config": kebab(cfg.as_dict()),
+        "link": cfg.link_model.describe(),
         "vcpus": cfg.vcpus,
         "ram-bytes": cfg.ram,
         "page-size": cfg.page_size,
@@ -43,11 +98,11 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "duplicates-dropped": hs["duplicates"],
     }
     rep["verification"] = {
-        "pages_checked": int(summ["pages_checked"].sum()),
-        "words_checked": int(summ["words_checked"].sum()),
+        "pages-checked": int(summ["pages_checked"].sum()),
+        "words-checked": int(summ["words_checked"].sum()),
         "mismatches": mismatches,
-        "ram_pages_verified": hs["ram_pages_verified"],
-        "ram_bad_pages": hs["ram_bad_pages"],
+        "ram-pages-verified": hs["ram_pages_verified"],
+        "ram-bad-pages": hs["ram_bad_pages"],
     }
     rep["faults"] = {
         "total": hs["faults"],
@@ -105,7 +160,7 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     console = console or Console()
     cfg = rep["config"]
     title = (f"postcopy run: {rep['vcpus']} vCPUs, {cfg['ram'] >> 20} MiB {cfg['backing']}, "
-             f"workload {cfg['workload']}, link {cfg['link']}")
+             f"workload {cfg['workload']}, link {rep['link']}")
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -123,8 +178,8 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
                   f"{min(stall):.1f} / {sum(stall) / len(stall):.1f} / {max(stall):.1f}")
         for name, eng in rep.get("engines", {}).items():
             t.add_row(f"blocktime \\[{name}] total ms", f"{eng.get('postcopy-blocktime')}")
-        t.add_row("pages checked by vCPUs / mismatching words", f"{v['pages_checked']} / {v['mismatches']}")
-        t.add_row("RAM pages verified at the end / bad", f"{v['ram_pages_verified']} / {v['ram_bad_pages']}")
+        t.add_row("pages checked by vCPUs / mismatching words", f"{v['pages-checked']} / {v['mismatches']}")
+        t.add_row("RAM pages verified at the end / bad", f"{v['ram-pages-verified']} / {v['ram-bad-pages']}")
         d = rep["duration-s"]
         t.add_row("workload / postcopy / total (s)", f"{d['workload']} / {d['postcopy']} / {d['total']}")
         t.add_row("worker start-up (s) / USS per worker (MiB)",

@@ -92,6 +92,7 @@ class Run:
     def execute(self) -> dict:
         cfg = self.cfg
         t_begin = time.monotonic()
+        started_at = time.time()
         sweep_stale_segments()
         preflight(cfg.backing == "hugetlb")
         raise_fd_limit(cfg.vcpus)  # the handler holds one uffd per vCPU
@@ -220,7 +221,7 @@ class Run:
             handler=dst_stats, source=src_stats, engines=engines, engines_live=cfg.live_engines,
             events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
-            wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem,
+            wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
         )
 
     def _spawn_zygote(self, plan: WorkerPlan) -> None:
@@ -428,15 +429,20 @@ def zygote_command() -> list[str]:
     return [sys.executable, "-c", boot]
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: torn down like Ctrl-C, reported as "terminated" (exit 143)."""
+
+
+def raise_terminated(signum, frame):
+    """SIGTERM handler: unwind like Ctrl-C."""
+    raise Terminated
 
 
 def execute(cfg: RunConfig) -> dict:
-    """Run once and always tear down; SIGTERM is treated like Ctrl-C."""
+    """Run once and always tear down; SIGTERM is treated like Ctrl-C (as :class:`Terminated`)."""
     run = Run(cfg)
     in_main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
         return run.execute()
     finally:
