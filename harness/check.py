@@ -7,6 +7,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from harness.report import output_console
 from postcopy_core.probe import as_dict, can_run, probe
 
 
@@ -27,6 +28,7 @@ def main(args) -> int:
             mark = ("[green]ok[/]" if c.ok else "[dim]-[/]" if c.skipped
                     else "[red]FAIL[/]" if c.required else "[yellow]no[/]")
             t.add_row(c.name, mark, c.detail)
-        Console().print(t)
-        Console().print("postcopy can run here" if can_run(checks) else "[red]postcopy cannot run here[/]")
+        out = output_console()
+        out.print(t)
+        out.print("postcopy can run here" if can_run(checks) else "[red]postcopy cannot run here[/]")
     return 0 if can_run(checks) else 1

@@ -28,8 +28,9 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.")
-    p.add_argument("--vcpus", type=int, default=d.vcpus, help="vCPU worker processes, 1..4096 (default %(default)s)")
-    p.add_argument("--ram", type=size, default=None,
+    p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
+                   help="vCPU worker processes, 1..4096 (default %(default)s)")
+    p.add_argument("--ram", type=size, metavar="SIZE", default=None,
                    help="guest RAM size in bytes, K/M/G/T suffixes = KiB/MiB/GiB/TiB "
                         "(default 256M, or the size of --image)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
@@ -38,15 +39,15 @@ def _add_run(sub) -> None:
                    help="the vCPUs' access pattern (default %(default)s)")
     p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
                    help=f"the migration link, e.g. 1gbit,2ms; {LINK_UNITS} (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=int, metavar="N", default=d.seed,
                    help="seed of the RAM content and the access orders (default %(default)s)")
-    p.add_argument("--zero-share", type=float, default=d.zero_share,
+    p.add_argument("--zero-share", type=float, metavar="F", default=d.zero_share,
                    help="share of all-zero pages, 0..1 (default %(default)s)")
     p.add_argument("--image", metavar="FILE",
                    help="raw RAM image file to migrate instead of generated content (default: generated)")
     p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport,
                    help="Unix socket pair or TCP on loopback (default %(default)s)")
-    p.add_argument("--write-ratio", type=float, default=d.write_ratio,
+    p.add_argument("--write-ratio", type=float, metavar="F", default=d.write_ratio,
                    help="share of accesses that are stores, 0..1 (default %(default)s)")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
                    help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
@@ -58,7 +59,7 @@ def _add_run(sub) -> None:
                         "for comparisons with a pinned reference (default: not pinned)")
     p.add_argument("--live-engines", action="store_true",
                    help="feed the blocktime engines during the run (default: over the recorded events after it)")
-    p.add_argument("--timeout", type=float, default=d.timeout,
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=d.timeout,
                    help="fail the run after this many seconds (default %(default)g)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--trace", metavar="FILE",
@@ -84,6 +85,7 @@ def _run(args) -> int:
         if problem:  # before the run, so its results are not lost at the end
             err.print(f"postcopy-harness run: {flag} {path}: {problem}")
             return 2
+    from harness.progress import RunProgress
     from harness.report import build_report, print_summary, write_json
     from harness.run import Terminated, execute
     from harness.supervise import RunFailed
@@ -91,7 +93,7 @@ def _run(args) -> int:
 
     raw, error = None, None
     try:
-        raw = execute(cfg)
+        raw = execute(cfg, None if args.quiet else RunProgress(cfg.npages))
     except Terminated:
         error = "terminated"
     except KeyboardInterrupt:
@@ -131,7 +133,8 @@ def unwritable(path: str | None) -> str | None:
 def _add_check(sub) -> None:
     p = sub.add_parser("check", help="probe the host: can postcopy run here?")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--vcpus", type=int, default=4, help="check fd/process limits for this many vCPUs")
+    p.add_argument("--vcpus", type=int, metavar="N", default=4,
+                   help="check fd/process limits for this many vCPUs, 1..4096 (default %(default)s)")
     p.set_defaults(func=_check)
 
 
@@ -145,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="postcopy-harness",
         description="The destination side of QEMU's postcopy live migration, across real processes "
-                    "on the real Linux userfaultfd.")
+                    "on the real Linux userfaultfd.",
+        epilog="With no COMMAND (or only options), the command is run: 'postcopy-harness --vcpus 2' is "
+               "'postcopy-harness run --vcpus 2'. COMMAND --help shows its options, defaults and units.")
     from harness import tool_version
 
     parser.add_argument("--version", action="version", version=f"postcopy-harness {tool_version()}")

@@ -275,6 +275,7 @@ def write_json(doc: dict, path: str) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``loadtest`` subcommand (sets ``func=run``)."""
     from postcopy_core.handler import WAKE_POLICIES
+    from postcopy_core.link import LINK_UNITS
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
@@ -290,17 +291,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backing", default="shmem", metavar="LIST", help="comma list from shmem,hugetlb (default shmem)")
     p.add_argument("--wake-policy", default=d.wake_policy, metavar="LIST",
                    help=f"comma list from {','.join(WAKE_POLICIES)} (default {d.wake_policy})")
-    p.add_argument("--ram", default="256M", help="guest RAM size of every point, K/M/G suffixes (default 256M)")
-    p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
+    p.add_argument("--ram", default="256M",
+                   help="guest RAM size of every point in bytes, K/M/G/T suffixes = KiB/MiB/GiB/TiB (default 256M)")
+    p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
+                   help=f"the migration link, e.g. 1gbit,2ms; {LINK_UNITS} (default %(default)s)")
     p.add_argument("--pin", action="store_true",
-                   help="handler and source on CPU 0, vCPU workers on CPU 1 (as the C reference's -A)")
+                   help="handler and source on CPU 0, vCPU workers on CPU 1 (as the C reference's -A; "
+                        "default: not pinned)")
     p.add_argument("--no-background", dest="background", action="store_false",
-                   help="pure demand paging: only requested pages move until the workload ends")
+                   help="pure demand paging: only requested pages move until the workload ends "
+                        "(default: a background stream too)")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per point; rows show medians (default 1)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the RAM content and the access orders")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="fail a run after this many seconds")
-    p.add_argument("--csv", metavar="FILE", help="write one line per point here")
-    p.add_argument("--json", metavar="FILE", help="write the points, each with its full run reports, here")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the RAM content and the access orders (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="fail a run after this many seconds (default %(default)g)")
+    p.add_argument("--csv", metavar="FILE", help="write one line per point here (default: none)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the points, each with its full run reports, here (default: none)")
     p.set_defaults(func=run)
 
 

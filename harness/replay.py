@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 
-from rich.console import Console
 from rich.table import Table
 
 from postcopy_core.blocktime import ENGINE_NAMES, BlocktimeError, replay_columns
@@ -117,7 +116,9 @@ def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     """Replay ``args.file``; exit 0, or 2 with one line on stderr for bad input."""
-    console = Console()
+    from harness.report import output_console
+
+    console = output_console()
     from harness.report import kebab, provenance
 
     started = provenance()

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.accounting import accuracy
@@ -156,10 +157,24 @@ def write_json(rep: dict, path: str) -> None:
         f.write("\n")
 
 
+def output_console(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width on a terminal; piped, wide enough that no cell
+    (a number, an error) is ever wrapped across lines."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=100_000)
+
+
+def _n(x: float | int | None, decimals: int = 0) -> str:
+    """The summary's one number format: thousands separators, a fixed number of decimals per unit."""
+    if x is None:
+        return "-"
+    return f"{x:,.{decimals}f}" if decimals or isinstance(x, float) else f"{x:,}"
+
+
 def print_summary(rep: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or output_console()
     cfg = rep["config"]
-    title = (f"postcopy run: {rep['vcpus']} vCPUs, {cfg['ram'] >> 20} MiB {cfg['backing']}, "
+    title = (f"postcopy run: {rep['vcpus']} vCPUs, {_n(cfg['ram'] / 2**20, 0)} MiB {cfg['backing']}, "
              f"workload {cfg['workload']}, link {rep['link']}")
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("metric")
@@ -169,22 +184,23 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     if "faults" in rep:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
         t.add_row("pages total / requested / background / zero",
-                  f"{p['total']} / {p['requested']} / {p['background']} / {p['zero']}")
-        t.add_row("uffd faults", f"{f['total']}")
-        t.add_row("faults per second (workload phase)", f"{f['per-second']:,.0f}")
-        t.add_row("fault latency p50 / p99 / max (µs)", f"{lat['p50']} / {lat['p99']} / {lat['max']}")
+                  " / ".join(_n(p[k]) for k in ("total", "requested", "background", "zero")))
+        t.add_row("uffd faults", _n(f["total"]))
+        t.add_row("faults per second (workload phase)", _n(f["per-second"], 0))
+        t.add_row("fault latency p50 / p99 / max (µs)", " / ".join(_n(lat[k], 1) for k in ("p50", "p99", "max")))
         stall = rep["workers"]["vcpu-stall-ms"]
         t.add_row("vCPU stall ms (min / mean / max)",
-                  f"{min(stall):.1f} / {sum(stall) / len(stall):.1f} / {max(stall):.1f}")
+                  f"{_n(min(stall), 1)} / {_n(sum(stall) / len(stall), 1)} / {_n(max(stall), 1)}")
         for name, eng in rep.get("engines", {}).items():
-            t.add_row(f"blocktime \\[{name}] total ms", f"{eng.get('postcopy-blocktime')}")
-        t.add_row("pages checked by vCPUs / mismatching words", f"{v['pages-checked']} / {v['mismatches']}")
-        t.add_row("RAM pages verified at the end / bad", f"{v['ram-pages-verified']} / {v['ram-bad-pages']}")
+            t.add_row(f"blocktime \\[{name}] total ms", _n(eng.get("postcopy-blocktime")))
+        t.add_row("pages checked by vCPUs / mismatching words", f"{_n(v['pages-checked'])} / {_n(v['mismatches'])}")
+        t.add_row("RAM pages verified at the end / bad", f"{_n(v['ram-pages-verified'])} / {_n(v['ram-bad-pages'])}")
         d = rep["duration-s"]
-        t.add_row("workload / postcopy / total (s)", f"{d['workload']} / {d['postcopy']} / {d['total']}")
+        t.add_row("workload / postcopy / total (s)", " / ".join(_n(d[k], 3) for k in ("workload", "postcopy", "total")))
         t.add_row("worker start-up (s) / USS per worker (MiB)",
-                  f"{rep['workers']['startup-s']} / {rep['workers']['uss-mean-mib']}")
-        t.add_row("handler CPU (s) / source CPU (s)", f"{rep['handler']['cpu-s']} / {rep['source']['cpu-s']}")
+                  f"{_n(rep['workers']['startup-s'], 3)} / {_n(rep['workers']['uss-mean-mib'], 2)}")
+        t.add_row("handler CPU (s) / source CPU (s)",
+                  f"{_n(rep['handler']['cpu-s'], 3)} / {_n(rep['source']['cpu-s'], 3)}")
     if rep.get("error"):
-        t.add_row("error", f"[red]{rep['error']}[/]")
+        t.add_row("error", f"[red]{escape(rep['error'])}[/]")
     console.print(t)

@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 
+import numpy as np
 import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig
+from harness.progress import RunProgress
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.blocktime import TraceMeta
@@ -52,8 +54,10 @@ SHUTDOWN_TIMEOUT = 60.0
 class Run:
     """A single postcopy run; :meth:`execute` returns the raw material of the report."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, progress: RunProgress | None = None) -> None:
         self.cfg = cfg.validate()
+        self.progress = progress  # a live line on a terminal, fed from the supervision loops
+        self._counted = (0, b"", 0)  # (event chunks counted, partial record, faults) for the progress line
         self.children = Children()
         self.stderr = ChildStderr()
         self.completed = False  # set once the run got its results: then the children's stderr is passed on
@@ -288,6 +292,7 @@ class Run:
                 if msg.get("event") == event:
                     return msg
             self._check_children(set(self.children.roles) if event == "stats" else set())
+            self._tick()
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
 
     def _closed(self, who: str) -> None:
@@ -321,8 +326,25 @@ class Run:
                 out.append(0)
         return out
 
+    def _tick(self) -> None:
+        """Feed the progress line: pages placed (received map), faults (the handler's records so far)."""
+        if self.progress is None or self.accounting is None or not self.progress.due():
+            return
+        from harness.accounting import RECORD
+        from postcopy_core.handler import EV_FAULT
+
+        done, tail, faults = self._counted
+        chunks = self.accounting.chunks[done:]  # the reader thread only appends
+        data = tail + b"".join(chunks)
+        whole = len(data) - len(data) % RECORD.itemsize
+        faults += int(np.count_nonzero(np.frombuffer(data, RECORD, whole // RECORD.itemsize)["kind"] == EV_FAULT))
+        self._counted = (done + len(chunks), data[whole:], faults)
+        placed = int(np.count_nonzero(np.frombuffer(self.received.view, np.uint8)))  # a temporary view
+        self.progress.tick(placed, faults)
+
     def _supervise_workers(self, ctls: list[ControlLine], deadline: float) -> None:
         while len(self.workers_done) < self.cfg.vcpus:
+            self._tick()
             self._worker_exits()
             self._check_children({self.zygote.pid})
             r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
@@ -391,6 +413,8 @@ class Run:
             self.area.close()
             self.area = None
         self.stderr.close(forward=self.completed)
+        if self.progress is not None:
+            self.progress.close()
 
 
 def _mib(n: int) -> str:
@@ -438,9 +462,9 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
-def execute(cfg: RunConfig) -> dict:
+def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
     """Run once and always tear down; SIGTERM is treated like Ctrl-C (as :class:`Terminated`)."""
-    run = Run(cfg)
+    run = Run(cfg, progress)
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
