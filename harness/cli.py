@@ -87,9 +87,15 @@ def _run(args) -> int:
             return 2
     from harness.progress import RunProgress
     from harness.report import build_report, print_summary, write_json
-    from harness.run import Terminated, execute
+    from harness.run import Terminated, check_memory, execute
     from harness.supervise import RunFailed
     from postcopy_core.kernel import KernelError
+
+    try:
+        check_memory(cfg)  # a --ram the host cannot hold is bad input: say so before any process starts
+    except RunFailed as e:
+        err.print(f"postcopy-harness run: {e}")
+        return 2
 
     raw, error = None, None
     try:
@@ -100,7 +106,7 @@ def _run(args) -> int:
         error = "interrupted"
     except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
         error = str(e)
-    rep = build_report(cfg, raw, error)
+    rep = build_report(cfg, raw, error, argv=args.argv)
     if args.json:
         try:
             write_json(rep, args.json)
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # the bare command is `run`: `postcopy-harness --vcpus 2` = `run --vcpus 2`
     args = parser.parse_args(argv)
+    args.argv = [parser.prog, *argv]  # for the reports (main may be called with its own argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

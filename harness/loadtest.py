@@ -336,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.report import kebab, provenance
 
-    started = provenance()  # tool-version, started-at, host, argv, units: once, for the whole sweep
+    started = provenance(argv=getattr(args, "argv", None))  # tool-version, started-at, host, argv, units: once, for the whole sweep
     sweep = kebab(dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
                        repeat=args.repeat, seed=args.seed))
     rows: list[dict] = []
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postcopy-harness")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
+    args.argv = ["postcopy-harness", "loadtest", *(sys.argv[1:] if argv is None else argv)]
     return args.func(args)
 
 

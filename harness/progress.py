@@ -21,11 +21,13 @@ TICK_S = 0.25  # how often the counts are read
 class RunProgress:
     """A transient rich progress line on stderr, shown only on a terminal and after ``delay`` s."""
 
-    def __init__(self, total_pages: int, delay: float = 1.5, console: Console | None = None) -> None:
+    def __init__(self, total_pages: int, delay: float = 1.5, console: Console | None = None,
+                 enabled: bool | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.total = total_pages
         self.delay = delay
-        self.enabled = self.console.is_terminal and sys.stdout.isatty()
+        # default: only when both stderr (the line) and stdout (the table after it) are terminals
+        self.enabled = self.console.is_terminal and sys.stdout.isatty() if enabled is None else enabled
         self._t0 = time.monotonic()
         self._last = 0.0
         self._faults = (self._t0, 0)  # (when, faults) at the previous tick, for the rate

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     console = output_console()
     from harness.report import kebab, provenance
 
-    started = provenance()
+    started = provenance(argv=getattr(args, "argv", None))
     engines = ENGINE_NAMES if args.engine == "all" else (args.engine,)
     try:
         fmt = detect_format(args.file) if args.format == "auto" else args.format

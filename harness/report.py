@@ -67,13 +67,13 @@ def _pct(values: np.ndarray, q: float) -> float:
 
 
 def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
-                 started_at: float | None = None) -> dict:
+                 started_at: float | None = None, argv: list[str] | None = None) -> dict:
     """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error);
     ``started_at`` (wall clock) defaults to when the run said it started, else now."""
     if started_at is None and raw:
         started_at = raw.get("started_at")
     rep: dict = {
-        **provenance(started_at),
+        **provenance(started_at, argv),
         "status": "failed" if error or raw is None else "completed",
         "error": error,
         "config": kebab(cfg.as_dict()),
@@ -176,7 +176,8 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     cfg = rep["config"]
     title = (f"postcopy run: {rep['vcpus']} vCPUs, {_n(cfg['ram'] / 2**20, 0)} MiB {cfg['backing']}, "
              f"workload {cfg['workload']}, link {rep['link']}")
-    t = Table(title=title, show_header=True, header_style="bold")
+    console.print(title, style="italic", soft_wrap=True, markup=False)  # above the table: never wrapped to its width
+    t = Table(show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("value", justify="right")
     status = rep["status"]

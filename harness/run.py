@@ -104,11 +104,6 @@ class Run:
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)
         hugetlb = cfg.backing == "hugetlb"
-        if hugetlb:
-            free = free_huge_pages()
-            if 0 <= free < cfg.npages:
-                raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
-                                f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
         try:
             self.ram = GuestRam(cfg.ram, hugetlb=hugetlb)
         except kernel.KernelError as e:
@@ -422,11 +417,16 @@ def _mib(n: int) -> str:
 
 
 def check_memory(cfg: RunConfig) -> None:
-    """Refuse, before anything starts, a --ram this host cannot hold.
+    """Refuse, before anything starts, a --ram this host cannot hold (memory, free huge pages).
 
     The guest RAM (shmem, or huge pages on hugetlbfs) and the source's copy of it (anonymous
     memory) are both filled during the run; without room the kernel would kill a process midway.
     """
+    if cfg.backing == "hugetlb":
+        free = free_huge_pages()
+        if 0 <= free < cfg.npages:
+            raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
+                            f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
     need = cfg.ram if cfg.backing == "hugetlb" else 2 * cfg.ram
     avail = available_memory()
     if 0 <= avail < need:
