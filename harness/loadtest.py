@@ -336,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
 
     from harness.report import kebab, provenance
 
-    started = provenance(argv=getattr(args, "argv", None))  # tool-version, started-at, host, argv, units: once, for the whole sweep
+    # tool-version, started-at, host, argv, units: once, for the whole sweep
+    started = provenance(argv=getattr(args, "argv", None))
     sweep = kebab(dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
                        repeat=args.repeat, seed=args.seed))
     rows: list[dict] = []
