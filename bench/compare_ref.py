@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -337,7 +336,10 @@ def render(points: list[dict[str, Any]], args: argparse.Namespace, ram: int) -> 
 
 def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Build the reference, run both sides ``--repeat`` times per size; every run and the medians."""
+    from harness.report import provenance
+
     vcpus, ram, src = check_args(args)
+    started = provenance()  # tool-version, started-at, host, argv, units, as in every report
     points = {n: {"vcpus": n, "ref": {"runs": []}, "harness": {"runs": []}} for n in vcpus}
     with tempfile.TemporaryDirectory(prefix="pch-compare-") as tmp:
         binary = build_reference(src, tmp)
@@ -363,9 +365,9 @@ def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         p["ratio"] = h["faults-per-s"] / r["faults-per-s"] if r["faults-per-s"] else float("nan")
         p["p50-ratio"] = h["p50-us"] / r["p50-us"] if r["p50-us"] else float("nan")
     return {
+        **started,
         "params": {"vcpus": vcpus, "ram-bytes": ram, "workload": args.workload, "backing": args.backing,
                    "pin": args.pin, "repeat": args.repeat, "rounds": args.rounds, "seed": args.seed},
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "reference-command": shlex.join(reference_argv("uffd_ref", args, "N", ram)),
         "reproduce": reproduce_command(args),
         "points": list(points.values()),
