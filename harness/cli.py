@@ -106,15 +106,18 @@ def _run(args) -> int:
         error = "interrupted"
     except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
         error = str(e)
-    rep = build_report(cfg, raw, error, argv=args.argv)
+    rep = build_report(cfg, raw, error, argv=getattr(args, "argv", None))
+    write_error = None
     if args.json:
         try:
             write_json(rep, args.json)
-        except OSError as e:
-            err.print(f"postcopy-harness run: cannot write --json {args.json}: {e.strerror}")
-            return 1
+        except OSError as e:  # checked before the run, so rare (disk full): the summary still shows
+            write_error = f"cannot write --json {args.json}: {e.strerror}"
     if not args.quiet:
         print_summary(rep)
+    if write_error:
+        err.print(f"postcopy-harness run: {write_error}")
+        return 1
     if rep["status"] != "completed":
         err.print(f"postcopy-harness run: failed: {rep['error']}", highlight=False)
         return {"interrupted": 130, "terminated": 143}.get(error, 1)
@@ -124,7 +127,7 @@ def _run(args) -> int:
 def unwritable(path: str | None) -> str | None:
     """Why ``path`` cannot take an output file (None if it can): found now, not after a long run.
     Nothing is created, so a run that fails early leaves no empty file."""
-    if path is None or path == "-":
+    if path is None:
         return None
     if os.path.isdir(path):
         return "is a folder; give a file name"
