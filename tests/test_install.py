@@ -35,8 +35,14 @@ def plain_install(tmp_path_factory) -> tuple[Path, Path]:
     checkout = root / "checkout"
     shutil.copytree(REPO, checkout, ignore=shutil.ignore_patterns(*BUILD_OUTPUT))
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, capture_output=True)
     py = venv / "bin" / "python"
+    pip = [str(py), "-m", "pip"]
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], timeout=120, capture_output=True, text=True)
+    if made.returncode:  # no ensurepip (e.g. Debian without python3-venv): drive the venv with our own pip
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120,
+                       capture_output=True)
+        pip = [sys.executable, "-m", "pip", "--python", str(py)]
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
     # the dependencies (cffi, numpy, psutil, ...) come from this environment, so nothing is downloaded
@@ -47,7 +53,7 @@ def plain_install(tmp_path_factory) -> tuple[Path, Path]:
     # offline first (this environment's setuptools/wheel/cffi), else pip's usual isolated build
     errors = []
     for extra in (["--no-build-isolation"], []):
-        p = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", *extra, str(checkout)],
+        p = subprocess.run([*pip, "install", "-q", "--no-deps", *extra, str(checkout)],
                            capture_output=True, text=True, timeout=600, cwd=root)
         if p.returncode == 0:
             break
