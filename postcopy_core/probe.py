@@ -156,21 +156,22 @@ def probe(vcpus: int = 4) -> list[Check]:
     else:
         detail = "skipped: no free huge pages" if feats else skip
         checks.append(Check("hugetlbfs memfd + uffd", False, detail, False, skipped=True))
-    checks.append(Check("page sizes", True, f"base {kernel.PAGE_SIZE}, huge {kernel.HUGE_PAGE_SIZE}", False))
+    checks.append(Check("page sizes", True, f"base {kernel.PAGE_SIZE:,}, huge {kernel.HUGE_PAGE_SIZE:,}", False))
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = fds_needed(vcpus)
     fd_ok = hard == resource.RLIM_INFINITY or hard >= need
     raised = " (raised at run time)" if soft < need <= hard else ""
-    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok, f"soft {soft}, hard {hard}, need {need}{raised}"))
+    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok,
+                        f"soft {_count(soft)}, hard {_count(hard)}, need {need:,}{raised}"))
     nproc_soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     pid_max = int(_read("/proc/sys/kernel/pid_max") or 0)
     threads_max = int(_read("/proc/sys/kernel/threads-max") or 0)
     nproc = nproc_soft if nproc_soft != resource.RLIM_INFINITY else 1 << 30
     room = min(x for x in (nproc, pid_max, threads_max) if x)
     checks.append(Check(f"process limits for {vcpus} vCPUs", room > vcpus + 16,
-                        f"RLIMIT_NPROC {nproc_soft if nproc_soft != resource.RLIM_INFINITY else 'unlimited'}, "
-                        f"pid_max {pid_max}, threads-max {threads_max}"))
+                        f"RLIMIT_NPROC {_count(nproc_soft)}, "
+                        f"pid_max {pid_max:,}, threads-max {threads_max:,}"))
     return checks
 
 
@@ -188,6 +189,10 @@ def _unprivileged_check(uffd_ok: bool) -> Check:
     return Check("vm.unprivileged_userfaultfd", False,
                  f"{unpriv}: non-root users may not use userfaultfd (euid {euid}; "
                  "sysctl vm.unprivileged_userfaultfd=1, or run as root)", False)
+
+
+def _count(limit: int) -> str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else f"{limit:,}"
 
 
 def can_run(checks: list[Check]) -> bool:
