@@ -371,3 +371,13 @@ def test_check_as_root_marks_unprivileged_userfaultfd_not_needed():
 
     [row] = [c for c in probe(1) if c.name == "vm.unprivileged_userfaultfd"]
     assert row.ok and "root does not need it" in row.detail
+
+
+def test_readme_says_what_the_install_and_linux_need():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert text.startswith("# postcopy-harness\n\n```\npip install -e '.[test]' && postcopy-harness\n"
+                           "python3 -m pytest -q\n```\n")
+    flat = " ".join(text.split())
+    for words in ("a C compiler and the Python headers", "vm.unprivileged_userfaultfd=1", "free huge pages",
+                  "plain `pip install .`", "postcopy-harness check"):
+        assert words in flat, words
