@@ -168,27 +168,31 @@ def _config(options: Mapping[str, object]):
         raise ConfigError(f"bad run option value: {e}") from None
 
 
-def run_config(cfg) -> dict:
+def run_config(cfg, progress=None, argv: list[str] | None = None, write: bool = True) -> dict:
     """Execute one validated ``harness.config.RunConfig`` and return its report (never raises for a
-    failed run: ``status`` is "failed" and ``error`` says why; Ctrl-C gives error "interrupted").
+    failed run: ``status`` is "failed" and ``error`` says why; Ctrl-C gives error "interrupted",
+    SIGTERM "terminated").
 
     Everything the run created (processes, shared memory, sockets) is gone when this returns.
-    Writes the JSON report to ``cfg.json`` when set.
+    Writes the JSON report to ``cfg.json`` when set and ``write`` is true.  ``progress`` (the CLI's
+    progress line) and ``argv`` (recorded in the report) are optional.
     """
     from harness.report import build_report, write_json
-    from harness.run import execute
+    from harness.run import Terminated, execute
     from harness.supervise import RunFailed
     from postcopy_core.kernel import KernelError
 
     raw, error = None, None
     try:
-        raw = execute(cfg)
+        raw = execute(cfg, progress)
+    except Terminated:
+        error = "terminated"
     except KeyboardInterrupt:
         error = "interrupted"
     except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
         error = str(e)
-    rep = build_report(cfg, raw, error)
-    if cfg.json:
+    rep = build_report(cfg, raw, error, argv=argv)
+    if write and cfg.json:
         write_json(rep, cfg.json)
     return rep
 

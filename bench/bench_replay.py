@@ -18,17 +18,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+try:  # the installed package (plain or editable), not this checkout's files by path
+    from rich.console import Console
+    from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from postcopy_core.blocktime import ENGINE_NAMES, replay, replay_columns  # noqa: E402
-from postcopy_core.blocktime.seed import compute_columns_per_event  # noqa: E402
-from postcopy_core.blocktime.synth import synthetic_run  # noqa: E402
-from postcopy_core.blocktime.trace import TraceWriter, read_trace_columns  # noqa: E402
+    from postcopy_core.blocktime import ENGINE_NAMES, replay, replay_columns
+    from postcopy_core.blocktime.seed import compute_columns_per_event
+    from postcopy_core.blocktime.synth import synthetic_run
+    from postcopy_core.blocktime.trace import TraceWriter, read_trace_columns
+except ImportError as e:
+    sys.exit(f"bench/bench_replay.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
 
 
 def best_of(repeat: int, fn: Callable[[], object]) -> float:

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -34,14 +33,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+try:  # the installed package (plain or editable), not this checkout's files by path
+    from rich.console import Console
+    from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+    from harness.config import ConfigError, RunConfig, parse_size
+    from postcopy_core.probe import free_huge_pages
+except ImportError as e:
+    sys.exit(f"bench/compare_ref.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
 
-from harness.config import ConfigError, RunConfig, parse_size  # noqa: E402
-from postcopy_core.probe import free_huge_pages  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # ../shared (the C reference) is found beside it
 
 PROG = "compare_ref"
 PATTERN = {"sequential": "seq", "shared": "same"}  # harness workload -> reference -p
@@ -335,7 +336,10 @@ def render(points: list[dict[str, Any]], args: argparse.Namespace, ram: int) -> 
 
 def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """Build the reference, run both sides ``--repeat`` times per size; every run and the medians."""
+    from harness.report import provenance
+
     vcpus, ram, src = check_args(args)
+    started = provenance()  # tool-version, started-at, host, argv, units, as in every report
     points = {n: {"vcpus": n, "ref": {"runs": []}, "harness": {"runs": []}} for n in vcpus}
     with tempfile.TemporaryDirectory(prefix="pch-compare-") as tmp:
         binary = build_reference(src, tmp)
@@ -361,9 +365,9 @@ def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         p["ratio"] = h["faults-per-s"] / r["faults-per-s"] if r["faults-per-s"] else float("nan")
         p["p50-ratio"] = h["p50-us"] / r["p50-us"] if r["p50-us"] else float("nan")
     return {
+        **started,
         "params": {"vcpus": vcpus, "ram-bytes": ram, "workload": args.workload, "backing": args.backing,
                    "pin": args.pin, "repeat": args.repeat, "rounds": args.rounds, "seed": args.seed},
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "reference-command": shlex.join(reference_argv("uffd_ref", args, "N", ram)),
         "reproduce": reproduce_command(args),
         "points": list(points.values()),

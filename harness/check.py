@@ -7,10 +7,15 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from harness.report import output_console
 from postcopy_core.probe import as_dict, can_run, probe
 
 
 def main(args) -> int:
+    if not 1 <= args.vcpus <= 4096:  # the range run accepts
+        Console(stderr=True, soft_wrap=True, markup=False, highlight=False).print(
+            f"postcopy-harness check: --vcpus {args.vcpus}: must be 1..4096")
+        return 2
     checks = probe(args.vcpus)
     if args.json:
         print(json.dumps(as_dict(checks), indent=2))
@@ -20,8 +25,10 @@ def main(args) -> int:
         t.add_column("", justify="center")
         t.add_column("detail")
         for c in checks:
-            mark = "[green]ok[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]no[/]")
+            mark = ("[green]ok[/]" if c.ok else "[dim]-[/]" if c.skipped
+                    else "[red]FAIL[/]" if c.required else "[yellow]no[/]")
             t.add_row(c.name, mark, c.detail)
-        Console().print(t)
-        Console().print("postcopy can run here" if can_run(checks) else "[red]postcopy cannot run here[/]")
+        out = output_console()
+        out.print(t)
+        out.print("postcopy can run here" if can_run(checks) else "[red]postcopy cannot run here[/]")
     return 0 if can_run(checks) else 1

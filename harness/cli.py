@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -13,6 +14,7 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one
 def _add_run(sub) -> None:
     from harness.config import RunConfig, parse_size
     from postcopy_core.handler import WAKE_POLICIES
+    from postcopy_core.link import LINK_UNITS
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
@@ -26,63 +28,119 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.")
-    p.add_argument("--vcpus", type=int, default=d.vcpus, help=f"vCPU worker processes (default {d.vcpus})")
+    p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
+                   help="vCPU worker processes, 1..4096 (default %(default)s)")
     p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
                    help="also N faulting processes that are not vCPUs (like a device model's DMA): served "
-                        "like any fault, counted as non-vCPU by every engine")
-    p.add_argument("--ram", type=size, default=d.ram, help="guest RAM size, K/M/G suffixes (default 256M)")
-    p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing)
-    p.add_argument("--workload", choices=WORKLOADS, default=d.workload)
-    p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the RAM content and the access orders")
-    p.add_argument("--zero-share", type=float, default=d.zero_share, help="share of all-zero pages (0..1)")
-    p.add_argument("--image", help="raw RAM image file to migrate instead of generated content")
-    p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport)
-    p.add_argument("--write-ratio", type=float, default=d.write_ratio, help="share of accesses that are stores")
+                        "like any fault, counted as non-vCPU by every engine (default %(default)s)")
+    p.add_argument("--ram", type=size, metavar="SIZE", default=None,
+                   help="guest RAM size in bytes, K/M/G/T suffixes = KiB/MiB/GiB/TiB "
+                        "(default 256M, or the size of --image)")
+    p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
+                   help="guest RAM in shmem (4 KiB pages) or hugetlbfs (2 MiB pages) (default %(default)s)")
+    p.add_argument("--workload", choices=WORKLOADS, default=d.workload,
+                   help="the vCPUs' access pattern (default %(default)s)")
+    p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
+                   help=f"the migration link, e.g. 1gbit,2ms; {LINK_UNITS} (default %(default)s)")
+    p.add_argument("--seed", type=int, metavar="N", default=d.seed,
+                   help="seed of the RAM content and the access orders (default %(default)s)")
+    p.add_argument("--zero-share", type=float, metavar="F", default=d.zero_share,
+                   help="share of all-zero pages, 0..1 (default %(default)s)")
+    p.add_argument("--image", metavar="FILE",
+                   help="raw RAM image file to migrate instead of generated content (default: generated)")
+    p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport,
+                   help="Unix socket pair or TCP on loopback (default %(default)s)")
+    p.add_argument("--write-ratio", type=float, metavar="F", default=d.write_ratio,
+                   help="share of accesses that are stores, 0..1 (default %(default)s)")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
-                   help="after placing a page, wake only known waiters or every uffd")
+                   help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
     p.add_argument("--no-background", dest="background", action="store_false",
-                   help="the source sends only requested pages until the workload ends (pure demand paging, "
-                        "as ../shared/bench measures)")
+                   help="the source sends only requested pages until the workload ends (pure demand paging; "
+                        "default: a background stream too)")
     p.add_argument("--pin", action="store_true",
-                   help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1 "
-                        "(what ../shared/bench's -A does), for comparisons")
+                   help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1, "
+                        "for comparisons with a pinned reference (default: not pinned)")
     p.add_argument("--live-engines", action="store_true",
                    help="feed the blocktime engines during the run (default: over the recorded events after it)")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="fail the run after this many seconds")
-    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--trace", metavar="FILE", help="record fault/placement events (replayable; .gz to compress)")
-    p.add_argument("--quiet", action="store_true", help="no summary table")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=d.timeout,
+                   help="fail the run after this many seconds (default %(default)g)")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="record fault/placement events (replayable; .gz to compress) (default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress line and no summary table")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from harness.config import ConfigError, RunConfig
+    from harness.config import ConfigError, RunConfig, image_bytes
 
     fields = {k: getattr(args, k.replace("-", "_")) for k in RunConfig().as_dict()}
-    cfg = RunConfig(**fields)
     try:
+        if fields["ram"] is None:  # not given: the image's size, or the default
+            fields["ram"] = image_bytes(args.image) if args.image else RunConfig().ram
+        cfg = RunConfig(**fields)
         cfg.validate()
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
-    from harness.report import print_summary
+    for flag, path in (("--json", args.json), ("--trace", args.trace)):
+        problem = unwritable(path)
+        if problem:  # before the run, so its results are not lost at the end
+            err.print(f"postcopy-harness run: {flag} {path}: {problem}")
+            return 2
+    from harness.progress import RunProgress
+    from harness.report import print_summary, write_json
+    from harness.run import check_memory
+    from harness.supervise import RunFailed
     from postcopy_harness import run_config
 
-    rep = run_config(cfg)  # the same function the Python API and the pytest plugin use
+    try:
+        check_memory(cfg)  # a --ram the host cannot hold is bad input: say so before any process starts
+    except RunFailed as e:
+        err.print(f"postcopy-harness run: {e}")
+        return 2
+
+    # the same function the Python API and the pytest plugin use
+    rep = run_config(cfg, progress=None if args.quiet else RunProgress(cfg.npages),
+                     argv=getattr(args, "argv", None), write=False)
     error = rep["error"]
+    write_error = None
+    if args.json:
+        try:
+            write_json(rep, args.json)
+        except OSError as e:  # checked before the run, so rare (disk full): the summary still shows
+            write_error = f"cannot write --json {args.json}: {e.strerror}"
     if not args.quiet:
         print_summary(rep)
+    if write_error:
+        err.print(f"postcopy-harness run: {write_error}")
+        return 1
     if rep["status"] != "completed":
         err.print(f"postcopy-harness run: failed: {rep['error']}", highlight=False)
-        return 130 if error == "interrupted" else 1
+        return {"interrupted": 130, "terminated": 143}.get(error, 1)
     return 0
+
+
+def unwritable(path: str | None) -> str | None:
+    """Why ``path`` cannot take an output file (None if it can): found now, not after a long run.
+    Nothing is created, so a run that fails early leaves no empty file."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        return "is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no folder {folder}"
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        return "permission denied"
+    return None
 
 
 def _add_check(sub) -> None:
     p = sub.add_parser("check", help="probe the host: can postcopy run here?")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--vcpus", type=int, default=4, help="check fd/process limits for this many vCPUs")
+    p.add_argument("--vcpus", type=int, metavar="N", default=4,
+                   help="check fd/process limits for this many vCPUs, 1..4096 (default %(default)s)")
     p.set_defaults(func=_check)
 
 
@@ -96,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="postcopy-harness",
         description="The destination side of QEMU's postcopy live migration, across real processes "
-                    "on the real Linux userfaultfd.")
+                    "on the real Linux userfaultfd.",
+        epilog="With no COMMAND (or only options), the command is run: 'postcopy-harness --vcpus 2' is "
+               "'postcopy-harness run --vcpus 2'. COMMAND --help shows its options, defaults and units.")
+    from harness import tool_version
+
+    parser.add_argument("--version", action="version", version=f"postcopy-harness {tool_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_check(sub)
@@ -110,17 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    if not argv:
-        argv = ["run"]  # the no-argument job: the embedded default run
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]  # the bare command is `run`: `postcopy-harness --vcpus 2` = `run --vcpus 2`
     args = parser.parse_args(argv)
+    args.argv = [parser.prog, *argv]  # for the reports (main may be called with its own argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        err.print(f"postcopy-harness {args.command}: interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        from harness.run import Terminated
+
+        word, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        err.print(f"postcopy-harness {args.command}: {word}")
+        return code
 
 
 if __name__ == "__main__":

@@ -23,8 +23,18 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not m:
-        raise ConfigError(f"bad size {text!r}: use a number with an optional K/M/G suffix, e.g. 256M")
+        raise ConfigError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix, e.g. 256M")
     return int(m.group(1)) * _SIZE[m.group(2)]
+
+
+def image_bytes(path: str) -> int:
+    """Size of the raw RAM image ``path`` (what ``--ram`` is when only ``--image`` is given)."""
+    from postcopy_core.kernel import PAGE_SIZE
+
+    try:
+        return image_size_check(path, PAGE_SIZE) * PAGE_SIZE
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -83,10 +93,10 @@ class RunConfig:
         if self.npages >= 1 << 32:
             raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
         if self.image is not None:
-            try:
-                image_size_check(self.image, self.page_size)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
+            size = image_bytes(self.image)
+            if size != self.ram:
+                raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
+                                  "(leave --ram out to take the image's size)")
         return self
 
     @property

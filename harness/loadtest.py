@@ -14,7 +14,7 @@ import argparse
 import csv
 import json
 import os
-import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -43,10 +43,10 @@ PROG = "postcopy-harness loadtest"
 
 # CSV / JSON row keys, in order.  Medians over the repeats unless the name says otherwise.
 COLUMNS: tuple[str, ...] = (
-    "backing", "workload", "wake_policy", "vcpus", "ram_bytes", "repeats", "status",
-    "faults", "faults_per_s", "p50_us", "p99_us", "max_us",
-    *(f"blocktime_{e}_ms" for e in ENGINES),
-    "handler_cpu_s", "source_cpu_s", "stall_ms_mean", "workload_s", "error",
+    "backing", "workload", "wake-policy", "vcpus", "ram-bytes", "repeats", "status",
+    "faults", "faults-per-s", "p50-us", "p99-us", "max-us",
+    *(f"blocktime-{e}-ms" for e in ENGINES),
+    "handler-cpu-s", "source-cpu-s", "stall-ms-mean", "workload-s", "error",
 )
 
 
@@ -178,8 +178,8 @@ def _median(values: Iterable[float | None]) -> float | None:
 def summarise(point: Point, cfg: RunConfig, reports: list[dict]) -> dict:
     """The row of a point: medians over its runs; failed if any run failed."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(backing=point.backing, workload=point.workload, wake_policy=point.wake_policy,
-               vcpus=point.vcpus, ram_bytes=cfg.ram, repeats=len(reports), error="")
+    row.update({"backing": point.backing, "workload": point.workload, "wake-policy": point.wake_policy,
+                "vcpus": point.vcpus, "ram-bytes": cfg.ram, "repeats": len(reports), "error": ""})
     failed = [r for r in reports if r.get("status") != "completed"]
     row["status"] = "failed" if failed else "completed"
     if failed:
@@ -192,16 +192,16 @@ def summarise(point: Point, cfg: RunConfig, reports: list[dict]) -> dict:
         return _median(get(r) for r in done)
 
     row["faults"] = med(lambda r: r["faults"]["total"])
-    row["faults_per_s"] = med(lambda r: r["faults"]["per-second"])
-    row["p50_us"] = med(lambda r: r["latency-us"]["p50"])
-    row["p99_us"] = med(lambda r: r["latency-us"]["p99"])
-    row["max_us"] = max(r["latency-us"]["max"] for r in done)
+    row["faults-per-s"] = med(lambda r: r["faults"]["per-second"])
+    row["p50-us"] = med(lambda r: r["latency-us"]["p50"])
+    row["p99-us"] = med(lambda r: r["latency-us"]["p99"])
+    row["max-us"] = max(r["latency-us"]["max"] for r in done)
     for e in ENGINES:
-        row[f"blocktime_{e}_ms"] = med(lambda r, e=e: r.get("engines", {}).get(e, {}).get("postcopy-blocktime"))
-    row["handler_cpu_s"] = med(lambda r: r["handler"]["cpu-s"])
-    row["source_cpu_s"] = med(lambda r: r["source"]["cpu-s"])
-    row["stall_ms_mean"] = med(lambda r: round(statistics.fmean(r["workers"]["vcpu-stall-ms"]), 3))
-    row["workload_s"] = med(lambda r: r["duration-s"]["workload"])
+        row[f"blocktime-{e}-ms"] = med(lambda r, e=e: r.get("engines", {}).get(e, {}).get("postcopy-blocktime"))
+    row["handler-cpu-s"] = med(lambda r: r["handler"]["cpu-s"])
+    row["source-cpu-s"] = med(lambda r: r["source"]["cpu-s"])
+    row["stall-ms-mean"] = med(lambda r: round(statistics.fmean(r["workers"]["vcpu-stall-ms"]), 3))
+    row["workload-s"] = med(lambda r: r["duration-s"]["workload"])
     return row
 
 
@@ -218,15 +218,15 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 _TABLE: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
     ("backing", 7, lambda r: r["backing"]),
     ("workload", 10, lambda r: r["workload"]),
-    ("wake", 7, lambda r: r["wake_policy"]),
+    ("wake", 7, lambda r: r["wake-policy"]),
     ("vCPUs", 5, lambda r: str(r["vcpus"])),
     ("status", 6, lambda r: "ok" if r["status"] == "completed" else "FAILED"),
-    ("faults/s", 9, lambda r: _fmt(r["faults_per_s"])),
-    ("p50 µs", 8, lambda r: _fmt(r["p50_us"], ",.1f")),
-    ("p99 µs", 8, lambda r: _fmt(r["p99_us"], ",.1f")),
-    ("max µs", 8, lambda r: _fmt(r["max_us"], ",.0f")),
-    *((f"bt:{e}", 9, (lambda r, e=e: _fmt(r[f"blocktime_{e}_ms"], ",.0f"))) for e in ENGINES),
-    ("hdl CPU", 7, lambda r: _fmt(r["handler_cpu_s"], ",.2f")),
+    ("faults/s", 9, lambda r: _fmt(r["faults-per-s"])),
+    ("p50 µs", 8, lambda r: _fmt(r["p50-us"], ",.1f")),
+    ("p99 µs", 8, lambda r: _fmt(r["p99-us"], ",.1f")),
+    ("max µs", 8, lambda r: _fmt(r["max-us"], ",.0f")),
+    *((f"bt:{e}", 9, (lambda r, e=e: _fmt(r[f"blocktime-{e}-ms"], ",.0f"))) for e in ENGINES),
+    ("hdl CPU", 7, lambda r: _fmt(r["handler-cpu-s"], ",.2f")),
 )
 _LEFT = 3  # the first columns (the point) are text, left-aligned; the rest are numbers
 TABLE_NOTE = "latency in µs; bt:ENGINE = postcopy-blocktime in ms per engine; hdl CPU = fault handler CPU s"
@@ -269,23 +269,13 @@ def write_json(doc: dict, path: str) -> None:
         f.write("\n")
 
 
-def host_info() -> dict:
-    """What the numbers depend on: CPUs, kernel, Python."""
-    return {
-        "cpus": os.cpu_count(),
-        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-
-
 # ------------------------------------------------------------------ the command
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``loadtest`` subcommand (sets ``func=run``)."""
     from postcopy_core.handler import WAKE_POLICIES
+    from postcopy_core.link import LINK_UNITS
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
@@ -301,17 +291,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backing", default="shmem", metavar="LIST", help="comma list from shmem,hugetlb (default shmem)")
     p.add_argument("--wake-policy", default=d.wake_policy, metavar="LIST",
                    help=f"comma list from {','.join(WAKE_POLICIES)} (default {d.wake_policy})")
-    p.add_argument("--ram", default="256M", help="guest RAM size of every point, K/M/G suffixes (default 256M)")
-    p.add_argument("--link", default=d.link, help="BANDWIDTH[,LATENCY], e.g. 1gbit,2ms (default unlimited)")
+    p.add_argument("--ram", default="256M",
+                   help="guest RAM size of every point in bytes, K/M/G/T suffixes = KiB/MiB/GiB/TiB (default 256M)")
+    p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
+                   help=f"the migration link, e.g. 1gbit,2ms; {LINK_UNITS} (default %(default)s)")
     p.add_argument("--pin", action="store_true",
-                   help="handler and source on CPU 0, vCPU workers on CPU 1 (as the C reference's -A)")
+                   help="handler and source on CPU 0, vCPU workers on CPU 1 (as the C reference's -A; "
+                        "default: not pinned)")
     p.add_argument("--no-background", dest="background", action="store_false",
-                   help="pure demand paging: only requested pages move until the workload ends")
+                   help="pure demand paging: only requested pages move until the workload ends "
+                        "(default: a background stream too)")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="runs per point; rows show medians (default 1)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the RAM content and the access orders")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="fail a run after this many seconds")
-    p.add_argument("--csv", metavar="FILE", help="write one line per point here")
-    p.add_argument("--json", metavar="FILE", help="write the points, each with its full run reports, here")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the RAM content and the access orders (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help="fail a run after this many seconds (default %(default)g)")
+    p.add_argument("--csv", metavar="FILE", help="write one line per point here (default: none)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the points, each with its full run reports, here (default: none)")
     p.set_defaults(func=run)
 
 
@@ -337,9 +334,12 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"{PROG}: {e}")
         return 2
 
-    sweep = dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
-                 repeat=args.repeat,
-                 seed=args.seed, argv=sys.argv[1:])
+    from harness.report import kebab, provenance
+
+    # tool-version, started-at, host, argv, units: once, for the whole sweep
+    started = provenance(argv=getattr(args, "argv", None))
+    sweep = kebab(dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
+                       repeat=args.repeat, seed=args.seed))
     rows: list[dict] = []
     points_json: list[dict] = []
     status = "completed"
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         if args.csv:
             write_csv(rows, args.csv)
         if args.json:
-            write_json(dict(command="loadtest", status=status, sweep=sweep, host=host_info(),
+            write_json(dict(started, command="loadtest", status=status, sweep=sweep,
                             columns=list(COLUMNS), points=points_json), args.json)
 
     ram_mib = common["ram"] / 2**20
@@ -359,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True, refresh_per_second=4)
+    from harness.run import Terminated, raise_terminated
+
+    old_term = signal.signal(signal.SIGTERM, raise_terminated)  # between runs too: save, then exit 143
     try:
         with progress:
             task = progress.add_task("", total=len(points) * args.repeat)
@@ -379,11 +382,13 @@ def run(args: argparse.Namespace) -> int:
                 if row["error"]:
                     progress.console.print(f"  [red]{row['error']}[/]", soft_wrap=True)
                 save()
-    except KeyboardInterrupt:
-        status = "interrupted"
+    except KeyboardInterrupt as e:
+        status = "terminated" if isinstance(e, Terminated) else "interrupted"
         save()
-        err.print(f"{PROG}: interrupted after {len(rows)} of {len(points)} points")
-        return 130
+        err.print(f"{PROG}: {status} after {len(rows)} of {len(points)} points")
+        return 143 if status == "terminated" else 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     failed = [r for r in rows if r["status"] != "completed"]
     status = "failed" if failed else "completed"
     save()
@@ -401,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postcopy-harness")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
+    args.argv = ["postcopy-harness", "loadtest", *(sys.argv[1:] if argv is None else argv)]
     return args.func(args)
 
 

@@ -12,11 +12,10 @@ import argparse
 import json
 import sys
 
-from rich.console import Console
 from rich.table import Table
 
 from postcopy_core.blocktime import ALL_ENGINE_NAMES, TRUTH, BlocktimeError, replay_columns
-from postcopy_core.blocktime.trace import FORMATS, read_trace_columns
+from postcopy_core.blocktime.trace import FORMATS, detect_format, read_trace_columns
 
 # (field, unit shown in the table)
 _ROWS = (
@@ -45,13 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--format", choices=FORMATS, default="auto", help="input format (default: auto)")
     p.add_argument(
-        "--vcpus", type=int, metavar="N", help="vCPU count (needed when some vCPU never faults in a QEMU log)"
+        "--vcpus", type=int, metavar="N",
+        help="vCPU count (default: the trace's; needed when some vCPU never faults in a QEMU log)"
     )
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout; default: none)")
     p.add_argument(
         "--compare",
         metavar="FILE",
-        help="a query-migrate JSON from the same migration: show how each engine compares to it",
+        help="a query-migrate JSON from the same migration: show how each engine compares to it (default: none)",
     )
     p.set_defaults(func=run)
 
@@ -96,8 +96,12 @@ def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
     try:
         with open(path, encoding="utf-8") as fh:
             qm = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BlocktimeError(f"{path}: cannot read query-migrate JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise BlocktimeError(f"{path}: not a query-migrate JSON file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise BlocktimeError(f"{path}: cannot read query-migrate JSON: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise BlocktimeError(f"{path}: not a query-migrate JSON file: {exc}") from None
     if not isinstance(qm, dict) or "postcopy-blocktime" not in qm:
         raise BlocktimeError(f"{path}: no 'postcopy-blocktime' in this query-migrate JSON")
     out = {}
@@ -113,10 +117,14 @@ def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     """Replay ``args.file``; exit 0, or 2 with one line on stderr for bad input."""
-    console = Console()
+    from harness.report import kebab, output_console, provenance
+
+    console = output_console()
+    started = provenance(argv=getattr(args, "argv", None))
     engines = ALL_ENGINE_NAMES if args.engine == "all" else (args.engine,)
     try:
-        meta, cols = read_trace_columns(args.file, args.format, args.vcpus)
+        fmt = detect_format(args.file) if args.format == "auto" else args.format
+        meta, cols = read_trace_columns(args.file, fmt, args.vcpus)
         if args.engine == TRUTH and cols.stalls is None:
             raise BlocktimeError(f"{args.file}: no stall intervals in this trace (truth needs a run's --trace)")
         results = replay_columns(meta, cols, engines)
@@ -125,13 +133,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"postcopy-harness replay: {exc}", file=sys.stderr)  # one line, never wrapped
         return 2
     report = {
+        **started,
         "file": args.file,
-        "format": meta.source,
+        "format": fmt,
+        "recorded-by": meta.source,
         "events": len(cols),
         "stall-intervals": None if cols.stalls is None else len(cols.stalls),
         "vcpus": meta.vcpus,
-        "page_size": meta.page_size,
-        "meta": meta.extra,
+        "page-size": meta.page_size,
+        "meta": kebab(meta.extra),
         "engines": results,
     }
     if comparison is not None:

@@ -3,25 +3,81 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import sys
+import time
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.accounting import accuracy
 from harness.config import RunConfig
+
+# Units of the report's fields whose names cannot carry one (QEMU's query-migrate names) or do not.
+# Every other number is a count, or says its unit in its name (-bytes, -s, -ms, -us, -ns, per-second).
+UNITS = {
+    "postcopy-blocktime": "ms", "postcopy-vcpu-blocktime": "ms", "postcopy-latency": "ns",
+    "postcopy-vcpu-latency": "ns", "postcopy-non-vcpu-latency": "ns",
+    "postcopy-latency-dist": "faults per power-of-two bucket of us", "latency-us": "us", "duration-s": "s",
+    "faults.per-second": "faults resolved per second of the workload", "share": "fraction of the stall",
+    "config.ram": "bytes", "config.timeout": "s", "started-at": "UTC, ISO 8601",
+}
+
+
+def kebab(obj: object) -> object:
+    """``obj`` with every dict key's underscores turned into hyphens (the report's one key style)."""
+    if isinstance(obj, dict):
+        return {str(k).replace("_", "-"): kebab(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [kebab(v) for v in obj]
+    return obj
+
+
+def host_info() -> dict:
+    """What the numbers depend on: host name, CPUs, kernel, Python."""
+    return {
+        "name": platform.node(),
+        "cpus": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def provenance(started_at: float | None = None, argv: list[str] | None = None) -> dict:
+    """The keys every report starts with: which tool, when (wall clock, UTC), where, how invoked."""
+    from harness import tool_version
+
+    started = time.time() if started_at is None else started_at
+    return {
+        "tool-version": tool_version(),
+        "started-at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)) + f".{int(started % 1 * 1000):03d}Z",
+        "host": host_info(),
+        "argv": list(sys.argv if argv is None else argv),
+        "units": UNITS,
+    }
 
 
 def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if values.size else 0.0
 
 
-def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> dict:
-    """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error)."""
+def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
+                 started_at: float | None = None, argv: list[str] | None = None) -> dict:
+    """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error);
+    ``started_at`` (wall clock) defaults to when the run said it started, else now."""
+    if started_at is None and raw:
+        started_at = raw.get("started_at")
     rep: dict = {
+        **provenance(started_at, argv),
         "status": "failed" if error or raw is None else "completed",
         "error": error,
-        "config": cfg.as_dict(),
+        "config": kebab(cfg.as_dict()),
+        "link": cfg.link_model.describe(),
         "vcpus": cfg.vcpus,
         "ram-bytes": cfg.ram,
         "page-size": cfg.page_size,
@@ -48,11 +104,11 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None) -> 
         "per-second": round(hs["placed"] / postcopy_s, 1),
     }
     rep["verification"] = {
-        "pages_checked": int(checked["pages_checked"].sum()),
-        "words_checked": int(checked["words_checked"].sum()),
+        "pages-checked": int(checked["pages_checked"].sum()),
+        "words-checked": int(checked["words_checked"].sum()),
         "mismatches": mismatches,
-        "ram_pages_verified": hs["ram_pages_verified"],
-        "ram_bad_pages": hs["ram_bad_pages"],
+        "ram-pages-verified": hs["ram_pages_verified"],
+        "ram-bad-pages": hs["ram_bad_pages"],
     }
     rep["faults"] = {
         "total": hs["faults"],
@@ -115,12 +171,27 @@ def write_json(rep: dict, path: str) -> None:
         f.write("\n")
 
 
+def output_console(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width on a terminal; piped, wide enough that no cell
+    (a number, an error) is ever wrapped across lines."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=100_000)
+
+
+def _n(x: float | int | None, decimals: int = 0) -> str:
+    """The summary's one number format: thousands separators, a fixed number of decimals per unit."""
+    if x is None:
+        return "-"
+    return f"{x:,.{decimals}f}" if decimals or isinstance(x, float) else f"{x:,}"
+
+
 def print_summary(rep: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or output_console()
     cfg = rep["config"]
-    title = (f"postcopy run: {rep['vcpus']} vCPUs, {cfg['ram'] >> 20} MiB {cfg['backing']}, "
-             f"workload {cfg['workload']}, link {cfg['link']}")
-    t = Table(title=title, show_header=True, header_style="bold")
+    title = (f"postcopy run: {rep['vcpus']} vCPUs, {_n(cfg['ram'] / 2**20, 0)} MiB {cfg['backing']}, "
+             f"workload {cfg['workload']}, link {rep['link']}")
+    console.print(title, style="italic", soft_wrap=True, markup=False)  # above the table: never wrapped to its width
+    t = Table(show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("value", justify="right")
     status = rep["status"]
@@ -128,24 +199,25 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     if "faults" in rep:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
         t.add_row("pages total / requested / background / zero",
-                  f"{p['total']} / {p['requested']} / {p['background']} / {p['zero']}")
+                  " / ".join(_n(p[k]) for k in ("total", "requested", "background", "zero")))
         t.add_row("pages per second / MiB/s (postcopy phase)",
-                  f"{p['per-second']:,.0f} / {p['per-second'] * rep['page-size'] / 2**20:,.1f}")
-        t.add_row("uffd faults", f"{f['total']}")
-        t.add_row("faults per second (workload phase)", f"{f['per-second']:,.0f}")
-        t.add_row("fault latency p50 / p99 / max (µs)", f"{lat['p50']} / {lat['p99']} / {lat['max']}")
+                  f"{_n(p['per-second'], 0)} / {_n(p['per-second'] * rep['page-size'] / 2**20, 1)}")
+        t.add_row("uffd faults", _n(f["total"]))
+        t.add_row("faults per second (workload phase)", _n(f["per-second"], 0))
+        t.add_row("fault latency p50 / p99 / max (µs)", " / ".join(_n(lat[k], 1) for k in ("p50", "p99", "max")))
         stall = rep["workers"]["vcpu-stall-ms"]
         t.add_row("vCPU stall ms (min / mean / max)",
-                  f"{min(stall):.1f} / {sum(stall) / len(stall):.1f} / {max(stall):.1f}")
+                  f"{_n(min(stall), 1)} / {_n(sum(stall) / len(stall), 1)} / {_n(max(stall), 1)}")
         for name, eng in rep.get("engines", {}).items():
-            t.add_row(f"blocktime \\[{name}] total ms", f"{eng.get('postcopy-blocktime')}")
-        t.add_row("pages checked by vCPUs / mismatching words", f"{v['pages_checked']} / {v['mismatches']}")
-        t.add_row("RAM pages verified at the end / bad", f"{v['ram_pages_verified']} / {v['ram_bad_pages']}")
+            t.add_row(f"blocktime \\[{name}] total ms", _n(eng.get("postcopy-blocktime")))
+        t.add_row("pages checked by vCPUs / mismatching words", f"{_n(v['pages-checked'])} / {_n(v['mismatches'])}")
+        t.add_row("RAM pages verified at the end / bad", f"{_n(v['ram-pages-verified'])} / {_n(v['ram-bad-pages'])}")
         d = rep["duration-s"]
-        t.add_row("workload / postcopy / total (s)", f"{d['workload']} / {d['postcopy']} / {d['total']}")
+        t.add_row("workload / postcopy / total (s)", " / ".join(_n(d[k], 3) for k in ("workload", "postcopy", "total")))
         t.add_row("worker start-up (s) / USS per worker (MiB)",
-                  f"{rep['workers']['startup-s']} / {rep['workers']['uss-mean-mib']}")
-        t.add_row("handler CPU (s) / source CPU (s)", f"{rep['handler']['cpu-s']} / {rep['source']['cpu-s']}")
+                  f"{_n(rep['workers']['startup-s'], 3)} / {_n(rep['workers']['uss-mean-mib'], 2)}")
+        t.add_row("handler CPU (s) / source CPU (s)",
+                  f"{_n(rep['handler']['cpu-s'], 3)} / {_n(rep['source']['cpu-s'], 3)}")
     if rep.get("error"):
-        t.add_row("error", f"[red]{rep['error']}[/]")
+        t.add_row("error", f"[red]{escape(rep['error'])}[/]")
     console.print(t)

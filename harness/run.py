@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 
+import numpy as np
 import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig
-from harness.supervise import Children, RunFailed, describe_status, reap_workers
+from harness.progress import RunProgress
+from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.blocktime import TraceMeta
 from postcopy_core.board import AccessBoard
@@ -36,7 +38,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import abstract_address, accept_uffd, listen
-from postcopy_core.probe import free_huge_pages, preflight, raise_fd_limit
+from postcopy_core.probe import available_memory, free_huge_pages, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
@@ -53,9 +55,13 @@ SHUTDOWN_TIMEOUT = 60.0
 class Run:
     """A single postcopy run; :meth:`execute` returns the raw material of the report."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, progress: RunProgress | None = None) -> None:
         self.cfg = cfg.validate()
+        self.progress = progress  # a live line on a terminal, fed from the supervision loops
+        self._counted = (0, b"", 0)  # (event chunks counted, partial record, faults) for the progress line
         self.children = Children()
+        self.stderr = ChildStderr()
+        self.completed = False  # set once the run got its results: then the children's stderr is passed on
         self.fds: list[int] = []
         self.socks: list[socket.socket] = []
         self.ram: GuestRam | None = None
@@ -92,18 +98,15 @@ class Run:
     def execute(self) -> dict:
         cfg = self.cfg
         t_begin = time.monotonic()
+        started_at = time.time()
         sweep_stale_segments()
         preflight(cfg.backing == "hugetlb")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
         raise_fd_limit(nworkers)  # the handler holds one uffd per worker
+        check_memory(cfg)
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)
         hugetlb = cfg.backing == "hugetlb"
-        if hugetlb:
-            free = free_huge_pages()
-            if 0 <= free < cfg.npages:
-                raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
-                                f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
         try:
             self.ram = GuestRam(cfg.ram, hugetlb=hugetlb)
         except kernel.KernelError as e:
@@ -167,8 +170,10 @@ class Run:
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy, board=self.board))
 
-        self.children.spawn("source", src_keep, source_body, self._cpus(0))
-        self.children.spawn("fault", dst_keep, dest_body, self._cpus(0))
+        for role, body in (("source", source_body), ("fault", dest_body)):
+            w = self.stderr.pipe(role)
+            self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
+            os.close(w)
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
@@ -214,6 +219,7 @@ class Run:
         t_acc = time.thread_time()
         engines = self.accounting.results(cfg.trace, self.area.stalls(cfg.page_size, cfg.vcpus))
         engines_cpu_s = self.accounting.cpu_s + time.thread_time() - t_acc
+        self.completed = True
         return dict(
             summary=self.area.summary[: cfg.vcpus].copy(),
             latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
@@ -221,7 +227,7 @@ class Run:
             handler=dst_stats, source=src_stats, engines=engines, engines_live=cfg.live_engines,
             events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
-            wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem,
+            wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
         )
 
     def _spawn_zygote(self, plan: WorkerPlan) -> None:
@@ -233,9 +239,11 @@ class Run:
         self.workers_done: set[int] = set()
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
         keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
-        proc = subprocess.Popen([sys.executable, "-m", "vcpu_workers.zygote"], stdin=subprocess.PIPE,
-                                pass_fds=keep, close_fds=True)
+        err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
+        proc = subprocess.Popen(zygote_command(), stdin=subprocess.PIPE, stderr=err_w, pass_fds=keep,
+                                close_fds=True)
         os.close(w)
+        os.close(err_w)
         self.children.add(proc.pid, "zygote")
         self.zygote = proc
         proc.stdin.write(plan_to_json(plan, w).encode())
@@ -258,7 +266,8 @@ class Run:
                 bad = int(self.area.summary[vcpu]["first_bad_page"])
                 raise RunFailed(f"{self._who(vcpu)} read wrong content (first bad page {bad}): data lost or misplaced")
             else:
-                raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}")
+                why = self.stderr.reason("zygote", f"vcpu {vcpu}")
+                raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}{why}")
 
     def _who(self, index: int, vcpu_word: str = "vCPU") -> str:
         n = self.cfg.vcpus
@@ -267,12 +276,14 @@ class Run:
     # ------------------------------------------------------------ supervision
 
     def _check_children(self, expected_exit: set[int] = frozenset()) -> None:
+        self.stderr.drain()  # a child blocked on a full stderr pipe would hang the run
         for pid, role, status in self.children.reap():
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
             if role == "zygote" and self.workers_done and len(self.workers_done) == self.area.nvcpus:
                 continue
-            raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}")
+            why = self.stderr.reason(role)
+            raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
 
     def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -281,14 +292,25 @@ class Run:
             if r:
                 msg = ctl.recv(1.0)
                 if msg is None:
-                    self._check_children(set(self.children.roles))
-                    raise RunFailed(f"the {who} closed its control channel")
+                    self._closed(who)
                 if msg.get("event") == "error":
                     raise RunFailed(msg.get("error", f"the {who} failed"))
                 if msg.get("event") == event:
                     return msg
             self._check_children(set(self.children.roles) if event == "stats" else set())
+            self._tick()
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
+
+    def _closed(self, who: str) -> None:
+        """A control channel hit EOF: its process is dying; wait a moment to say how and why."""
+        role = "source" if who == "source" else "fault"
+        pid = next((p for p, r in self.children.roles.items() if r == role), None)
+        deadline = time.monotonic() + 2.0
+        while pid in self.children.alive() and time.monotonic() < deadline:
+            self._check_children(set(self.children.roles))  # raises for a bad exit
+            time.sleep(0.01)
+        self._check_children(set(self.children.roles))
+        raise RunFailed(f"the {who} closed its control channel{self.stderr.reason(role)}")
 
     def _wait_workers_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -310,8 +332,25 @@ class Run:
                 out.append(0)
         return out
 
+    def _tick(self) -> None:
+        """Feed the progress line: pages placed (received map), faults (the handler's records so far)."""
+        if self.progress is None or self.accounting is None or not self.progress.due():
+            return
+        from harness.accounting import RECORD
+        from postcopy_core.handler import EV_FAULT
+
+        done, tail, faults = self._counted
+        chunks = self.accounting.chunks[done:]  # the reader thread only appends
+        data = tail + b"".join(chunks)
+        whole = len(data) - len(data) % RECORD.itemsize
+        faults += int(np.count_nonzero(np.frombuffer(data, RECORD, whole // RECORD.itemsize)["kind"] == EV_FAULT))
+        self._counted = (done + len(chunks), data[whole:], faults)
+        placed = int(np.count_nonzero(np.frombuffer(self.received.view, np.uint8)))  # a temporary view
+        self.progress.tick(placed, faults)
+
     def _supervise_workers(self, ctls: list[ControlLine], deadline: float) -> None:
         while len(self.workers_done) < self.area.nvcpus:  # every worker, vCPU or not
+            self._tick()
             self._worker_exits()
             self._check_children({self.zygote.pid})
             r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
@@ -319,8 +358,10 @@ class Run:
                 if ctl is self.worker_status:
                     continue
                 msg = ctl.recv(1.0)
-                if msg is None or msg.get("event") == "error":
-                    raise RunFailed((msg or {}).get("error", "a service process closed its control channel"))
+                if msg is None:
+                    self._closed("source" if ctl is ctls[0] else "fault handler")
+                if msg.get("event") == "error":
+                    raise RunFailed(msg.get("error", "a service process failed"))
             if time.monotonic() > deadline:
                 raise RunFailed(f"the run did not finish within --timeout {self.cfg.timeout:g} s")
 
@@ -380,17 +421,66 @@ class Run:
         if self.board is not None:
             self.board.close()
             self.board = None
+        self.stderr.close(forward=self.completed)
+        if self.progress is not None:
+            self.progress.close()
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n < 10 << 30 else f"{n / 2**30:,.1f} GiB"
 
 
-def execute(cfg: RunConfig) -> dict:
-    """Run once and always tear down; SIGTERM is treated like Ctrl-C."""
-    run = Run(cfg)
+def check_memory(cfg: RunConfig) -> None:
+    """Refuse, before anything starts, a --ram this host cannot hold (memory, free huge pages).
+
+    The guest RAM (shmem, or huge pages on hugetlbfs) and the source's copy of it (anonymous
+    memory) are both filled during the run; without room the kernel would kill a process midway.
+    """
+    if cfg.backing == "hugetlb":
+        free = free_huge_pages()
+        if 0 <= free < cfg.npages:
+            raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
+                            f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
+    need = cfg.ram if cfg.backing == "hugetlb" else 2 * cfg.ram
+    avail = available_memory()
+    if 0 <= avail < need:
+        what = "the source's copy of the guest RAM" if cfg.backing == "hugetlb" else "guest RAM and the source's copy"
+        raise RunFailed(f"--ram {_mib(cfg.ram)} needs about {_mib(need)} of memory ({what}), "
+                        f"only {_mib(avail)} is available (MemAvailable in /proc/meminfo)")
+
+
+def zygote_command() -> list[str]:
+    """How to start the zygote so that it runs the same code as this process, whatever the cwd.
+
+    ``python -m`` (and ``-c``) put the current folder first on the import path: started from a
+    checkout, the workers would import the checkout's files (without its built ``_uffd`` after a
+    plain ``pip install .``) instead of the installed ones.  ``-P`` is Python 3.11+ only, and ``-I``
+    would also drop PYTHONPATH and the user site a user install needs; so ``-c`` drops that entry ('')
+    and puts first the folder our own packages were imported from (site-packages, or the checkout of an
+    editable install).
+    """
+    import vcpu_workers
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vcpu_workers.__file__)))
+    boot = (f"import sys; sys.path[:] = [{root!r}, *(p for p in sys.path if p)]; "
+            "from vcpu_workers.zygote import main; sys.exit(main())")
+    return [sys.executable, "-c", boot]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run: torn down like Ctrl-C, reported as "terminated" (exit 143)."""
+
+
+def raise_terminated(signum, frame):
+    """SIGTERM handler: unwind like Ctrl-C."""
+    raise Terminated
+
+
+def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
+    """Run once and always tear down; SIGTERM is treated like Ctrl-C (as :class:`Terminated`)."""
+    run = Run(cfg, progress)
     in_main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+    old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
         return run.execute()
     finally:

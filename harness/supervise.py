@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,10 +34,14 @@ class Children:
     roles: dict[int, str] = field(default_factory=dict)  # pid -> "source" | "handler" | "vcpu-N"
     exited: dict[int, int] = field(default_factory=dict)  # pid -> wait status
 
-    def spawn(self, role: str, keep: set[int], body: Callable[[], int], cpus: tuple[int, ...] = ()) -> int:
-        """Fork a child that runs ``body`` with only ``keep`` fds open (on ``cpus``), then _exits."""
+    def spawn(self, role: str, keep: set[int], body: Callable[[], int], cpus: tuple[int, ...] = (),
+              stderr: int | None = None) -> int:
+        """Fork a child that runs ``body`` with only ``keep`` fds open (on ``cpus``, its fd 2 on
+        ``stderr`` if given), then _exits."""
         pid = os.fork()
         if pid == 0:
+            if stderr is not None:
+                os.dup2(stderr, 2)
             run_child(f"pch-{role}", role, keep, body, cpus)
         self.roles[pid] = role
         return pid
@@ -80,6 +85,70 @@ class Children:
                 self.exited[pid] = status
             except ChildProcessError:
                 self.exited[pid] = 0
+
+
+class ChildStderr:
+    """Each child's stderr through a pipe of its own, so a failure can say why a child died.
+
+    A child that fails writes its reason as its last line (``source: ValueError: ...``, or the last
+    line of a Python traceback).  The orchestrator drains the pipes without blocking while it
+    supervises and keeps the last lines of each; after a good run they are passed on to its own
+    stderr (warnings), after a failure only the dead child's last line is shown, in the one-line error.
+    """
+
+    TAIL = 256
+
+    def __init__(self) -> None:
+        self._read: dict[str, int] = {}
+        self._partial: dict[str, bytes] = {}
+        self.lines: dict[str, deque[str]] = {}
+
+    def pipe(self, role: str) -> int:
+        """A new pipe for ``role``; returns the write end (the caller closes it once the child has it)."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self._read[role], self._partial[role], self.lines[role] = r, b"", deque(maxlen=self.TAIL)
+        return w
+
+    def drain(self) -> None:
+        """Read whatever the children wrote so far (never blocks)."""
+        for role, fd in self._read.items():
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except (BlockingIOError, OSError):
+                    break
+                if not data:
+                    break
+                *done, self._partial[role] = (self._partial[role] + data).split(b"\n")
+                self.lines[role].extend(x.decode(errors="replace").strip() for x in done if x.strip())
+
+    def reason(self, role: str, label: str | None = None) -> str:
+        """The last line ``role``'s pipe holds (from ``label``'s process if given), as ``": why"``,
+        without the child's own label; empty when it said nothing."""
+        self.drain()
+        pending = self._partial.get(role, b"").decode(errors="replace").strip()
+        lines = [*self.lines.get(role, ()), *([pending] if pending else [])]
+        if label is not None:
+            lines = [x for x in lines if x.startswith(f"{label}: ")]
+        if not lines:
+            return ""
+        line = lines[-1]
+        for prefix in (f"{label or role}: ", f"{role}: "):
+            line = line.removeprefix(prefix)
+        return f": {' '.join(line.split())}"
+
+    def close(self, forward: bool) -> None:
+        """Close the pipes; with ``forward`` write what the children said to our own stderr."""
+        self.drain()
+        for role, fd in self._read.items():
+            os.close(fd)
+            if forward and self.lines[role]:
+                try:
+                    os.write(2, ("\n".join(self.lines[role]) + "\n").encode())
+                except OSError:
+                    pass
+        self._read.clear()
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -8,6 +8,7 @@ runs in C (csrc/pch.c) so that checking costs far less than faulting.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 from postcopy_core import kernel
@@ -72,9 +73,13 @@ def check_page(addr: int, spec: ContentSpec, page: int, ref: Image | None = None
 def image_size_check(path: str, page_size: int) -> int:
     """Size of a raw image file in pages; raise ValueError with one clear line when unusable."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except OSError as e:
         raise ValueError(f"cannot read image {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder's size is that of its directory entries, not an image
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ValueError(f"image {path!r} is {what}: give a raw RAM image file")
+    size = st.st_size
     if size == 0 or size % page_size:
         raise ValueError(f"image {path!r} is {size} bytes, not a non-zero multiple of the page size {page_size}")
     return size // page_size

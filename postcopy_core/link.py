@@ -12,11 +12,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_RATE = {
-    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
-    "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-}
-_TIME = {"ns": 1, "us": 1e3, "ms": 1e6, "s": 1e9}
+# tc(8)'s rate units, matched without regard to case as tc does: *bit = bits/s, *bps = bytes/s,
+# SI prefixes are powers of 1000 and IEC ones (ki, mi, gi, ti) powers of 1024; a bare number is bits/s.
+_PREFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_RATE = {**{f"{p}bit": m / 8 for p, m in _PREFIX.items()}, **{f"{p}bps": m for p, m in _PREFIX.items()}}
+# tc's time units (netem's delay); a bare number is microseconds
+_TIME = {"ns": 1, "nsec": 1, "nsecs": 1, "us": 10**3, "usec": 10**3, "usecs": 10**3,
+         "ms": 10**6, "msec": 10**6, "msecs": 10**6, "s": 10**9, "sec": 10**9, "secs": 10**9}
+RATE_UNITS = ("tc units: bit, kbit, mbit, gbit, tbit = bits/s; bps, kbps, mbps, gbps, tbps = bytes/s; "
+              "kibit, mibit, gibit, tibit, kibps, mibps, gibps, tibps = powers of 1024; a bare number = bit")
+LINK_UNITS = ("bandwidth in tc's units: bit, kbit, mbit, gbit, tbit (bits/s), bps, kbps, mbps, gbps, tbps "
+              "(bytes/s), kibit, mibps... (powers of 1024), a bare number is bit; latency one-way: s, ms, us, ns")
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,22 @@ class Link:
         return 0 if self.bytes_per_s is None else int(nbytes * 1e9 / self.bytes_per_s)
 
     def describe(self) -> str:
+        """The parsed link for people: ``100 Mbit/s (12.5 MB/s), 2 ms one-way``."""
         if self.unlimited:
             return "unlimited"
-        bw = "unlimited" if self.bytes_per_s is None else f"{self.bytes_per_s * 8 / 1e9:g} Gbit/s"
-        return f"{bw}, {self.latency_ns / 1e6:g} ms"
+        bw = "unlimited bandwidth" if self.bytes_per_s is None else _rate_text(self.bytes_per_s)
+        return f"{bw}, {self.latency_ns / 1e6:g} ms one-way" if self.latency_ns else bw
+
+
+def _rate_text(bytes_per_s: float) -> str:
+    def scaled(value: float, unit: str) -> str:
+        for prefix in ("", "k", "M", "G"):
+            if value < 1000:
+                return f"{value:g} {prefix}{unit}"
+            value /= 1000
+        return f"{value:g} T{unit}"
+
+    return f"{scaled(bytes_per_s * 8, 'bit/s')} ({scaled(bytes_per_s, 'B/s')})"
 
 
 def parse_link(text: str | None) -> Link:
@@ -50,16 +69,24 @@ def parse_link(text: str | None) -> Link:
         raise ValueError(f"--link {text!r}: expected BANDWIDTH[,LATENCY], e.g. 1gbit,2ms")
     bw: float | None = None
     if parts[0] not in ("unlimited", "inf"):
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]+)(?:/s|ps)?", parts[0])
-        if not m or m.group(2) not in _RATE:
-            raise ValueError(f"--link {text!r}: bad bandwidth {parts[0]!r} (use e.g. 1gbit, 100mbit, 500MB)")
-        bw = float(m.group(1)) * _RATE[m.group(2)]
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", parts[0])
+        if not m or m.group(2) not in _RATE and m.group(2) != "":
+            raise ValueError(f"--link {text!r}: bad bandwidth {parts[0]!r} ({RATE_UNITS})")
+        bw = float(m.group(1)) * _RATE[m.group(2) or "bit"]
         if bw <= 0:
             raise ValueError(f"--link {text!r}: bandwidth must be positive")
     lat = 0
     if len(parts) == 2:
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ns|us|ms|s)", parts[1])
-        if not m:
-            raise ValueError(f"--link {text!r}: bad latency {parts[1]!r} (use e.g. 2ms, 500us)")
-        lat = round(float(m.group(1)) * _TIME[m.group(2)])
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", parts[1])
+        if not m or m.group(2) not in _TIME and m.group(2) != "":
+            raise ValueError(f"--link {text!r}: bad latency {parts[1]!r} (one-way, in s, ms, us or ns; "
+                             "a bare number is us)")
+        lat = _exact_ns(m.group(1), _TIME[m.group(2) or "us"])
     return Link(bw, lat)
+
+
+def _exact_ns(number: str, unit_ns: int) -> int:
+    """``"1.005"`` x 10^6 -> 1005000 exactly (a float product would give 1004999)."""
+    from fractions import Fraction
+
+    return round(Fraction(number) * unit_ns)

@@ -21,6 +21,7 @@ class Check:
     ok: bool
     detail: str
     required: bool = True  # a failed required check means postcopy cannot run
+    skipped: bool = False  # not tried because an earlier check failed (that one is the failure)
 
 
 def _read(path: str) -> str | None:
@@ -65,6 +66,18 @@ def free_huge_pages() -> int:
     return free + max(0, overcommit - info.get("HugePages_Surp", 0))
 
 
+def available_memory() -> int:
+    """Bytes the kernel says new allocations can get without swapping (MemAvailable); -1 if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def preflight(hugetlb: bool) -> None:
     """Fail fast, in one line, when this host cannot run postcopy at all (before any process starts)."""
     feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)
@@ -107,25 +120,30 @@ def probe(vcpus: int = 4) -> list[Check]:
     """Run every check; postcopy can run when every required one is ok."""
     checks: list[Check] = []
     checks.append(Check("kernel", True, f"{platform.system()} {platform.release()} ({platform.machine()})", False))
-    unpriv = _read("/proc/sys/vm/unprivileged_userfaultfd")
-    checks.append(Check("vm.unprivileged_userfaultfd", True,
-                        f"{unpriv} (euid {os.geteuid()}; root does not need it)" if unpriv is not None else "n/a",
-                        False))
     try:
         u = kernel.Uffd.open(0)
         feats = u.features
         u.close()
-        checks.append(Check("userfaultfd", True, "syscall or /dev/userfaultfd, UFFDIO_API ok"))
+        uffd = Check("userfaultfd", True, "syscall or /dev/userfaultfd, UFFDIO_API ok")
     except kernel.KernelError as e:
         denied = e.errno in (errno.EPERM, errno.EACCES)
         hint = " (run as root, or sysctl vm.unprivileged_userfaultfd=1)" if denied else ""
-        checks.append(Check("userfaultfd", False, f"{e}{hint}"))
+        uffd = Check("userfaultfd", False, f"{e}{hint}")
         feats = 0
+    checks.append(_unprivileged_check(uffd.ok))
+    checks.append(uffd)
+    skip = "skipped: no userfaultfd"
     for name, bit in kernel.FEATURE_NAMES.items():
         required = name != "MISSING_HUGETLBFS"
+        if not uffd.ok:
+            checks.append(Check(f"feature {name}", False, skip, required, skipped=True))
+            continue
         checks.append(Check(f"feature {name}", bool(feats & bit), "supported" if feats & bit else "missing", required))
-    ok, detail = _try_register(False) if feats else (False, "no userfaultfd")
-    checks.append(Check("shmem memfd + uffd", ok, detail))
+    if feats:
+        ok, detail = _try_register(False)
+        checks.append(Check("shmem memfd + uffd", ok, detail))
+    else:
+        checks.append(Check("shmem memfd + uffd", False, skip, skipped=True))
 
     nr = _read("/proc/sys/vm/nr_hugepages") or "0"
     free = str(max(0, free_huge_pages()))
@@ -134,25 +152,47 @@ def probe(vcpus: int = 4) -> list[Check]:
                         f"{nr} / {free} of {kernel.HUGE_PAGE_SIZE >> 20} MiB{hint}", False))
     if int(free) > 0 and feats & kernel.FEATURE_MISSING_HUGETLBFS:
         ok, detail = _try_register(True)
+        checks.append(Check("hugetlbfs memfd + uffd", ok, detail, False))
     else:
-        ok, detail = False, "skipped: no free huge pages" if feats else "no userfaultfd"
-    checks.append(Check("hugetlbfs memfd + uffd", ok, detail, False))
-    checks.append(Check("page sizes", True, f"base {kernel.PAGE_SIZE}, huge {kernel.HUGE_PAGE_SIZE}", False))
+        detail = "skipped: no free huge pages" if feats else skip
+        checks.append(Check("hugetlbfs memfd + uffd", False, detail, False, skipped=True))
+    checks.append(Check("page sizes", True, f"base {kernel.PAGE_SIZE:,}, huge {kernel.HUGE_PAGE_SIZE:,}", False))
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = fds_needed(vcpus)
     fd_ok = hard == resource.RLIM_INFINITY or hard >= need
     raised = " (raised at run time)" if soft < need <= hard else ""
-    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok, f"soft {soft}, hard {hard}, need {need}{raised}"))
+    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok,
+                        f"soft {_count(soft)}, hard {_count(hard)}, need {need:,}{raised}"))
     nproc_soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     pid_max = int(_read("/proc/sys/kernel/pid_max") or 0)
     threads_max = int(_read("/proc/sys/kernel/threads-max") or 0)
     nproc = nproc_soft if nproc_soft != resource.RLIM_INFINITY else 1 << 30
     room = min(x for x in (nproc, pid_max, threads_max) if x)
     checks.append(Check(f"process limits for {vcpus} vCPUs", room > vcpus + 16,
-                        f"RLIMIT_NPROC {nproc_soft if nproc_soft != resource.RLIM_INFINITY else 'unlimited'}, "
-                        f"pid_max {pid_max}, threads-max {threads_max}"))
+                        f"RLIMIT_NPROC {_count(nproc_soft)}, "
+                        f"pid_max {pid_max:,}, threads-max {threads_max:,}"))
     return checks
+
+
+def _unprivileged_check(uffd_ok: bool) -> Check:
+    """vm.unprivileged_userfaultfd matters only to a non-root user: ok for root, or when it is 1, or
+    when userfaultfd opened anyway (/dev/userfaultfd); otherwise it is why userfaultfd failed."""
+    unpriv = _read("/proc/sys/vm/unprivileged_userfaultfd")
+    euid = os.geteuid()
+    if euid == 0:
+        return Check("vm.unprivileged_userfaultfd", True, f"{unpriv or 'n/a'} (root does not need it)", False)
+    if unpriv is None:
+        return Check("vm.unprivileged_userfaultfd", uffd_ok, "n/a (no such sysctl on this kernel)", False)
+    if unpriv == "1" or uffd_ok:
+        return Check("vm.unprivileged_userfaultfd", True, f"{unpriv} (euid {euid})", False)
+    return Check("vm.unprivileged_userfaultfd", False,
+                 f"{unpriv}: non-root users may not use userfaultfd (euid {euid}; "
+                 "sysctl vm.unprivileged_userfaultfd=1, or run as root)", False)
+
+
+def _count(limit: int) -> str:
+    return "unlimited" if limit == resource.RLIM_INFINITY else f"{limit:,}"
 
 
 def can_run(checks: list[Check]) -> bool:

@@ -76,6 +76,7 @@ def test_tiny_compare_prints_table_ratios_and_command(tmp_path, clean_machine):
         assert pt["ratio"] > 0 and pt["p50-ratio"] > 0
         assert pt["ref"]["runs"][0]["warm"]["rounds"] == "2..2"  # the WARM line, not round 1
     assert doc["reproduce"].startswith("python bench/compare_ref.py")
+    assert doc["tool-version"] and doc["started-at"] and doc["host"]["cpus"] >= 1 and doc["argv"]
 
 
 @pytest.mark.kernel

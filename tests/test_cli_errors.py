@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 TIMEOUT = 60
+UNITS = ("tc units: bit, kbit, mbit, gbit, tbit = bits/s; bps, kbps, mbps, gbps, tbps = bytes/s; "
+         "kibit, mibit, gibit, tibit, kibps, mibps, gibps, tibps = powers of 1024; a bare number = bit")
 
 
 def console_script() -> str:
@@ -25,17 +27,17 @@ CASES = {
     "vcpus": (["run", "--vcpus", "0"], 2, "postcopy-harness run: --vcpus 0: must be 1..4096", False),
     "ram": (["run", "--ram", "12Q"], 2,
             "postcopy-harness run: error: argument --ram: bad size '12Q': "
-            "use a number with an optional K/M/G suffix, e.g. 256M",
+            "use a number with an optional K/M/G/T suffix, e.g. 256M",
             True),
     "link": (["run", "--link", "fast"], 2,
-             "postcopy-harness run: --link 'fast': bad bandwidth 'fast' (use e.g. 1gbit, 100mbit, 500MB)", False),
+             "postcopy-harness run: --link 'fast': bad bandwidth 'fast' (" + UNITS + ")", False),
     # rich markup in a user-supplied value must be printed as is, not interpreted (or crash)
     "link-markup-close": (["run", "--link", "[/x]"], 2,
-                          "postcopy-harness run: --link '[/x]': bad bandwidth '[/x]' (use e.g. 1gbit, 100mbit, 500MB)",
+                          "postcopy-harness run: --link '[/x]': bad bandwidth '[/x]' (" + UNITS + ")",
                           False),
     "link-markup-open": (["run", "--link", "[bold]x"], 2,
                          "postcopy-harness run: --link '[bold]x': bad bandwidth '[bold]x' "
-                         "(use e.g. 1gbit, 100mbit, 500MB)", False),
+                         "(" + UNITS + ")", False),
     "workload": (["run", "--workload", "nope"], 2,
                  "postcopy-harness run: error: argument --workload: invalid choice: 'nope' "
                  "(choose from 'sequential', 'random', 'stride', 'hotset', 'shared')", True),
@@ -46,6 +48,19 @@ CASES = {
     "replay": (["replay", "/nonexistent"], 2,
                "postcopy-harness replay: /nonexistent: cannot open: No such file or directory", False),
     "command": (["frobnicate"], 2, None, True),
+    # the bare command is run
+    "bare-options": (["--vcpus", "0"], 2, "postcopy-harness run: --vcpus 0: must be 1..4096", False),
+    # output paths are checked before the run, so its results are not lost at the end
+    "json-no-folder": (["run", "--json", "/nonexistent/dir/x.json"], 2,
+                       "postcopy-harness run: --json /nonexistent/dir/x.json: no folder /nonexistent/dir", False),
+    "json-folder": (["run", "--json", "/"], 2, "postcopy-harness run: --json /: is a folder; give a file name", False),
+    "trace-folder": (["run", "--trace", "/"], 2, "postcopy-harness run: --trace /: is a folder; give a file name",
+                     False),
+    "image-folder": (["run", "--image", "/"], 2,
+                     "postcopy-harness run: image '/' is a folder: give a raw RAM image file", False),
+    "link-tc-units": (["run", "--link", "100Mb"], 2,
+                      "postcopy-harness run: --link '100Mb': bad bandwidth '100mb' (" + UNITS + ")", False),
+    "check-vcpus": (["check", "--vcpus", "0"], 2, "postcopy-harness check: --vcpus 0: must be 1..4096", False),
 }
 
 

@@ -56,14 +56,14 @@ def fake_report(vcpus: int, fps: float, p50: float, mx: float) -> dict:
 def test_tiny_sweep_writes_one_row_per_point(tmp_path, capsys, clean_machine):
     code, rows, doc = sweep(tmp_path, TINY)
     assert code == 0
-    points = [(r["backing"], r["workload"], r["wake_policy"], int(r["vcpus"])) for r in rows]
+    points = [(r["backing"], r["workload"], r["wake-policy"], int(r["vcpus"])) for r in rows]
     assert points == [("shmem", w, "waiters", n) for w in ("sequential", "shared") for n in (1, 2)]
     for r in rows:
         assert r["status"] == "completed" and r["error"] == ""
-        assert int(r["ram_bytes"]) == 8 << 20 and r["repeats"] == "1"
-        assert float(r["faults"]) > 0 and float(r["faults_per_s"]) > 0
-        assert 0 < float(r["p50_us"]) <= float(r["p99_us"]) <= float(r["max_us"])
-        assert float(r["handler_cpu_s"]) >= 0
+        assert int(r["ram-bytes"]) == 8 << 20 and r["repeats"] == "1"
+        assert float(r["faults"]) > 0 and float(r["faults-per-s"]) > 0
+        assert 0 < float(r["p50-us"]) <= float(r["p99-us"]) <= float(r["max-us"])
+        assert float(r["handler-cpu-s"]) >= 0
     # the JSON holds the same rows plus each point's full run reports
     assert doc["status"] == "completed" and doc["columns"] == list(loadtest.COLUMNS)
     assert doc["sweep"]["vcpus"] == [1, 2] and doc["sweep"]["background"] is False
@@ -73,7 +73,7 @@ def test_tiny_sweep_writes_one_row_per_point(tmp_path, capsys, clean_machine):
         assert len(point["runs"]) == 1 and point["runs"][0]["status"] == "completed"
         engines = point["runs"][0].get("engines", {})
         for name in engines:  # a blocktime column for every engine the run reported
-            assert row[f"blocktime_{name}_ms"] != ""
+            assert row[f"blocktime-{name}-ms"] != ""
     out = capsys.readouterr()
     assert "faults/s" in out.out and "Traceback" not in out.err
     assert out.out.count("ok") >= 4
@@ -85,7 +85,7 @@ def test_repeat_and_wake_policies(tmp_path, clean_machine):
     code, rows, doc = sweep(tmp_path, ["--vcpus", "2", "--workload", "shared", "--ram", "4M",
                                        "--wake-policy", "waiters,all", "--repeat", "2", "--no-background"])
     assert code == 0
-    assert [r["wake_policy"] for r in rows] == ["waiters", "all"]
+    assert [r["wake-policy"] for r in rows] == ["waiters", "all"]
     assert all(r["repeats"] == "2" for r in rows)
     assert [len(p["runs"]) for p in doc["points"]] == [2, 2]
     assert [p["runs"][0]["handler"]["wake-policy"] for p in doc["points"]] == ["waiters", "all"]
@@ -103,7 +103,7 @@ def test_hugetlb_without_huge_pages_is_a_failed_row(tmp_path, monkeypatch, capsy
     assert code == 1
     assert [(r["backing"], r["status"]) for r in rows] == [("shmem", "completed"), ("hugetlb", "failed")]
     assert "huge pages" in rows[1]["error"] and "\n" not in rows[1]["error"]
-    assert rows[1]["faults_per_s"] == ""  # not measured, not zero
+    assert rows[1]["faults-per-s"] == ""  # not measured, not zero
     assert doc["status"] == "failed" and doc["points"][1]["runs"][0]["status"] == "failed"
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
@@ -178,8 +178,8 @@ def test_row_is_medians_and_max_of_max():
     cfg = RunConfig(vcpus=2, ram=4 << 20)
     reports = [fake_report(2, f, p, m) for f, p, m in ((100.0, 5.0, 50.0), (300.0, 7.0, 90.0), (200.0, 6.0, 60.0))]
     row = loadtest.summarise(pt, cfg, reports)
-    assert (row["faults_per_s"], row["p50_us"], row["p99_us"], row["max_us"]) == (200.0, 6.0, 12.0, 90.0)
-    assert (row["blocktime_seed_ms"], row["blocktime_modern_ms"], row["blocktime_exact_ms"]) == (3, None, 5)
+    assert (row["faults-per-s"], row["p50-us"], row["p99-us"], row["max-us"]) == (200.0, 6.0, 12.0, 90.0)
+    assert (row["blocktime-seed-ms"], row["blocktime-modern-ms"], row["blocktime-exact-ms"]) == (3, None, 5)
     assert row["status"] == "completed" and row["repeats"] == 3
 
 
@@ -189,7 +189,7 @@ def test_one_failed_repeat_fails_the_point():
     failed = build_report(cfg, None, "the fault handler (pid 7) was killed by SIGKILL")
     row = loadtest.summarise(pt, cfg, [fake_report(1, 10.0, 1.0, 2.0), failed])
     assert row["status"] == "failed" and "SIGKILL" in row["error"]
-    assert row["faults_per_s"] == 10.0  # what the good run measured is kept
+    assert row["faults-per-s"] == 10.0  # what the good run measured is kept
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch, capsys):

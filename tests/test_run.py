@@ -23,8 +23,8 @@ def run(**kw) -> dict:
     rep = build_report(cfg, execute(cfg))
     assert rep["status"] == "completed", rep.get("error")
     v = rep["verification"]
-    assert v["mismatches"] == 0 and v["ram_bad_pages"] == 0
-    assert v["ram_pages_verified"] == cfg.npages
+    assert v["mismatches"] == 0 and v["ram-bad-pages"] == 0
+    assert v["ram-pages-verified"] == cfg.npages
     assert rep["pages"]["placed"] == cfg.npages
     assert rep["pages"]["requested"] + rep["pages"]["background"] == cfg.npages
     assert len(rep["workers"]["vcpu-stall-ms"]) == cfg.vcpus
@@ -39,7 +39,7 @@ def test_demand_paging_every_page_faulted_and_verified(vcpus, clean_machine):
     assert rep["faults"]["total"] == npages  # disjoint slices: one fault per page
     assert rep["faults"]["vcpu"] == npages and rep["faults"]["non-vcpu"] == 0
     assert rep["pages"]["requested"] == npages
-    assert rep["verification"]["pages_checked"] == npages
+    assert rep["verification"]["pages-checked"] == npages
     assert rep["latency-us"]["count"] == npages  # the workers saw every one of them stall
     assert rep["latency-us"]["p50"] > 0
     assert all(ms > 0 for ms in rep["workers"]["vcpu-stall-ms"])
@@ -48,7 +48,7 @@ def test_demand_paging_every_page_faulted_and_verified(vcpus, clean_machine):
 def test_default_random_with_background_stream(clean_machine):
     rep = run(vcpus=4, ram=16 << 20)
     assert rep["pages"]["background"] > 0
-    assert rep["verification"]["pages_checked"] == rep["pages"]["total"]
+    assert rep["verification"]["pages-checked"] == rep["pages"]["total"]
 
 
 def test_zero_pages_use_zeropage_and_verify(clean_machine):
@@ -65,7 +65,7 @@ def test_shared_workload_collisions_wake_every_waiter(clean_machine):
     assert rep["faults"]["total"] > npages
     assert rep["faults"]["pages-requested"] == npages  # ...but each page was requested once
     assert rep["faults"]["wakes"] > 0
-    assert rep["verification"]["pages_checked"] == 4 * npages
+    assert rep["verification"]["pages-checked"] == 4 * npages
 
 
 def test_wake_all_policy(clean_machine):

@@ -7,7 +7,8 @@ frozen heap.  It then reaps them and reports each exit on a pipe, one line per w
 ``vcpu pid wait-status``.  Workers die with the zygote, the zygote with the orchestrator
 (PR_SET_PDEATHSIG), and Ctrl-C is left to the orchestrator.
 
-Usage (by harness/run.py): ``python -m vcpu_workers.zygote`` with the plan as JSON on stdin.
+Started by harness/run.py (``zygote_command``: :func:`main` run by the installed code, whatever the
+current folder) with the plan as JSON on stdin.
 """
 
 from __future__ import annotations

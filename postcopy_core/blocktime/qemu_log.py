@@ -279,7 +279,8 @@ def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[
     inferred = vcpus is None
     n = max_cpu + 1 if vcpus is None else vcpus
     if n <= max_cpu:
-        raise BlocktimeError(f"{path}: vCPU {max_cpu} faults but --vcpus is {n}")
+        raise BlocktimeError(f"--vcpus {n} is smaller than the {max_cpu + 1} vCPUs the log {path} uses "
+                             f"(vCPU {max_cpu} faults)")
     meta = TraceMeta(
         vcpus=n,
         page_size=_infer_page_size(p.placed_addrs_or),

@@ -348,6 +348,10 @@ def read_trace_columns(
     if fmt == "native":
         meta, cols = read_native_columns(path)
         if vcpus is not None:
+            used = int(cols.vcpu[cols.kind == KIND_FAULT].max(initial=-1)) + 1
+            if vcpus < used:  # the user's number is wrong, not the trace
+                raise BlocktimeError(f"--vcpus {vcpus} is smaller than the {used} vCPUs the trace "
+                                     f"{os.fspath(path)} uses (vCPU {used - 1} faults)")
             meta.vcpus = vcpus
         return meta, cols
     from .qemu_log import import_qemu_log  # the importer is big; load it only when needed
