@@ -35,6 +35,9 @@ def _add_run(sub) -> None:
     p.add_argument("--zero-share", type=float, default=d.zero_share, help="share of all-zero pages (0..1)")
     p.add_argument("--image", help="raw RAM image file to migrate instead of generated content")
     p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport)
+    p.add_argument("--auth-key-file", metavar="FILE",
+                   help="TCP: authenticate the page channels with the key in FILE (mode 600, >= 16 bytes) "
+                        "instead of a fresh random key per run")
     p.add_argument("--write-ratio", type=float, default=d.write_ratio, help="share of accesses that are stores")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
                    help="after placing a page, wake only known waiters or every uffd")
