@@ -47,13 +47,21 @@ def key_from_file(path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
         raise AuthError(f"--auth-key-file {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise AuthError(f"--auth-key-file {path}: not a regular file")
         if st.st_mode & 0o077:
             raise AuthError(f"--auth-key-file {path}: readable or writable by others (chmod 600 it)")
-        key = f.read(MAX_KEY_FILE + 1).rstrip(b" \t\r\n")
+        key = b""
+        while len(key) <= MAX_KEY_FILE:
+            chunk = os.read(fd, MAX_KEY_FILE + 1 - len(key))
+            if not chunk:
+                break
+            key += chunk
+        key = key.rstrip(b" \t\r\n")
+    finally:
+        os.close(fd)
     if len(key) > MAX_KEY_FILE:
         raise AuthError(f"--auth-key-file {path}: larger than {MAX_KEY_FILE} bytes")
     if len(key) < MIN_KEY_BYTES:

@@ -75,9 +75,13 @@ def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = 30.0
         s.settimeout(timeout)
         s.connect(address)
         msg = HELLO.pack(MAGIC, VERSION, hello.vcpu, hello.pid, hello.base, hello.length)
-        socket.send_fds(s, [msg], [uffd])
-        # the ack means our fd is in the handler's hands; EOF means it refused us
-        if s.recv(1) != ACK:
+        # the ack means our fd is in the handler's hands; EOF or a reset means it refused us
+        try:
+            socket.send_fds(s, [msg], [uffd])
+            ack = s.recv(1)
+        except (BrokenPipeError, ConnectionResetError):
+            ack = b""
+        if ack != ACK:
             raise HandoffError("the fault handler refused this worker's hand-off")
 
 
@@ -150,10 +154,6 @@ def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: d
         return f"claims pid {claimed_pid} but SO_PEERCRED says {pid}"
     if not 0 <= vcpu < expect.vcpus:
         return f"claims vCPU {vcpu}, the run has vCPUs 0..{expect.vcpus - 1}"
-    if vcpu in taken:
-        return f"claims vCPU {vcpu}, registered already by pid {taken[vcpu]}"
-    if pid in taken.values():
-        return "has registered a uffd already"
     if length != expect.ram_size:
         return f"claims {length} bytes of RAM, the run has {expect.ram_size}"
     if base == 0 or base % expect.page_size:
@@ -162,6 +162,10 @@ def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: d
         return f"does not map this run's guest RAM at {base:#x}"
     if not _is_uffd(fds[0]):
         return "sent an fd that is not a userfaultfd"
+    if vcpu in taken:
+        return f"claims vCPU {vcpu}, registered already by pid {taken[vcpu]}"
+    if pid in taken.values():
+        return "has registered a uffd already"
     return None
 
 
