@@ -24,7 +24,7 @@ CHANNEL_URGENT = b"U"
 IOV_MAX = 512
 LOOPBACK = "127.0.0.1"
 HANDSHAKE_TIMEOUT = 10.0  # a connection that has not proved itself by then is dropped
-MAX_PENDING = 64  # connections in the middle of their handshake at once; more are refused
+MAX_PENDING = 64  # connections in the middle of their handshake at once; the oldest makes room
 
 
 def tune(sock: socket.socket) -> socket.socket:
@@ -137,9 +137,14 @@ def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dic
             return
         who = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         if len(pending) >= MAX_PENDING:
-            warn(f"refused a page-channel connection from {who}: {MAX_PENDING} handshakes pending already")
-            s.close()
-            continue
+            # a flood of silent connections must not lock the real destination out: it proves itself
+            # within a round trip, so dropping the oldest (not the newcomer) keeps room for it
+            oldest = min(pending, key=lambda c: pending[c][1])
+            warn(f"refused a page-channel connection from {pending[oldest][2]}: "
+                 f"{MAX_PENDING} handshakes pending at once")
+            sel.unregister(oldest)
+            del pending[oldest]
+            oldest.close()
         s.setblocking(False)
         pending[s] = (ServerHandshake(key, wanted), until, who)
         sel.register(s, selectors.EVENT_READ)

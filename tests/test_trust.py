@@ -161,6 +161,24 @@ def test_a_second_connection_for_a_channel_is_refused(capfd):
         s.close()
 
 
+def test_a_flood_of_silent_connections_does_not_lock_the_destination_out(capfd):
+    from postcopy_core.channel import MAX_PENDING
+
+    key = auth.new_key()
+    ls = tcp_listener()
+    port = ls.getsockname()[1]
+    t, out = accept_in_thread(ls, key)
+    flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_PENDING + 20)]
+    time.sleep(0.3)  # all of them taken in
+    stream = tcp_connect(port, CHANNEL_STREAM, key)
+    urgent = tcp_connect(port, CHANNEL_URGENT, key)
+    t.join(10)
+    assert "channels" in out, out.get("error")
+    assert "handshakes pending at once" in capfd.readouterr().err
+    for s in (*flood, stream, urgent, *out["channels"]):
+        s.close()
+
+
 def test_a_replayed_proof_is_refused():
     """What one connection showed (opening and client proof) is worth nothing on the next one."""
     key = auth.new_key()
@@ -544,3 +562,37 @@ def test_sigkilled_orchestrator_leaves_no_dev_shm_entry(clean_machine):
     proc.communicate(timeout=10)
     psutil.wait_procs(kids, timeout=10)  # they die with it (PDEATHSIG)
     assert shm_entries(proc.pid) == []  # no later run needed to sweep anything
+
+
+# ---------------------------------------------------------------- run --auth-key-file
+
+
+@pytest.mark.parametrize("extra,mode,message", [
+    (["--transport", "tcp"], 0o644, "readable or writable by others (chmod 600 it)"),
+    ([], 0o600, "--auth-key-file needs --transport tcp"),
+])
+def test_run_auth_key_file_errors_are_one_line(tmp_path, capsys, extra, mode, message):
+    from harness import cli
+
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    key.chmod(mode)
+    assert cli.main(["run", "--auth-key-file", str(key), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_tcp_run_with_a_key_from_a_file(tmp_path, clean_machine):
+    from harness.config import RunConfig
+    from harness.report import build_report
+    from harness.run import execute
+
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode() + b"\n")
+    key.chmod(0o600)
+    cfg = RunConfig(vcpus=2, ram=4 << 20, transport="tcp", auth_key_file=str(key)).validate()
+    rep = build_report(cfg, execute(cfg))
+    assert rep["status"] == "completed", rep.get("error")
+    assert rep["verification"]["ram_bad_pages"] == 0
