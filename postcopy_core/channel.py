@@ -129,7 +129,7 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
 
 def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dict, key: bytes,
                     wanted: tuple[bytes, ...], until: float) -> None:
-    """Take every queued connection into the handshake (or refuse it when too many are pending)."""
+    """Take every queued connection into the handshake (evicting the oldest when too many are pending)."""
     while True:
         try:
             s, addr = ls.accept()
