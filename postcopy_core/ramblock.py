@@ -92,12 +92,13 @@ class ReceivedMap:
 def unlink_quietly(name: str) -> None:
     try:
         posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
+    except posix_ipc.Error:  # gone already, or not ours to remove (sticky /dev/shm)
         pass
 
 
 def sweep_stale_segments() -> list[str]:
-    """Unlink /dev/shm segments of earlier runs whose orchestrator is gone; returns their names."""
+    """Unlink our own /dev/shm segments left by runs whose orchestrator is gone (runs of versions that
+    kept the name); returns their names.  Another user's file under our prefix is left alone."""
     swept = []
     try:
         names = os.listdir("/dev/shm")
@@ -108,7 +109,11 @@ def sweep_stale_segments() -> list[str]:
         if not m:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+        try:
+            mine = os.lstat(f"/dev/shm/{name}").st_uid == os.geteuid()
+        except OSError:
+            continue
+        if mine and pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
             unlink_quietly("/" + name)
             swept.append(name)
     return swept

@@ -596,3 +596,43 @@ def test_tcp_run_with_a_key_from_a_file(tmp_path, clean_machine):
     rep = build_report(cfg, execute(cfg))
     assert rep["status"] == "completed", rep.get("error")
     assert rep["verification"]["ram_bad_pages"] == 0
+
+
+def dead_pid() -> int:
+    pid = fork_child(lambda: 0)
+    exit_code(pid)
+    return pid  # free until the kernel wraps around
+
+
+@as_root
+def test_the_sweep_leaves_other_users_files_alone_and_never_fails():
+    """Names under our prefix for dead pids: a sweep removes only its own user's, and one that
+    could not remove another's (sticky /dev/shm) does not fail on it."""
+    from postcopy_core.ramblock import sweep_stale_segments
+
+    roots = f"/dev/shm/pch-{dead_pid()}-received"
+    theirs = f"/dev/shm/pch-{dead_pid()}-received"
+    for path, owner in ((roots, 0), (theirs, NOBODY)):
+        with open(path, "wb"):
+            pass
+        os.chown(path, owner, owner)
+    try:
+        def unprivileged() -> int:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.unlink(theirs)  # its own: gone; root's next to it must not make the sweep fail
+            sweep_stale_segments()
+            return 0
+
+        assert exit_code(fork_child(unprivileged)) == 0
+        assert os.path.exists(roots)
+        with open(theirs, "wb"):
+            pass
+        os.chown(theirs, NOBODY, NOBODY)
+        swept = sweep_stale_segments()
+        assert os.path.basename(roots) in swept and not os.path.exists(roots)
+        assert os.path.basename(theirs) not in swept and os.path.exists(theirs)
+    finally:
+        for path in (roots, theirs):
+            if os.path.exists(path):
+                os.unlink(path)
