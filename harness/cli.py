@@ -50,6 +50,9 @@ def _add_run(sub) -> None:
                    help="raw RAM image file to migrate instead of generated content (default: generated)")
     p.add_argument("--transport", choices=("unix", "tcp"), default=d.transport,
                    help="Unix socket pair or TCP on loopback (default %(default)s)")
+    p.add_argument("--auth-key-file", metavar="FILE",
+                   help="TCP: authenticate the page channels with the key in FILE (mode 600, >= 16 bytes) "
+                        "instead of a fresh random key per run (default: a fresh key)")
     p.add_argument("--write-ratio", type=float, metavar="F", default=d.write_ratio,
                    help="share of accesses that are stores, 0..1 (default %(default)s)")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from postcopy_core.auth import AuthError, key_from_file
 from postcopy_core.content import image_size_check
 from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
@@ -51,6 +52,7 @@ class RunConfig:
     zero_share: float = 0.1
     image: str | None = None
     transport: str = "unix"
+    auth_key_file: str | None = None  # TCP: the page channels' key from this file (default: a fresh one)
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
     pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
@@ -72,6 +74,13 @@ class RunConfig:
             raise ConfigError(f"--workload {self.workload!r}: choose from {', '.join(WORKLOADS)}")
         if self.transport not in ("unix", "tcp"):
             raise ConfigError(f"--transport {self.transport!r}: choose unix or tcp")
+        if self.auth_key_file is not None:
+            if self.transport != "tcp":
+                raise ConfigError("--auth-key-file needs --transport tcp")
+            try:
+                key_from_file(self.auth_key_file)
+            except AuthError as e:
+                raise ConfigError(str(e)) from None
         if self.wake_policy not in WAKE_POLICIES:
             raise ConfigError(f"--wake-policy {self.wake_policy!r}: choose from {', '.join(WAKE_POLICIES)}")
         if not 0 <= self.zero_share <= 1:

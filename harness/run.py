@@ -24,6 +24,7 @@ from harness.config import RunConfig
 from harness.progress import RunProgress
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
+from postcopy_core.auth import run_key
 from postcopy_core.blocktime import TraceMeta
 from postcopy_core.board import AccessBoard
 from postcopy_core.channel import (
@@ -37,7 +38,7 @@ from postcopy_core.channel import (
 )
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
-from postcopy_core.handoff import abstract_address, accept_uffd, listen
+from postcopy_core.handoff import Expected, HandoffError, abstract_address, collect_uffds, listen
 from postcopy_core.probe import available_memory, free_huge_pages, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
@@ -128,17 +129,18 @@ class Run:
         self.fds += [start_r, start_w]
 
         if cfg.transport == "tcp":
+            key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
             ls = tcp_listener()
             self.socks.append(ls)
             port = ls.getsockname()[1]
             src_keep = {ls.fileno(), ctl_src_child.fileno()}
 
             def source_body() -> int:
-                stream, urgent = tcp_accept_channels(ls)
+                stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
                 return source_main(spec, geo, stream, urgent, cfg.link_model, ControlLine(ctl_src_child))
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
-                return tcp_connect(port, CHANNEL_STREAM), tcp_connect(port, CHANNEL_URGENT)
+                return tcp_connect(port, CHANNEL_STREAM, key), tcp_connect(port, CHANNEL_URGENT, key)
         else:
             s_src, s_dst = self._pair()
             u_src, u_dst = self._pair()
@@ -156,11 +158,14 @@ class Run:
 
         def dest_body() -> int:
             control = ControlLine(ctl_dst_child)
-            ports = []
-            for _ in range(nworkers):
-                hello, fd = accept_uffd(handoff, timeout=STARTUP_TIMEOUT)
-                vcpu = hello.vcpu if hello.vcpu < cfg.vcpus else -1  # -1: not a vCPU, pid left unmapped
-                ports.append(Port(vcpu, hello.pid, kernel.Uffd.adopt(fd), hello.base))
+            # only children of the run's zygote may hand in a uffd; the orchestrator names it
+            msg = control.recv(STARTUP_TIMEOUT)
+            if not msg or msg.get("cmd") != "workers":
+                raise HandoffError("the orchestrator did not say which process forks the vCPU workers")
+            expect = Expected.for_run(nworkers, cfg.ram, cfg.page_size, self.ram.fd, int(msg["parent"]))
+            # workers after the vCPUs are non-vCPU processes: vcpu -1, their pid left unmapped
+            ports = [Port(hello.vcpu if hello.vcpu < cfg.vcpus else -1, hello.pid, kernel.Uffd.adopt(fd), hello.base)
+                     for hello, fd in collect_uffds(handoff, expect, STARTUP_TIMEOUT)]
             handoff.close()
             stream, urgent = dest_channels()
             ports.sort(key=lambda p: p.vcpu)
@@ -174,6 +179,9 @@ class Run:
             w = self.stderr.pipe(role)
             self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
             os.close(w)
+            if role == "source" and cfg.transport == "tcp":  # only the source listens: once it has its
+                self.socks.remove(ls)                         # channels, connects fail
+                ls.close()
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
@@ -188,6 +196,7 @@ class Run:
         self.fds.remove(start_r)
 
         ctl_src, ctl_dst = ControlLine(ctl_src_parent), ControlLine(ctl_dst_parent)
+        ctl_dst.send(cmd="workers", parent=self.zygote.pid)
         self._expect(ctl_src, "ready", "source", STARTUP_TIMEOUT)
         self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT)
         self._wait_workers_ready(STARTUP_TIMEOUT)

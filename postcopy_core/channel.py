@@ -1,20 +1,30 @@
 """Sockets between the processes of a run: page channels, the outbox, and the control line.
 
-Page channels are a Unix socketpair by default, or TCP on loopback when asked; either way each
-end is a connected, non-blocking stream socket.  Control channels (orchestrator <-> source /
-destination) carry one JSON object per line.
+Page channels are a Unix socketpair by default, or TCP (on loopback unless told otherwise) when
+asked; either way each end is a connected, non-blocking stream socket.  A TCP connection carries no
+page before the peer has proved it knows the run's key (postcopy_core/auth.py); strangers are
+refused and logged while the source keeps waiting for the real destination.  Control channels
+(orchestrator <-> source / destination) are socketpairs, which no other process can connect to, and
+carry one JSON object per line.
 """
 
 from __future__ import annotations
 
 import json
 import select
+import selectors
 import socket
+import time
 from collections import deque
+
+from postcopy_core.auth import AuthError, ServerHandshake, client_handshake, warn
 
 CHANNEL_STREAM = b"S"
 CHANNEL_URGENT = b"U"
 IOV_MAX = 512
+LOOPBACK = "127.0.0.1"
+HANDSHAKE_TIMEOUT = 10.0  # a connection that has not proved itself by then is dropped
+MAX_PENDING = 64  # connections in the middle of their handshake at once; the oldest makes room
 
 
 def tune(sock: socket.socket) -> socket.socket:
@@ -30,34 +40,114 @@ def tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def tcp_listener() -> socket.socket:
-    """A listening socket on loopback with a kernel-chosen port."""
-    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def tcp_listener(host: str = LOOPBACK, port: int = 0) -> socket.socket:
+    """A listening socket on ``host`` (loopback by default), port kernel-chosen unless given."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ls = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(4)
+    ls.bind((host, port))
+    ls.listen(16)
     return ls
 
 
-def tcp_connect(port: int, channel: bytes, timeout: float = 10.0) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    s.sendall(channel)
+def tcp_connect(port: int, channel: bytes, key: bytes, host: str = LOOPBACK,
+                timeout: float = HANDSHAKE_TIMEOUT) -> socket.socket:
+    """Destination side: connect one channel and authenticate (both ways) before any page."""
+    s = socket.create_connection((host, port), timeout=timeout)
+    try:
+        client_handshake(s, key, channel)
+    except (AuthError, OSError):
+        s.close()
+        raise
     return tune(s)
 
 
-def tcp_accept_channels(ls: socket.socket, timeout: float = 10.0) -> tuple[socket.socket, socket.socket]:
-    """Accept the stream and the urgent connection (each announces itself with one byte)."""
+def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
+                        handshake_timeout: float = HANDSHAKE_TIMEOUT) -> tuple[socket.socket, socket.socket]:
+    """Source side: accept until the stream and the urgent channel have each proved they know ``key``.
+
+    Connections are served side by side, so a silent or slow stranger delays nobody; one that fails
+    its handshake, times out or claims a channel already taken is closed and logged.  Closes ``ls``.
+    """
+    wanted = (CHANNEL_STREAM, CHANNEL_URGENT)
     got: dict[bytes, socket.socket] = {}
-    ls.settimeout(timeout)
-    while len(got) < 2:
-        s, _ = ls.accept()
-        s.settimeout(timeout)
-        kind = s.recv(1)
-        if kind not in (CHANNEL_STREAM, CHANNEL_URGENT) or kind in got:
+    pending: dict[socket.socket, tuple[ServerHandshake, float, str]] = {}
+    sel = selectors.DefaultSelector()
+    ls.setblocking(False)
+    sel.register(ls, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+
+    def drop(s: socket.socket, why: str) -> None:
+        warn(f"refused a page-channel connection from {pending[s][2]}: {why}")
+        sel.unregister(s)
+        del pending[s]
+        s.close()
+
+    try:
+        while len(got) < len(wanted):
+            now = time.monotonic()
+            if now > deadline:
+                raise ConnectionError(f"no authenticated destination connected within {timeout:g} s")
+            for s in [s for s, (_, t, _) in pending.items() if t < now]:
+                drop(s, "no valid handshake in time")
+            wake = min([deadline] + [t for _, t, _ in pending.values()])
+            for sk, _ in sel.select(max(0.0, wake - now)):
+                if sk.fileobj is ls:
+                    _accept_pending(ls, sel, pending, key, wanted, time.monotonic() + handshake_timeout)
+                    continue
+                s = sk.fileobj
+                hs = pending[s][0]
+                try:
+                    data = s.recv(max(1, hs.wants))
+                    if not data:
+                        raise AuthError("closed the connection during the handshake")
+                    reply = hs.feed(data)
+                    if reply:
+                        s.sendall(reply)  # 64 bytes into a fresh socket's empty buffer: never blocks
+                except (AuthError, OSError) as e:
+                    drop(s, str(e))
+                    continue
+                if hs.channel is not None:
+                    if hs.channel in got:
+                        drop(s, f"channel {hs.channel!r} is connected already")
+                        continue
+                    sel.unregister(s)
+                    del pending[s]
+                    s.setblocking(True)
+                    got[hs.channel] = tune(s)
+    except BaseException:
+        for s in got.values():
             s.close()
-            raise ConnectionError(f"unexpected channel announcement {kind!r}")
-        got[kind] = tune(s)
+        raise
+    finally:
+        for s in pending:
+            s.close()
+        sel.close()
+        ls.close()
     return got[CHANNEL_STREAM], got[CHANNEL_URGENT]
+
+
+def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dict, key: bytes,
+                    wanted: tuple[bytes, ...], until: float) -> None:
+    """Take every queued connection into the handshake (evicting the oldest when too many are pending)."""
+    while True:
+        try:
+            s, addr = ls.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        who = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        if len(pending) >= MAX_PENDING:
+            # a flood of silent connections must not lock the real destination out: it proves itself
+            # within a round trip, so dropping the oldest (not the newcomer) keeps room for it
+            oldest = min(pending, key=lambda c: pending[c][1])
+            warn(f"refused a page-channel connection from {pending[oldest][2]}: "
+                 f"{MAX_PENDING} handshakes pending at once")
+            sel.unregister(oldest)
+            del pending[oldest]
+            oldest.close()
+        s.setblocking(False)
+        pending[s] = (ServerHandshake(key, wanted), until, who)
+        sel.register(s, selectors.EVENT_READ)
 
 
 class Outbox:

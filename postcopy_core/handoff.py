@@ -1,21 +1,32 @@
 """Handing a worker's userfaultfd to the fault handler over a Unix socket (SCM_RIGHTS).
 
 The handler listens on an abstract-namespace socket (no file to leave behind); each vCPU worker
-connects, sends a fixed-size hello and its uffd.  The handler checks the kernel's word on who
-connected (SO_PEERCRED) against what the hello claims before it trusts the fd.
+connects, sends a fixed-size hello and its uffd.  An abstract socket has no permissions: any local
+process can connect.  So the handler trusts nothing it is told: the kernel's word on who connected
+(SO_PEERCRED) must name a worker of this run (a child of the run's zygote, same uid), the fd must be
+a userfaultfd, and every hello field must fit the run's geometry: a vCPU index of this run not
+registered yet, the RAM size, and a base where /proc/<pid>/maps shows that very process mapping this
+run's guest-RAM memfd.  Anything else is dropped with one warning line and the collection goes on;
+connections are served side by side, so a silent one delays nobody.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import struct
+import time
 from dataclasses import dataclass
+
+from postcopy_core.auth import warn
 
 HELLO = struct.Struct("<4sIiiQQ")  # magic, version, vcpu, pid, base, length
 MAGIC = b"PCHW"
 VERSION = 1
+ACK = b"k"
 _CRED = struct.Struct("3i")
+HELLO_TIMEOUT = 10.0  # from connect to hello; a worker sends it at once
 
 
 class HandoffError(ConnectionError):
@@ -28,6 +39,22 @@ class WorkerHello:
     pid: int
     base: int
     length: int
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a hand-off must match: this run's workers and geometry."""
+
+    vcpus: int
+    ram_size: int
+    page_size: int
+    ram_id: tuple[int, int]  # (st_dev, st_ino) of the guest-RAM memfd every worker maps
+    workers_parent: int  # pid of the process that forks the workers (the zygote)
+
+    @classmethod
+    def for_run(cls, vcpus: int, ram_size: int, page_size: int, memfd: int, workers_parent: int) -> Expected:
+        st = os.fstat(memfd)
+        return cls(vcpus, ram_size, page_size, (st.st_dev, st.st_ino), workers_parent)
 
 
 def abstract_address(tag: str) -> str:
@@ -43,37 +70,193 @@ def listen(address: str, backlog: int = 1024) -> socket.socket:
 
 
 def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = 30.0) -> None:
-    """Worker side: connect and send the hello with the uffd attached."""
+    """Worker side: connect and send the hello with the uffd attached; wait until it is accepted."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(address)
         msg = HELLO.pack(MAGIC, VERSION, hello.vcpu, hello.pid, hello.base, hello.length)
-        socket.send_fds(s, [msg], [uffd])
-        s.recv(1)  # wait for the handler's ack, so our fd is in its hands before we go on
+        # the ack means our fd is in the handler's hands; EOF or a reset means it refused us
+        try:
+            socket.send_fds(s, [msg], [uffd])
+            ack = s.recv(1)
+        except (BrokenPipeError, ConnectionResetError):
+            ack = b""
+        if ack != ACK:
+            raise HandoffError("the fault handler refused this worker's hand-off")
 
 
-def accept_uffd(listener: socket.socket, timeout: float = 30.0) -> tuple[WorkerHello, int]:
-    """Handler side: accept one worker, check its credentials, return its hello and uffd."""
-    listener.settimeout(timeout)
-    conn, _ = listener.accept()
-    with conn:
-        conn.settimeout(timeout)
-        pid, uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-        msg, fds, _flags, _addr = socket.recv_fds(conn, HELLO.size, 1)
-        if len(fds) != 1 or len(msg) != HELLO.size:
-            for fd in fds:
-                os.close(fd)
-            raise HandoffError(f"worker pid {pid}: expected a {HELLO.size}-byte hello with one fd")
-        magic, version, vcpu, claimed_pid, base, length = HELLO.unpack(msg)
-        problem = None
-        if magic != MAGIC or version != VERSION:
-            problem = f"bad hello magic/version {magic!r}/{version}"
-        elif claimed_pid != pid:
-            problem = f"claims pid {claimed_pid} but SO_PEERCRED says {pid}"
-        elif uid != os.geteuid():
-            problem = f"runs as uid {uid}, not {os.geteuid()}"
-        if problem:
-            os.close(fds[0])
-            raise HandoffError(f"worker hand-off refused: {problem}")
-        conn.sendall(b"k")
-        return WorkerHello(vcpu, pid, base, length), fds[0]
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` from /proc (-1 if it is gone); the name in stat may hold ')' and spaces."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def maps_ram(pid: int, base: int, length: int, ram_id: tuple[int, int]) -> bool:
+    """Does ``pid`` map the memfd ``ram_id`` over [base, base+length), offset 0 at ``base``?"""
+    try:  # the usual case, one stat: a single mapping of exactly that range (needs CAP_SYS_ADMIN)
+        st = os.stat(f"/proc/{pid}/map_files/{base:x}-{base + length:x}")
+        if (st.st_dev, st.st_ino) == ram_id:
+            return True
+    except OSError:
+        pass
+    dev = f"{os.major(ram_id[0]):02x}:{os.minor(ram_id[0]):02x}"
+    ino = str(ram_id[1])
+    spans = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) >= 5 and fields[4] == ino and fields[3] == dev:
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((lo, hi, int(fields[2], 16)))
+    except (OSError, ValueError):
+        return False
+    cur, end = base, base + length
+    for lo, hi, off in sorted(spans):
+        if lo <= cur < hi and off + (cur - lo) == cur - base:
+            cur = hi
+    return cur >= end
+
+
+def _is_uffd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
+    except OSError:
+        return False
+
+
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    pid, uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return pid, uid
+
+
+def check_peer(pid: int, uid: int, expect: Expected) -> str | None:
+    """Why a connected process may not hand in a uffd, or None if it is a worker of this run."""
+    if uid != os.geteuid():
+        return f"runs as uid {uid}, not {os.geteuid()}"
+    if parent_pid(pid) != expect.workers_parent:
+        return "not a vCPU worker of this run"
+    return None
+
+
+def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: dict[int, int]) -> str | None:
+    """Why this hello (with its fds) is refused, or None if it fits the run; ``taken``: vcpu -> pid."""
+    if len(fds) != 1 or len(msg) != HELLO.size:
+        return f"expected a {HELLO.size}-byte hello with one fd, got {len(msg)} bytes and {len(fds)} fds"
+    magic, version, vcpu, claimed_pid, base, length = HELLO.unpack(msg)
+    if magic != MAGIC or version != VERSION:
+        return f"bad hello magic/version {magic!r}/{version}"
+    if claimed_pid != pid:
+        return f"claims pid {claimed_pid} but SO_PEERCRED says {pid}"
+    if not 0 <= vcpu < expect.vcpus:
+        return f"claims vCPU {vcpu}, the run has vCPUs 0..{expect.vcpus - 1}"
+    if length != expect.ram_size:
+        return f"claims {length} bytes of RAM, the run has {expect.ram_size}"
+    if base == 0 or base % expect.page_size:
+        return f"claims base {base:#x}, not a page-aligned address"
+    if not maps_ram(pid, base, length, expect.ram_id):
+        return f"does not map this run's guest RAM at {base:#x}"
+    if not _is_uffd(fds[0]):
+        return "sent an fd that is not a userfaultfd"
+    if vcpu in taken:
+        return f"claims vCPU {vcpu}, registered already by pid {taken[vcpu]}"
+    if pid in taken.values():
+        return "has registered a uffd already"
+    return None
+
+
+def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
+                  hello_timeout: float = HELLO_TIMEOUT) -> list[tuple[WorkerHello, int]]:
+    """Handler side: accept until every vCPU of the run has handed in its uffd; [(hello, uffd)].
+
+    Strangers, malformed hellos, second registrations and silent connections are refused with a
+    warning, never fatal; only the overall ``timeout`` ends the collection with an error.
+    """
+    got: dict[int, tuple[WorkerHello, int]] = {}
+    taken: dict[int, int] = {}
+    pending: dict[socket.socket, tuple[int, float]] = {}  # conn -> (pid, deadline)
+    sel = selectors.DefaultSelector()
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+
+    def drop(conn: socket.socket, pid: int, why: str) -> None:
+        warn(f"refused a uffd hand-off from pid {pid}: {why}")
+        if conn in pending:
+            sel.unregister(conn)
+            del pending[conn]
+        conn.close()
+
+    try:
+        while len(got) < expect.vcpus:
+            now = time.monotonic()
+            if now > deadline:
+                raise HandoffError(f"only {len(got)} of {expect.vcpus} vCPU workers handed in their uffd "
+                                   f"within {timeout:g} s")
+            for conn, (pid, t) in list(pending.items()):
+                if t < now:
+                    drop(conn, pid, f"no hello within {hello_timeout:g} s")
+            wake = min([deadline] + [t for _, t in pending.values()])
+            for sk, _ in sel.select(max(0.0, wake - now)):
+                if sk.fileobj is listener:
+                    _accept(listener, sel, pending, expect, time.monotonic() + hello_timeout, drop)
+                    continue
+                conn = sk.fileobj
+                pid = pending[conn][0]
+                try:
+                    msg, fds, flags, _ = socket.recv_fds(conn, HELLO.size, 1)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    drop(conn, pid, f"recvmsg: {e.strerror}")
+                    continue
+                why = "file descriptors cut short (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else None
+                why = why or check_hello(msg, fds, pid, expect, taken)
+                if why:
+                    for fd in fds:
+                        os.close(fd)
+                    drop(conn, pid, why if msg else "closed without a hello")
+                    continue
+                hello = WorkerHello(*HELLO.unpack(msg)[2:])
+                try:
+                    conn.send(ACK)
+                except OSError as e:
+                    os.close(fds[0])
+                    drop(conn, pid, f"gone before the ack: {e.strerror}")
+                    continue
+                taken[hello.vcpu] = pid
+                got[hello.vcpu] = (hello, fds[0])
+                sel.unregister(conn)
+                del pending[conn]
+                conn.close()
+    except BaseException:
+        for _, fd in got.values():
+            os.close(fd)
+        raise
+    finally:
+        for conn in pending:
+            conn.close()
+        sel.close()
+    return [got[v] for v in sorted(got)]
+
+
+def _accept(listener: socket.socket, sel: selectors.BaseSelector, pending: dict, expect: Expected,
+            until: float, drop) -> None:
+    """Take every queued connection; refuse at once (before reading a byte) any that is not ours."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        pid, uid = _peer(conn)
+        why = check_peer(pid, uid, expect)
+        if why:
+            drop(conn, pid, why)
+            continue
+        conn.setblocking(False)
+        pending[conn] = (pid, until)
+        sel.register(conn, selectors.EVENT_READ)

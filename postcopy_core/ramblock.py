@@ -1,14 +1,17 @@
 """Guest RAM on the destination: the shared memfd and the received map in named shared memory.
 
 The memfd (shmem, or hugetlbfs with MFD_HUGETLB) is what every vCPU worker maps; the received map
-(one byte per page, 1 = placed) lives in POSIX shared memory under a name that includes the run's
-pid, so a dashboard can attach to a live run, and a later run can sweep segments of dead runs.
+(one byte per page, 1 = placed) lives in POSIX shared memory.  Its name carries the run's pid and a
+random token, is created exclusively (nobody can guess it in advance, so nobody can make it first
+and hand us their memory), and is unlinked as soon as the orchestrator has mapped it: the children
+inherit the mapping over fork, so not even a SIGKILLed orchestrator leaves an entry in /dev/shm.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 
 import posix_ipc
 
@@ -44,47 +47,58 @@ class GuestRam:
             self.fd = -1
 
 
-class ReceivedMap:
-    """One byte per page in named shared memory: 1 once the page has been placed.
+class SharedMemoryClash(FileExistsError):
+    """The name chosen for a segment exists already (someone made it first); one line for the user."""
 
-    Only the placement side writes it; anyone may read it.  Bytes rather than bits so the hot path
-    tests a page with a single index and no shifting.
+
+def segment_name(role: str) -> str:
+    """``/pch-<pid>-<random token>-<role>``: the pid lets a later run sweep it, the token makes it unguessable."""
+    return f"/{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}-{role}"
+
+
+class ReceivedMap:
+    """One byte per page in shared memory: 1 once the page has been placed.
+
+    Only the placement side writes it.  Bytes rather than bits so the hot path tests a page with a
+    single index and no shifting.  The name lives only between its exclusive creation and the
+    mapping (microseconds); processes forked later share the mapping, not the name.
     """
 
-    def __init__(self, npages: int, name: str | None = None, create: bool = True) -> None:
-        self.name = name or f"/{SHM_PREFIX}{os.getpid()}-received"
-        flags = posix_ipc.O_CREX if create else 0
-        shm = posix_ipc.SharedMemory(self.name, flags, mode=0o600, size=npages if create else 0)
+    def __init__(self, npages: int, name: str | None = None) -> None:
+        self.name = name or segment_name("received")
+        try:
+            shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=npages)
+        except posix_ipc.ExistentialError:
+            raise SharedMemoryClash(f"/dev/shm{self.name} already exists (made by another process?): "
+                                    "refusing to share guest state through it") from None
         try:
             # mapped through the kernel module so no fd stays open behind the mapping
             self._mapping = kernel.mmap_fd(shm.fd, npages)
         finally:
             shm.close_fd()
+            unlink_quietly(self.name)
         self.view = memoryview(self._mapping.buffer())
         self.npages = npages
-        self._owner = create
 
     def __getitem__(self, page: int) -> int:
         return self.view[page]
 
     def close(self) -> None:
-        """Unmap; the creator also unlinks the name."""
+        """Unmap (the name is gone already)."""
         self.view.release()
         self._mapping.close()
-        if self._owner:
-            unlink_quietly(self.name)
-            self._owner = False
 
 
 def unlink_quietly(name: str) -> None:
     try:
         posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
+    except posix_ipc.Error:  # gone already, or not ours to remove (sticky /dev/shm)
         pass
 
 
 def sweep_stale_segments() -> list[str]:
-    """Unlink /dev/shm segments of earlier runs whose orchestrator is gone; returns their names."""
+    """Unlink our own /dev/shm segments left by runs whose orchestrator is gone (runs of versions that
+    kept the name); returns their names.  Another user's file under our prefix is left alone."""
     swept = []
     try:
         names = os.listdir("/dev/shm")
@@ -95,7 +109,11 @@ def sweep_stale_segments() -> list[str]:
         if not m:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
+        try:
+            mine = os.lstat(f"/dev/shm/{name}").st_uid == os.geteuid()
+        except OSError:
+            continue
+        if mine and pid != os.getpid() and not os.path.exists(f"/proc/{pid}"):
             unlink_quietly("/" + name)
             swept.append(name)
     return swept

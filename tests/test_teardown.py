@@ -105,7 +105,7 @@ def test_sigterm_tears_everything_down():
 
 
 def test_orchestrator_sigkilled_children_die_with_it():
-    """Even a SIGKILLed orchestrator leaves no process (PDEATHSIG); a later run sweeps its segment."""
+    """Even a SIGKILLed orchestrator leaves no process (PDEATHSIG) and no segment (unlinked at once)."""
     proc = start_cli(SLOW_RUN)
     wait_for_children(proc, "pch-vcpu", 4)
     proc.kill()
@@ -115,7 +115,4 @@ def test_orchestrator_sigkilled_children_die_with_it():
         if not [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("pch-")]:
             break
         time.sleep(0.05)
-    from postcopy_core.ramblock import sweep_stale_segments
-
-    sweep_stale_segments()
     assert_clean()

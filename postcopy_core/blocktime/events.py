@@ -34,7 +34,15 @@ __all__ = [
     "KIND_FAULT",
     "KIND_PLACED",
     "AR_UNKNOWN",
+    "MAX_VCPUS",
+    "MAX_PAGE_SIZE",
 ]
+
+# Bounds on what a trace or log may declare, checked before anything is sized by them: a crafted
+# file must get one line, not a MemoryError.  4x KVM's x86 limit (4096) and the largest huge page.
+MAX_VCPUS = 16384
+MAX_PAGE_SIZE = 1 << 30
+MAX_NS = (1 << 63) - 1  # times live in int64 columns
 
 
 class BlocktimeError(ValueError):
@@ -88,11 +96,22 @@ class TraceMeta:
 
     def check(self) -> None:
         """Raise BlocktimeError when the metadata cannot describe a run."""
-        if not isinstance(self.vcpus, int) or self.vcpus < 1:
-            raise BlocktimeError(f"vcpus must be a positive integer, got {self.vcpus!r}")
+        if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= MAX_VCPUS:
+            raise BlocktimeError(f"vcpus must be an integer in 1..{MAX_VCPUS}, got {_short(self.vcpus)}")
         ps = self.page_size
-        if not isinstance(ps, int) or ps < 1 or ps & (ps - 1):
-            raise BlocktimeError(f"page_size must be a power of two, got {ps!r}")
+        if not isinstance(ps, int) or not 1 <= ps <= MAX_PAGE_SIZE or ps & (ps - 1):
+            raise BlocktimeError(f"page_size must be a power of two up to {MAX_PAGE_SIZE}, got {_short(ps)}")
+        if not isinstance(self.start_ns, int) or not 0 <= self.start_ns <= MAX_NS:
+            raise BlocktimeError(f"start_ns must be an integer in 0..2^63-1, got {_short(self.start_ns)}")
+        for tid, vcpu in self.tid_map.items():
+            if not 0 <= tid <= MAX_NS or not -1 <= vcpu < MAX_VCPUS:
+                raise BlocktimeError(f"tid_map entry {_short(tid)} -> {_short(vcpu)} is out of range")
+
+
+def _short(value: object) -> str:
+    """A declared value for an error line: crafted numbers can have thousands of digits."""
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 # Column encodings.

@@ -32,6 +32,8 @@ from .events import (
     AR_UNKNOWN,
     KIND_FAULT,
     KIND_PLACED,
+    MAX_NS,
+    MAX_VCPUS,
     BlocktimeError,
     Event,
     EventColumns,
@@ -148,7 +150,7 @@ def meta_from_json(obj: object, lineno: int) -> TraceMeta:
         raise bad("'tid_map' must be an object")
     try:
         tids = {int(k): int(v) for k, v in tid_map.items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise bad("'tid_map' must map thread ids to vCPU indexes") from None
     extra = obj.get("extra", {})
     if not isinstance(extra, dict):
@@ -234,7 +236,7 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
         if not seen_magic:
             if not line.strip():
                 continue
-            m = re.fullmatch(re.escape(MAGIC) + r" v(\d+)\s*", line)
+            m = re.fullmatch(re.escape(MAGIC) + r" v(\d{1,9})\s*", line)
             if not m:
                 raise BlocktimeError(
                     f"{path}: line {n}: not a postcopy-harness trace (expected '{MAGIC} v1')"
@@ -248,7 +250,7 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
             continue
         if not line or line[0] == "#":
             if line.startswith("#end"):
-                m = re.fullmatch(r"#end events=(\d+)(?: stalls=(\d+))?\s*", line)
+                m = re.fullmatch(r"#end events=(\d{1,19})(?: stalls=(\d{1,19}))?\s*", line)
                 if not m:
                     raise BlocktimeError(f"{path}: line {n}: malformed end marker: {line[:80]!r}")
                 declared_end = int(m.group(1))
@@ -269,7 +271,7 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                     v = int(parts[2])
                 a = int(parts[3], 16)
                 f = _AR_PARSE[parts[5]]
-                if v < -1 or a < 0 or t < 0:
+                if not -1 <= v < MAX_VCPUS or not (0 <= a <= MAX_NS and 0 <= t <= MAX_NS and 0 <= th <= MAX_NS):
                     raise ValueError
                 kind.append(KIND_FAULT)
                 vcpu.append(v)
@@ -279,7 +281,7 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                 t = int(parts[1])
                 a = int(parts[2], 16)
                 z = parts[3]
-                if z not in ("0", "1") or a < 0 or t < 0:
+                if z not in ("0", "1") or not 0 <= a <= MAX_NS or not 0 <= t <= MAX_NS:
                     raise ValueError
                 kind.append(KIND_PLACED)
                 vcpu.append(0)
@@ -301,6 +303,8 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                     raise BlocktimeError(
                         f"{path}: line {n}: metadata is not valid JSON ({exc.msg})"
                     ) from None
+                except (ValueError, RecursionError):  # a number of thousands of digits, deep nesting
+                    raise BlocktimeError(f"{path}: line {n}: metadata is not usable JSON") from None
                 try:
                     meta = meta_from_json(obj, n)
                 except BlocktimeError as exc:
@@ -341,8 +345,8 @@ def read_trace_columns(
     """Read a native trace or a QEMU trace log into columns; ``vcpus`` overrides the vCPU count."""
     if fmt not in FORMATS:
         raise BlocktimeError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if vcpus is not None and vcpus < 1:
-        raise BlocktimeError(f"--vcpus must be at least 1, got {vcpus}")
+    if vcpus is not None and not 1 <= vcpus <= MAX_VCPUS:
+        raise BlocktimeError(f"--vcpus must be 1..{MAX_VCPUS}, got {vcpus}")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "native":
@@ -370,6 +374,8 @@ def read_trace(
     """
     if fmt not in FORMATS:
         raise BlocktimeError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if vcpus is not None and not 1 <= vcpus <= MAX_VCPUS:
+        raise BlocktimeError(f"--vcpus must be 1..{MAX_VCPUS}, got {vcpus}")
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt == "qemu-log":
