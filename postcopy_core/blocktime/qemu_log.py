@@ -39,6 +39,7 @@ import bisect
 import os
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .common import NS_PER_MS, U32
@@ -200,43 +201,55 @@ _HANDLED = frozenset(
 
 
 class _Clock:
-    """Maps a wall-clock stamp (ns) to the offset clock (ns since the context start)."""
+    """Maps a wall-clock stamp (ns) to the offset clock (ns since the context start).
 
-    def __init__(self, begins: list[_Begin]) -> None:
-        samples = sorted((b.w, b.w - b.time * NS_PER_MS) for b in begins if not b.ar and b.time >= 2)
-        if not samples:  # tiny logs: use whatever begins there are
-            samples = sorted((b.w, b.w - max(b.time, 1) * NS_PER_MS) for b in begins if not b.ar)
-        if not samples:
+    Each sample is a line whose clock read fell in a known millisecond ``M`` of the offset clock (a
+    begin's ``time``, or an end whose moved total fixes its millisecond): it bounds the clock
+    difference ``K = stamp - offset`` to ``(stamp - (M+1) ms, stamp - M ms]``.  Intersecting the
+    bounds of every sample within +-1 s (slow drift is followed) and taking the middle keeps ``K``
+    within a few microseconds when the samples are many, where the smallest upper bound alone can be
+    up to a millisecond off when they are sparse.  An empty intersection (a sample stamped late)
+    falls back to the upper bound.
+    """
+
+    def __init__(self, begins: list[_Begin], ends_ms: list[tuple[int, int]] = ()) -> None:
+        marks = [(b.w, b.time) for b in begins if not b.ar and b.time >= 2]
+        if not marks:  # tiny logs: use whatever begins there are
+            marks = [(b.w, max(b.time, 1)) for b in begins if not b.ar]
+        if not marks:
             raise BlocktimeError("no begin line with a fault time: cannot relate stamps to QEMU's clock")
-        self.ws = [s[0] for s in samples]
-        self.bound = self._window_min(samples)
-        self.samples = len(samples)
-
-    @staticmethod
-    def _window_min(samples: list[tuple[int, int]]) -> list[int]:
-        """For each sample, the minimum bound over samples within +-CLOCK_WINDOW_NS (sliding window)."""
-        out = []
-        dq: deque[int] = deque()  # indexes with increasing bounds
-        hi = 0
-        lo = 0
-        for w, _ in samples:
-            while hi < len(samples) and samples[hi][0] <= w + CLOCK_WINDOW_NS:
-                while dq and samples[dq[-1]][1] >= samples[hi][1]:
-                    dq.pop()
-                dq.append(hi)
-                hi += 1
-            while samples[lo][0] < w - CLOCK_WINDOW_NS:
-                lo += 1
-            while dq[0] < lo:
-                dq.popleft()
-            out.append(samples[dq[0]][1])
-        return out
+        marks.extend(ends_ms)
+        marks.sort()
+        self.ws = [w for w, _ in marks]
+        hi = _window_extreme(self.ws, [w - m * NS_PER_MS for w, m in marks], min)
+        lo = _window_extreme(self.ws, [w - (m + 1) * NS_PER_MS for w, m in marks], max)
+        self.bound = [(a + b) // 2 if a < b else b for a, b in zip(lo, hi, strict=True)]
+        self.samples = len(marks)
 
     def offset_ns(self, w: int) -> int:
         i = bisect.bisect_left(self.ws, w)
         if i == len(self.ws) or (i > 0 and w - self.ws[i - 1] <= self.ws[i] - w):
             i -= 1
         return w - self.bound[i]
+
+
+def _window_extreme(ws: list[int], values: list[int], pick: Callable[[int, int], int]) -> list[int]:
+    """For each sample, ``pick`` (min or max) of the values of samples within +-CLOCK_WINDOW_NS."""
+    out = []
+    dq: deque[int] = deque()  # indexes whose values are ever less preferred
+    hi = lo = 0
+    for w in ws:
+        while hi < len(ws) and ws[hi] <= w + CLOCK_WINDOW_NS:
+            while dq and pick(values[dq[-1]], values[hi]) == values[hi]:
+                dq.pop()
+            dq.append(hi)
+            hi += 1
+        while ws[lo] < w - CLOCK_WINDOW_NS:
+            lo += 1
+        while dq[0] < lo:
+            dq.popleft()
+        out.append(values[dq[0]])
+    return out
 
 
 def _clamp_ms(t_ns: int, ms: int) -> int:
@@ -288,7 +301,11 @@ def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[
         source="qemu-log",
     )
     clock = _Clock(begins)
-    events, diag = _reconstruct(meta, p, clock)
+    events, diag, ends_ms = _reconstruct(meta, p, clock)
+    if ends_ms:
+        # Second pass: the ends whose millisecond the first pass fixed sharpen the clock.
+        clock = _Clock(begins, ends_ms)
+        events, diag, _ = _reconstruct(meta, p, clock)
     final_logged = p.cleanup_total if p.cleanup_total is not None else (p.ends[-1].total if p.ends else 0)
     diag.update(
         {
@@ -306,12 +323,23 @@ def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[
     return meta, events
 
 
-def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event], dict]:
+def _split(cand: int) -> tuple[int, int]:
+    """A candidate explanation of one end line, encoded as an int: (fault-thread items applied
+    before the end, 1 if the next item is an already-received begin that raced the end)."""
+    return cand >> 1, cand & 1
+
+
+def _reconstruct(
+    meta: TraceMeta, p: _Parsed, clock: _Clock
+) -> tuple[list[Event], dict, list[tuple[int, int]]]:
+    """The event stream, diagnostics, and (stamp, ms) of every verified end whose total moved."""
     seed = SeedEngine(meta)
     items = p.fault_items
     out: list[Event] = []
     mismatches: list[int] = []
     reordered = 0
+    splits = 0
+    ends_ms: dict[int, tuple[int, int]] = {}  # end index -> (stamp, its millisecond)
     fi = 0  # next fault-thread item not yet applied
     last_end_ns = 0
     prev_total = 0
@@ -330,9 +358,10 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
             seed.fault(ev)
         return evs
 
-    def end_event(e: _End) -> tuple[Placed, int]:
+    def end_event(e: _End) -> tuple[Placed, int, int | None]:
         """The end's time given the seed's current state, and how natural that explanation is:
-        2 = as expected, 1 = needs a same-millisecond coincidence, 0 = far from its stamp."""
+        2 = as expected, 1 = needs a same-millisecond coincidence, 0 = far from its stamp; and the
+        end's millisecond when the moved total fixes it."""
         est = max(clock.offset_ns(e.w), last_end_ns)
         est_ms = est // NS_PER_MS
         delta = (e.total - prev_total) & U32
@@ -352,14 +381,32 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         floor_ms = max((seed.fault_time[i] for i in releases), default=0)
         if t // NS_PER_MS < floor_ms:
             t = floor_ms * NS_PER_MS
-        return Placed(t, e.addr, e.zero), quality
+        return Placed(t, e.addr, e.zero), quality, (seed.last_begin + delta) & U32 if delta else None
 
-    def verify(e: _End, upto: int) -> tuple[list[Fault], Placed, int] | None:
+    def can_split(e: _End, j: int) -> bool:
+        it = items[j] if j < len(items) else None
+        return isinstance(it, _Begin) and it.ar and it.cpu >= 0 and it.addr == e.addr
+
+    def verify(e: _End, cand: int) -> tuple[list[Fault], Placed, int, list[Fault], int | None] | None:
+        """Apply candidate ``cand`` (see ``_split``) and run ``e``; the events if it explains ``e``."""
+        upto, split = _split(cand)
         evs = apply_items(upto)
-        ev, quality = end_event(e)
+        tail: list[Fault] = []
+        if split:
+            # QEMU 7.2's race: this already-received begin filled its slot, the end released it, and
+            # only then did its received check run (the begin line prints time 0 after the undo).
+            b = items[upto]
+            t = min(clock.offset_ns(b.w), max(clock.offset_ns(e.w), last_end_ns))
+            half = Fault(max(t, 0), b.addr, b.cpu, b.pid, False)
+            seed.fault(half)
+            evs.append(half)
+            tail.append(Fault(half.t_ns, b.addr, b.cpu, b.pid, True, True))
+        ev, quality, exact_ms = end_event(e)
         affected = seed.end(ev.t_ns, ev.addr)
+        for late in tail:
+            seed.fault(late)
         if affected == e.affected and seed.total == e.total:
-            return evs, ev, quality
+            return evs, ev, quality, tail, exact_ms
         return None
 
     def window(e: _End, start: int) -> tuple[int, int, int]:
@@ -381,10 +428,11 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         lo, j0, hi = window(e, fi)
         scored = []
         for j in range(lo, hi + 1):
-            seed.restore(snap)
-            got = verify(e, j)
-            if got is not None:
-                scored.append((got[2] == 0, abs(j - j0), -got[2], j))
+            for split in (0, 1) if can_split(e, j) else (0,):
+                seed.restore(snap)
+                got = verify(e, 2 * j + split)
+                if got is not None:
+                    scored.append((got[2] == 0, split, abs(j - j0), -got[2], 2 * j + split))
         seed.restore(snap)
         return [j for *_, j in sorted(scored)]
 
@@ -404,7 +452,8 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         e = ends[k]
         snap = seed.snapshot()
         frame = (k, fi, snap, len(out), last_end_ns, prev_total)
-        _, j0, _ = window(e, fi)
+        _, j0w, _ = window(e, fi)
+        j0 = 2 * j0w  # the candidate "stamp order, no split"
         if forced.get(k):
             upto = forced[k].pop(0)
             chosen = verify(e, upto)
@@ -459,18 +508,22 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
             mismatches.append(e.line)
             seed.restore(snap)
             upto = j0
-            evs = apply_items(j0)
-            ev, _ = end_event(e)
+            evs = apply_items(j0w)
+            ev, _, _ = end_event(e)
             seed.end(ev.t_ns, ev.addr)
             seed.total = e.total
-            chosen = (evs, ev, 0)
+            chosen = (evs, ev, 0, [], None)
         if upto != j0:
             reordered += 1
-        evs, ev, _ = chosen
+        evs, ev, _, tail, exact_ms = chosen
+        if exact_ms is not None:
+            ends_ms[k] = (e.w, exact_ms)
         frames.append((*frame, upto))
         out.extend(evs)
         out.append(ev)
-        fi = upto
+        out.extend(tail)
+        splits += bool(tail)
+        fi = sum(_split(upto))
         last_end_ns = ev.t_ns
         prev_total = e.total
         k += 1
@@ -480,5 +533,6 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         "mismatched_ends": len(mismatches),
         "first_mismatch_lines": mismatches[:10],
         "reordered_ends": reordered,
+        "raced_begins": splits,
     }
-    return out, diag
+    return out, diag, list(ends_ms.values())

@@ -25,7 +25,7 @@ the C code ignores unknown threads.
 from __future__ import annotations
 
 from .common import NS_PER_MS, U32, check_vcpu
-from .events import KIND_FAULT, EventColumns, Fault, Placed, TraceMeta
+from .events import AR_LATE, KIND_FAULT, EventColumns, Fault, Placed, TraceMeta
 
 
 class SeedEngine:
@@ -54,7 +54,21 @@ class SeedEngine:
 
     def fault(self, ev: Fault) -> None:
         """mark_postcopy_blocktime_begin."""
-        self.begin(ev.t_ns, ev.addr, ev.vcpu, ev.already_received)
+        if ev.received_late:
+            self.late_undo(ev.vcpu)
+        else:
+            self.begin(ev.t_ns, ev.addr, ev.vcpu, ev.already_received)
+
+    def late_undo(self, cpu: int) -> None:
+        """The received check of a begin that a placement overtook: it clears a slot the placement
+        already released and decrements ``smp_cpus_down`` a second time (QEMU 7.2's race)."""
+        if cpu < 0:
+            return
+        if cpu >= self.n:
+            check_vcpu(self.meta, cpu)
+        self.vcpu_addr[cpu] = None
+        self.fault_time[cpu] = 0
+        self.cpus_down -= 1
 
     def begin(self, t_ns: int, addr: int, cpu: int, ar: bool | None) -> None:
         """``fault()`` without the event object (the columnar replay calls this directly)."""
@@ -146,7 +160,10 @@ def compute_columns(meta: TraceMeta, cols: EventColumns) -> dict:
         strict=True,
     ):
         if k == KIND_FAULT:
-            begin(t, a, v, None if f < 0 else f == 1)
+            if f == AR_LATE:
+                eng.late_undo(v)
+            else:
+                begin(t, a, v, None if f < 0 else f == 1)
         else:
             end(t, a)
     return eng.result()
