@@ -3,13 +3,15 @@ answers, and clear errors for bad logs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from postcopy_core.blocktime import BlocktimeError, EventColumns, replay, replay_columns
-from postcopy_core.blocktime.qemu_log import import_qemu_log
+from postcopy_core.blocktime.qemu101_gen import generate_qemu101_log
+from postcopy_core.blocktime.qemu_log import import_qemu_log, import_qemu_migrations
 from postcopy_core.blocktime.synth import render_qemu_log, synthetic_run
 from postcopy_core.blocktime.trace import detect_format, read_trace
 
@@ -143,7 +145,7 @@ def test_hand_written_log(tmp_path):
         ),
         (
             HEAD + begin(10, 0x1000, 5, 0) + begin(20, 0x2000, 6, 0).replace(DD, "0x6600"),
-            "2 blocktime contexts",
+            "2 migrations in this log .*--migration N",
         ),
     ],
 )
@@ -190,3 +192,23 @@ def test_begin_raced_by_its_end(tmp_path):
     assert seed["postcopy-vcpu-blocktime"][1] in (3, 4)  # the raced wait is 0 or 1 ms
     # The columnar path (flag 2) gives the same numbers.
     assert replay_columns(meta, EventColumns.from_events(events)) == replay(meta, events)
+
+
+def test_several_migrations_in_one_log_are_split(tmp_path):
+    # Two QEMU 7.2 captures and a QEMU 10.1 log appended to one file: three migrations, each
+    # replayed on its own and matching its own query-migrate.
+    small = [c for c in CAPTURES if c.name in ("kvm-smp2-hugetlb", "kvm-smp1-hugetlb")]
+    assert len(small) == 2
+    text = "".join(gzip.open(c / "trace.log.gz", "rt").read() for c in small)
+    lines101, qm101, _ = generate_qemu101_log(2, 200, seed=9)
+    path = tmp_path / "all.log"
+    path.write_text(text + "\n".join(lines101) + "\n")
+    found = import_qemu_migrations(path)
+    assert [m.extra["qemu"]["migration"] for m, _ in found] == [1, 2, 3]
+    for (meta, events), capture in zip(found, small, strict=False):
+        qm = json.loads((capture / "query-migrate.json").read_text())
+        got = replay(meta, events, ["seed"])["seed"]
+        assert got["postcopy-blocktime"] == qm["postcopy-blocktime"]
+        assert got["postcopy-vcpu-blocktime"] == qm["postcopy-vcpu-blocktime"]
+    meta, events = found[2]
+    assert replay(meta, events, ["modern"])["modern"]["postcopy-vcpu-blocktime"] == qm101["postcopy-vcpu-blocktime"]

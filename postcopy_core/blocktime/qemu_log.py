@@ -44,18 +44,23 @@ from dataclasses import dataclass
 
 from .common import NS_PER_MS, U32
 from .events import BlocktimeError, Event, Fault, Placed, TraceMeta
+from .qemu_logfile import check_vcpus, read_log_lines, split_migrations
 from .seed import SeedEngine
-from .trace import iter_lines
 
-_LINE = re.compile(r"(\d+)@(\d+)\.(\d+):(\w+)(?: (.*))?")
+# Field widths are bounded so no number can be larger than its C type: addresses 64 bits (a log
+# address above 2**63 is refused later), ms offsets and counts 32 bits, tids 32 bits.
+_LINE = re.compile(r"(\d{1,10})@(\d{1,12})\.(\d{1,9}):(\w+)(?: (.*))?")
 _BEGIN = re.compile(
-    r"addr: 0x([0-9a-fA-F]+), dd: (\S+), time: (\d+), cpu: (-?\d+), already_received: (-?\d+)\s*"
+    r"addr: 0x([0-9a-fA-F]{1,16}), dd: (\S+), time: (\d{1,10}), cpu: (-?\d{1,10}), "
+    r"already_received: (-?\d{1,10})\s*"
 )
-_END = re.compile(r"addr: 0x([0-9a-fA-F]+), dd: (\S+), time: (\d+), affected_cpu: (-?\d+)\s*")
-_PLACE = re.compile(r"host=(0x[0-9a-fA-F]+|\(nil\))\s*")
-_REQUEST = re.compile(r"Request for HVA=0x([0-9a-fA-F]+) rb=(\S*) offset=0x([0-9a-fA-F]+) pid=(\d+)\s*")
-_CPU_INDEX = re.compile(r"cpu: (-?\d+), pid: (\d+)\s*")
-_CLEANUP = re.compile(r"total blocktime (\d+)\s*")
+_END = re.compile(r"addr: 0x([0-9a-fA-F]{1,16}), dd: (\S+), time: (\d{1,10}), affected_cpu: (-?\d{1,10})\s*")
+_PLACE = re.compile(r"host=(0x[0-9a-fA-F]{1,16}|\(nil\))\s*")
+_REQUEST = re.compile(
+    r"Request for HVA=0x([0-9a-fA-F]{1,16}) rb=(\S*) offset=0x([0-9a-fA-F]{1,16}) pid=(\d{1,10})\s*"
+)
+_CPU_INDEX = re.compile(r"cpu: (-?\d{1,10}), pid: (\d{1,10})\s*")
+_CLEANUP = re.compile(r"total blocktime (\d{1,10})\s*")
 _BARE = re.compile(r"(mark_postcopy_blocktime_begin|mark_postcopy_blocktime_end) addr:")
 
 CLOCK_WINDOW_NS = 1_000_000_000  # begins within +-1 s bound the clock difference for a stamp
@@ -104,7 +109,7 @@ class _Parsed:
     placed_addrs_or: int
 
 
-def _parse(path: str) -> _Parsed:
+def _parse(path: str, lines: list[tuple[int, str]]) -> _Parsed:
     items: list = []
     ends: list[_End] = []
     tid_map: dict[int, int] = {}
@@ -119,7 +124,7 @@ def _parse(path: str) -> _Parsed:
         if req is not None and req[3] != 0 and tid_map.get(req[3], -1) < 0:
             items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
 
-    for n, line in iter_lines(path):
+    for n, line in lines:
         m = _LINE.match(line)
         if m is None:
             if _BARE.match(line):
@@ -145,6 +150,8 @@ def _parse(path: str) -> _Parsed:
             req = pending_req.pop(thread_i, None)
             pid = req[3] if req is not None else 0
             cpu = int(a.group(4))
+            if cpu >= 0:
+                check_vcpus(path, "vCPU index", cpu, n)
             if pid and cpu >= 0:
                 tid_map.setdefault(pid, cpu)
             dds[a.group(2)] = dds.get(a.group(2), 0) + 1
@@ -175,6 +182,7 @@ def _parse(path: str) -> _Parsed:
                 raise bad("expected 'cpu: N, pid: N'")
             cpu, pid = int(a.group(1)), int(a.group(2))
             if cpu >= 0:
+                check_vcpus(path, "vCPU index", cpu, n)
                 tid_map[pid] = cpu
             else:
                 flush_request(thread_i)
@@ -265,14 +273,57 @@ def _infer_page_size(addr_or: int) -> int:
     return max(4096, min(low, 1 << 30))
 
 
+def import_qemu_migrations(
+    path: str | os.PathLike, vcpus: int | None = None
+) -> list[tuple[TraceMeta, list[Event]]]:
+    """Every migration in a QEMU trace log, in file order, each as (metadata, events).
+
+    QEMU <= 10.0 logs are reconstructed as the module docstring says; QEMU 10.1+ logs (events
+    ``postcopy_blocktime_*``) are read by ``qemu101_log``.  ``vcpus`` applies to every migration.
+    ``meta.extra["qemu"]["migration"]`` is the 1-based position and ``first_line`` where it starts.
+    """
+    from .qemu101_log import import_qemu101_piece, is_qemu101
+
+    path = os.fspath(path)
+    if vcpus is not None:
+        check_vcpus(path, "--vcpus", vcpus)
+    pieces = split_migrations(read_log_lines(path))
+    if not pieces:
+        raise BlocktimeError(
+            f"{path}: no mark_postcopy_blocktime_begin/end lines (enable those trace events and the "
+            "postcopy-blocktime capability on the destination)"
+        )
+    out = []
+    for k, piece in enumerate(pieces, 1):
+        if is_qemu101(piece):
+            meta, events = import_qemu101_piece(path, piece, vcpus)
+        else:
+            meta, events = _import_piece(path, piece, vcpus)
+        meta.extra["qemu"].update({"migration": k, "migrations": len(pieces), "first_line": piece[0][0]})
+        out.append((meta, events))
+    return out
+
+
 def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[TraceMeta, list[Event]]:
-    """Reconstruct the fault/placement stream of a QEMU trace log (see the module docstring).
+    """Reconstruct the fault/placement stream of a QEMU trace log holding one migration.
 
     ``vcpus`` is QEMU's smp_cpus; without it, the highest vCPU index seen + 1 is assumed (recorded as
-    ``extra["qemu"]["vcpus_inferred"]``).  Diagnostics go to ``meta.extra["qemu"]``.
+    ``extra["qemu"]["vcpus_inferred"]``).  Diagnostics go to ``meta.extra["qemu"]``.  A log with
+    several migrations is refused here: use ``import_qemu_migrations``.
     """
-    path = os.fspath(path)
-    p = _parse(path)
+    found = import_qemu_migrations(path, vcpus)
+    if len(found) > 1:
+        raise BlocktimeError(
+            f"{os.fspath(path)}: {len(found)} migrations in this log (replay them with --migration N)"
+        )
+    return found[0]
+
+
+def _import_piece(
+    path: str, lines: list[tuple[int, str]], vcpus: int | None
+) -> tuple[TraceMeta, list[Event]]:
+    """One QEMU <= 10.0 migration's lines -> (metadata, events)."""
+    p = _parse(path, lines)
     begins = [it for it in p.fault_items if isinstance(it, _Begin)]
     if not begins and not p.ends:
         raise BlocktimeError(
