@@ -14,17 +14,21 @@ Lines look like ``TID@SEC.USEC:event args``.  What the 2018-era accounting (QEMU
 Reconstruction:
 
 1. Clock.  Stamps are wall-clock microseconds; offsets are milliseconds of QEMU's realtime clock since
-   the context start.  Every begin with ``time >= 2`` says ``offset_ns(stamp) in [T ms, T+1 ms)``, so
-   ``stamp - T ms`` is an upper bound of the clock difference ``K``; the smallest such bound within
-   +-1 s of a stamp (so slow drift is followed) maps that stamp to the offset clock.  Because the
-   bounding begin was stamped a few microseconds after its clock read, as the end lines are, the
-   delays mostly cancel.
+   the context start.  Every begin with ``time >= 2`` says ``offset_ns(stamp) in [T ms, T+1 ms)``,
+   which bounds the clock difference ``K`` from both sides; so does every end whose moved total fixed
+   its millisecond (known after a first pass, used in a second).  The middle of the intersection of
+   the bounds within +-1 s of a stamp (so slow drift is followed) maps it to the offset clock (see
+   ``_Clock``).  Every line is stamped a few microseconds after its clock read; the delays mostly
+   cancel.
 2. Order.  Lines of one thread are in order; the fault thread's and the placing thread's lines
    interleave by stamp, but stamps within a few ms can disagree with the order the accounting ran.
    Ends are taken in order; before each, the fault-thread lines stamped up to it are applied to a seed
    engine, and if the resulting ``affected_cpu`` and running total do not match the end line, nearby
    alternative interleavings are tried.  An end that no interleaving explains is counted as a
    mismatch and the seed's total is resynchronised to the log.
+   One real race is modelled: an already-received begin whose own page's end released the slot it
+   had just filled (the begin logs ``time: 0``, the end ``affected_cpu: 1``); it becomes a fault, the
+   placement, and a ``received_late`` fault (the seed's second ``smp_cpus_down`` decrement).
 3. Times.  Begin: inside ``[T ms, T+1 ms)``, refined by the stamp.  End with a moved total:
    ``last_begin + increase`` ms, refined by the stamp; otherwise the stamp mapped through the clock.
 

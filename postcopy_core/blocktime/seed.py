@@ -12,6 +12,9 @@ What it does, and the flaws that must come out the same:
 * A fault on a page already received is undone: slot cleared and ``smp_cpus_down`` decremented, even
   when the slot held an earlier pending fault (which is then lost too, and the count goes low).
   ``last_begin`` is *not* undone.
+* A ``received_late`` fault (only the QEMU-log importer makes them) is the received check of a begin
+  that its page's placement overtook: it clears the already-released slot and decrements
+  ``smp_cpus_down`` once more, so the count stays one low, as in QEMU 7.2.
 * An end (placement) scans all vCPUs (O(vCPUs)); each vCPU whose slot holds this address and a
   non-zero time gets ``now - fault time`` added; if ``smp_cpus_down`` equalled the vCPU count at the
   first such vCPU, ``now - last_begin`` is added to the total.  Total, per-vCPU sums and the
