@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,21 @@ def test_several_migrations_in_one_log_are_split(tmp_path):
         assert got["postcopy-vcpu-blocktime"] == qm["postcopy-vcpu-blocktime"]
     meta, events = found[2]
     assert replay(meta, events, ["modern"])["modern"]["postcopy-vcpu-blocktime"] == qm101["postcopy-vcpu-blocktime"]
+
+
+def test_clock_from_sparse_begins():
+    # 40 begins whose clock reads fall anywhere in their millisecond: the true clock difference is
+    # inside the intersection of their two-sided bounds (width ~1/40 ms), and the importer's estimate
+    # (its middle) is within that width of it.
+    from postcopy_core.blocktime.qemu_log import _Begin, _Clock
+
+    rng = random.Random(7)
+    k = 1_700_000_000_123_456_789
+    delay = 3_000
+    begins = []
+    for i in range(40):
+        c = k + (i * 37 + 5) * 1_000_000 + rng.randrange(1_000_000)
+        begins.append(_Begin(i, c + delay, 0x1000 * i, (c - k) // 1_000_000, 0, False, 0))
+    clock = _Clock(begins)
+    err = [abs(clock.offset_ns(b.w) - (b.w - delay - k)) for b in begins]
+    assert max(err) < 60_000
