@@ -14,7 +14,9 @@ import sys
 
 from rich.table import Table
 
-from postcopy_core.blocktime import ALL_ENGINE_NAMES, TRUTH, BlocktimeError, replay_columns
+from postcopy_core.blocktime import ALL_ENGINE_NAMES, TRUTH, BlocktimeError, EventColumns, replay_columns
+from postcopy_core.blocktime.bounds import blocktime_bounds
+from postcopy_core.blocktime.qemu_log import import_qemu_migrations
 from postcopy_core.blocktime.trace import FORMATS, detect_format, read_trace_columns
 
 # (field, unit shown in the table)
@@ -46,6 +48,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vcpus", type=int, metavar="N",
         help="vCPU count (default: the trace's; needed when some vCPU never faults in a QEMU log)"
+    )
+    p.add_argument(
+        "--migration",
+        type=int,
+        metavar="N",
+        help="QEMU log with several migrations: replay only the N-th (1-based; default: all, one result each)",
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout; default: none)")
     p.add_argument(
@@ -123,31 +131,38 @@ def run(args: argparse.Namespace) -> int:
     started = provenance(argv=getattr(args, "argv", None))
     engines = ALL_ENGINE_NAMES if args.engine == "all" else (args.engine,)
     try:
-        fmt = detect_format(args.file) if args.format == "auto" else args.format
-        meta, cols = read_trace_columns(args.file, fmt, args.vcpus)
-        if args.engine == TRUTH and cols.stalls is None:
-            raise BlocktimeError(f"{args.file}: no stall intervals in this trace (truth needs a run's --trace)")
-        results = replay_columns(meta, cols, engines)
-        comparison = _compare(results, args.compare) if args.compare else None
+        fmt, runs = _load(args)
+        reports = []
+        for meta, cols in runs:
+            if args.engine == TRUTH and cols.stalls is None:
+                raise BlocktimeError(f"{args.file}: no stall intervals in this trace (truth needs a run's --trace)")
+            results = replay_columns(meta, cols, engines)
+            comparison = _compare(results, args.compare) if args.compare else None
+            report = {
+                **started,
+                "file": args.file,
+                "format": fmt,
+                "recorded-by": meta.source,
+                "events": len(cols),
+                "stall-intervals": None if cols.stalls is None else len(cols.stalls),
+                "vcpus": meta.vcpus,
+                "page-size": meta.page_size,
+                "meta": kebab(meta.extra),
+                "engines": results,
+            }
+            if meta.source == "qemu-log":
+                report["bounds"] = blocktime_bounds(meta, cols)
+            if comparison is not None:
+                report["compare"] = comparison
+            reports.append((report, meta.extra))
     except BlocktimeError as exc:
         print(f"postcopy-harness replay: {exc}", file=sys.stderr)  # one line, never wrapped
         return 2
-    report = {
-        **started,
-        "file": args.file,
-        "format": fmt,
-        "recorded-by": meta.source,
-        "events": len(cols),
-        "stall-intervals": None if cols.stalls is None else len(cols.stalls),
-        "vcpus": meta.vcpus,
-        "page-size": meta.page_size,
-        "meta": kebab(meta.extra),
-        "engines": results,
-    }
-    if comparison is not None:
-        report["compare"] = comparison
+    # One migration: the report itself; several: one report each under "migrations".
+    out = reports[0][0] if len(reports) == 1 else {**started, "file": args.file,
+                                                     "migrations": [r for r, _ in reports]}
     if args.json:
-        text = json.dumps(report, indent=2, sort_keys=False) + "\n"
+        text = json.dumps(out, indent=2, sort_keys=False) + "\n"
         if args.json == "-":
             sys.stdout.write(text)
             return 0
@@ -157,17 +172,62 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
             return 2
-    title = f"{args.file}: {len(cols):,} events, {meta.vcpus} vCPUs ({meta.source})"
-    console.print(render_table(results, title))
-    for line in _notes(meta.extra, comparison):
-        print(line)
+    for report, extra in reports:
+        which = ""
+        if extra.get("qemu", {}).get("migrations", 1) > 1:
+            q = extra["qemu"]
+            which = f" migration {q['migration']} of {q['migrations']} (from line {q['first_line']})"
+        title = (f"{args.file}{which}: {report['events']:,} events, {report['vcpus']} vCPUs "
+                 f"({report['recorded-by']})")
+        console.print(render_table(report["engines"], title))
+        for line in _notes(extra, report.get("compare")) + _bounds_notes(report.get("bounds")):
+            print(line)
     return 0
+
+
+def _load(args: argparse.Namespace) -> tuple[str, list[tuple]]:
+    """The format read, and (meta, columns) per migration to replay: every migration of a QEMU log,
+    or the one asked for."""
+    fmt = detect_format(args.file) if args.format == "auto" else args.format
+    if fmt != "qemu-log":
+        if args.migration not in (None, 1):
+            raise BlocktimeError(f"--migration {args.migration}: a native trace holds one run")
+        return fmt, [read_trace_columns(args.file, fmt, args.vcpus)]
+    if args.vcpus is not None and args.vcpus < 1:
+        raise BlocktimeError(f"--vcpus must be at least 1, got {args.vcpus}")
+    found = import_qemu_migrations(args.file, args.vcpus)
+    if args.migration is not None:
+        if not 1 <= args.migration <= len(found):
+            raise BlocktimeError(f"--migration {args.migration}: the log holds {len(found)} migration(s)")
+        found = [found[args.migration - 1]]
+    return fmt, [(meta, EventColumns.from_events(events)) for meta, events in found]
+
+
+def _bounds_notes(bounds: dict | None) -> list[str]:
+    if not bounds:
+        return []
+    lo, hi = bounds["lower"], bounds["upper"]
+    return [
+        "bounds (a QEMU log has no measured truth; the real blocked time lies between):",
+        f"  lower (each vCPU's latest pending fault only): blocktime {lo['postcopy-blocktime']} ms, "
+        f"per vCPU {_fmt_value(lo['postcopy-vcpu-blocktime'])} ms",
+        f"  upper (exact: every fault until its placement): blocktime {hi['postcopy-blocktime']} ms, "
+        f"per vCPU {_fmt_value(hi['postcopy-vcpu-blocktime'])} ms",
+    ]
 
 
 def _notes(extra: dict, comparison: dict | None) -> list[str]:
     notes = []
     q = extra.get("qemu")
-    if q:
+    if q and q.get("version") == "10.1+":
+        notes.append(
+            f"QEMU 10.1+ log: {q['begin_lines']} begin / {q['end_lines']} end lines; the modern engine "
+            f"reproduces {q['verified_ends']} of {q['end_lines']} end lines (affected vCPUs and non-vCPU "
+            "faults, left faults, exist flags)."
+        )
+        if q["mismatched_ends"]:
+            notes.append(f"  lines that disagree (first): {q['first_mismatch_lines']}")
+    elif q:
         notes.append(
             f"QEMU log: {q['begin_lines']} begin / {q['end_lines']} end lines; the seed engine reproduces "
             f"{q['verified_ends']} of {q['end_lines']} end lines (running total and affected vCPUs); "

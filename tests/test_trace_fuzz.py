@@ -56,7 +56,8 @@ def mutate(rng: random.Random) -> str:
 
 
 def replay_once(path: str, vcpus: int | None = None) -> tuple[int, str, float]:
-    args = argparse.Namespace(file=path, engine="all", format="auto", vcpus=vcpus, json=os.devnull, compare=None)
+    args = argparse.Namespace(file=path, engine="all", format="auto", vcpus=vcpus, json=os.devnull, compare=None,
+                              migration=None)
     err = io.StringIO()
     t0 = time.monotonic()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

@@ -57,6 +57,13 @@ class Fault:
     known (0 otherwise).  ``already_received`` records what the fault handler saw in its received
     bitmap when it processed the fault; ``None`` lets each engine decide from the placements it has
     already seen (a page counts as received once any placement covered it).
+
+    ``received_late`` marks the second half of a fault that QEMU 7.2's accounting raced with a
+    placement (only the QEMU-log importer makes these): the slot was filled by an earlier
+    ``Fault(already_received=False)`` of the same vCPU, a placement released it, and only then did
+    the received check run and undo a slot that was already empty.  The seed engine applies just
+    that undo (``smp_cpus_down`` goes one low, as in QEMU); the other engines see an
+    already-received fault.  It always has ``already_received=True``.
     """
 
     t_ns: int
@@ -64,6 +71,7 @@ class Fault:
     vcpu: int
     tid: int = 0
     already_received: bool | None = None
+    received_late: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,7 @@ def _short(value: object) -> str:
 KIND_FAULT = 0
 KIND_PLACED = 1
 AR_UNKNOWN = -1  # ``flag`` for a fault whose already_received is None
+AR_LATE = 2  # ``flag`` for a fault with received_late (counts as already received)
 
 
 @dataclass
@@ -156,7 +165,8 @@ class StallColumns:
 class EventColumns:
     """An event stream as parallel arrays (index = position in the stream).
 
-    ``flag`` holds already_received for faults (-1 unknown, 0, 1) and the zero flag for placements.
+    ``flag`` holds already_received for faults (-1 unknown, 0, 1, 2 = received_late) and the zero
+    flag for placements.
     ``vcpu`` and ``tid`` are 0 for placements.
     """
 
@@ -211,7 +221,7 @@ class EventColumns:
                 vcpu.append(ev.vcpu)
                 tid.append(ev.tid)
                 ar = ev.already_received
-                flag.append(AR_UNKNOWN if ar is None else int(ar))
+                flag.append(AR_LATE if ev.received_late else AR_UNKNOWN if ar is None else int(ar))
             elif type(ev) is Placed:
                 kind.append(KIND_PLACED)
                 vcpu.append(0)
@@ -235,7 +245,7 @@ class EventColumns:
             strict=True,
         ):
             if k == KIND_FAULT:
-                append(Fault(t, a, v, d, None if f < 0 else bool(f)))
+                append(Fault(t, a, v, d, None if f < 0 else bool(f), f == AR_LATE))
             else:
                 append(Placed(t, a, bool(f)))
         return out

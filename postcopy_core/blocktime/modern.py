@@ -150,7 +150,7 @@ def received_mask(cols: EventColumns, page_size: int) -> np.ndarray:
     n = len(cols)
     is_fault = cols.kind == KIND_FAULT
     flag = cols.flag
-    out = is_fault & (flag == 1)
+    out = is_fault & (flag >= 1)  # 1 = received, 2 = received_late
     unknown = is_fault & (flag < 0)
     if not unknown.any():
         return out

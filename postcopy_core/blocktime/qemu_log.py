@@ -14,17 +14,21 @@ Lines look like ``TID@SEC.USEC:event args``.  What the 2018-era accounting (QEMU
 Reconstruction:
 
 1. Clock.  Stamps are wall-clock microseconds; offsets are milliseconds of QEMU's realtime clock since
-   the context start.  Every begin with ``time >= 2`` says ``offset_ns(stamp) in [T ms, T+1 ms)``, so
-   ``stamp - T ms`` is an upper bound of the clock difference ``K``; the smallest such bound within
-   +-1 s of a stamp (so slow drift is followed) maps that stamp to the offset clock.  Because the
-   bounding begin was stamped a few microseconds after its clock read, as the end lines are, the
-   delays mostly cancel.
+   the context start.  Every begin with ``time >= 2`` says ``offset_ns(stamp) in [T ms, T+1 ms)``,
+   which bounds the clock difference ``K`` from both sides; so does every end whose moved total fixed
+   its millisecond (known after a first pass, used in a second).  The middle of the intersection of
+   the bounds within +-1 s of a stamp (so slow drift is followed) maps it to the offset clock (see
+   ``_Clock``).  Every line is stamped a few microseconds after its clock read; the delays mostly
+   cancel.
 2. Order.  Lines of one thread are in order; the fault thread's and the placing thread's lines
    interleave by stamp, but stamps within a few ms can disagree with the order the accounting ran.
    Ends are taken in order; before each, the fault-thread lines stamped up to it are applied to a seed
    engine, and if the resulting ``affected_cpu`` and running total do not match the end line, nearby
    alternative interleavings are tried.  An end that no interleaving explains is counted as a
    mismatch and the seed's total is resynchronised to the log.
+   One real race is modelled: an already-received begin whose own page's end released the slot it
+   had just filled (the begin logs ``time: 0``, the end ``affected_cpu: 1``); it becomes a fault, the
+   placement, and a ``received_late`` fault (the seed's second ``smp_cpus_down`` decrement).
 3. Times.  Begin: inside ``[T ms, T+1 ms)``, refined by the stamp.  End with a moved total:
    ``last_begin + increase`` ms, refined by the stamp; otherwise the stamp mapped through the clock.
 
@@ -39,22 +43,28 @@ import bisect
 import os
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .common import NS_PER_MS, U32
 from .events import BlocktimeError, Event, Fault, Placed, TraceMeta
+from .qemu_logfile import check_vcpus, read_log_lines, split_migrations
 from .seed import SeedEngine
-from .trace import iter_lines
 
-_LINE = re.compile(r"(\d+)@(\d+)\.(\d+):(\w+)(?: (.*))?")
+# Field widths are bounded so no number can be larger than its C type: addresses 64 bits (a log
+# address above 2**63 is refused later), ms offsets and counts 32 bits, tids 32 bits.
+_LINE = re.compile(r"(\d{1,10})@(\d{1,12})\.(\d{1,9}):(\w+)(?: (.*))?")
 _BEGIN = re.compile(
-    r"addr: 0x([0-9a-fA-F]+), dd: (\S+), time: (\d+), cpu: (-?\d+), already_received: (-?\d+)\s*"
+    r"addr: 0x([0-9a-fA-F]{1,16}), dd: (\S+), time: (\d{1,10}), cpu: (-?\d{1,10}), "
+    r"already_received: (-?\d{1,10})\s*"
 )
-_END = re.compile(r"addr: 0x([0-9a-fA-F]+), dd: (\S+), time: (\d+), affected_cpu: (-?\d+)\s*")
-_PLACE = re.compile(r"host=(0x[0-9a-fA-F]+|\(nil\))\s*")
-_REQUEST = re.compile(r"Request for HVA=0x([0-9a-fA-F]+) rb=(\S*) offset=0x([0-9a-fA-F]+) pid=(\d+)\s*")
-_CPU_INDEX = re.compile(r"cpu: (-?\d+), pid: (\d+)\s*")
-_CLEANUP = re.compile(r"total blocktime (\d+)\s*")
+_END = re.compile(r"addr: 0x([0-9a-fA-F]{1,16}), dd: (\S+), time: (\d{1,10}), affected_cpu: (-?\d{1,10})\s*")
+_PLACE = re.compile(r"host=(0x[0-9a-fA-F]{1,16}|\(nil\))\s*")
+_REQUEST = re.compile(
+    r"Request for HVA=0x([0-9a-fA-F]{1,16}) rb=(\S*) offset=0x([0-9a-fA-F]{1,16}) pid=(\d{1,10})\s*"
+)
+_CPU_INDEX = re.compile(r"cpu: (-?\d{1,10}), pid: (\d{1,10})\s*")
+_CLEANUP = re.compile(r"total blocktime (\d{1,10})\s*")
 _BARE = re.compile(r"(mark_postcopy_blocktime_begin|mark_postcopy_blocktime_end) addr:")
 
 CLOCK_WINDOW_NS = 1_000_000_000  # begins within +-1 s bound the clock difference for a stamp
@@ -103,7 +113,7 @@ class _Parsed:
     placed_addrs_or: int
 
 
-def _parse(path: str) -> _Parsed:
+def _parse(path: str, lines: list[tuple[int, str]]) -> _Parsed:
     items: list = []
     ends: list[_End] = []
     tid_map: dict[int, int] = {}
@@ -118,7 +128,7 @@ def _parse(path: str) -> _Parsed:
         if req is not None and req[3] != 0 and tid_map.get(req[3], -1) < 0:
             items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
 
-    for n, line in iter_lines(path):
+    for n, line in lines:
         m = _LINE.match(line)
         if m is None:
             if _BARE.match(line):
@@ -144,6 +154,8 @@ def _parse(path: str) -> _Parsed:
             req = pending_req.pop(thread_i, None)
             pid = req[3] if req is not None else 0
             cpu = int(a.group(4))
+            if cpu >= 0:
+                check_vcpus(path, "vCPU index", cpu, n)
             if pid and cpu >= 0:
                 tid_map.setdefault(pid, cpu)
             dds[a.group(2)] = dds.get(a.group(2), 0) + 1
@@ -174,6 +186,7 @@ def _parse(path: str) -> _Parsed:
                 raise bad("expected 'cpu: N, pid: N'")
             cpu, pid = int(a.group(1)), int(a.group(2))
             if cpu >= 0:
+                check_vcpus(path, "vCPU index", cpu, n)
                 tid_map[pid] = cpu
             else:
                 flush_request(thread_i)
@@ -200,43 +213,55 @@ _HANDLED = frozenset(
 
 
 class _Clock:
-    """Maps a wall-clock stamp (ns) to the offset clock (ns since the context start)."""
+    """Maps a wall-clock stamp (ns) to the offset clock (ns since the context start).
 
-    def __init__(self, begins: list[_Begin]) -> None:
-        samples = sorted((b.w, b.w - b.time * NS_PER_MS) for b in begins if not b.ar and b.time >= 2)
-        if not samples:  # tiny logs: use whatever begins there are
-            samples = sorted((b.w, b.w - max(b.time, 1) * NS_PER_MS) for b in begins if not b.ar)
-        if not samples:
+    Each sample is a line whose clock read fell in a known millisecond ``M`` of the offset clock (a
+    begin's ``time``, or an end whose moved total fixes its millisecond): it bounds the clock
+    difference ``K = stamp - offset`` to ``(stamp - (M+1) ms, stamp - M ms]``.  Intersecting the
+    bounds of every sample within +-1 s (slow drift is followed) and taking the middle keeps ``K``
+    within a few microseconds when the samples are many, where the smallest upper bound alone can be
+    up to a millisecond off when they are sparse.  An empty intersection (a sample stamped late)
+    falls back to the upper bound.
+    """
+
+    def __init__(self, begins: list[_Begin], ends_ms: list[tuple[int, int]] = ()) -> None:
+        marks = [(b.w, b.time) for b in begins if not b.ar and b.time >= 2]
+        if not marks:  # tiny logs: use whatever begins there are
+            marks = [(b.w, max(b.time, 1)) for b in begins if not b.ar]
+        if not marks:
             raise BlocktimeError("no begin line with a fault time: cannot relate stamps to QEMU's clock")
-        self.ws = [s[0] for s in samples]
-        self.bound = self._window_min(samples)
-        self.samples = len(samples)
-
-    @staticmethod
-    def _window_min(samples: list[tuple[int, int]]) -> list[int]:
-        """For each sample, the minimum bound over samples within +-CLOCK_WINDOW_NS (sliding window)."""
-        out = []
-        dq: deque[int] = deque()  # indexes with increasing bounds
-        hi = 0
-        lo = 0
-        for w, _ in samples:
-            while hi < len(samples) and samples[hi][0] <= w + CLOCK_WINDOW_NS:
-                while dq and samples[dq[-1]][1] >= samples[hi][1]:
-                    dq.pop()
-                dq.append(hi)
-                hi += 1
-            while samples[lo][0] < w - CLOCK_WINDOW_NS:
-                lo += 1
-            while dq[0] < lo:
-                dq.popleft()
-            out.append(samples[dq[0]][1])
-        return out
+        marks.extend(ends_ms)
+        marks.sort()
+        self.ws = [w for w, _ in marks]
+        hi = _window_extreme(self.ws, [w - m * NS_PER_MS for w, m in marks], min)
+        lo = _window_extreme(self.ws, [w - (m + 1) * NS_PER_MS for w, m in marks], max)
+        self.bound = [(a + b) // 2 if a < b else b for a, b in zip(lo, hi, strict=True)]
+        self.samples = len(marks)
 
     def offset_ns(self, w: int) -> int:
         i = bisect.bisect_left(self.ws, w)
         if i == len(self.ws) or (i > 0 and w - self.ws[i - 1] <= self.ws[i] - w):
             i -= 1
         return w - self.bound[i]
+
+
+def _window_extreme(ws: list[int], values: list[int], pick: Callable[[int, int], int]) -> list[int]:
+    """For each sample, ``pick`` (min or max) of the values of samples within +-CLOCK_WINDOW_NS."""
+    out = []
+    dq: deque[int] = deque()  # indexes whose values are ever less preferred
+    hi = lo = 0
+    for w in ws:
+        while hi < len(ws) and ws[hi] <= w + CLOCK_WINDOW_NS:
+            while dq and pick(values[dq[-1]], values[hi]) == values[hi]:
+                dq.pop()
+            dq.append(hi)
+            hi += 1
+        while ws[lo] < w - CLOCK_WINDOW_NS:
+            lo += 1
+        while dq[0] < lo:
+            dq.popleft()
+        out.append(values[dq[0]])
+    return out
 
 
 def _clamp_ms(t_ns: int, ms: int) -> int:
@@ -252,14 +277,57 @@ def _infer_page_size(addr_or: int) -> int:
     return max(4096, min(low, 1 << 30))
 
 
+def import_qemu_migrations(
+    path: str | os.PathLike, vcpus: int | None = None
+) -> list[tuple[TraceMeta, list[Event]]]:
+    """Every migration in a QEMU trace log, in file order, each as (metadata, events).
+
+    QEMU <= 10.0 logs are reconstructed as the module docstring says; QEMU 10.1+ logs (events
+    ``postcopy_blocktime_*``) are read by ``qemu101_log``.  ``vcpus`` applies to every migration.
+    ``meta.extra["qemu"]["migration"]`` is the 1-based position and ``first_line`` where it starts.
+    """
+    from .qemu101_log import import_qemu101_piece, is_qemu101
+
+    path = os.fspath(path)
+    if vcpus is not None:
+        check_vcpus(path, "--vcpus", vcpus)
+    pieces = split_migrations(read_log_lines(path))
+    if not pieces:
+        raise BlocktimeError(
+            f"{path}: no mark_postcopy_blocktime_begin/end lines (enable those trace events and the "
+            "postcopy-blocktime capability on the destination)"
+        )
+    out = []
+    for k, piece in enumerate(pieces, 1):
+        if is_qemu101(piece):
+            meta, events = import_qemu101_piece(path, piece, vcpus)
+        else:
+            meta, events = _import_piece(path, piece, vcpus)
+        meta.extra["qemu"].update({"migration": k, "migrations": len(pieces), "first_line": piece[0][0]})
+        out.append((meta, events))
+    return out
+
+
 def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[TraceMeta, list[Event]]:
-    """Reconstruct the fault/placement stream of a QEMU trace log (see the module docstring).
+    """Reconstruct the fault/placement stream of a QEMU trace log holding one migration.
 
     ``vcpus`` is QEMU's smp_cpus; without it, the highest vCPU index seen + 1 is assumed (recorded as
-    ``extra["qemu"]["vcpus_inferred"]``).  Diagnostics go to ``meta.extra["qemu"]``.
+    ``extra["qemu"]["vcpus_inferred"]``).  Diagnostics go to ``meta.extra["qemu"]``.  A log with
+    several migrations is refused here: use ``import_qemu_migrations``.
     """
-    path = os.fspath(path)
-    p = _parse(path)
+    found = import_qemu_migrations(path, vcpus)
+    if len(found) > 1:
+        raise BlocktimeError(
+            f"{os.fspath(path)}: {len(found)} migrations in this log (replay them with --migration N)"
+        )
+    return found[0]
+
+
+def _import_piece(
+    path: str, lines: list[tuple[int, str]], vcpus: int | None
+) -> tuple[TraceMeta, list[Event]]:
+    """One QEMU <= 10.0 migration's lines -> (metadata, events)."""
+    p = _parse(path, lines)
     begins = [it for it in p.fault_items if isinstance(it, _Begin)]
     if not begins and not p.ends:
         raise BlocktimeError(
@@ -289,7 +357,11 @@ def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[
         source="qemu-log",
     )
     clock = _Clock(begins)
-    events, diag = _reconstruct(meta, p, clock)
+    events, diag, ends_ms = _reconstruct(meta, p, clock)
+    if ends_ms:
+        # Second pass: the ends whose millisecond the first pass fixed sharpen the clock.
+        clock = _Clock(begins, ends_ms)
+        events, diag, _ = _reconstruct(meta, p, clock)
     final_logged = p.cleanup_total if p.cleanup_total is not None else (p.ends[-1].total if p.ends else 0)
     diag.update(
         {
@@ -307,12 +379,23 @@ def import_qemu_log(path: str | os.PathLike, vcpus: int | None = None) -> tuple[
     return meta, events
 
 
-def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event], dict]:
+def _split(cand: int) -> tuple[int, int]:
+    """A candidate explanation of one end line, encoded as an int: (fault-thread items applied
+    before the end, 1 if the next item is an already-received begin that raced the end)."""
+    return cand >> 1, cand & 1
+
+
+def _reconstruct(
+    meta: TraceMeta, p: _Parsed, clock: _Clock
+) -> tuple[list[Event], dict, list[tuple[int, int]]]:
+    """The event stream, diagnostics, and (stamp, ms) of every verified end whose total moved."""
     seed = SeedEngine(meta)
     items = p.fault_items
     out: list[Event] = []
     mismatches: list[int] = []
     reordered = 0
+    splits = 0
+    ends_ms: dict[int, tuple[int, int]] = {}  # end index -> (stamp, its millisecond)
     fi = 0  # next fault-thread item not yet applied
     last_end_ns = 0
     prev_total = 0
@@ -331,9 +414,10 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
             seed.fault(ev)
         return evs
 
-    def end_event(e: _End) -> tuple[Placed, int]:
+    def end_event(e: _End) -> tuple[Placed, int, int | None]:
         """The end's time given the seed's current state, and how natural that explanation is:
-        2 = as expected, 1 = needs a same-millisecond coincidence, 0 = far from its stamp."""
+        2 = as expected, 1 = needs a same-millisecond coincidence, 0 = far from its stamp; and the
+        end's millisecond when the moved total fixes it."""
         est = max(clock.offset_ns(e.w), last_end_ns)
         est_ms = est // NS_PER_MS
         delta = (e.total - prev_total) & U32
@@ -353,14 +437,32 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         floor_ms = max((seed.fault_time[i] for i in releases), default=0)
         if t // NS_PER_MS < floor_ms:
             t = floor_ms * NS_PER_MS
-        return Placed(t, e.addr, e.zero), quality
+        return Placed(t, e.addr, e.zero), quality, (seed.last_begin + delta) & U32 if delta else None
 
-    def verify(e: _End, upto: int) -> tuple[list[Fault], Placed, int] | None:
+    def can_split(e: _End, j: int) -> bool:
+        it = items[j] if j < len(items) else None
+        return isinstance(it, _Begin) and it.ar and it.cpu >= 0 and it.addr == e.addr
+
+    def verify(e: _End, cand: int) -> tuple[list[Fault], Placed, int, list[Fault], int | None] | None:
+        """Apply candidate ``cand`` (see ``_split``) and run ``e``; the events if it explains ``e``."""
+        upto, split = _split(cand)
         evs = apply_items(upto)
-        ev, quality = end_event(e)
+        tail: list[Fault] = []
+        if split:
+            # QEMU 7.2's race: this already-received begin filled its slot, the end released it, and
+            # only then did its received check run (the begin line prints time 0 after the undo).
+            b = items[upto]
+            t = min(clock.offset_ns(b.w), max(clock.offset_ns(e.w), last_end_ns))
+            half = Fault(max(t, 0), b.addr, b.cpu, b.pid, False)
+            seed.fault(half)
+            evs.append(half)
+            tail.append(Fault(half.t_ns, b.addr, b.cpu, b.pid, True, True))
+        ev, quality, exact_ms = end_event(e)
         affected = seed.end(ev.t_ns, ev.addr)
+        for late in tail:
+            seed.fault(late)
         if affected == e.affected and seed.total == e.total:
-            return evs, ev, quality
+            return evs, ev, quality, tail, exact_ms
         return None
 
     def window(e: _End, start: int) -> tuple[int, int, int]:
@@ -382,10 +484,11 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         lo, j0, hi = window(e, fi)
         scored = []
         for j in range(lo, hi + 1):
-            seed.restore(snap)
-            got = verify(e, j)
-            if got is not None:
-                scored.append((got[2] == 0, abs(j - j0), -got[2], j))
+            for split in (0, 1) if can_split(e, j) else (0,):
+                seed.restore(snap)
+                got = verify(e, 2 * j + split)
+                if got is not None:
+                    scored.append((got[2] == 0, split, abs(j - j0), -got[2], 2 * j + split))
         seed.restore(snap)
         return [j for *_, j in sorted(scored)]
 
@@ -405,7 +508,8 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         e = ends[k]
         snap = seed.snapshot()
         frame = (k, fi, snap, len(out), last_end_ns, prev_total)
-        _, j0, _ = window(e, fi)
+        _, j0w, _ = window(e, fi)
+        j0 = 2 * j0w  # the candidate "stamp order, no split"
         if forced.get(k):
             upto = forced[k].pop(0)
             chosen = verify(e, upto)
@@ -460,18 +564,22 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
             mismatches.append(e.line)
             seed.restore(snap)
             upto = j0
-            evs = apply_items(j0)
-            ev, _ = end_event(e)
+            evs = apply_items(j0w)
+            ev, _, _ = end_event(e)
             seed.end(ev.t_ns, ev.addr)
             seed.total = e.total
-            chosen = (evs, ev, 0)
+            chosen = (evs, ev, 0, [], None)
         if upto != j0:
             reordered += 1
-        evs, ev, _ = chosen
+        evs, ev, _, tail, exact_ms = chosen
+        if exact_ms is not None:
+            ends_ms[k] = (e.w, exact_ms)
         frames.append((*frame, upto))
         out.extend(evs)
         out.append(ev)
-        fi = upto
+        out.extend(tail)
+        splits += bool(tail)
+        fi = sum(_split(upto))
         last_end_ns = ev.t_ns
         prev_total = e.total
         k += 1
@@ -481,5 +589,6 @@ def _reconstruct(meta: TraceMeta, p: _Parsed, clock: _Clock) -> tuple[list[Event
         "mismatched_ends": len(mismatches),
         "first_mismatch_lines": mismatches[:10],
         "reordered_ends": reordered,
+        "raced_begins": splits,
     }
-    return out, diag
+    return out, diag, list(ends_ms.values())

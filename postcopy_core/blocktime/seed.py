@@ -12,6 +12,9 @@ What it does, and the flaws that must come out the same:
 * A fault on a page already received is undone: slot cleared and ``smp_cpus_down`` decremented, even
   when the slot held an earlier pending fault (which is then lost too, and the count goes low).
   ``last_begin`` is *not* undone.
+* A ``received_late`` fault (only the QEMU-log importer makes them) is the received check of a begin
+  that its page's placement overtook: it clears the already-released slot and decrements
+  ``smp_cpus_down`` once more, so the count stays one low, as in QEMU 7.2.
 * An end (placement) scans all vCPUs (O(vCPUs)); each vCPU whose slot holds this address and a
   non-zero time gets ``now - fault time`` added; if ``smp_cpus_down`` equalled the vCPU count at the
   first such vCPU, ``now - last_begin`` is added to the total.  Total, per-vCPU sums and the
@@ -27,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from .common import NS_PER_MS, U32, check_vcpu
-from .events import KIND_FAULT, EventColumns, Fault, Placed, TraceMeta
+from .events import AR_LATE, KIND_FAULT, EventColumns, Fault, Placed, TraceMeta
 from .modern import next_placement, received_mask
 
 
@@ -57,7 +60,21 @@ class SeedEngine:
 
     def fault(self, ev: Fault) -> None:
         """mark_postcopy_blocktime_begin."""
-        self.begin(ev.t_ns, ev.addr, ev.vcpu, ev.already_received)
+        if ev.received_late:
+            self.late_undo(ev.vcpu)
+        else:
+            self.begin(ev.t_ns, ev.addr, ev.vcpu, ev.already_received)
+
+    def late_undo(self, cpu: int) -> None:
+        """The received check of a begin that a placement overtook: it clears a slot the placement
+        already released and decrements ``smp_cpus_down`` a second time (QEMU 7.2's race)."""
+        if cpu < 0:
+            return
+        if cpu >= self.n:
+            check_vcpu(self.meta, cpu)
+        self.vcpu_addr[cpu] = None
+        self.fault_time[cpu] = 0
+        self.cpus_down -= 1
 
     def begin(self, t_ns: int, addr: int, cpu: int, ar: bool | None) -> None:
         """``fault()`` without the event object (the columnar replay calls this directly)."""
@@ -175,6 +192,13 @@ class IndexedSeedEngine(SeedEngine):
             else:
                 held.add(cpu)
 
+    def late_undo(self, cpu: int) -> None:
+        if 0 <= cpu < self.n and self.vcpu_addr[cpu] is not None:
+            held = self._holders.get(self.vcpu_addr[cpu])
+            if held is not None:
+                held.discard(cpu)
+        super().late_undo(cpu)
+
     def end(self, t_ns: int, addr: int) -> int:
         self.received.add(addr & self._page_mask)
         held = self._holders.pop(addr, None)
@@ -213,7 +237,10 @@ def compute_columns_per_event(meta: TraceMeta, cols: EventColumns) -> dict:
         strict=True,
     ):
         if k == KIND_FAULT:
-            begin(t, a, v, None if f < 0 else f == 1)
+            if f == AR_LATE:
+                eng.late_undo(v)
+            else:
+                begin(t, a, v, None if f < 0 else f == 1)
         else:
             end(t, a)
     return eng.result()
@@ -231,6 +258,9 @@ def compute_columns(meta: TraceMeta, cols: EventColumns) -> dict:
     fault's offset) follow with whole-array operations.
     """
     meta.check()
+    if (cols.flag[cols.kind == KIND_FAULT] == AR_LATE).any():
+        # QEMU 7.2's raced begin (only imported logs have one): rare and short, so per event
+        return compute_columns_per_event(meta, cols)
     n = meta.vcpus
     m = len(cols)
     vcpu = cols.vcpu.astype(np.int64)

@@ -204,7 +204,7 @@ def detect_format(path: str | os.PathLike) -> str:
             continue
         if line.startswith(MAGIC):
             return "native"
-        if _QEMU_LINE.match(line) or "mark_postcopy_blocktime" in line:
+        if _QEMU_LINE.match(line) or "postcopy_blocktime_" in line:
             return "qemu-log"
         if n >= 500:
             break

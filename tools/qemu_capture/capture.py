@@ -125,20 +125,51 @@ class QMP:
             pass
 
 
-def build_image(tmp: Path, wake_aps: bool, base_mb: int, percpu_mb: int, step: int) -> Path:
+def build_image(tmp: Path, wake_aps: bool, base_mb: int, percpu_mb: int, step: int,
+                shared: bool = False) -> Path:
     nasm = shutil.which("nasm")
     if not nasm:
         sys.exit("nasm not found (apt-get install nasm)")
     bin_path = tmp / "guest.bin"
     subprocess.run(
         [nasm, "-f", "bin", f"-DWAKE_APS={int(wake_aps)}", f"-DBASE_MB={base_mb}",
-         f"-DPERCPU_MB={percpu_mb}", f"-DSTEP_PAGES={step}", "-o", str(bin_path), str(GUEST_SRC)],
+         f"-DPERCPU_MB={percpu_mb}", f"-DSTEP_PAGES={step}", f"-DSHARED={int(shared)}",
+         "-o", str(bin_path), str(GUEST_SRC)],
         check=True, timeout=30)
     img = tmp / "boot.img"
     data = bin_path.read_bytes()
     assert len(data) == 512 and data[510:] == b"\x55\xaa"
     img.write_bytes(data + b"\0" * (FLOPPY_SIZE - 512))
     return img
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def reserve_hugepages(extra: int) -> int:
+    """Add ``extra`` 2 MiB huge pages to the pool; returns the old value for restore_hugepages."""
+    old = int(NR_HUGEPAGES.read_text())
+    NR_HUGEPAGES.write_text(f"{old + extra}\n")
+    got = int(NR_HUGEPAGES.read_text())
+    if got < old + extra:
+        NR_HUGEPAGES.write_text(f"{old}\n")
+        raise RuntimeError(f"could reserve only {got - old} of {extra} huge pages")
+    log(f"nr_hugepages {old} -> {got} (restored at the end)")
+    return old
+
+
+def restore_hugepages(old: int) -> None:
+    NR_HUGEPAGES.write_text(f"{old}\n")
+    log(f"nr_hugepages restored to {int(NR_HUGEPAGES.read_text())}")
+
+
+def boot_args(img: Path, how: str) -> list[str]:
+    """The boot drive: a floppy (the first captures) or an IDE disk.  Under nested KVM SeaBIOS
+    can time out reading the floppy ("No bootable device"); the disk boots everywhere.
+    snapshot=on keeps both QEMUs off each other's image lock."""
+    if how == "floppy":
+        return ["-drive", f"file={img},format=raw,if=floppy,readonly=on", "-boot", "a"]
+    return ["-drive", f"file={img},format=raw,if=ide,snapshot=on", "-boot", "c"]
 
 
 def heartbeats(q: QMP, ncpu: int) -> tuple[list[int], list[int]]:
@@ -197,18 +228,21 @@ def run(args) -> int:
     out_dir = Path(args.out).resolve()
     active = args.smp if args.active == "all" else 1
     percpu_mb = args.percpu_mb or max(16, 256 // active)
-    need_mb = args.base_mb + active * percpu_mb
+    need_mb = args.base_mb + (1 if args.shared else active) * percpu_mb
     if percpu_mb & (percpu_mb - 1) or not args.step_pages & 1:
         sys.exit("--percpu-mb must be a power of two and --step-pages odd")
     if need_mb > args.ram_mb:
         sys.exit(f"guest regions end at {need_mb} MiB but RAM is {args.ram_mb} MiB")
 
     tmp = Path(tempfile.mkdtemp(prefix="qemu-capture-"))
+    hugepages: int | None = None  # nr_hugepages before we reserved some, restored at the end
     src = dst = None
     qs = qd = None
     try:
         img = build_image(tmp, args.active == "all" and args.smp > 1, args.base_mb, percpu_mb,
-                          args.step_pages)
+                          args.step_pages, args.shared)
+        if args.hugetlb:
+            hugepages = reserve_hugepages(2 * args.ram_mb // 2)  # both QEMUs, 2 MiB pages
         events_file = tmp / "events"
         events_file.write_text("\n".join(TRACE_EVENTS) + "\n")
         trace_log = tmp / "trace.log"
@@ -221,10 +255,14 @@ def run(args) -> int:
             mig_uri = f"tcp:127.0.0.1:{port}"
 
         common = [
-            qemu, "-accel", "kvm", "-machine", "pc", "-m", f"{args.ram_mb}M",
+            qemu, "-accel", args.accel, "-machine", "pc", "-m", f"{args.ram_mb}M",
             "-smp", str(args.smp), "-nodefaults", "-display", "none",
-            "-drive", f"file={img},format=raw,if=floppy,readonly=on", "-boot", "a",
-        ]
+        ] + boot_args(img, args.boot)
+        if args.hugetlb:
+            # Guest RAM on 2 MiB hugetlbfs pages (memfd, so no mount is needed).
+            common[5:5] = [
+                "-object", f"memory-backend-memfd,id=ram0,size={args.ram_mb}M,hugetlb=on,"
+                "hugetlbsize=2M", "-machine", "memory-backend=ram0"]
         src_cmd = common + [
             "-name", "source",
             "-qmp", f"unix:{tmp / 'qmp-src.sock'},server=on,wait=off",
@@ -356,6 +394,10 @@ def run(args) -> int:
             "active_vcpus": active,
             "active_cpu_indexes": active_idx,
             "ram_mb": args.ram_mb,
+            "accel": args.accel,
+            "boot": args.boot,
+            "hugetlb": args.hugetlb,
+            "shared_pages": args.shared,
             "guest": {
                 "source": "tools/qemu_capture/guest.asm",
                 "boot": "floppy boot sector via SeaBIOS, flat 32-bit protected mode",
@@ -421,6 +463,8 @@ def run(args) -> int:
         for q in (qs, qd):
             if q is not None:
                 q.close()
+        if hugepages is not None:
+            restore_hugepages(hugepages)
         if args.keep_tmp:
             log(f"kept temp dir {tmp}")
         else:
@@ -462,6 +506,13 @@ def main() -> int:
                     help="seconds to wait for the guest loop to run on the source")
     ap.add_argument("--gzip-over", type=int, default=1 << 20,
                     help="gzip trace.log when larger than this many bytes")
+    ap.add_argument("--accel", choices=["kvm", "tcg"], default="kvm")
+    ap.add_argument("--boot", choices=["disk", "floppy"], default="disk",
+                    help="boot the sector from an IDE disk or a floppy")
+    ap.add_argument("--shared", action="store_true",
+                    help="every active vCPU loops over the same region (faults on shared pages)")
+    ap.add_argument("--hugetlb", action="store_true",
+                    help="guest RAM on 2 MiB hugetlbfs pages (reserves them for the run only)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 ; guest.asm -- tiny memory-touching boot sector for postcopy blocktime captures.
 ;
-; Build:  nasm -f bin -DWAKE_APS=0|1 -DBASE_MB=64 -DPERCPU_MB=128 -DSTEP_PAGES=1 \
+; Build:  nasm -f bin -DWAKE_APS=0|1 -DBASE_MB=64 -DPERCPU_MB=128 -DSTEP_PAGES=1 -DSHARED=0 \
 ;              -o guest.bin guest.asm
 ;
 ; Boot flow
@@ -18,6 +18,8 @@
 ;     (1 = plain sequential; a large odd step scatters the accesses).  It
 ;     bumps a heartbeat dword at HEARTBEAT + 4*i after every full pass.
 ;     A second dword at HEARTBEAT + 0x100 + 4*i records the CPU's APIC ID.
+;   * With SHARED=1 every CPU loops over region 0, so vCPUs fault on the same
+;     pages (several waiters per placed page).
 
 %ifndef WAKE_APS
 %define WAKE_APS 0
@@ -30,6 +32,9 @@
 %endif
 %ifndef STEP_PAGES
 %define STEP_PAGES 1                ; odd; 1 = sequential 4096-byte stride
+%endif
+%ifndef SHARED
+%define SHARED 0                    ; 1 = every CPU loops over region 0 (shared pages)
 %endif
 %if (PERCPU_MB & (PERCPU_MB - 1)) || !(STEP_PAGES & 1)
 %error "PERCPU_MB must be a power of two and STEP_PAGES odd"
@@ -119,8 +124,12 @@ touch:
         ; ebx = region start for CPU index edi; esi = byte offset in the region.
         ; Each pass visits every page once, in the order k*STEP_PAGES mod N
         ; (N = pages in the region, a power of two, STEP_PAGES odd).
+%if SHARED
+        mov ebx, BASE_MB << 20
+%else
         imul ebx, edi, PERCPU_MB << 20
         add ebx, BASE_MB << 20
+%endif
         xor ecx, ecx
         xor esi, esi
 .pass:

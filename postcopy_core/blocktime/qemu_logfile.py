@@ -1,0 +1,101 @@
+"""Reading a QEMU trace log safely, and cutting it into one piece per migration.
+
+Both importers (QEMU <= 10.0 and QEMU 10.1+) start here.  Everything a crafted file could use to
+make them allocate or loop without bound is refused with one line first: a line longer than
+``MAX_LINE`` characters, bytes that are not text, a vCPU index or count above ``MAX_VCPUS``.
+
+A log can hold several migrations (a file appended to by several QEMU runs, or one destination that
+was migrated into again).  Each blocktime context starts at ``loadvm_postcopy_handle_advise``;
+QEMU <= 10.0 also names its context in every line (``dd: 0x...``) and QEMU 10.1 prints its
+``postcopy_blocktime_tid_cpu_map`` lines when a context is created, so a change of either starts a
+new migration too, for logs recorded without the advise event.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import zlib
+
+from .events import BlocktimeError
+
+MAX_LINE = 4096  # bytes; QEMU's blocktime lines are < 200
+MAX_VCPUS = 16384  # above any QEMU machine's max_cpus; bounds what a log may make us allocate
+
+_DD = re.compile(r"\bdd: (0x[0-9a-fA-F]{1,16}|\(nil\))")
+_BLOCKTIME = (
+    "mark_postcopy_blocktime_begin",
+    "mark_postcopy_blocktime_end",
+    "postcopy_blocktime_begin",
+    "postcopy_blocktime_end",
+)
+
+
+def read_log_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """(line number, text) of a plain or gzip log, refusing over-long lines and non-text bytes."""
+    path = os.fspath(path)
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise BlocktimeError(f"{path}: cannot open: {exc.strerror}") from None
+    out: list[tuple[int, str]] = []
+    n = 0
+    try:
+        with raw:
+            head = raw.peek(2)[:2]
+            stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+            while True:
+                data = stream.readline(MAX_LINE + 2)
+                if not data:
+                    break
+                n += 1
+                data = data.rstrip(b"\r\n")
+                if len(data) > MAX_LINE:
+                    raise BlocktimeError(f"{path}: line {n}: longer than {MAX_LINE} bytes")
+                out.append((n, data.decode("utf-8")))
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BlocktimeError(f"{path}: line {n + 1}: gzip data truncated or corrupt ({exc})") from None
+    except UnicodeDecodeError:
+        raise BlocktimeError(f"{path}: line {n}: not text (bad UTF-8)") from None
+    except OSError as exc:
+        raise BlocktimeError(f"{path}: line {n + 1}: read error: {exc}") from None
+    return out
+
+
+def split_migrations(lines: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+    """The log cut at every new blocktime context; pieces without blocktime lines are dropped."""
+    pieces: list[list[tuple[int, str]]] = [[]]
+    has_bt = [False]
+    dd: str | None = None
+    in_map = False  # inside a run of tid_cpu_map lines
+    for n, line in lines:
+        new = False
+        if "loadvm_postcopy_handle_advise" in line:
+            new = True
+        elif "postcopy_blocktime_tid_cpu_map" in line:
+            new = not in_map and has_bt[-1]
+            in_map = True
+        else:
+            in_map = in_map and not any(k in line for k in _BLOCKTIME)
+            m = _DD.search(line) if "mark_postcopy_blocktime_" in line else None
+            if m is not None:
+                new = dd is not None and m.group(1) != dd
+                dd = m.group(1)
+        if new and pieces[-1]:
+            pieces.append([])
+            has_bt.append(False)
+            if "mark_postcopy_blocktime_" not in line:
+                dd = None
+        pieces[-1].append((n, line))
+        if any(k in line for k in _BLOCKTIME):
+            has_bt[-1] = True
+    return [p for p, bt in zip(pieces, has_bt, strict=True) if bt]
+
+
+def check_vcpus(path: str, what: str, value: int, line: int | None = None) -> None:
+    """Refuse a vCPU index or count a real QEMU cannot have, before anything is sized by it."""
+    if not 0 <= value < MAX_VCPUS:
+        where = f"line {line}: " if line is not None else ""
+        raise BlocktimeError(f"{path}: {where}{what} {value} is out of range (at most {MAX_VCPUS - 1})")
