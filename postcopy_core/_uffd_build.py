@@ -67,7 +67,8 @@ ffibuilder.cdef(
 )
 
 # csrc/*.h: our own declarations, read from the headers so they are written once.
-ffibuilder.cdef(header_declarations(CSRC / "pch.h") + header_declarations(CSRC / "dest.h"))
+ffibuilder.cdef(header_declarations(CSRC / "wire.h") + header_declarations(CSRC / "pch.h")
+                + header_declarations(CSRC / "dest.h"))
 
 ffibuilder.set_source(
     "postcopy_core._uffd",
@@ -76,6 +77,7 @@ ffibuilder.set_source(
     #include <sys/mman.h>
     #include <sys/eventfd.h>
     #include <linux/userfaultfd.h>
+    #include "wire.h"
     #include "pch.h"
     #include "dest.h"
     """,

@@ -22,21 +22,24 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-VERSION = 1
+from postcopy_core._uffd import lib
+
+# the numbers are written once, in csrc/wire.h, which the C lanes include too
+VERSION = lib.PCH_PROTO_VERSION
 MAGIC = b"PCHS"
 
 # return path message types: the numbers QEMU uses for the same messages
-RP_SHUT = 1
-RP_REQ_PAGES_ID = 3
-RP_REQ_PAGES = 4
+RP_SHUT = lib.PCH_RP_SHUT
+RP_REQ_PAGES_ID = lib.PCH_RP_REQ_PAGES_ID
+RP_REQ_PAGES = lib.PCH_RP_REQ_PAGES
 
 # page stream message types and flags
-MSG_HELLO = 1
-MSG_PAGES = 2
-MSG_ZERO = 3
-MSG_EOS = 4
+MSG_HELLO = lib.PCH_MSG_HELLO
+MSG_PAGES = lib.PCH_MSG_PAGES
+MSG_ZERO = lib.PCH_MSG_ZERO
+MSG_EOS = lib.PCH_MSG_EOS
 MSG_NAMES = {MSG_HELLO: "HELLO", MSG_PAGES: "PAGES", MSG_ZERO: "ZERO", MSG_EOS: "EOS"}
-FLAG_URGENT = 1
+FLAG_URGENT = lib.PCH_FLAG_URGENT
 KNOWN_FLAGS = FLAG_URGENT
 
 RP_HDR = struct.Struct(">HH")
@@ -44,6 +47,8 @@ REQ = struct.Struct(">QI")
 SHUT = struct.Struct(">I")
 HDR = struct.Struct(">BBHIQ")
 HELLO = struct.Struct(">4sHIQB")
+assert HDR.size == lib.PCH_HDR_SIZE and HELLO.size == lib.PCH_HELLO_SIZE
+assert RP_HDR.size + REQ.size == lib.PCH_REQ_PAGES_SIZE
 MAX_HELLO = HELLO.size + 255
 
 

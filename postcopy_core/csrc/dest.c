@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "dest.h"
 #include "pch.h"
+#include "wire.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -13,19 +14,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-/* page stream, as postcopy_core/protocol.py documents it */
-#define MSG_HELLO 1
-#define MSG_PAGES 2
-#define MSG_ZERO 3
-#define MSG_EOS 4
-#define FLAG_URGENT 1
-#define HDR_SIZE 16
-#define HELLO_SIZE 19 /* 4s magic, be16 version, be32 page_size, be64 ram_size, u8 idlen */
-#define PROTO_VERSION 1
-/* return path: QEMU's message numbers */
-#define RP_REQ_PAGES_ID 3
-#define RP_REQ_PAGES 4
 
 struct waiter { int32_t port, next; };
 
@@ -200,7 +188,7 @@ static int request(struct pch_dest *d, uint64_t page)
     if (grow(&d->req, &d->req_cap, d->req_len + 4 + body))
         return -ENOMEM;
     uint8_t *p = d->req + d->req_len;
-    put_be16(p, d->sent_id ? RP_REQ_PAGES : RP_REQ_PAGES_ID);
+    put_be16(p, d->sent_id ? PCH_RP_REQ_PAGES : PCH_RP_REQ_PAGES_ID);
     put_be16(p + 2, (uint16_t)body);
     put_be64(p + 4, page << d->shift);
     put_be32(p + 12, (uint32_t)d->ps);
@@ -463,21 +451,21 @@ static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
 {
     if (d->hello[ch])
         return fail(d, -EPROTO, "HELLO: sent twice");
-    if (plen < HELLO_SIZE || plen > HELLO_SIZE + 255)
+    if (plen < PCH_HELLO_SIZE || plen > PCH_HELLO_SIZE + 255)
         return fail(d, -EPROTO, "HELLO: payload length %u out of range", plen);
     if (memcmp(p, "PCHS", 4))
         return fail(d, -EPROTO, "HELLO: bad magic (not a postcopy-harness source?)");
-    if (be16(p + 4) != PROTO_VERSION)
-        return fail(d, -EPROTO, "HELLO: protocol version %u, this destination speaks %u", be16(p + 4), PROTO_VERSION);
+    if (be16(p + 4) != PCH_PROTO_VERSION)
+        return fail(d, -EPROTO, "HELLO: protocol version %u, this destination speaks %u", be16(p + 4), PCH_PROTO_VERSION);
     uint32_t ps = be32(p + 6);
     uint64_t size = be64(p + 10);
     uint8_t idlen = p[18];
-    if (plen != HELLO_SIZE + (uint32_t)idlen || idlen == 0)
+    if (plen != PCH_HELLO_SIZE + (uint32_t)idlen || idlen == 0)
         return fail(d, -EPROTO, "HELLO: RAM block id length does not match the payload");
     if (ps != d->ps || size != d->npages * d->ps)
         return fail(d, -EPROTO, "HELLO: source RAM is %llu bytes in %u-byte pages, destination has %llu in %llu",
                     (unsigned long long)size, ps, (unsigned long long)(d->npages * d->ps), (unsigned long long)d->ps);
-    if (idlen != strlen(d->idstr) || memcmp(p + HELLO_SIZE, d->idstr, idlen))
+    if (idlen != strlen(d->idstr) || memcmp(p + PCH_HELLO_SIZE, d->idstr, idlen))
         return fail(d, -EPROTO, "HELLO: unknown RAM block id");
     d->hello[ch] = 1;
     return 0;
@@ -490,29 +478,29 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
     static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS" };
     uint64_t pos = 0;
     ch = ch ? 1 : 0;
-    while (len - pos >= HDR_SIZE) {
+    while (len - pos >= PCH_HDR_SIZE) {
         const uint8_t *h = buf + pos;
         uint8_t type = h[0], flags = h[1];
         uint16_t count = be16(h + 2);
         uint32_t plen = be32(h + 4);
         uint64_t off = be64(h + 8);
-        if (type < MSG_HELLO || type > MSG_EOS)
+        if (type < PCH_MSG_HELLO || type > PCH_MSG_EOS)
             return fail(d, -EPROTO, "page stream: unknown message type %u", type);
         const char *name = names[type];
-        if (flags & ~FLAG_URGENT)
+        if (flags & ~PCH_FLAG_URGENT)
             return fail(d, -EPROTO, "%s: unknown flags %#x", name, flags);
         if (d->eos[ch])
             return fail(d, -EPROTO, "%s: received after EOS", name);
-        if (type == MSG_HELLO && d->hello[ch])
+        if (type == PCH_MSG_HELLO && d->hello[ch])
             return fail(d, -EPROTO, "HELLO: sent twice");
-        if (type == MSG_HELLO && (plen < HELLO_SIZE || plen > HELLO_SIZE + 255))
+        if (type == PCH_MSG_HELLO && (plen < PCH_HELLO_SIZE || plen > PCH_HELLO_SIZE + 255))
             return fail(d, -EPROTO, "HELLO: payload length %u out of range", plen);
-        if (type != MSG_HELLO && !d->hello[ch])
+        if (type != PCH_MSG_HELLO && !d->hello[ch])
             return fail(d, -EPROTO, "%s: received before HELLO", name);
-        if (type == MSG_EOS && (count || plen || off))
+        if (type == PCH_MSG_EOS && (count || plen || off))
             return fail(d, -EPROTO, "EOS: must carry no pages");
-        if (type == MSG_PAGES || type == MSG_ZERO) {
-            uint64_t expect = type == MSG_PAGES ? (uint64_t)count << d->shift : 0;
+        if (type == PCH_MSG_PAGES || type == PCH_MSG_ZERO) {
+            uint64_t expect = type == PCH_MSG_PAGES ? (uint64_t)count << d->shift : 0;
             if (count == 0)
                 return fail(d, -EPROTO, "%s: zero pages", name);
             if (plen != expect)
@@ -520,23 +508,23 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
                             (unsigned long long)expect, count);
             if (off & (d->ps - 1) || (off >> d->shift) + count > d->npages)
                 return fail(d, -EPROTO, "%s: pages %#llx+%u outside guest RAM", name, (unsigned long long)off, count);
-            if (plen > PCH_RX_CAP - HDR_SIZE)
+            if (plen > PCH_RX_CAP - PCH_HDR_SIZE)
                 return fail(d, -EPROTO, "%s: %u bytes do not fit the receive buffer", name, plen);
         }
-        if (len - pos - HDR_SIZE < plen)
+        if (len - pos - PCH_HDR_SIZE < plen)
             break; /* incomplete: the caller keeps the rest for the next read */
-        const uint8_t *payload = h + HDR_SIZE;
+        const uint8_t *payload = h + PCH_HDR_SIZE;
         int rc = 0;
-        if (type == MSG_HELLO)
+        if (type == PCH_MSG_HELLO)
             rc = hello(d, payload, plen, ch);
-        else if (type == MSG_EOS)
+        else if (type == PCH_MSG_EOS)
             d->st.eos = d->eos[ch] = 1;
         else
-            rc = place_frame(d, off >> d->shift, count, type == MSG_PAGES ? payload : NULL, flags & FLAG_URGENT);
+            rc = place_frame(d, off >> d->shift, count, type == PCH_MSG_PAGES ? payload : NULL, flags & PCH_FLAG_URGENT);
         if (rc)
             return rc;
         d->st.frames++;
-        pos += HDR_SIZE + plen;
+        pos += PCH_HDR_SIZE + plen;
         /* between two stream frames, faults and urgent pages go first */
         if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
             return rc;

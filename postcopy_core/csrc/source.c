@@ -15,13 +15,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
-/* page stream messages, as postcopy_core/protocol.py documents them */
-#define MSG_PAGES 2
-#define MSG_ZERO 3
-#define FLAG_URGENT 1
+#include "wire.h"
 
-#define REQ_SIZE 16
-#define HDR_SIZE 16
 #define BATCH 256 /* pages per sendmsg: 2 iovecs each, under IOV_MAX */
 
 static uint64_t be(const uint8_t *p, int n)
@@ -68,17 +63,17 @@ static int send_all(int fd, struct iovec *iov, int n)
 
 int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len)
 {
-    uint8_t hdr[BATCH][HDR_SIZE];
+    uint8_t hdr[BATCH][PCH_HDR_SIZE];
     struct iovec iov[2 * BATCH];
     int nh = 0, ni = 0;
     uint64_t pos = 0;
     if (!s->id_known)
         return 0; /* a plain REQ_PAGES is only valid after REQ_PAGES_ID: the parser decides */
-    for (; len - pos >= REQ_SIZE; pos += REQ_SIZE) {
+    for (; len - pos >= PCH_REQ_PAGES_SIZE; pos += PCH_REQ_PAGES_SIZE) {
         const uint8_t *m = buf + pos;
         uint64_t off = be(m + 4, 8), length = be(m + 12, 4);
-        if (be(m, 2) != 4 || be(m + 2, 2) != 12 || off % s->page_size || !length || length % s->page_size ||
-            off + length > s->ram_size || off + length < off)
+        if (be(m, 2) != PCH_RP_REQ_PAGES || be(m + 2, 2) != PCH_REQ_PAGES_SIZE - 4 || off % s->page_size ||
+            !length || length % s->page_size || off + length > s->ram_size || off + length < off)
             break; /* not the plain case: the Python parser takes it from here */
         s->requests++;
         for (uint64_t p = off / s->page_size; p < (off + length) / s->page_size; p++) {
@@ -89,13 +84,13 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
             s->sent[p] = PCH_SENT_URGENT;
             int zero = s->zero[p];
             uint8_t *h = hdr[nh++];
-            h[0] = zero ? MSG_ZERO : MSG_PAGES;
-            h[1] = FLAG_URGENT;
+            h[0] = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
+            h[1] = PCH_FLAG_URGENT;
             put_be(h + 2, 1, 2);
             put_be(h + 4, zero ? 0 : s->page_size, 4);
             put_be(h + 8, p * s->page_size, 8);
-            iov[ni++] = (struct iovec){ h, HDR_SIZE };
-            s->bytes_sent += HDR_SIZE;
+            iov[ni++] = (struct iovec){ h, PCH_HDR_SIZE };
+            s->bytes_sent += PCH_HDR_SIZE;
             s->pages_urgent++;
             if (zero) {
                 s->pages_zero++;
@@ -161,19 +156,19 @@ static int next_frame(struct pch_source *s, struct pch_pump *p)
         p->pos++;
     }
     uint8_t *h = p->hdr;
-    h[0] = zero ? MSG_ZERO : MSG_PAGES;
+    h[0] = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
     h[1] = 0;
     put_be(h + 2, n, 2);
     put_be(h + 4, zero ? 0 : n * s->page_size, 4);
     put_be(h + 8, first * s->page_size, 8);
     p->part[0] = h;
-    p->part_len[0] = HDR_SIZE;
+    p->part_len[0] = PCH_HDR_SIZE;
     p->part[1] = s->image + first * s->page_size;
     p->part_len[1] = zero ? 0 : n * s->page_size;
     s->pages_stream += n;
     if (zero)
         s->pages_zero += n;
-    s->bytes_sent += HDR_SIZE + p->part_len[1];
+    s->bytes_sent += PCH_HDR_SIZE + p->part_len[1];
     return 1;
 }
 
