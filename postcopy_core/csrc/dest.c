@@ -20,7 +20,7 @@ struct waiter { int32_t port, next; };
 /* a page channel's receive buffer: unread bytes in [start, end) */
 struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
 
-#define RX_TURN (256u << 10)   /* bytes read from a channel per loop turn */
+#define RX_TURN (1u << 20)     /* bytes read from a channel per loop turn (faults are served between frames) */
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
 
