@@ -22,6 +22,8 @@ from postcopy_core.auth import AuthError, ServerHandshake, client_handshake, war
 CHANNEL_STREAM = b"S"
 CHANNEL_URGENT = b"U"
 IOV_MAX = 512
+SOCKET_BUFFER = 16 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket module
 LOOPBACK = "127.0.0.1"
 HANDSHAKE_TIMEOUT = 10.0  # a connection that has not proved itself by then is dropped
 MAX_PENDING = 64  # connections in the middle of their handshake at once; the oldest makes room
@@ -32,11 +34,15 @@ def tune(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
+    # room for several 2 MiB huge-page frames in flight; the *FORCE options (root) go past
+    # net.core.wmem_max/rmem_max, which default to ~208 KiB on many hosts
+    for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+        for opt in (force, plain):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                break
+            except OSError:
+                continue
     return sock
 
 
