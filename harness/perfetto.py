@@ -28,8 +28,8 @@ from harness.timeline import PLACE_KINDS, Lanes, Timeline
 PID_VCPUS, PID_DEST, PID_SOURCE = 1, 2, 3
 TID_ALL = 0  # the "all vCPUs stalled" track of the vCPUs process; vCPU v is thread v + 1
 MAX_SLICES = 400_000
-MAX_INSTANTS = 100_000
-MAX_COUNTER = 20_000
+MAX_INSTANTS = 20_000
+MAX_COUNTER = 5_000
 
 
 def _counted_by(main: Lanes, other: Lanes) -> np.ndarray:

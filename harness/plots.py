@@ -47,7 +47,9 @@ def _bars(ax, row: float, height: float, start_ns: np.ndarray, end_ns: np.ndarra
         return
     xs = [(s / 1e6, max((e - s) / 1e6, 0.0)) for s, e in zip(start_ns.tolist(), end_ns.tolist(), strict=True)]
     # an edge of the bar's own colour keeps a stall of a few microseconds visible as a hairline
-    ax.broken_barh(xs, (row - height / 2, height), facecolors=color, edgecolors=color, linewidth=0.6, label=label)
+    # (thinner with many bars, or the hairlines would cover the gaps between them)
+    ax.broken_barh(xs, (row - height / 2, height), facecolors=color, edgecolors=color,
+                   linewidth=0.6 if len(xs) < 500 else 0.15, label=label)
 
 
 def plot_timeline(tl: Timeline, engines: dict, path: str, argv: Sequence[str] | None, title: str) -> str:
@@ -144,8 +146,9 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
     for r in rows:
         if r.get("status") == "completed":
             groups.setdefault(f"{r['backing']} {r['workload']} wake={r['wake-policy']}", []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    for label, rs in groups.items():
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    styles = ("-", "--", ":", "-.")
+    for g, (label, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["vcpus"])
         v = [r["vcpus"] for r in rs]
         axes[0].plot(v, [r["faults-per-s"] for r in rs], "o-", label=label)
@@ -154,11 +157,12 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
         for e in engines:
             ys = [r.get(f"blocktime-{e}-ms") for r in rs]
             if any(y is not None for y in ys):
-                axes[2].plot(v, [np.nan if y is None else y for y in ys], "o-", color=COLORS.get(e),
-                             label=f"{label} {e}")
+                axes[2].plot(v, [np.nan if y is None else y for y in ys], marker="o", ls=styles[g % len(styles)],
+                             color=COLORS.get(e), label=f"{label} {e}")
     for ax, (ylabel, name) in zip(axes, (("faults resolved per second", "faults/s"),
                                          ("fault latency (us)", "p50 (solid) / p99 (dashed)"),
-                                         ("postcopy-blocktime (ms)", "blocktime per engine")), strict=True):
+                                         ("postcopy-blocktime (ms)", "blocktime: colour = engine, line = group")),
+                                        strict=True):
         ax.set_xlabel("vCPUs (count)")
         ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=10)

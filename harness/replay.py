@@ -53,6 +53,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a query-migrate JSON from the same migration: show how each engine compares to it (default: none)",
     )
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json, summary.txt, PNG plots and a Perfetto trace.json into DIR (default: none)")
     p.set_defaults(func=run)
 
 
@@ -122,6 +124,12 @@ def run(args: argparse.Namespace) -> int:
     console = output_console()
     started = provenance(argv=getattr(args, "argv", None))
     engines = ALL_ENGINE_NAMES if args.engine == "all" else (args.engine,)
+    from harness.report_dir import report_dir_problem
+
+    problem = report_dir_problem(getattr(args, "report", None))
+    if problem:
+        print(f"postcopy-harness replay: --report {args.report}: {problem}", file=sys.stderr)
+        return 2
     try:
         fmt = detect_format(args.file) if args.format == "auto" else args.format
         meta, cols = read_trace_columns(args.file, fmt, args.vcpus)
@@ -159,8 +167,23 @@ def run(args: argparse.Namespace) -> int:
             return 2
     title = f"{args.file}: {len(cols):,} events, {meta.vcpus} vCPUs ({meta.source})"
     console.print(render_table(results, title))
-    for line in _notes(meta.extra, comparison):
+    notes = _notes(meta.extra, comparison)
+    for line in notes:
         print(line)
+    if getattr(args, "report", None):
+        from harness.report_dir import write_report_dir
+
+        def summary(c) -> None:
+            c.print(render_table(results, title))
+            for line in notes:
+                c.print(line, markup=False, highlight=False)
+
+        try:
+            write_report_dir(args.report, report, summary, (meta, cols), title=f"replay: {title}")
+        except OSError as exc:
+            print(f"postcopy-harness replay: cannot write --report {args.report}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
