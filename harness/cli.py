@@ -182,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_check(sub)
-    from harness import loadtest, replay
+    from harness import demo, loadtest, replay
 
     replay.add_parser(sub)
     loadtest.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

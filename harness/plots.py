@@ -87,7 +87,7 @@ def plot_timeline(tl: Timeline, engines: dict, path: str, argv: Sequence[str] | 
     if rows < n:
         ax.text(1.0, 1.0, f"first {rows} of {n} vCPUs", transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     handles, labels = ax.get_legend_handles_labels()
-    legend_in = 0.35 + 0.2 * ((len(handles) + 1) // 2)
+    legend_in = 0.15 + 0.2 * ((len(handles) + 1) // 2)
     if handles:
         fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.18 / height_in), ncol=2, fontsize=8,
                    frameon=False)
@@ -189,4 +189,21 @@ def plot_series(series: dict[str, tuple[np.ndarray, np.ndarray]], path: str, arg
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return _finish(fig, path, argv)
+
+
+def plot_bars(groups: dict[str, dict[str, float]], path: str, argv: Sequence[str] | None, title: str) -> str:
+    """One panel per measure (its own unit in its name), one bar per group: a demo's comparison."""
+    measures = list(next(iter(groups.values())))
+    fig, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.6))
+    for ax, m in zip(np.atleast_1d(axes), measures, strict=True):
+        names = list(groups)
+        vals = [groups[g][m] for g in names]
+        ax.bar(names, vals, color=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"][: len(names)])
+        for x, v in enumerate(vals):
+            ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_title(m, fontsize=9)
+        ax.set_ylabel(m)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _finish(fig, path, argv)
