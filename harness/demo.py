@@ -313,7 +313,7 @@ def overcount(args: argparse.Namespace, console: Console) -> int:
 
 # ------------------------------------------------------------------ hugepages
 
-HUGE_FAST, HUGE_SLOW = 16 << 20, 64 << 20
+HUGE_FAST, HUGE_SLOW = 4 << 20, 64 << 20
 
 
 def _reserve(need: int) -> Callable[[], None]:
@@ -353,7 +353,7 @@ def hugepages(args: argparse.Namespace, console: Console) -> int:
             "hugetlbfs (2 MiB pages).  A 2 MiB page is 512 small ones: one fault brings all of it, so there",
             "are far fewer faults, but each one waits for 2 MiB to cross the link: longer stalls.",
         ])
-        link = "1gbit,1ms" if args.fast else "200mbit,2ms"
+        link = "1gbit,200us" if args.fast else "200mbit,2ms"
         out = {}
         base = args.report
         for backing in ("shmem", "hugetlb"):
