@@ -417,10 +417,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """``demo --list`` or ``demo NAME``: 0, 1 if the run failed, 2 for a demo that cannot run here."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if args.list or not args.name:
+    if args.list:
         for d in DEMOS.values():
             print(f"{d.name:<10} {d.shows}")
-        return 0 if args.list else 2
+        return 0
+    if not args.name:
+        err.print(f"{PROG}: give a demo NAME (choose from {', '.join(DEMOS)}; --list says what each shows)",
+                  markup=False)
+        return 2
     demo = DEMOS.get(args.name)
     if demo is None:
         err.print(f"{PROG}: no demo {args.name!r} (choose from {', '.join(DEMOS)})", markup=False)

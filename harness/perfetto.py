@@ -5,7 +5,8 @@ Processes and tracks:
 
 * ``vCPUs``: one thread track per vCPU with a slice per stall (page, wait, which engines counted
   an interval overlapping it), a track of the spans when every vCPU was stalled, and a counter of
-  the vCPUs stalled at each instant;
+  the vCPUs stalled at each instant (without the vCPUs' own intervals the stalls are the handler's,
+  where a re-entrant fault can overlap an earlier wait: those go to a second track of that vCPU);
 * ``destination``: the fault handler's faults read and pages placed (instant events), and a counter
   of the pages received;
 * ``source``: the pages each channel delivered, as far as the events tell: a page some fault asked
@@ -27,6 +28,7 @@ from harness.timeline import PLACE_KINDS, Lanes, Timeline
 
 PID_VCPUS, PID_DEST, PID_SOURCE = 1, 2, 3
 TID_ALL = 0  # the "all vCPUs stalled" track of the vCPUs process; vCPU v is thread v + 1
+OVERFLOW = 100_000  # vCPU v's overlapping waits go to thread v + 1 + OVERFLOW
 MAX_SLICES = 400_000
 MAX_INSTANTS = 20_000
 MAX_COUNTER = 5_000
@@ -49,6 +51,22 @@ def _counted_by(main: Lanes, other: Lanes) -> np.ndarray:
         same = (j >= 0) & (os_[np.maximum(j, 0)] == main.start[mi])
         hit[mi[same]] = True
     return hit
+
+
+def _tracks(main: Lanes, keep: np.ndarray) -> np.ndarray:
+    """The thread of each kept slice: vCPU v's track (v + 1), or its overflow track when the slice
+    starts inside an earlier one and ends after it (a re-entrant fault in a handler-side lane): a
+    track's slices must nest, or viewers drop them."""
+    tid = main.vcpu[keep].astype(np.int64) + 1
+    order = np.lexsort((-main.end[keep], main.start[keep], tid))
+    last_end: dict[int, int] = {}
+    for i in order.tolist():
+        v, s, e = int(tid[i]), int(main.start[keep[i]]), int(main.end[keep[i]])
+        if s < last_end.get(v, s) < e:
+            tid[i] += OVERFLOW
+        else:
+            last_end[v] = max(last_end.get(v, e), e)
+    return tid
 
 
 def _thin(n: int, cap: int) -> np.ndarray:
@@ -94,9 +112,12 @@ def trace_events(tl: Timeline, engines: dict, title: str, argv: Sequence[str] | 
         thinned.append(f"stall slices: {keep.size:,} of {len(main):,}")
     starts, ends = main.start[keep], main.end[keep]
     ts, dur = _us(starts), _us(ends - starts)
+    tids = _tracks(main, keep)
+    for v in sorted({int(t) - OVERFLOW - 1 for t in tids if t > OVERFLOW}):
+        meta(PID_VCPUS, f"vCPU {v}: overlapping waits", v + 1 + OVERFLOW, sort=v + 1)
     for i, k in enumerate(keep.tolist()):
         page = int(main.addr[k]) // page_size
-        ev.append({"ph": "X", "pid": PID_VCPUS, "tid": int(main.vcpu[k]) + 1, "ts": float(ts[i]),
+        ev.append({"ph": "X", "pid": PID_VCPUS, "tid": int(tids[i]), "ts": float(ts[i]),
                    "dur": float(dur[i]), "name": f"stall page {page}", "cat": "stall",
                    "args": {"page": page, "wait-us": float(dur[i]), "recorded-by": main_name,
                             "counted-by": [e for e in counted if counted[e][k]]}})

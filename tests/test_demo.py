@@ -25,6 +25,7 @@ def test_list_prints_one_demo_a_line_name_first(capsys):
 @pytest.mark.parametrize("argv, says", [
     (["demo", "preempt", "--fast"], "preempt is not available yet"),
     (["demo", "nosuch"], "no demo 'nosuch'"),
+    (["demo"], "give a demo NAME"),
     (["demo", "overcount", "--fast", "--capture", "/nonexistent"], "no QEMU capture at /nonexistent"),
 ])
 def test_demos_that_cannot_run_say_why_in_one_line(argv, says, capsys):

@@ -115,6 +115,21 @@ def test_replay_report_of_a_synthetic_trace(tmp_path, capsys):
     check_trace(str(out / "trace.json"), 3, [0, 1, 2], "exact")  # no stall intervals: exact's
 
 
+def test_overlapping_handler_side_waits_go_to_a_second_track(tmp_path):
+    from harness.demo import _reentrant_stream
+    from harness.perfetto import OVERFLOW, trace_events
+
+    meta, cols = _reentrant_stream()
+    cols.stalls = None  # the handler's view only: vCPU 1 waits on B (20..30) and on C (25..45) at once
+    doc = trace_events(build_timeline(meta, cols), {}, "t")
+    slices = sorted((e["tid"], e["ts"], e["ts"] + e["dur"]) for e in doc["traceEvents"]
+                    if e["ph"] == "X" and e["tid"] > 0)
+    assert slices == [(1, 10_000.0, 40_000.0), (2, 20_000.0, 30_000.0), (2 + OVERFLOW, 25_000.0, 45_000.0)]
+    for tid in {t for t, _, _ in slices}:  # every track nests
+        mine = sorted((a, b) for t, a, b in slices if t == tid)
+        assert all(b1 <= a2 or b2 <= b1 for (_, b1), (a2, b2) in zip(mine, mine[1:], strict=False))
+
+
 def test_report_folder_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
