@@ -107,11 +107,12 @@ def plot_latency_histogram(engines: dict, path: str, argv: Sequence[str] | None,
     ax.set_xticklabels([f"2^{i}" for i in x], fontsize=7)
     ax.set_xlabel("fault latency bucket (us): bucket N holds [2^N, 2^(N+1)) us")
     ax.set_ylabel("faults (count)")
-    if any(max(d) > 0 for d in series.values()):
+    if max((max(d) for d in series.values()), default=0) >= 20:  # a log scale only where counts spread
         ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylabel("faults (count, log scale)")
     ax.set_title(f"{title}\npostcopy-latency-dist of each engine", fontsize=10)
     if series:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title="seed keeps no histogram" if "seed" in engines else None, title_fontsize=7)
     else:
         ax.text(0.5, 0.5, "no engine gives a latency histogram here", transform=ax.transAxes, ha="center")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
