@@ -159,7 +159,7 @@ def _config(options: Mapping[str, object]):
     opts = dict(options)
     if "ram" in opts:
         opts["ram"] = parse_size(opts["ram"])  # "8M" like the command line
-    for key in ("trace", "json", "image"):
+    for key in ("trace", "json", "image", "report"):
         if opts.get(key) is not None:
             opts[key] = os.fspath(opts[key])
     try:
@@ -174,7 +174,9 @@ def run_config(cfg, progress=None, argv: list[str] | None = None, write: bool = 
     SIGTERM "terminated").
 
     Everything the run created (processes, shared memory, sockets) is gone when this returns.
-    Writes the JSON report to ``cfg.json`` when set and ``write`` is true.  ``progress`` (the CLI's
+    Writes the JSON report to ``cfg.json`` when set and ``write`` is true, and the report folder
+    (``cfg.report``: report.json, summary.txt, plots, trace.json) when set; a folder that cannot be
+    written gives the report a ``report-error`` line instead.  ``progress`` (the CLI's
     progress line) and ``argv`` (recorded in the report) are optional.
     """
     from harness.report import build_report, write_json
@@ -194,6 +196,10 @@ def run_config(cfg, progress=None, argv: list[str] | None = None, write: bool = 
     rep = build_report(cfg, raw, error, argv=argv)
     if write and cfg.json:
         write_json(rep, cfg.json)
+    if cfg.report:  # report.json, summary.txt, plots, trace.json (an unwritable folder: said in the report)
+        from harness.report_dir import write_run_report
+
+        write_run_report(cfg.report, rep, raw)
     return rep
 
 

@@ -94,6 +94,13 @@ class Accounting:
     def events(self) -> int:
         return sum(len(c) for c in self.chunks) // EVENT.size
 
+    def material(self, stalls: StallColumns | None) -> tuple[TraceMeta, EventColumns]:
+        """The metadata and the whole record stream as columns, with the vCPUs' stall intervals
+        (what ``--report`` draws)."""
+        cols = columns_from_records(b"".join(self.chunks))
+        cols.stalls = stalls
+        return self.meta, cols
+
     def results(self, trace: str | None = None, stalls: StallColumns | None = None) -> dict[str, dict]:
         """The engines' query-migrate fields (``truth`` too when the vCPUs' ``stalls`` are given);
         writes the trace to ``trace`` when given."""

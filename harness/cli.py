@@ -70,6 +70,11 @@ def _add_run(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--trace", metavar="FILE",
                    help="record fault/placement events (replayable; .gz to compress) (default: none)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json, summary.txt, PNG plots and a Perfetto trace.json into DIR "
+                        "(keeps the run's events for them; default: none)")
+    p.add_argument("--live", action="store_true",
+                   help="a live view of the vCPUs, pages and faults (plain lines when not on a terminal)")
     p.add_argument("--quiet", action="store_true", help="no progress line and no summary table")
     p.set_defaults(func=_run)
 
@@ -91,6 +96,12 @@ def _run(args) -> int:
         if problem:  # before the run, so its results are not lost at the end
             err.print(f"postcopy-harness run: {flag} {path}: {problem}")
             return 2
+    from harness.report_dir import report_dir_problem
+
+    problem = report_dir_problem(args.report)
+    if problem:
+        err.print(f"postcopy-harness run: --report {args.report}: {problem}")
+        return 2
     from harness.progress import RunProgress
     from harness.report import print_summary, write_json
     from harness.run import check_memory
@@ -104,10 +115,15 @@ def _run(args) -> int:
         return 2
 
     # the same function the Python API and the pytest plugin use
-    rep = run_config(cfg, progress=None if args.quiet else RunProgress(cfg.npages),
-                     argv=getattr(args, "argv", None), write=False)
+    if args.live:
+        from harness.live import LiveView
+
+        progress = LiveView(cfg)
+    else:
+        progress = None if args.quiet else RunProgress(cfg.npages)
+    rep = run_config(cfg, progress=progress, argv=getattr(args, "argv", None), write=False)
     error = rep["error"]
-    write_error = None
+    write_error = rep.get("report-error")
     if args.json:
         try:
             write_json(rep, args.json)
@@ -166,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_check(sub)
-    from harness import loadtest, replay
+    from harness import demo, loadtest, replay
 
     replay.add_parser(sub)
     loadtest.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

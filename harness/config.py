@@ -61,6 +61,7 @@ class RunConfig:
     timeout: float = 600.0
     json: str | None = None
     trace: str | None = None
+    report: str | None = None  # a folder for report.json, summary.txt, plots and trace.json (harness/report_dir.py)
     link_model: Link = field(default_factory=Link, repr=False)
 
     def validate(self) -> RunConfig:

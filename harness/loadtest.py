@@ -309,6 +309,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE", help="write one line per point here (default: none)")
     p.add_argument("--json", metavar="FILE",
                    help="write the points, each with its full run reports, here (default: none)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json (the --json document), summary.txt and loadtest.png (faults/s, "
+                        "p50/p99 and blocktime against the vCPU count) into DIR (default: none)")
     p.set_defaults(func=run)
 
 
@@ -330,6 +333,11 @@ def run(args: argparse.Namespace) -> int:
         points, common, lists = plan(args)
         _check_writable(args.csv, "--csv")
         _check_writable(args.json, "--json")
+        from harness.report_dir import report_dir_problem
+
+        problem = report_dir_problem(getattr(args, "report", None))
+        if problem:
+            raise SweepError(f"--report {args.report}: {problem}")
     except SweepError as e:
         err.print(f"{PROG}: {e}")
         return 2
@@ -344,12 +352,15 @@ def run(args: argparse.Namespace) -> int:
     points_json: list[dict] = []
     status = "completed"
 
+    def document() -> dict:
+        return dict(started, command="loadtest", status=status, sweep=sweep, columns=list(COLUMNS),
+                    points=points_json)
+
     def save() -> None:
         if args.csv:
             write_csv(rows, args.csv)
         if args.json:
-            write_json(dict(started, command="loadtest", status=status, sweep=sweep,
-                            columns=list(COLUMNS), points=points_json), args.json)
+            write_json(document(), args.json)
 
     ram_mib = common["ram"] / 2**20
     console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), {ram_mib:g} MiB, "
@@ -392,6 +403,20 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in rows if r["status"] != "completed"]
     status = "failed" if failed else "completed"
     save()
+    if getattr(args, "report", None):
+        from harness.report_dir import write_loadtest_dir
+
+        def summary(c: Console) -> None:
+            c.print(TABLE_NOTE, markup=False)
+            c.print(format_header())
+            for r in rows:
+                c.print(format_row(r))
+
+        try:
+            write_loadtest_dir(args.report, document(), rows, summary)
+        except OSError as e:
+            err.print(f"{PROG}: cannot write --report {args.report}: {e.strerror or e}")
+            return 1
     written = " ".join(f"{k} {v}" for k, v in (("CSV", args.csv), ("JSON", args.json)) if v)
     console.print(f"{len(rows)} point(s) in {time.monotonic() - t0:.1f} s"
                   + (f"; wrote {written}" if written else ""))

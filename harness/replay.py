@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rich.table import Table
@@ -61,6 +62,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="a query-migrate JSON from the same migration: show how each engine compares to it (default: none)",
     )
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json, summary.txt, PNG plots and a Perfetto trace.json into DIR (default: none)")
     p.set_defaults(func=run)
 
 
@@ -130,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     console = output_console()
     started = provenance(argv=getattr(args, "argv", None))
     engines = ALL_ENGINE_NAMES if args.engine == "all" else (args.engine,)
+    from harness.report_dir import report_dir_problem
+
+    problem = report_dir_problem(getattr(args, "report", None))
+    if problem:
+        print(f"postcopy-harness replay: --report {args.report}: {problem}", file=sys.stderr)
+        return 2
     try:
         fmt, runs = _load(args)
         reports = []
@@ -154,13 +163,13 @@ def run(args: argparse.Namespace) -> int:
                 report["bounds"] = blocktime_bounds(meta, cols)
             if comparison is not None:
                 report["compare"] = comparison
-            reports.append((report, meta.extra))
+            reports.append((report, meta, cols))
     except BlocktimeError as exc:
         print(f"postcopy-harness replay: {exc}", file=sys.stderr)  # one line, never wrapped
         return 2
     # One migration: the report itself; several: one report each under "migrations".
     out = reports[0][0] if len(reports) == 1 else {**started, "file": args.file,
-                                                     "migrations": [r for r, _ in reports]}
+                                                     "migrations": [r for r, _, _ in reports]}
     if args.json:
         text = json.dumps(out, indent=2, sort_keys=False) + "\n"
         if args.json == "-":
@@ -172,16 +181,34 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
             return 2
-    for report, extra in reports:
+    for i, (report, meta, cols) in enumerate(reports, 1):
+        extra = meta.extra
         which = ""
         if extra.get("qemu", {}).get("migrations", 1) > 1:
             q = extra["qemu"]
             which = f" migration {q['migration']} of {q['migrations']} (from line {q['first_line']})"
         title = (f"{args.file}{which}: {report['events']:,} events, {report['vcpus']} vCPUs "
                  f"({report['recorded-by']})")
+        notes = _notes(extra, report.get("compare")) + _bounds_notes(report.get("bounds"))
         console.print(render_table(report["engines"], title))
-        for line in _notes(extra, report.get("compare")) + _bounds_notes(report.get("bounds")):
+        for line in notes:
             print(line)
+        if getattr(args, "report", None):
+            from harness.report_dir import write_report_dir
+
+            def summary(c, results=report["engines"], title=title, notes=notes) -> None:
+                c.print(render_table(results, title))
+                for line in notes:
+                    c.print(line, markup=False, highlight=False)
+
+            # several migrations: one folder each inside DIR
+            folder = args.report if len(reports) == 1 else os.path.join(args.report, f"migration-{i}")
+            try:
+                write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
+            except OSError as exc:
+                print(f"postcopy-harness replay: cannot write --report {folder}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return 1
     return 0
 
 

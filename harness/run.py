@@ -59,6 +59,8 @@ class Run:
     def __init__(self, cfg: RunConfig, progress: RunProgress | None = None) -> None:
         self.cfg = cfg.validate()
         self.progress = progress  # a live line on a terminal, fed from the supervision loops
+        if hasattr(progress, "attach"):
+            progress.attach(self)  # the live view (run --live) reads the board, the area, the engines
         self._counted = (0, b"", 0)  # (event chunks counted, partial record, faults) for the progress line
         self.children = Children()
         self.stderr = ChildStderr()
@@ -226,10 +228,13 @@ class Run:
         if self._ev_thread:
             self._ev_thread.join(SHUTDOWN_TIMEOUT)
         t_acc = time.thread_time()
-        engines = self.accounting.results(cfg.trace, self.area.stalls(cfg.page_size, cfg.vcpus))
+        stalls = self.area.stalls(cfg.page_size, cfg.vcpus)
+        engines = self.accounting.results(cfg.trace, stalls)
         engines_cpu_s = self.accounting.cpu_s + time.thread_time() - t_acc
         self.completed = True
-        return dict(
+        # the raw material of --report's plots and trace: kept only when asked for (no cost otherwise)
+        material = self.accounting.material(stalls) if cfg.report else None
+        return dict(material=material,
             summary=self.area.summary[: cfg.vcpus].copy(),
             latencies=[self.area.latencies(v).copy() for v in range(cfg.vcpus)],
             non_vcpu=self.area.summary[cfg.vcpus :].copy(),

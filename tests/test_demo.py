@@ -1,0 +1,99 @@
+"""``postcopy-harness demo``: the list, and every demo in ``--fast`` mode with its pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from harness.cli import main
+from harness.demo import DEMOS
+from postcopy_core.probe import free_huge_pages
+from tests.conftest import requires_uffd
+from tests.test_report_dir import assert_png, check_trace
+
+
+def test_list_prints_one_demo_a_line_name_first(capsys):
+    assert main(["demo", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(DEMOS)
+    assert all(len(line.split(None, 1)[1]) > 20 for line in lines)  # and what it shows
+    assert "not available yet" in next(line for line in lines if line.startswith("preempt"))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["demo", "preempt", "--fast"], "preempt is not available yet"),
+    (["demo", "nosuch"], "no demo 'nosuch'"),
+    (["demo"], "give a demo NAME"),
+    (["demo", "overcount", "--fast", "--capture", "/nonexistent"], "no QEMU capture at /nonexistent"),
+])
+def test_demos_that_cannot_run_say_why_in_one_line(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+
+
+def test_reentrant(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["demo", "reentrant", "--fast", "--report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "seed charges vCPU 1 20 ms" in text and "exact and truth charge 25 ms" in text
+    for name in ("timeline.png", "latency.png", "placements.png"):
+        assert_png(str(out / name))
+    check_trace(str(out / "trace.json"), 2, [0, 1], "truth")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["engines"]["seed"]["postcopy-blocktime"] < rep["engines"]["truth"]["postcopy-blocktime"]
+    # the trace it leaves replays to the same numbers
+    assert main(["replay", str(out / "reentrant.trace"), "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["engines"] == rep["engines"]
+
+
+def test_overcount_on_the_project_capture(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["demo", "overcount", "--fast", "--report", str(out)]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    seed, exact = rep["engines"]["seed"]["postcopy-blocktime"], rep["engines"]["exact"]["postcopy-blocktime"]
+    assert seed > exact and f"over by {seed - exact} ms" in text
+    assert "seed total 17 ms > seed's own vCPU 0 blocktime 8 ms" in text
+    assert_png(str(out / "overcount.png"))
+    check_trace(str(out / "trace.json"), 4, [0, 1, 2, 3], "exact")
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_overlap(tmp_path, clean_machine, capsys):
+    out = tmp_path / "d"
+    assert main(["demo", "overlap", "--fast", "--report", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["vcpus"] == 3 and rep["status"] == "completed"
+    truth = rep["engines"]["truth"]
+    assert 0 < truth["postcopy-blocktime"] <= min(truth["postcopy-vcpu-blocktime"])
+    assert_png(str(out / "timeline.png"))
+    check_trace(str(out / "trace.json"), 3, [0, 1, 2], "truth")
+    assert "what each engine counted" in capsys.readouterr().out
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_hugepages_without_free_huge_pages_says_so(tmp_path, capsys):
+    if free_huge_pages() >= 2:
+        pytest.skip("huge pages are free here: the refusal cannot be shown")
+    assert main(["demo", "hugepages", "--fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs 2 free 2 MiB huge pages" in err[0]
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_hugepages(tmp_path, hugepages, clean_machine, capsys):
+    hugepages(2 + max(0, int(open("/proc/sys/vm/nr_hugepages").read())))
+    out = tmp_path / "d"
+    assert main(["demo", "hugepages", "--fast", "--report", str(out)]) == 0
+    small = json.loads((out / "shmem" / "report.json").read_text())
+    huge = json.loads((out / "hugetlb" / "report.json").read_text())
+    assert huge["faults"]["total"] < small["faults"]["total"]  # 512 small pages per huge one
+    assert huge["latency-us"]["p50"] > small["latency-us"]["p50"]  # each fault waits for 2 MiB
+    assert_png(str(out / "hugepages.png"))
+    assert os.path.exists(out / "hugetlb" / "trace.json")
