@@ -17,10 +17,10 @@ import statistics
 import sys
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from harness.config import ConfigError, RunConfig, parse_size
+from harness.report import output_console
 
 PROG = "accuracy"
 ENGINES = ("seed", "modern", "exact")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(r["link"], r["workload"], "stream + demand" if r["stream"] else "demand only",
                   *[f"{r['shares'][n]['vcpu']:.0%} / {r['shares'][n]['all']:.0%}" for n in ENGINES],
                   f"{r['truth-all-ms']:.1f}")
-    console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapped numbers when piped
+    console = output_console()  # no wrapped numbers when piped
     console.print(t)
     cmd = "python bench/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     console.print(f"reproduce: {cmd}")

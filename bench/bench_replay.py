@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 
 try:  # the installed package (plain or editable), not this checkout's files by path
-    from rich.console import Console
     from rich.table import Table
 
+    from harness.report import output_console
     from postcopy_core.blocktime import ENGINE_NAMES, replay, replay_columns
     from postcopy_core.blocktime.seed import compute_columns_per_event
     from postcopy_core.blocktime.synth import synthetic_run
@@ -56,7 +56,7 @@ def main() -> int:
     n_live = 50_000 if args.quick else 400_000
     n_seed = {8: 40_000, 256: 8_000, 1024: 4_000} if args.quick else {8: 400_000, 256: 80_000, 1024: 40_000}
     repeat = 1 if args.quick else 3
-    console = Console()
+    console = output_console()  # no wrapped numbers when piped
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as promised
 

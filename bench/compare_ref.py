@@ -38,6 +38,7 @@ try:  # the installed package (plain or editable), not this checkout's files by 
     from rich.table import Table
 
     from harness.config import ConfigError, RunConfig, parse_size
+    from harness.report import output_console
     from postcopy_core.probe import free_huge_pages
 except ImportError as e:
     sys.exit(f"bench/compare_ref.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
@@ -381,9 +382,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Build, run both, print the table; 0 on success, 2 with one line for bad input or a failed run."""
     args = parse_args(argv)
-    console = Console(highlight=False)
-    if not console.is_terminal:  # files and pipes: the table on whole lines, not squeezed to 80 columns
-        console.width = max(console.width, 120)
+    console = output_console()  # files and pipes: the table on whole lines, no wrapped numbers
     progress = Console(stderr=True, highlight=False)  # run-by-run lines stay out of the table on stdout
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so the huge page pool is restored on kill too
     try:

@@ -29,10 +29,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare_ref as cr  # noqa: E402  (the reference's build, limits and huge page handling)
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from harness.config import ConfigError, RunConfig, parse_size  # noqa: E402
+from harness.report import output_console  # noqa: E402
 
 PROG = "stream_faults"
 
@@ -149,7 +149,7 @@ def render(lat_rows: list[dict], stream_rows: list[dict], args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 200)  # no wrapped numbers when piped
+    console = output_console()  # no wrapped numbers when piped
     try:
         try:
             vcpus = [int(x) for x in args.vcpus.split(",") if x]
