@@ -8,6 +8,7 @@ import sys
 
 from rich.console import Console
 
+EXIT_DEGRADED = 3  # run: completed, every page verified, but a vCPU worker was lost (killed mid-run)
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one line, printed as is
 
 
@@ -27,7 +28,10 @@ def _add_run(sub) -> None:
 
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
-                                   "userfaultfd, run a workload to completion, verify every page, tear down.")
+                                   "userfaultfd, run a workload to completion, verify every page, tear down.",
+                       epilog="exit status: 0 completed; 1 failed; 2 bad input; 3 completed-degraded (a vCPU "
+                              "worker was killed mid-run: the others finished and every page they read was "
+                              "verified, the report's workers.lost says which); 130 Ctrl-C; 143 SIGTERM")
     p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
                    help="vCPU worker processes, 1..4096 (default %(default)s)")
     p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
@@ -92,7 +96,7 @@ def _run(args) -> int:
             err.print(f"postcopy-harness run: {flag} {path}: {problem}")
             return 2
     from harness.progress import RunProgress
-    from harness.report import print_summary, write_json
+    from harness.report import lost_words, print_summary, write_json
     from harness.run import check_memory
     from harness.supervise import RunFailed
     from postcopy_harness import run_config
@@ -118,6 +122,10 @@ def _run(args) -> int:
     if write_error:
         err.print(f"postcopy-harness run: {write_error}")
         return 1
+    if rep["status"] == "completed-degraded":  # every page verified, but without some workers
+        err.print(f"postcopy-harness run: completed-degraded: lost {lost_words(rep)}; the others finished "
+                  "and every page they read was verified", highlight=False)
+        return EXIT_DEGRADED
     if rep["status"] != "completed":
         err.print(f"postcopy-harness run: failed: {rep['error']}", highlight=False)
         return {"interrupted": 130, "terminated": 143}.get(error, 1)

@@ -71,6 +71,7 @@ class Run:
         self.board: AccessBoard | None = None
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
+        self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
 
     # ------------------------------------------------------------ setup helpers
 
@@ -210,6 +211,7 @@ class Run:
                          extra={"workload": cfg.workload, "link": cfg.link, "backing": cfg.backing})
         self.accounting = Accounting(meta, live=cfg.live_engines)
         self._start_event_reader(ev_parent)
+        self.going = True
         os.close(start_w)
         self.fds.remove(start_w)
         ctl_src.send(cmd="go", background=cfg.background)
@@ -237,7 +239,15 @@ class Run:
             events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
+            lost=[self._lost_entry(i) for i in sorted(self.workers_lost)],
         )
+
+    def _lost_entry(self, index: int) -> dict:
+        """workers.lost: which worker (vCPU index, or non-vCPU process), its pid, how it died."""
+        entry = dict(self.workers_lost[index])
+        if index >= self.cfg.vcpus:
+            entry = dict(entry, vcpu=None, non_vcpu=index - self.cfg.vcpus)
+        return entry
 
     def _spawn_zygote(self, plan: WorkerPlan) -> None:
         r, w = os.pipe()
@@ -246,6 +256,7 @@ class Run:
         self.worker_status = r
         self._status_buf = b""
         self.workers_done: set[int] = set()
+        self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
         keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
         err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
@@ -274,9 +285,16 @@ class Run:
             elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4:
                 bad = int(self.area.summary[vcpu]["first_bad_page"])
                 raise RunFailed(f"{self._who(vcpu)} read wrong content (first bad page {bad}): data lost or misplaced")
+            elif self.going and os.WIFSIGNALED(status):
+                # killed from outside mid-run (OOM killer, kill -9, --inject worker-crash): a lost
+                # vCPU, not a failed run; the handler skips its uffd once a copy or wake says ESRCH
+                self.workers_lost[vcpu] = dict(vcpu=vcpu, pid=pid, how=describe_status(status).removeprefix("was "))
             else:
                 why = self.stderr.reason("zygote", f"vcpu {vcpu}")
                 raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}{why}")
+
+    def _workers_ended(self) -> int:
+        return len(self.workers_done) + len(self.workers_lost)
 
     def _who(self, index: int, vcpu_word: str = "vCPU") -> str:
         n = self.cfg.vcpus
@@ -289,7 +307,7 @@ class Run:
         for pid, role, status in self.children.reap():
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
-            if role == "zygote" and self.workers_done and len(self.workers_done) == self.area.nvcpus:
+            if role == "zygote" and self.workers_done and self._workers_ended() == self.area.nvcpus:
                 continue
             why = self.stderr.reason(role)
             raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
@@ -358,7 +376,7 @@ class Run:
         self.progress.tick(placed, faults)
 
     def _supervise_workers(self, ctls: list[ControlLine], deadline: float) -> None:
-        while len(self.workers_done) < self.area.nvcpus:  # every worker, vCPU or not
+        while self._workers_ended() < self.area.nvcpus:  # every worker, vCPU or not
             self._tick()
             self._worker_exits()
             self._check_children({self.zygote.pid})
