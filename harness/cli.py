@@ -71,6 +71,9 @@ def _add_run(sub) -> None:
                    help="feed the blocktime engines during the run (default: over the recorded events after it)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", default=d.timeout,
                    help="fail the run after this many seconds (default %(default)g)")
+    p.add_argument("--stall-timeout", type=float, metavar="SECONDS", default=d.stall_timeout,
+                   help="fail the run, naming who, when a vCPU, the source or the handler makes no progress "
+                        "for this long (at least 3 page times of --link) (default %(default)g)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--trace", metavar="FILE",
                    help="record fault/placement events (replayable; .gz to compress) (default: none)")

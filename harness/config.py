@@ -59,6 +59,7 @@ class RunConfig:
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0
+    stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
     trace: str | None = None
     link_model: Link = field(default_factory=Link, repr=False)
@@ -89,6 +90,8 @@ class RunConfig:
             raise ConfigError(f"--write-ratio {self.write_ratio}: must be between 0 and 1")
         if not self.timeout > 0:  # also rejects nan, which would disable the timeout
             raise ConfigError("--timeout must be positive")
+        if not self.stall_timeout > 0:
+            raise ConfigError("--stall-timeout must be positive")
         if self.seed < 0 or self.seed >= 1 << 63:
             raise ConfigError(f"--seed {self.seed}: must be 0 .. 2^63-1")
         try:

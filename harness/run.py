@@ -22,6 +22,7 @@ import psutil
 from harness.accounting import Accounting
 from harness.config import RunConfig
 from harness.progress import RunProgress
+from harness.stall import StallWatch, effective_timeout
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.auth import run_key
@@ -71,6 +72,7 @@ class Run:
         self.board: AccessBoard | None = None
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
+        self.stall: StallWatch | None = None
         self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
 
     # ------------------------------------------------------------ setup helpers
@@ -215,13 +217,14 @@ class Run:
         os.close(start_w)
         self.fds.remove(start_w)
         ctl_src.send(cmd="go", background=cfg.background)
+        self.stall = self._stall_watch()
         self._supervise_workers([ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
         if not cfg.background:
             ctl_src.send(cmd="stream")
 
         os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
-        dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT)["stats"]
+        dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT, watch=True)["stats"]
         src_stats = self._expect(ctl_src, "stats", "source", SHUTDOWN_TIMEOUT)["stats"]
         t_done = time.monotonic_ns()
         self._wait_exit(SHUTDOWN_TIMEOUT)
@@ -241,6 +244,20 @@ class Run:
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
             lost=[self._lost_entry(i) for i in sorted(self.workers_lost)],
         )
+
+    def _stall_watch(self) -> StallWatch:
+        """Watch the workers, the source and the handler for --stall-timeout (harness/stall.py)."""
+        cfg = self.cfg
+        roles = {"source": "the source", "fault": "the fault handler"}
+        services = {roles[r]: p for p, r in self.children.roles.items() if r in roles}  # the source first
+        page_s = cfg.link_model.wire_ns(cfg.page_size) / 1e9 + cfg.link_model.latency_ns / 1e9
+        board, received = self.board, self.received
+        return StallWatch(
+            effective_timeout(cfg.stall_timeout, page_s), [int(p) for p in self.area.summary["pid"]],
+            board=lambda: np.frombuffer(board.mapping.buffer(), np.uint64, count=cfg.vcpus),
+            received=lambda: np.frombuffer(received.view, np.uint8),
+            events=lambda: len(self.accounting.chunks), services=services,
+            ended=lambda: self.workers_done | set(self.workers_lost), worker_name=self._who)
 
     def _lost_entry(self, index: int) -> dict:
         """workers.lost: which worker (vCPU index, or non-vCPU process), its pid, how it died."""
@@ -312,7 +329,7 @@ class Run:
             why = self.stderr.reason(role)
             raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
 
-    def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float) -> dict:
+    def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float, watch: bool = False) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r, _, _ = select.select([ctl], [], [], 0.05)
@@ -326,6 +343,8 @@ class Run:
                     return msg
             self._check_children(set(self.children.roles) if event == "stats" else set())
             self._tick()
+            if watch and self.stall is not None:
+                self.stall.check()
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
 
     def _closed(self, who: str) -> None:
@@ -380,6 +399,7 @@ class Run:
             self._tick()
             self._worker_exits()
             self._check_children({self.zygote.pid})
+            self.stall.check()
             r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
             for ctl in r:
                 if ctl is self.worker_status:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import psutil
 import pytest
@@ -41,4 +42,31 @@ def test_lost_vcpu_degrades_the_run(tmp_path, wake, clean_machine):
     assert v["pages-checked"] >= 4 * (rep["pages"]["total"] // 6)
     # each dead uffd is marked dead once (its first ESRCH), never retried
     assert rep["handler"]["dead-ports"] <= 2
+    assert_clean()
+
+
+@pytest.mark.parametrize(("name", "words"), [("pch-vcpu-2", "vCPU 2 (pid {pid}) made no progress for 2 s"),
+                                             ("pch-source", "the source (pid {pid}) made no progress for 2 s"),
+                                             ("pch-fault", "the fault handler (pid {pid}) made no progress for 2 s")])
+def test_stopped_process_fails_the_run_named(name, words, clean_machine):
+    """SIGSTOP of a vCPU, the source or the handler: failed after --stall-timeout, not --timeout."""
+    proc = start_cli([*SLOW_RUN, "--stall-timeout", "2", "--timeout", "120"])
+    wait_for_children(proc, "pch-vcpu", 4)
+    [victim] = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == name]
+    victim.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    code, err = finish(proc, 60)
+    assert code == 1, err
+    assert words.format(pid=victim.pid) in err and "(state: stopped)" in err, err
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in err
+    assert_clean()
+
+
+def test_slow_link_that_moves_is_never_a_stall(clean_machine):
+    """Pages trickle in over a slow link, vCPUs wait far longer than --stall-timeout in total: completed."""
+    proc = start_cli(["run", "--vcpus", "4", "--ram", "8M", "--link", "20mbit,5ms", "--stall-timeout", "0.5",
+                      "--quiet"])
+    code, err = finish(proc, 90)
+    assert code == 0, err
     assert_clean()
