@@ -11,6 +11,7 @@ from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
 from vcpu_workers.workloads import WORKLOADS
 
+MAX_VCPUS = 4096  # run and check accept the same range
 _SIZE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -65,8 +66,8 @@ class RunConfig:
     link_model: Link = field(default_factory=Link, repr=False)
 
     def validate(self) -> RunConfig:
-        if not 1 <= self.vcpus <= 4096:
-            raise ConfigError(f"--vcpus {self.vcpus}: must be 1..4096")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus {self.vcpus}: must be 1..{MAX_VCPUS}")
         if not 0 <= self.non_vcpu <= 4096:
             raise ConfigError(f"--non-vcpu {self.non_vcpu}: must be 0..4096")
         if self.backing not in ("shmem", "hugetlb"):

@@ -40,7 +40,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import Expected, HandoffError, abstract_address, collect_uffds, listen
-from postcopy_core.probe import available_memory, free_huge_pages, preflight, raise_fd_limit
+from postcopy_core.probe import available_memory, free_huge_pages, limit_checks, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
@@ -106,6 +106,9 @@ class Run:
         sweep_stale_segments()
         preflight(cfg.backing == "hugetlb")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
+        for c in limit_checks(nworkers):  # the same limits `check --vcpus N` shows
+            if not c.ok:
+                raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
         raise_fd_limit(nworkers)  # the handler holds one uffd per worker
         check_memory(cfg)
         spec = self._spec()
@@ -338,7 +341,7 @@ class Run:
                 if msg is None:
                     self._closed(who)
                 if msg.get("event") == "error":
-                    raise RunFailed(msg.get("error", f"the {who} failed"))
+                    self._service_error(msg.get("error", f"the {who} failed"), who == "fault handler")
                 if msg.get("event") == event:
                     return msg
             self._check_children(set(self.children.roles) if event == "stats" else set())
@@ -346,6 +349,20 @@ class Run:
             if watch and self.stall is not None:
                 self.stall.check()
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
+
+    def _service_error(self, error: str, from_handler: bool) -> None:
+        """A service reported an error; if another process of the run died meanwhile (the handler
+        says "the source closed a page channel" when the source was killed), that death is the cause."""
+        reporter = "fault" if from_handler else "source"
+        deadline = time.monotonic() + 0.3  # a death is reaped within moments of its EOFs
+        while time.monotonic() < deadline:
+            self.stderr.drain()
+            for pid, role, status in self.children.reap():
+                if role != reporter and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    why = self.stderr.reason(role)
+                    raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
+            time.sleep(0.02)
+        raise RunFailed(error)
 
     def _closed(self, who: str) -> None:
         """A control channel hit EOF: its process is dying; wait a moment to say how and why."""
@@ -408,7 +425,7 @@ class Run:
                 if msg is None:
                     self._closed("source" if ctl is ctls[0] else "fault handler")
                 if msg.get("event") == "error":
-                    raise RunFailed(msg.get("error", "a service process failed"))
+                    self._service_error(msg.get("error", "a service process failed"), ctl is ctls[1])
             if time.monotonic() > deadline:
                 raise RunFailed(f"the run did not finish within --timeout {self.cfg.timeout:g} s")
 

@@ -19,6 +19,7 @@ placement never depends on a worker still being alive.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import select
@@ -106,7 +107,14 @@ class Destination:
         self._len = ffi.new("uint64_t *")
 
     def _c_failed(self, what: str) -> HandlerError:
-        return HandlerError(f"{what}: {ffi.string(lib.pch_dest_error(self.d)).decode()}")
+        text = ffi.string(lib.pch_dest_error(self.d)).decode()
+        if os.strerror(errno.ENOMEM) in text:  # say which resource ran out
+            from postcopy_core.probe import available_memory, free_huge_pages
+
+            text += (f" (out of huge pages: {free_huge_pages()} free; reserve more in /proc/sys/vm/nr_hugepages)"
+                     if self.zero_page is not None else
+                     f" (out of memory: {available_memory() >> 20} MiB available, MemAvailable in /proc/meminfo)")
+        return HandlerError(f"{what}: {text}")
 
     # ------------------------------------------------------------ loop
 

@@ -7,7 +7,10 @@ code, the one-line message, the report, and that nothing is left behind.
 from __future__ import annotations
 
 import json
+import resource
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -70,3 +73,50 @@ def test_slow_link_that_moves_is_never_a_stall(clean_machine):
     code, err = finish(proc, 90)
     assert code == 0, err
     assert_clean()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize(("name", "who"), [("pch-source", "the source"), ("pch-fault", "the fault handler")])
+def test_killed_service_is_named_with_its_signal(name, who, transport, clean_machine):
+    """SIGKILL of the source or the handler, with the background stream on: the line names which
+    process and how it died, not the EOF it caused elsewhere ("closed its control channel")."""
+    args = ["run", "--vcpus", "4", "--ram", "64M", "--link", "100mbit,1ms", "--transport", transport, "--quiet"]
+    proc = start_cli(args)
+    wait_for_children(proc, "pch-vcpu", 4)
+    [victim] = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == name]
+    victim.kill()
+    code, err = finish(proc)
+    assert code == 1, err
+    assert f"failed: {who} (pid {victim.pid}) was killed by SIGKILL" in err, err
+    assert "control channel" not in err and "Traceback" not in err
+    assert_clean()
+
+
+def _nofile(n: int):
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    return limit
+
+
+def test_fd_limit_is_named_and_check_agrees(clean_machine):
+    """`ulimit -n 256` with 512 vCPUs: run refuses at once naming RLIMIT_NOFILE; check says FAIL too."""
+    cmd = [sys.executable, "-m", "harness.cli"]
+    t0 = time.monotonic()
+    run = subprocess.run([*cmd, "run", "--vcpus", "512", "--ram", "64M", "--quiet"], capture_output=True,
+                         text=True, timeout=60, preexec_fn=_nofile(256))
+    assert run.returncode == 1
+    assert "exceed the fd limit" in run.stderr and "RLIMIT_NOFILE" in run.stderr and "need 576" in run.stderr
+    assert time.monotonic() - t0 < 30
+    check = subprocess.run([*cmd, "check", "--vcpus", "512", "--json"], capture_output=True, text=True,
+                           timeout=60, preexec_fn=_nofile(256))
+    rep = json.loads(check.stdout)
+    assert check.returncode == 1 and not rep["can-run"]
+    [fd] = [c for c in rep["checks"] if c["name"].startswith("fd limit")]
+    assert not fd["ok"] and "need 576" in fd["detail"]
+
+
+def test_check_and_run_refuse_the_same_vcpus():
+    cmd = [sys.executable, "-m", "harness.cli"]
+    for sub in ("check", "run"):
+        r = subprocess.run([*cmd, sub, "--vcpus", "5000"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--vcpus 5000: must be 1..4096" in r.stderr, (sub, r.stderr)
