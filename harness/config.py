@@ -60,10 +60,12 @@ class RunConfig:
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0
+    inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
     stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
     trace: str | None = None
     link_model: Link = field(default_factory=Link, repr=False)
+    injections: list = field(default_factory=list, repr=False)  # --inject, parsed
 
     def validate(self) -> RunConfig:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -91,6 +93,13 @@ class RunConfig:
             raise ConfigError(f"--write-ratio {self.write_ratio}: must be between 0 and 1")
         if not self.timeout > 0:  # also rejects nan, which would disable the timeout
             raise ConfigError("--timeout must be positive")
+        from harness.inject import parse_injection
+
+        self.inject = list(self.inject or [])
+        try:
+            self.injections = [parse_injection(text, self.vcpus) for text in self.inject]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.stall_timeout > 0:
             raise ConfigError("--stall-timeout must be positive")
         if self.seed < 0 or self.seed >= 1 << 63:
@@ -125,4 +134,5 @@ class RunConfig:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("link_model")
+        d.pop("injections")
         return d

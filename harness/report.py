@@ -67,7 +67,8 @@ def _pct(values: np.ndarray, q: float) -> float:
 
 
 def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
-                 started_at: float | None = None, argv: list[str] | None = None) -> dict:
+                 started_at: float | None = None, argv: list[str] | None = None,
+                 recovery: dict | None = None) -> dict:
     """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error);
     ``started_at`` (wall clock) defaults to when the run said it started, else now."""
     if started_at is None and raw:
@@ -83,6 +84,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "page-size": cfg.page_size,
     }
     if raw is None:
+        if recovery is not None:  # a failed run with --inject: what was injected and what happened
+            rep["recovery"] = recovery
         return rep
     summ, hs, ss = raw["summary"], raw["handler"], raw["source"]
     lat = np.concatenate(raw["latencies"]) if raw["latencies"] else np.zeros(0)
@@ -148,6 +151,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
             "accesses": [int(x) for x in nv["accesses"]],
             "pages-checked": [int(x) for x in nv["pages_checked"]],
         }
+    if "recovery" in raw:
+        rep["recovery"] = raw["recovery"]  # --inject: what was injected, pauses, resumes, paused time
     rep["engines"] = raw["engines"]
     rep["accuracy"] = accuracy(rep["workers"]["vcpu-stall-ms"], raw["engines"])
     rep["accounting"] = {"events": raw["events"], "cpu-s": round(raw["engines_cpu_s"], 3),

@@ -21,6 +21,7 @@ import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig
+from harness.inject import InjectionFailed, Injector, failure_note
 from harness.progress import RunProgress
 from harness.stall import StallWatch, effective_timeout
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
@@ -73,6 +74,8 @@ class Run:
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
         self.stall: StallWatch | None = None
+        self.injector: Injector | None = None  # run --inject (harness/inject.py)
+        self._link: list[socket.socket] = []
         self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
 
     # ------------------------------------------------------------ setup helpers
@@ -150,6 +153,7 @@ class Run:
         else:
             s_src, s_dst = self._pair()
             u_src, u_dst = self._pair()
+            self._link = [s_dst, u_dst]  # what --inject link-drop shuts down
             src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
 
             def source_body() -> int:
@@ -221,6 +225,8 @@ class Run:
         self.fds.remove(start_w)
         ctl_src.send(cmd="go", background=cfg.background)
         self.stall = self._stall_watch()
+        if cfg.injections:
+            self.injector = Injector(cfg.injections, self._pid_of, self._link)
         self._supervise_workers([ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
         if not cfg.background:
@@ -245,8 +251,29 @@ class Run:
             events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
-            lost=[self._lost_entry(i) for i in sorted(self.workers_lost)],
+            lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], recovery=self.recovery(),
         )
+
+    def _inject(self) -> None:
+        if self.injector is not None:
+            try:
+                self.injector.poll()
+            except InjectionFailed as e:
+                raise RunFailed(str(e)) from None
+
+    def _pid_of(self, target: str | int) -> int | None:
+        """The pid of a service ("source", "fault") or of vCPU ``target`` while it runs, else None."""
+        if isinstance(target, int):
+            ended = target in self.workers_done or target in self.workers_lost
+            return None if ended else int(self.area.summary["pid"][target])
+        return next((p for p, r in self.children.roles.items() if r == target and p in self.children.alive()), None)
+
+    def recovery(self) -> dict:
+        """The report's recovery section: what --inject did (and, later, the pauses and resumes)."""
+        if self.injector is None:
+            return {"injected": [], "pauses": 0, "resumes": 0, "paused-s": 0.0}
+        self.injector.finish()
+        return self.injector.record()
 
     def _stall_watch(self) -> StallWatch:
         """Watch the workers, the source and the handler for --stall-timeout (harness/stall.py)."""
@@ -348,6 +375,7 @@ class Run:
             self._tick()
             if watch and self.stall is not None:
                 self.stall.check()
+                self._inject()
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
 
     def _service_error(self, error: str, from_handler: bool) -> None:
@@ -417,6 +445,7 @@ class Run:
             self._worker_exits()
             self._check_children({self.zygote.pid})
             self.stall.check()
+            self._inject()
             r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
             for ctl in r:
                 if ctl is self.worker_status:
@@ -547,6 +576,13 @@ def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
     old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
         return run.execute()
+    except RunFailed as e:
+        if run.injector is None:
+            raise
+        rec = run.recovery()  # a failed run's report still says what was injected
+        failed = RunFailed(f"{e}{failure_note(rec) if '--inject' not in str(e) else ''}")
+        failed.recovery = rec
+        raise failed from None
     finally:
         run.teardown()
         if old is not None:

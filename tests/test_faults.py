@@ -120,3 +120,74 @@ def test_check_and_run_refuse_the_same_vcpus():
     for sub in ("check", "run"):
         r = subprocess.run([*cmd, sub, "--vcpus", "5000"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "--vcpus 5000: must be 1..4096" in r.stderr, (sub, r.stderr)
+
+
+def _run_injected(tmp_path, *inject: str, extra: tuple[str, ...] = ()) -> tuple[int, str, dict]:
+    out = tmp_path / "r.json"
+    args = [*SLOW_RUN, "--json", str(out), *extra]
+    for text in inject:
+        args += ["--inject", text]
+    code, err = finish(start_cli(args), 90)
+    return code, err, json.loads(out.read_text())
+
+
+def test_inject_worker_crash_and_stall(tmp_path, clean_machine):
+    """vCPU 2 killed at 0.5 s, vCPU 1 stopped 1 s at 0.3 s: completed-degraded, both in recovery."""
+    code, err, rep = _run_injected(tmp_path, "worker-crash@0.5,vcpu=2", "worker-stall@0.3:1,vcpu=1")
+    assert code == 3, err
+    assert rep["status"] == "completed-degraded"
+    assert [w["vcpu"] for w in rep["workers"]["lost"]] == [2]
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["paused-s"]) == (0, 0, 0.0)
+    stall, crash = rec["injected"]  # in the order they fired
+    assert stall["injection"] == "worker-stall@0.3:1,vcpu=1" and stall["target"] == "vCPU 1"
+    assert stall["outcome"] == "stopped, continued after 1 s" and stall["fired-at-s"] >= 0.3
+    assert crash["kind"] == "worker-crash" and crash["pid"] == rep["workers"]["lost"][0]["pid"]
+    assert rep["verification"]["mismatches"] == 0 and rep["verification"]["ram-bad-pages"] == 0
+    assert_clean()
+
+
+def test_inject_source_stall_shorter_than_the_stall_timeout_completes(tmp_path, clean_machine):
+    code, err, rep = _run_injected(tmp_path, "source-stall@0.3:1.5", extra=("--stall-timeout", "5"))
+    assert code == 0, err
+    [rec] = rep["recovery"]["injected"]
+    assert rec["target"] == "the source" and rec["outcome"] == "stopped, continued after 1.5 s"
+    assert_clean()
+
+
+def test_inject_stall_longer_than_the_stall_timeout_fails_named(tmp_path, clean_machine):
+    code, err, rep = _run_injected(tmp_path, "worker-stall@0.3:30,vcpu=3", extra=("--stall-timeout", "2"))
+    assert code == 1
+    assert "vCPU 3 (pid" in err and "made no progress for 2 s (state: stopped)" in err
+    assert "after --inject worker-stall@0.3:30,vcpu=3" in err
+    assert rep["recovery"]["injected"][0]["outcome"] == "stopped; the run ended before the hold did"
+    assert_clean()
+
+
+@pytest.mark.parametrize(("kind", "words"), [
+    ("handler-crash", "the fault handler (pid {pid}) was killed by SIGKILL (after --inject handler-crash@0.3)"),
+    ("source-crash", "--inject source-crash@0.3: the source was killed and postcopy recovery"),
+    ("link-drop", "--inject link-drop@0.3: the link was dropped and postcopy recovery"),
+])
+def test_inject_fatal_kinds_fail_naming_the_injection(tmp_path, kind, words, clean_machine):
+    code, err, rep = _run_injected(tmp_path, f"{kind}@0.3")
+    assert code == 1 and rep["status"] == "failed"
+    [rec] = rep["recovery"]["injected"]
+    assert rec["kind"] == kind and rec["fired-at-s"] >= 0.3
+    assert words.format(pid=rec["pid"]) in err, err
+    assert "Traceback" not in err
+    assert_clean()
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("disk-crash@1", "unknown kind 'disk-crash'"),
+    ("worker-crash", "use KIND@SECONDS[:HOLD][,vcpu=N]"),
+    ("worker-crash@1,vcpu=4", "vcpu=4 but the run has 4 vCPUs"),
+    ("handler-crash@1:2", "only worker-stall and source-stall take :HOLD"),
+    ("source-stall@1,vcpu=1", "only worker-crash and worker-stall take vcpu=N"),
+    ("worker-stall@1:0", "HOLD positive"),
+])
+def test_bad_inject_is_one_line(text, words):
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--vcpus", "4", "--inject", text],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
