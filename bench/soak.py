@@ -1,0 +1,136 @@
+"""Soak: many runs in one orchestrator process; its fds, RSS and shared memory must not grow.
+
+Phase 1 repeats runs at ``--vcpus`` (default 256) for ``--minutes`` (default 10); phase 2 does
+``--small-runs`` (default 50) small runs in a row.  All runs are in this process (the Python API's
+``run_config``), so this process is the orchestrator being measured.  After every run it prints:
+open fds, RSS, its mappings of shared memory (``/dev/shm`` or memfd in ``/proc/self/maps``) and
+the ``pch-*`` entries in ``/dev/shm`` (those named after this process are the ones that count).
+
+Fails (exit 1) when a run does not complete, or when, after the first run of a phase (warm-up:
+imports, caches), the fds or the shared mappings ever exceed that run's figure, an entry named after
+this process is left in /dev/shm, or the RSS of the last quarter of the runs (median) exceeds the
+warm-up figure by more than ``--rss-slack-mib``.
+
+Reproduce:  python bench/soak.py                                   # 10 minutes at 256 vCPUs + 50 small runs
+            python bench/soak.py --minutes 1 --small-runs 10       # short
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+PROG = "soak"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="phase 1 length in minutes (default %(default)g)")
+    p.add_argument("--vcpus", type=int, default=256, help="vCPUs of the phase 1 runs (default %(default)s)")
+    p.add_argument("--ram", default="64M", help="guest RAM of the phase 1 runs (default %(default)s)")
+    p.add_argument("--small-runs", type=int, default=50, help="phase 2: this many small runs (default %(default)s)")
+    p.add_argument("--small-vcpus", type=int, default=2, help="vCPUs of a small run (default %(default)s)")
+    p.add_argument("--small-ram", default="4M", help="guest RAM of a small run (default %(default)s)")
+    p.add_argument("--rss-slack-mib", type=float, default=32.0,
+                   help="RSS growth allowed over the warm-up run, MiB (default %(default)g)")
+    args = p.parse_args(argv)
+    if args.minutes < 0 or args.small_runs < 0 or args.vcpus < 1 or args.small_vcpus < 1:
+        print(f"{PROG}: --minutes and --small-runs must be >= 0, --vcpus and --small-vcpus >= 1", file=sys.stderr)
+        raise SystemExit(2)
+    return args
+
+
+def sample() -> dict:
+    """This process's fds, RSS (MiB), shared-memory mappings, and pch-* entries in /dev/shm."""
+    fds = len(os.listdir("/proc/self/fd"))
+    with open("/proc/self/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if "/dev/shm/" in line or "/memfd:" in line)
+    try:
+        shm = [n for n in os.listdir("/dev/shm") if n.startswith("pch-")]
+    except OSError:
+        shm = []
+    mine = [n for n in shm if n.startswith(f"pch-{os.getpid()}-")]
+    return dict(fds=fds, rss_mib=rss_kib / 1024, shm_maps=maps, dev_shm=len(shm), dev_shm_mine=len(mine))
+
+
+def phase(name: str, cfg_of, count: int | None, minutes: float | None) -> list[dict]:
+    """Run until ``count`` runs or ``minutes`` are done; a sample after each run."""
+    from postcopy_harness import run_config
+
+    rows: list[dict] = []
+    t0 = time.monotonic()
+    while (count is None or len(rows) < count) and (minutes is None or time.monotonic() - t0 < minutes * 60
+                                                     or not rows):
+        t = time.monotonic()
+        rep = run_config(cfg_of(len(rows)), write=False)
+        if rep["status"] != "completed":
+            raise SystemExit(f"{PROG}: {name} run {len(rows) + 1} did not complete: {rep['error']}")
+        row = dict(sample(), run=len(rows) + 1, s=time.monotonic() - t, at=time.monotonic() - t0)
+        rows.append(row)
+        print(f"{name:5} run {row['run']:4}  {row['at']:7.1f} s  took {row['s']:5.2f} s  fds {row['fds']:4}  "
+              f"rss {row['rss_mib']:7.1f} MiB  shm-maps {row['shm_maps']:3}  /dev/shm pch-* {row['dev_shm']:3} "
+              f"(ours {row['dev_shm_mine']})", flush=True)
+    return rows
+
+
+def growth(name: str, rows: list[dict], rss_slack_mib: float) -> list[str]:
+    """What grew after the warm-up run (empty: nothing)."""
+    if not rows:
+        return []
+    warm, later = rows[0], rows[1:]
+    problems = []
+    for key in ("fds", "shm_maps"):
+        worst = max((r[key] for r in later), default=warm[key])
+        if worst > warm[key]:
+            problems.append(f"{name}: {key} grew from {warm[key]} (run 1) to {worst}")
+    if any(r["dev_shm_mine"] for r in rows):
+        problems.append(f"{name}: a /dev/shm entry named after this process was left")
+    tail = [r["rss_mib"] for r in later[-max(1, len(later) // 4):]] if later else []
+    if tail and statistics.median(tail) > warm["rss_mib"] + rss_slack_mib:
+        problems.append(f"{name}: RSS grew from {warm['rss_mib']:.1f} MiB (run 1) to a median of "
+                        f"{statistics.median(tail):.1f} MiB over the last runs (slack {rss_slack_mib:g} MiB)")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from harness.config import ConfigError, RunConfig, parse_size
+    except ImportError:
+        print(f"{PROG}: the postcopy-harness package is not installed (pip install .)", file=sys.stderr)
+        return 2
+    try:
+        big = RunConfig(vcpus=args.vcpus, ram=parse_size(args.ram), workload="random").validate()
+        small = RunConfig(vcpus=args.small_vcpus, ram=parse_size(args.small_ram)).validate()
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: pid {os.getpid()}, start: {sample()}")
+    import dataclasses
+
+    def seeded(cfg):
+        return lambda i: dataclasses.replace(cfg, seed=i + 1).validate()
+
+    rows_big = phase("big", seeded(big), None, args.minutes) if args.minutes > 0 else []
+    rows_small = phase("small", seeded(small), args.small_runs, None) if args.small_runs else []
+    problems = growth("big", rows_big, args.rss_slack_mib) + growth("small", rows_small, args.rss_slack_mib)
+    for name, rows in (("big", rows_big), ("small", rows_small)):
+        if rows:
+            first, last = rows[0], rows[-1]
+            print(f"{PROG}: {name}: {len(rows)} runs; fds {first['fds']} -> {last['fds']}, "
+                  f"RSS {first['rss_mib']:.1f} -> {last['rss_mib']:.1f} MiB, "
+                  f"shm-maps {first['shm_maps']} -> {last['shm_maps']}")
+    for p in problems:
+        print(f"{PROG}: FAIL {p}", file=sys.stderr)
+    if not problems:
+        print(f"{PROG}: ok: nothing grew")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
