@@ -3,13 +3,15 @@
 Phase 1 repeats runs at ``--vcpus`` (default 256) for ``--minutes`` (default 10); phase 2 does
 ``--small-runs`` (default 50) small runs in a row.  All runs are in this process (the Python API's
 ``run_config``), so this process is the orchestrator being measured.  After every run it prints:
-open fds, RSS, its mappings of shared memory (``/dev/shm`` or memfd in ``/proc/self/maps``) and
+open fds, RSS, the malloc heap in use (glibc mallinfo2), its mappings of shared memory
+(``/dev/shm`` or memfd in ``/proc/self/maps``) and
 the ``pch-*`` entries in ``/dev/shm`` (those named after this process are the ones that count).
 
 Fails (exit 1) when a run does not complete, or when, after the first run of a phase (warm-up:
 imports, caches), the fds or the shared mappings ever exceed that run's figure, an entry named after
-this process is left in /dev/shm, or the RSS of the last quarter of the runs (median) exceeds the
-warm-up figure by more than ``--rss-slack-mib``.
+this process is left in /dev/shm, or the RSS or the heap in use of the last quarter of the runs
+(median) exceeds the warm-up figure by more than ``--rss-slack-mib`` / ``--heap-slack-mib`` (RSS also
+holds freed memory glibc keeps, which grows a little over runs of varying seeds without a leak).
 
 Reproduce:  python bench/soak.py                                   # 10 minutes at 256 vCPUs + 50 small runs
             python bench/soak.py --minutes 1 --small-runs 10       # short
@@ -18,6 +20,7 @@ Reproduce:  python bench/soak.py                                   # 10 minutes 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -34,8 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small-runs", type=int, default=50, help="phase 2: this many small runs (default %(default)s)")
     p.add_argument("--small-vcpus", type=int, default=2, help="vCPUs of a small run (default %(default)s)")
     p.add_argument("--small-ram", default="4M", help="guest RAM of a small run (default %(default)s)")
-    p.add_argument("--rss-slack-mib", type=float, default=32.0,
-                   help="RSS growth allowed over the warm-up run, MiB (default %(default)g)")
+    p.add_argument("--rss-slack-mib", type=float, default=64.0,
+                   help="RSS growth allowed over the warm-up run, MiB: freed memory glibc keeps (fragmentation "
+                        "over runs of varying seeds) counts in RSS (default %(default)g)")
+    p.add_argument("--heap-slack-mib", type=float, default=8.0,
+                   help="growth of the malloc heap in use (a leak) allowed over the warm-up run, MiB "
+                        "(default %(default)g)")
     args = p.parse_args(argv)
     if args.minutes < 0 or args.small_runs < 0 or args.vcpus < 1 or args.small_vcpus < 1:
         print(f"{PROG}: --minutes and --small-runs must be >= 0, --vcpus and --small-vcpus >= 1", file=sys.stderr)
@@ -43,8 +50,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def heap_used_mib() -> float | None:
+    """Bytes malloc has handed out and not got back (glibc mallinfo2: in-use chunks + mmapped
+    blocks), in MiB; None without glibc 2.33+.  Unlike RSS it does not count freed memory the
+    allocator keeps (fragmentation), so it is what a leak makes grow."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
+
+
 def sample() -> dict:
-    """This process's fds, RSS (MiB), shared-memory mappings, and pch-* entries in /dev/shm."""
+    """This process's fds, RSS and malloc heap in use (MiB), shared-memory mappings, and pch-*
+    entries in /dev/shm."""
     fds = len(os.listdir("/proc/self/fd"))
     with open("/proc/self/status") as f:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -55,7 +81,8 @@ def sample() -> dict:
     except OSError:
         shm = []
     mine = [n for n in shm if n.startswith(f"pch-{os.getpid()}-")]
-    return dict(fds=fds, rss_mib=rss_kib / 1024, shm_maps=maps, dev_shm=len(shm), dev_shm_mine=len(mine))
+    return dict(fds=fds, rss_mib=rss_kib / 1024, heap_mib=heap_used_mib(), shm_maps=maps, dev_shm=len(shm),
+                dev_shm_mine=len(mine))
 
 
 def phase(name: str, cfg_of, count: int | None, minutes: float | None) -> list[dict]:
@@ -73,12 +100,13 @@ def phase(name: str, cfg_of, count: int | None, minutes: float | None) -> list[d
         row = dict(sample(), run=len(rows) + 1, s=time.monotonic() - t, at=time.monotonic() - t0)
         rows.append(row)
         print(f"{name:5} run {row['run']:4}  {row['at']:7.1f} s  took {row['s']:5.2f} s  fds {row['fds']:4}  "
-              f"rss {row['rss_mib']:7.1f} MiB  shm-maps {row['shm_maps']:3}  /dev/shm pch-* {row['dev_shm']:3} "
+              f"rss {row['rss_mib']:7.1f} MiB  heap {row['heap_mib'] or 0:6.1f} MiB  "
+              f"shm-maps {row['shm_maps']:3}  /dev/shm pch-* {row['dev_shm']:3} "
               f"(ours {row['dev_shm_mine']})", flush=True)
     return rows
 
 
-def growth(name: str, rows: list[dict], rss_slack_mib: float) -> list[str]:
+def growth(name: str, rows: list[dict], rss_slack_mib: float, heap_slack_mib: float = 8.0) -> list[str]:
     """What grew after the warm-up run (empty: nothing)."""
     if not rows:
         return []
@@ -90,10 +118,11 @@ def growth(name: str, rows: list[dict], rss_slack_mib: float) -> list[str]:
             problems.append(f"{name}: {key} grew from {warm[key]} (run 1) to {worst}")
     if any(r["dev_shm_mine"] for r in rows):
         problems.append(f"{name}: a /dev/shm entry named after this process was left")
-    tail = [r["rss_mib"] for r in later[-max(1, len(later) // 4):]] if later else []
-    if tail and statistics.median(tail) > warm["rss_mib"] + rss_slack_mib:
-        problems.append(f"{name}: RSS grew from {warm['rss_mib']:.1f} MiB (run 1) to a median of "
-                        f"{statistics.median(tail):.1f} MiB over the last runs (slack {rss_slack_mib:g} MiB)")
+    for key, label, slack in (("rss_mib", "RSS", rss_slack_mib), ("heap_mib", "malloc heap in use", heap_slack_mib)):
+        tail = [r[key] for r in later[-max(1, len(later) // 4):] if r.get(key) is not None]
+        if tail and warm.get(key) is not None and statistics.median(tail) > warm[key] + slack:
+            problems.append(f"{name}: {label} grew from {warm[key]:.1f} MiB (run 1) to a median of "
+                            f"{statistics.median(tail):.1f} MiB over the last runs (slack {slack:g} MiB)")
     return problems
 
 
@@ -118,12 +147,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_big = phase("big", seeded(big), None, args.minutes) if args.minutes > 0 else []
     rows_small = phase("small", seeded(small), args.small_runs, None) if args.small_runs else []
-    problems = growth("big", rows_big, args.rss_slack_mib) + growth("small", rows_small, args.rss_slack_mib)
+    problems = (growth("big", rows_big, args.rss_slack_mib, args.heap_slack_mib)
+                + growth("small", rows_small, args.rss_slack_mib, args.heap_slack_mib))
     for name, rows in (("big", rows_big), ("small", rows_small)):
         if rows:
             first, last = rows[0], rows[-1]
             print(f"{PROG}: {name}: {len(rows)} runs; fds {first['fds']} -> {last['fds']}, "
                   f"RSS {first['rss_mib']:.1f} -> {last['rss_mib']:.1f} MiB, "
+                  f"heap in use {first['heap_mib'] or 0:.1f} -> {last['heap_mib'] or 0:.1f} MiB, "
                   f"shm-maps {first['shm_maps']} -> {last['shm_maps']}")
     for p in problems:
         print(f"{PROG}: FAIL {p}", file=sys.stderr)

@@ -183,7 +183,7 @@ class Run:
             return destination_main(dict(
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
-                wake_policy=cfg.wake_policy, board=self.board))
+                wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             w = self.stderr.pipe(role)
@@ -275,15 +275,18 @@ class Run:
         self.injector.finish()
         return self.injector.record()
 
+    def _stall_timeout(self) -> float:
+        link = self.cfg.link_model
+        return effective_timeout(self.cfg.stall_timeout, (link.wire_ns(self.cfg.page_size) + link.latency_ns) / 1e9)
+
     def _stall_watch(self) -> StallWatch:
         """Watch the workers, the source and the handler for --stall-timeout (harness/stall.py)."""
         cfg = self.cfg
         roles = {"source": "the source", "fault": "the fault handler"}
         services = {roles[r]: p for p, r in self.children.roles.items() if r in roles}  # the source first
-        page_s = cfg.link_model.wire_ns(cfg.page_size) / 1e9 + cfg.link_model.latency_ns / 1e9
         board, received = self.board, self.received
         return StallWatch(
-            effective_timeout(cfg.stall_timeout, page_s), [int(p) for p in self.area.summary["pid"]],
+            self._stall_timeout(), [int(p) for p in self.area.summary["pid"]],
             board=lambda: np.frombuffer(board.mapping.buffer(), np.uint64, count=cfg.vcpus),
             received=lambda: np.frombuffer(received.view, np.uint8),
             events=lambda: len(self.accounting.chunks), services=services,
@@ -336,6 +339,8 @@ class Run:
                 # killed from outside mid-run (OOM killer, kill -9, --inject worker-crash): a lost
                 # vCPU, not a failed run; the handler skips its uffd once a copy or wake says ESRCH
                 self.workers_lost[vcpu] = dict(vcpu=vcpu, pid=pid, how=describe_status(status).removeprefix("was "))
+                if vcpu < self.cfg.vcpus:
+                    self.board.slots[vcpu] = 0  # it touches nothing now: placements stop waking its uffd
             else:
                 why = self.stderr.reason("zygote", f"vcpu {vcpu}")
                 raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}{why}")

@@ -100,8 +100,12 @@ class StallWatch:
         self._slots = slots
         received = self._received()
         placed = int(np.count_nonzero(received))
-        for v in np.flatnonzero(now - self._moved >= self.timeout):  # the vCPU rows (the board's)
-            self._check_vcpu(int(v), int(slots[v]), received, ended, now)
+        # a vCPU still for a whole timeout on a page that is in (the cheap test, for thousands of
+        # vCPUs; one that waits for a page not yet in is the run's concern, below)
+        on = np.minimum(slots, len(received)).astype(np.int64) - 1
+        waits_for_nothing = (slots > 0) & (received[np.maximum(on, 0)] != 0)
+        for v in np.flatnonzero((now - self._moved >= self.timeout) & waits_for_nothing):
+            self._check_vcpu(int(v), ended, now)
         source = self.services.get("the source")
         mark = (placed, self._events(), len(ended), _written(source) if source else None)
         if mark != self._global or changed.any():
@@ -109,19 +113,19 @@ class StallWatch:
         elif now - self._global_at >= self.timeout:
             self._fail_global(ended)
 
-    def _check_vcpu(self, v: int, slot: int, received: np.ndarray, ended: set[int], now: float) -> None:
+    def _check_vcpu(self, v: int, ended: set[int], now: float) -> None:
         if v in ended:
             return
         pid = self.worker_pids[v]
-        state = process_state(pid)
         cpu, before = _cpu(pid), self._cpu.get(v)
         self._cpu[v] = cpu
-        if cpu is not None and before is not None and cpu != before:
+        if before is None:
+            return  # its CPU time is compared at the next check
+        if cpu is None or cpu != before:
             self._moved[v] = now  # it runs: it moves, whatever its board slot says
+            self._cpu.pop(v)
             return
-        waits_for_nothing = slot > 0 and slot - 1 < len(received) and received[slot - 1]
-        if state == psutil.STATUS_STOPPED or state == psutil.STATUS_TRACING_STOP or waits_for_nothing:
-            raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", state))
+        raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", process_state(pid)))
 
     def _fail_global(self, ended: set[int]) -> None:
         for who, pid in self.services.items():  # a stopped service first: everything waits on it

@@ -35,10 +35,10 @@ def test_soak_growth_rule():
     sys.path.insert(0, str(SCRIPT.parent))
     import soak as s
 
-    row = dict(fds=6, rss_mib=50.0, shm_maps=0, dev_shm=0, dev_shm_mine=0)
+    row = dict(fds=6, rss_mib=50.0, heap_mib=10.0, shm_maps=0, dev_shm=0, dev_shm_mine=0)
     assert s.growth("x", [row, dict(row), dict(row, rss_mib=60.0)], 32) == []
-    grown = s.growth("x", [row, dict(row, fds=7), dict(row, rss_mib=90.0)], 32)
-    assert [p.split(":")[1].split()[0] for p in grown] == ["fds", "RSS"]
+    grown = s.growth("x", [row, dict(row, fds=7), dict(row, rss_mib=90.0, heap_mib=30.0)], 32, 8)
+    assert [p.split(":")[1].split()[0] for p in grown] == ["fds", "RSS", "malloc"]
     left = s.growth("x", [row, dict(row, dev_shm_mine=1)], 32)
     assert left == ["x: a /dev/shm entry named after this process was left"]
 
