@@ -6,11 +6,12 @@ fault path:
 
 - a vCPU moves when its access-board slot (the page it is touching, postcopy_core/board.py) changes
   or it burns CPU time; one that sits on a page that is already *received* (so it waits for nothing
-  the migration owes it) or is stopped, without moving for ``--stall-timeout``, is stalled;
+  the migration owes it) without moving for ``--stall-timeout`` is stalled (stopped, or a lost
+  wake-up); one that waits for a page not yet in is the run's concern:
 - the run moves when pages are placed (the received map), the handler ships events, the source
   writes bytes (its ``/proc/PID/io`` write count), a board slot changes or a worker ends.  When none
-  of these moves for ``--stall-timeout``, the stopped process is named (else the source: the vCPUs
-  wait for pages it does not send).
+  of these moves for ``--stall-timeout``, the stopped process is named (a service first, then a
+  vCPU), else the source: the vCPUs wait for pages it does not send.
 
 A slow ``--link`` still moves (pages arrive, the source writes), so it is never failed; the
 timeout is also raised to at least three times what one page takes on the modelled link.
