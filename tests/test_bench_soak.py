@@ -39,6 +39,11 @@ def test_soak_growth_rule():
     assert s.growth("x", [row, dict(row), dict(row, rss_mib=60.0)], 32) == []
     grown = s.growth("x", [row, dict(row, fds=7), dict(row, rss_mib=90.0, heap_mib=30.0)], 32, 8)
     assert [p.split(":")[1].split()[0] for p in grown] == ["fds", "RSS", "malloc"]
+    # a ramp over the first runs, then flat: no growth; still growing at the end: growth
+    ramp = [dict(row, rss_mib=50.0 + min(i, 10) * 3) for i in range(40)]
+    assert s.growth("x", ramp, 32) == []
+    leak = [dict(row, rss_mib=50.0 + i) for i in range(80)]
+    assert [p.split(":")[1].split()[0] for p in s.growth("x", leak, 32)] == ["RSS"]
     left = s.growth("x", [row, dict(row, dev_shm_mine=1)], 32)
     assert left == ["x: a /dev/shm entry named after this process was left"]
 
