@@ -105,14 +105,17 @@ class StallWatch:
         # vCPUs; one that waits for a page not yet in is the run's concern, below)
         on = np.minimum(slots, len(received)).astype(np.int64) - 1
         waits_for_nothing = (slots > 0) & (received[np.maximum(on, 0)] != 0)
-        for v in np.flatnonzero((now - self._moved >= self.timeout) & waits_for_nothing):
-            self._check_vcpu(int(v), ended, now)
+        candidates = {int(v) for v in np.flatnonzero((now - self._moved >= self.timeout) & waits_for_nothing)}
+        self._cpu = {v: t for v, t in self._cpu.items() if v in candidates}
+        for v in sorted(candidates):
+            self._check_vcpu(v, ended, now)
         source = self.services.get("the source")
         mark = (placed, self._events(), len(ended), _written(source) if source else None)
-        if mark != self._global or changed.any():
+        # every page in: what is left (the handler checking all of RAM) moves nothing we see
+        if mark != self._global or changed.any() or placed >= len(received):
             self._global, self._global_at = mark, now
-        elif now - self._global_at >= self.timeout:
-            self._fail_global(ended)
+        elif now - self._global_at >= self.timeout and not self._cpu:  # a still vCPU is the likelier culprit:
+            self._fail_global(ended)                                      # its verdict comes first
 
     def _check_vcpu(self, v: int, ended: set[int], now: float) -> None:
         if v in ended:

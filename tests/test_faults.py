@@ -13,9 +13,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 
+from harness.stall import StallWatch
+from harness.supervise import RunFailed
 from tests.conftest import requires_uffd
 from tests.test_teardown import SLOW_RUN, assert_clean, finish, start_cli, wait_for_children
 
@@ -191,3 +194,41 @@ def test_bad_inject_is_one_line(text, words):
     r = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--vcpus", "4", "--inject", text],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _watch(received, source_pid: int, vcpu_pid: int, board=None) -> StallWatch:
+    board = np.zeros(1, np.uint64) if board is None else board
+    return StallWatch(0.3, [vcpu_pid], board=lambda: board, received=lambda: received, events=lambda: 0,
+                      services={"the source": source_pid}, ended=set, worker_name=lambda v: f"vCPU {v}")
+
+
+def _poll(watch: StallWatch, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        watch.check()
+        time.sleep(0.02)
+
+
+def test_stall_watch_rules():
+    """With real processes as the source and a vCPU: still while pages are missing -> the source is
+    named; still once every page is in (the handler checking RAM) -> no stall; a vCPU on a page that
+    is in and no CPU time -> named."""
+    src = subprocess.Popen(["sleep", "60"])
+    vcpu = subprocess.Popen(["sleep", "60"])
+    try:
+        _poll(_watch(np.ones(8, np.uint8), src.pid, vcpu.pid), 1.0)  # all in: never a stall
+        with pytest.raises(RunFailed, match=rf"the source \(pid {src.pid}\) sent no page while vCPUs wait "
+                                            r"for 0.3 s \(state: sleeping\)"):
+            _poll(_watch(np.zeros(8, np.uint8), src.pid, vcpu.pid), 3.0)
+        src.send_signal(signal.SIGSTOP)
+        with pytest.raises(RunFailed, match=rf"the source \(pid {src.pid}\) made no progress .*state: stopped"):
+            _poll(_watch(np.zeros(8, np.uint8), src.pid, vcpu.pid), 3.0)
+        src.send_signal(signal.SIGCONT)
+        received = np.zeros(8, np.uint8)
+        received[3] = 1  # vCPU 0 sits on page 3, which is in: it waits for nothing
+        with pytest.raises(RunFailed, match=rf"vCPU 0 \(pid {vcpu.pid}\) made no progress for 0.3 s"):
+            _poll(_watch(received, src.pid, vcpu.pid, board=np.array([4], np.uint64)), 3.0)
+    finally:
+        for p in (src, vcpu):
+            p.kill()
+            p.wait()
