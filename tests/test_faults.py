@@ -232,3 +232,18 @@ def test_stall_watch_rules():
         for p in (src, vcpu):
             p.kill()
             p.wait()
+
+
+def test_lost_non_vcpu_process_is_listed_as_such(tmp_path, clean_machine):
+    out = tmp_path / "r.json"
+    proc = start_cli([*SLOW_RUN, "--non-vcpu", "2", "--json", str(out)])
+    wait_for_children(proc, "pch-dev", 2)
+    [victim] = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == "pch-dev-1"]
+    victim.kill()
+    code, err = finish(proc, 60)
+    assert code == 3, err
+    assert f"lost non-vCPU process 1 (pid {victim.pid}, killed by SIGKILL)" in err
+    rep = json.loads(out.read_text())
+    assert rep["workers"]["lost"] == [{"vcpu": None, "pid": victim.pid, "how": "killed by SIGKILL", "non-vcpu": 1}]
+    assert rep["verification"]["ram-bad-pages"] == 0 and rep["verification"]["mismatches"] == 0
+    assert_clean()
