@@ -146,7 +146,7 @@ def run_options() -> tuple[str, ...]:
     """The keyword arguments :func:`run` accepts (the ``run`` command's flags, with underscores)."""
     from harness.config import RunConfig
 
-    return tuple(f.name for f in fields(RunConfig) if f.name != "link_model")
+    return tuple(f.name for f in fields(RunConfig) if f.name not in ("link_model", "injections"))
 
 
 def _config(options: Mapping[str, object]):
@@ -184,7 +184,7 @@ def run_config(cfg, progress=None, argv: list[str] | None = None, write: bool = 
     from harness.supervise import RunFailed
     from postcopy_core.kernel import KernelError
 
-    raw, error = None, None
+    raw, error, recovery = None, None, None
     try:
         raw = execute(cfg, progress)
     except Terminated:
@@ -193,7 +193,8 @@ def run_config(cfg, progress=None, argv: list[str] | None = None, write: bool = 
         error = "interrupted"
     except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
         error = str(e)
-    rep = build_report(cfg, raw, error, argv=argv)
+        recovery = getattr(e, "recovery", None)  # run --inject: what was injected before it failed
+    rep = build_report(cfg, raw, error, argv=argv, recovery=recovery)
     if write and cfg.json:
         write_json(rep, cfg.json)
     if cfg.report:  # report.json, summary.txt, plots, trace.json (an unwritable folder: said in the report)

@@ -7,14 +7,15 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from harness.config import MAX_VCPUS
 from harness.report import output_console
 from postcopy_core.probe import as_dict, can_run, probe
 
 
 def main(args) -> int:
-    if not 1 <= args.vcpus <= 4096:  # the range run accepts
+    if not 1 <= args.vcpus <= MAX_VCPUS:  # the range run accepts
         Console(stderr=True, soft_wrap=True, markup=False, highlight=False).print(
-            f"postcopy-harness check: --vcpus {args.vcpus}: must be 1..4096")
+            f"postcopy-harness check: --vcpus {args.vcpus}: must be 1..{MAX_VCPUS}")
         return 2
     checks = probe(args.vcpus)
     if args.json:

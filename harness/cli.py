@@ -8,6 +8,7 @@ import sys
 
 from rich.console import Console
 
+EXIT_DEGRADED = 3  # run: completed, every page verified, but a vCPU worker was lost (killed mid-run)
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one line, printed as is
 
 
@@ -27,7 +28,10 @@ def _add_run(sub) -> None:
 
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
-                                   "userfaultfd, run a workload to completion, verify every page, tear down.")
+                                   "userfaultfd, run a workload to completion, verify every page, tear down.",
+                       epilog="exit status: 0 completed; 1 failed; 2 bad input; 3 completed-degraded (a vCPU "
+                              "worker was killed mid-run: the others finished and every page they read was "
+                              "verified, the report's workers.lost says which); 130 Ctrl-C; 143 SIGTERM")
     p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
                    help="vCPU worker processes, 1..4096 (default %(default)s)")
     p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
@@ -67,6 +71,15 @@ def _add_run(sub) -> None:
                    help="feed the blocktime engines during the run (default: over the recorded events after it)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", default=d.timeout,
                    help="fail the run after this many seconds (default %(default)g)")
+    p.add_argument("--inject", action="append", metavar="KIND@SECONDS[:HOLD][,vcpu=N]",
+                   help="inject a fault SECONDS after the workload starts (repeatable): worker-crash (SIGKILL "
+                        "vCPU N, default 0: the run ends completed-degraded), worker-stall / source-stall "
+                        "(SIGSTOP, SIGCONT after HOLD s, default 2), handler-crash; source-crash and link-drop "
+                        "fail the run until postcopy recovery exists. The report's recovery section says what "
+                        "happened (default: none)")
+    p.add_argument("--stall-timeout", type=float, metavar="SECONDS", default=d.stall_timeout,
+                   help="fail the run, naming who, when a vCPU, the source or the handler makes no progress "
+                        "for this long (at least 3 page times of --link) (default %(default)g)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--trace", metavar="FILE",
                    help="record fault/placement events (replayable; .gz to compress) (default: none)")
@@ -103,7 +116,7 @@ def _run(args) -> int:
         err.print(f"postcopy-harness run: --report {args.report}: {problem}")
         return 2
     from harness.progress import RunProgress
-    from harness.report import print_summary, write_json
+    from harness.report import lost_words, print_summary, write_json
     from harness.run import check_memory
     from harness.supervise import RunFailed
     from postcopy_harness import run_config
@@ -134,6 +147,10 @@ def _run(args) -> int:
     if write_error:
         err.print(f"postcopy-harness run: {write_error}")
         return 1
+    if rep["status"] == "completed-degraded":  # every page verified, but without some workers
+        err.print(f"postcopy-harness run: completed-degraded: lost {lost_words(rep)}; the others finished "
+                  "and every page they read was verified", highlight=False)
+        return EXIT_DEGRADED
     if rep["status"] != "completed":
         err.print(f"postcopy-harness run: failed: {rep['error']}", highlight=False)
         return {"interrupted": 130, "terminated": 143}.get(error, 1)

@@ -11,6 +11,7 @@ from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
 from vcpu_workers.workloads import WORKLOADS
 
+MAX_VCPUS = 4096  # run and check accept the same range
 _SIZE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -59,14 +60,17 @@ class RunConfig:
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0
+    inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
+    stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
     trace: str | None = None
     report: str | None = None  # a folder for report.json, summary.txt, plots and trace.json (harness/report_dir.py)
     link_model: Link = field(default_factory=Link, repr=False)
+    injections: list = field(default_factory=list, repr=False)  # --inject, parsed
 
     def validate(self) -> RunConfig:
-        if not 1 <= self.vcpus <= 4096:
-            raise ConfigError(f"--vcpus {self.vcpus}: must be 1..4096")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus {self.vcpus}: must be 1..{MAX_VCPUS}")
         if not 0 <= self.non_vcpu <= 4096:
             raise ConfigError(f"--non-vcpu {self.non_vcpu}: must be 0..4096")
         if self.backing not in ("shmem", "hugetlb"):
@@ -90,6 +94,15 @@ class RunConfig:
             raise ConfigError(f"--write-ratio {self.write_ratio}: must be between 0 and 1")
         if not self.timeout > 0:  # also rejects nan, which would disable the timeout
             raise ConfigError("--timeout must be positive")
+        from harness.inject import parse_injection
+
+        self.inject = list(self.inject or [])
+        try:
+            self.injections = [parse_injection(text, self.vcpus) for text in self.inject]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not self.stall_timeout > 0:
+            raise ConfigError("--stall-timeout must be positive")
         if self.seed < 0 or self.seed >= 1 << 63:
             raise ConfigError(f"--seed {self.seed}: must be 0 .. 2^63-1")
         try:
@@ -122,4 +135,5 @@ class RunConfig:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.pop("link_model")
+        d.pop("injections")
         return d

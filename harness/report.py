@@ -67,7 +67,8 @@ def _pct(values: np.ndarray, q: float) -> float:
 
 
 def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
-                 started_at: float | None = None, argv: list[str] | None = None) -> dict:
+                 started_at: float | None = None, argv: list[str] | None = None,
+                 recovery: dict | None = None) -> dict:
     """Assemble the JSON report from what :func:`harness.run.execute` returned (or the error);
     ``started_at`` (wall clock) defaults to when the run said it started, else now."""
     if started_at is None and raw:
@@ -83,11 +84,15 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "page-size": cfg.page_size,
     }
     if raw is None:
+        if recovery is not None:  # a failed run with --inject: what was injected and what happened
+            rep["recovery"] = recovery
         return rep
     summ, hs, ss = raw["summary"], raw["handler"], raw["source"]
     lat = np.concatenate(raw["latencies"]) if raw["latencies"] else np.zeros(0)
-    t0 = int(summ["t_start"].min())
-    t1 = int(summ["t_end"].max())
+    ran = summ[summ["t_end"] > 0]  # a lost worker (killed mid-run) never wrote its times
+    ran = ran if len(ran) else summ
+    t0 = int(ran["t_start"].min())
+    t1 = int(ran["t_end"].max())
     workload_s = max((t1 - t0) / 1e9, 1e-9)
     nv = raw.get("non_vcpu")  # the non-vCPU processes' records (run --non-vcpu N); their reads count too
     checked = summ if nv is None or not len(nv) else np.concatenate([summ, nv])
@@ -136,6 +141,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "startup-s": round(raw["startup_s"], 3),
         "uss-bytes": raw["worker_mem"],
         "uss-mean-mib": round(float(np.mean(raw["worker_mem"])) / 2**20, 2) if raw["worker_mem"] else 0.0,
+        "lost": kebab(raw.get("lost", [])),  # workers killed mid-run: the run went on without them
     }
     if nv is not None and len(nv):
         rep["non-vcpu-processes"] = {
@@ -145,6 +151,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
             "accesses": [int(x) for x in nv["accesses"]],
             "pages-checked": [int(x) for x in nv["pages_checked"]],
         }
+    if "recovery" in raw:
+        rep["recovery"] = raw["recovery"]  # --inject: what was injected, pauses, resumes, paused time
     rep["engines"] = raw["engines"]
     rep["accuracy"] = accuracy(rep["workers"]["vcpu-stall-ms"], raw["engines"])
     rep["accounting"] = {"events": raw["events"], "cpu-s": round(raw["engines_cpu_s"], 3),
@@ -158,11 +166,22 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
                       "wake-policy": cfg.wake_policy}
     rep["source"] = {"cpu-s": ss["cpu_s"], "bytes-sent": ss["bytes_sent"], "requests": ss["requests"],
                      "requested-already-sent": ss["requested_already_sent"], "link": cfg.link_model.describe()}
+    if rep["workers"]["lost"]:
+        rep["status"] = "completed-degraded"  # error stays None: the run did complete, without them
     if mismatches or hs["ram_bad_pages"] or hs["placed"] != cfg.npages:
         rep["status"] = "failed"
         rep["error"] = (f"verification failed: {mismatches} mismatching words read by vCPUs, "
                         f"{hs['ram_bad_pages']} bad pages in RAM, {hs['placed']}/{cfg.npages} pages placed")
     return rep
+
+
+def lost_words(rep: dict) -> str:
+    """One line on the workers a completed-degraded run lost, e.g. "vCPU 3 (pid 812, killed by SIGKILL)"."""
+    words = []
+    for w in rep.get("workers", {}).get("lost", []):
+        who = f"vCPU {w['vcpu']}" if w.get("vcpu") is not None else f"non-vCPU process {w['non-vcpu']}"
+        words.append(f"{who} (pid {w['pid']}, {w['how']})")
+    return ", ".join(words)
 
 
 def write_json(rep: dict, path: str) -> None:
@@ -195,7 +214,8 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     status = rep["status"]
-    t.add_row("status", f"[green]{status}[/]" if status == "completed" else f"[red]{status}[/]")
+    color = {"completed": "green", "completed-degraded": "yellow"}.get(status, "red")
+    t.add_row("status", f"[{color}]{status}[/]")
     if "faults" in rep:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
         t.add_row("pages total / requested / background / zero",

@@ -21,7 +21,9 @@ import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig
+from harness.inject import InjectionFailed, Injector, failure_note
 from harness.progress import RunProgress
+from harness.stall import StallWatch, effective_timeout
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.auth import run_key
@@ -39,7 +41,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import Expected, HandoffError, abstract_address, collect_uffds, listen
-from postcopy_core.probe import available_memory, free_huge_pages, preflight, raise_fd_limit
+from postcopy_core.probe import available_memory, free_huge_pages, limit_checks, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
@@ -73,6 +75,10 @@ class Run:
         self.board: AccessBoard | None = None
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
+        self.stall: StallWatch | None = None
+        self.injector: Injector | None = None  # run --inject (harness/inject.py)
+        self._link: list[socket.socket] = []
+        self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
 
     # ------------------------------------------------------------ setup helpers
 
@@ -105,6 +111,9 @@ class Run:
         sweep_stale_segments()
         preflight(cfg.backing == "hugetlb")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
+        for c in limit_checks(nworkers):  # the same limits `check --vcpus N` shows
+            if not c.ok:
+                raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
         raise_fd_limit(nworkers)  # the handler holds one uffd per worker
         check_memory(cfg)
         spec = self._spec()
@@ -146,6 +155,7 @@ class Run:
         else:
             s_src, s_dst = self._pair()
             u_src, u_dst = self._pair()
+            self._link = [s_dst, u_dst]  # what --inject link-drop shuts down
             src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
 
             def source_body() -> int:
@@ -175,7 +185,7 @@ class Run:
             return destination_main(dict(
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
-                wake_policy=cfg.wake_policy, board=self.board))
+                wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             w = self.stderr.pipe(role)
@@ -212,16 +222,20 @@ class Run:
                          extra={"workload": cfg.workload, "link": cfg.link, "backing": cfg.backing})
         self.accounting = Accounting(meta, live=cfg.live_engines)
         self._start_event_reader(ev_parent)
+        self.going = True
         os.close(start_w)
         self.fds.remove(start_w)
         ctl_src.send(cmd="go", background=cfg.background)
+        self.stall = self._stall_watch()
+        if cfg.injections:
+            self.injector = Injector(cfg.injections, self._pid_of, self._link)
         self._supervise_workers([ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
         if not cfg.background:
             ctl_src.send(cmd="stream")
 
         os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
-        dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT)["stats"]
+        dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT, watch=True)["stats"]
         src_stats = self._expect(ctl_src, "stats", "source", SHUTDOWN_TIMEOUT)["stats"]
         t_done = time.monotonic_ns()
         self._wait_exit(SHUTDOWN_TIMEOUT)
@@ -242,7 +256,53 @@ class Run:
             events=self.accounting.events, engines_cpu_s=engines_cpu_s,
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
+            lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], recovery=self.recovery(),
         )
+
+    def _inject(self) -> None:
+        if self.injector is not None:
+            try:
+                self.injector.poll()
+            except InjectionFailed as e:
+                raise RunFailed(str(e)) from None
+
+    def _pid_of(self, target: str | int) -> int | None:
+        """The pid of a service ("source", "fault") or of vCPU ``target`` while it runs, else None."""
+        if isinstance(target, int):
+            ended = target in self.workers_done or target in self.workers_lost
+            return None if ended else int(self.area.summary["pid"][target])
+        return next((p for p, r in self.children.roles.items() if r == target and p in self.children.alive()), None)
+
+    def recovery(self) -> dict:
+        """The report's recovery section: what --inject did (and, later, the pauses and resumes)."""
+        if self.injector is None:
+            return {"injected": [], "pauses": 0, "resumes": 0, "paused-s": 0.0}
+        self.injector.finish()
+        return self.injector.record()
+
+    def _stall_timeout(self) -> float:
+        link = self.cfg.link_model
+        return effective_timeout(self.cfg.stall_timeout, (link.wire_ns(self.cfg.page_size) + link.latency_ns) / 1e9)
+
+    def _stall_watch(self) -> StallWatch:
+        """Watch the workers, the source and the handler for --stall-timeout (harness/stall.py)."""
+        cfg = self.cfg
+        roles = {"source": "the source", "fault": "the fault handler"}
+        services = {roles[r]: p for p, r in self.children.roles.items() if r in roles}  # the source first
+        board, received = self.board, self.received
+        return StallWatch(
+            self._stall_timeout(), [int(p) for p in self.area.summary["pid"]],
+            board=lambda: np.frombuffer(board.mapping.buffer(), np.uint64, count=cfg.vcpus),
+            received=lambda: np.frombuffer(received.view, np.uint8),
+            events=lambda: len(self.accounting.chunks), services=services,
+            ended=lambda: self.workers_done | set(self.workers_lost), worker_name=self._who)
+
+    def _lost_entry(self, index: int) -> dict:
+        """workers.lost: which worker (vCPU index, or non-vCPU process), its pid, how it died."""
+        entry = dict(self.workers_lost[index])
+        if index >= self.cfg.vcpus:
+            entry = dict(entry, vcpu=None, non_vcpu=index - self.cfg.vcpus)
+        return entry
 
     def _spawn_zygote(self, plan: WorkerPlan) -> None:
         r, w = os.pipe()
@@ -251,6 +311,7 @@ class Run:
         self.worker_status = r
         self._status_buf = b""
         self.workers_done: set[int] = set()
+        self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
         keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
         err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
@@ -279,9 +340,18 @@ class Run:
             elif os.WIFEXITED(status) and os.WEXITSTATUS(status) == 4:
                 bad = int(self.area.summary[vcpu]["first_bad_page"])
                 raise RunFailed(f"{self._who(vcpu)} read wrong content (first bad page {bad}): data lost or misplaced")
+            elif self.going and os.WIFSIGNALED(status):
+                # killed from outside mid-run (OOM killer, kill -9, --inject worker-crash): a lost
+                # vCPU, not a failed run; the handler skips its uffd once a copy or wake says ESRCH
+                self.workers_lost[vcpu] = dict(vcpu=vcpu, pid=pid, how=describe_status(status).removeprefix("was "))
+                if vcpu < self.cfg.vcpus:
+                    self.board.slots[vcpu] = 0  # it touches nothing now: placements stop waking its uffd
             else:
                 why = self.stderr.reason("zygote", f"vcpu {vcpu}")
                 raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}{why}")
+
+    def _workers_ended(self) -> int:
+        return len(self.workers_done) + len(self.workers_lost)
 
     def _who(self, index: int, vcpu_word: str = "vCPU") -> str:
         n = self.cfg.vcpus
@@ -294,12 +364,12 @@ class Run:
         for pid, role, status in self.children.reap():
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
-            if role == "zygote" and self.workers_done and len(self.workers_done) == self.area.nvcpus:
+            if role == "zygote" and self.workers_done and self._workers_ended() == self.area.nvcpus:
                 continue
             why = self.stderr.reason(role)
             raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
 
-    def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float) -> dict:
+    def _expect(self, ctl: ControlLine, event: str, who: str, timeout: float, watch: bool = False) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r, _, _ = select.select([ctl], [], [], 0.05)
@@ -308,12 +378,29 @@ class Run:
                 if msg is None:
                     self._closed(who)
                 if msg.get("event") == "error":
-                    raise RunFailed(msg.get("error", f"the {who} failed"))
+                    self._service_error(msg.get("error", f"the {who} failed"), who == "fault handler")
                 if msg.get("event") == event:
                     return msg
             self._check_children(set(self.children.roles) if event == "stats" else set())
             self._tick()
+            if watch and self.stall is not None:
+                self.stall.check()
+                self._inject()
         raise RunFailed(f"the {who} did not report {event!r} within {timeout:.0f} s")
+
+    def _service_error(self, error: str, from_handler: bool) -> None:
+        """A service reported an error; if another process of the run died meanwhile (the handler
+        says "the source closed a page channel" when the source was killed), that death is the cause."""
+        reporter = "fault" if from_handler else "source"
+        deadline = time.monotonic() + 0.3  # a death is reaped within moments of its EOFs
+        while time.monotonic() < deadline:
+            self.stderr.drain()
+            for pid, role, status in self.children.reap():
+                if role != reporter and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                    why = self.stderr.reason(role)
+                    raise RunFailed(f"{ROLE_NAMES.get(role, role)} (pid {pid}) {describe_status(status)}{why}")
+            time.sleep(0.02)
+        raise RunFailed(error)
 
     def _closed(self, who: str) -> None:
         """A control channel hit EOF: its process is dying; wait a moment to say how and why."""
@@ -363,10 +450,12 @@ class Run:
         self.progress.tick(placed, faults)
 
     def _supervise_workers(self, ctls: list[ControlLine], deadline: float) -> None:
-        while len(self.workers_done) < self.area.nvcpus:  # every worker, vCPU or not
+        while self._workers_ended() < self.area.nvcpus:  # every worker, vCPU or not
             self._tick()
             self._worker_exits()
             self._check_children({self.zygote.pid})
+            self.stall.check()
+            self._inject()
             r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
             for ctl in r:
                 if ctl is self.worker_status:
@@ -375,7 +464,7 @@ class Run:
                 if msg is None:
                     self._closed("source" if ctl is ctls[0] else "fault handler")
                 if msg.get("event") == "error":
-                    raise RunFailed(msg.get("error", "a service process failed"))
+                    self._service_error(msg.get("error", "a service process failed"), ctl is ctls[1])
             if time.monotonic() > deadline:
                 raise RunFailed(f"the run did not finish within --timeout {self.cfg.timeout:g} s")
 
@@ -497,6 +586,13 @@ def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
     old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
         return run.execute()
+    except RunFailed as e:
+        if run.injector is None:
+            raise
+        rec = run.recovery()  # a failed run's report still says what was injected
+        failed = RunFailed(f"{e}{failure_note(rec) if '--inject' not in str(e) else ''}")
+        failed.recovery = rec
+        raise failed from None
     finally:
         run.teardown()
         if old is not None:

@@ -19,6 +19,7 @@ placement never depends on a worker still being alive.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import select
@@ -72,7 +73,7 @@ class Destination:
     def __init__(self, geo: Geometry, spec: ContentSpec, memfd: int, hugetlb: bool, received: ReceivedMap,
                  ports: list[Port], stream: socket.socket, urgent: socket.socket, quit_fd: int,
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
-                 board: AccessBoard | None = None) -> None:
+                 board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
@@ -104,9 +105,17 @@ class Destination:
         self.stats_c = lib.pch_dest_stats(self.d)
         self.stream, self.urgent = stream, urgent  # the return path rides the stream socket backwards
         self._len = ffi.new("uint64_t *")
+        self.no_progress_s = no_progress_s  # the orchestrator's stall watch, which names who, comes first
 
     def _c_failed(self, what: str) -> HandlerError:
-        return HandlerError(f"{what}: {ffi.string(lib.pch_dest_error(self.d)).decode()}")
+        text = ffi.string(lib.pch_dest_error(self.d)).decode()
+        if os.strerror(errno.ENOMEM) in text:  # say which resource ran out
+            from postcopy_core.probe import available_memory, free_huge_pages
+
+            text += (f" (out of huge pages: {free_huge_pages()} free; reserve more in /proc/sys/vm/nr_hugepages)"
+                     if self.zero_page is not None else
+                     f" (out of memory: {available_memory() >> 20} MiB available, MemAvailable in /proc/meminfo)")
+        return HandlerError(f"{what}: {text}")
 
     # ------------------------------------------------------------ loop
 
@@ -157,9 +166,9 @@ class Destination:
                 # a whole turn of silence while pages are missing and the workers are done: stuck
                 if quitting and loop.idle_ns >= LOOP_BUDGET_MS * 900_000:
                     idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since > NO_PROGRESS_S:
+                    if time.monotonic() - idle_since > self.no_progress_s:
                         missing = self.geo.npages - self.placed
-                        raise HandlerError(f"no page arrived for {NO_PROGRESS_S:g} s with {missing} pages missing")
+                        raise HandlerError(f"no page arrived for {self.no_progress_s:g} s with {missing} pages missing")
                 else:
                     idle_since = None
         finally:

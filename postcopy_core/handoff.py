@@ -12,7 +12,9 @@ connections are served side by side, so a silent one delays nobody.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import selectors
 import socket
 import struct
@@ -214,6 +216,8 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
                 except OSError as e:
                     drop(conn, pid, f"recvmsg: {e.strerror}")
                     continue
+                if flags & socket.MSG_CTRUNC and at_fd_limit():  # our limit, not the peer's doing
+                    raise HandoffError(f"the fd limit cut a vCPU's uffd hand-off short: {fd_limit_words()}")
                 why = "file descriptors cut short (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else None
                 why = why or check_hello(msg, fds, pid, expect, taken)
                 if why:
@@ -244,6 +248,19 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
     return [got[v] for v in sorted(got)]
 
 
+def at_fd_limit() -> bool:
+    """Are this process's fds (nearly) all used?"""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft != resource.RLIM_INFINITY and len(os.listdir("/proc/self/fd")) >= soft - 2
+
+
+def fd_limit_words() -> str:
+    """Which limit, and how close: RLIMIT_NOFILE soft/hard and the fds open now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"RLIMIT_NOFILE is {soft} (hard {hard}) and {len(os.listdir('/proc/self/fd'))} fds are open; "
+            "the fault handler holds one uffd per vCPU (raise it: ulimit -n)")
+
+
 def _accept(listener: socket.socket, sel: selectors.BaseSelector, pending: dict, expect: Expected,
             until: float, drop) -> None:
     """Take every queued connection; refuse at once (before reading a byte) any that is not ours."""
@@ -252,6 +269,10 @@ def _accept(listener: socket.socket, sel: selectors.BaseSelector, pending: dict,
             conn, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise HandoffError(f"cannot take more vCPU hand-offs: {e.strerror}; {fd_limit_words()}") from None
+            raise
         pid, uid = _peer(conn)
         why = check_peer(pid, uid, expect)
         if why:

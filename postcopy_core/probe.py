@@ -158,12 +158,20 @@ def probe(vcpus: int = 4) -> list[Check]:
         checks.append(Check("hugetlbfs memfd + uffd", False, detail, False, skipped=True))
     checks.append(Check("page sizes", True, f"base {kernel.PAGE_SIZE:,}, huge {kernel.HUGE_PAGE_SIZE:,}", False))
 
+    checks += limit_checks(vcpus)
+    return checks
+
+
+def limit_checks(vcpus: int) -> list[Check]:
+    """The fd and process limits ``vcpus`` worker processes need: what ``check`` shows and ``run``
+    refuses to start without (one function, so the two always agree)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = fds_needed(vcpus)
     fd_ok = hard == resource.RLIM_INFINITY or hard >= need
     raised = " (raised at run time)" if soft < need <= hard else ""
-    checks.append(Check(f"fd limit for {vcpus} uffds", fd_ok,
-                        f"soft {_count(soft)}, hard {_count(hard)}, need {need:,}{raised}"))
+    hint = "" if fd_ok else f" (RLIMIT_NOFILE: the fault handler holds one uffd per vCPU; raise it: ulimit -n {need})"
+    checks = [Check(f"fd limit for {vcpus} uffds", fd_ok,
+                    f"soft {_count(soft)}, hard {_count(hard)}, need {need:,}{raised}{hint}")]
     nproc_soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
     pid_max = int(_read("/proc/sys/kernel/pid_max") or 0)
     threads_max = int(_read("/proc/sys/kernel/threads-max") or 0)

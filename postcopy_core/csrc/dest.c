@@ -322,6 +322,8 @@ static int put_pages(struct pch_dest *d, struct pch_port *p, uint64_t page, uint
 static int install(struct pch_dest *d, struct pch_port **via, uint64_t page, uint64_t count, const uint8_t *src)
 {
     int one_by_one = d->hugetlb && !src;
+    if (!(*via)->alive)
+        *via = d->carrier; /* a lost vCPU's uffd: known dead, no ESRCH to learn it again */
     for (uint64_t k = 0; k < count;) {
         uint64_t n = one_by_one ? 1 : count - k, done = 0;
         int rc = put_pages(d, *via, page + k, n, src ? src + (k << d->shift) : NULL, &done);

@@ -1,0 +1,179 @@
+"""Fault injection (``run --inject KIND@SECONDS[:HOLD][,vcpu=N]``): the orchestrator hurts its own run.
+
+The injector lives in the orchestrator's supervision loop and acts on the run's processes from
+outside (signals, a socket shutdown), like a real failure would; nothing of it is in the fault path.
+``SECONDS`` counts from the start of the workload ("go").
+
+- ``worker-crash``: SIGKILL vCPU N (default 0): a lost vCPU, the run ends ``completed-degraded``.
+- ``worker-stall``: SIGSTOP vCPU N, SIGCONT after ``HOLD`` seconds (default 2).
+- ``source-stall``: SIGSTOP the source, SIGCONT after ``HOLD`` seconds (default 2).
+- ``handler-crash``: SIGKILL the fault handler: the run fails (a lost handler is never survivable
+  here: its uffds close and the kernel would fill zero pages).
+- ``source-crash`` (SIGKILL the source) and ``link-drop`` (shut the page channels down): the run
+  fails naming the injection, since postcopy recovery (postcopy-paused, a new source, resume) does
+  not exist yet.
+
+A stall longer than ``--stall-timeout`` fails the run as a real one would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+KINDS = ("worker-crash", "worker-stall", "source-crash", "source-stall", "handler-crash", "link-drop")
+STALLS = ("worker-stall", "source-stall")
+NEEDS_RECOVERY = ("source-crash", "link-drop")  # fatal until the destination can pause and resume
+DEFAULT_HOLD_S = 2.0
+SYNTAX = "KIND@SECONDS[:HOLD][,vcpu=N]"
+_RE = re.compile(r"([a-z-]+)@([0-9.]+)(?::([0-9.]+))?(?:,vcpu=(\d+))?")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One ``--inject``: what, when (seconds after go), for how long (stalls), on which vCPU."""
+
+    kind: str
+    at_s: float
+    hold_s: float | None = None
+    vcpu: int | None = None
+
+    def __str__(self) -> str:
+        hold = f":{self.hold_s:g}" if self.hold_s is not None else ""
+        vcpu = f",vcpu={self.vcpu}" if self.vcpu is not None else ""
+        return f"{self.kind}@{self.at_s:g}{hold}{vcpu}"
+
+
+def parse_injection(text: str, vcpus: int) -> Injection:
+    """``worker-stall@1:2,vcpu=3`` -> Injection; ValueError (one line) for anything else."""
+    m = _RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"--inject {text!r}: use {SYNTAX}, e.g. worker-stall@1:2 (KIND: {', '.join(KINDS)})")
+    kind, at, hold, vcpu = m.groups()
+    if kind not in KINDS:
+        raise ValueError(f"--inject {text!r}: unknown kind {kind!r} (choose from {', '.join(KINDS)})")
+    try:
+        at_s = float(at)
+        hold_s = float(hold) if hold is not None else None
+    except ValueError:
+        raise ValueError(f"--inject {text!r}: SECONDS and HOLD are numbers of seconds") from None
+    if not 0 <= at_s < 1e6 or (hold_s is not None and not 0 < hold_s < 1e6):
+        raise ValueError(f"--inject {text!r}: SECONDS must be 0..1e6 and HOLD positive")
+    if hold_s is not None and kind not in STALLS:
+        raise ValueError(f"--inject {text!r}: only {' and '.join(STALLS)} take :HOLD")
+    if vcpu is not None and not kind.startswith("worker-"):
+        raise ValueError(f"--inject {text!r}: only worker-crash and worker-stall take vcpu=N")
+    if vcpu is not None and int(vcpu) >= vcpus:
+        raise ValueError(f"--inject {text!r}: vcpu={vcpu} but the run has {vcpus} vCPUs (0..{vcpus - 1})")
+    if kind in STALLS and hold_s is None:
+        hold_s = DEFAULT_HOLD_S
+    if kind.startswith("worker-") and vcpu is None:
+        vcpu = "0"
+    return Injection(kind, at_s, hold_s, None if vcpu is None else int(vcpu))
+
+
+class InjectionFailed(RuntimeError):
+    """An injection the run cannot survive (yet); the message names it."""
+
+
+class Injector:
+    """Fires the run's injections on time; :meth:`record` is the report's ``recovery`` section.
+
+    ``pid_of`` maps "source", "fault" or a vCPU index to a pid; ``link`` holds the orchestrator's
+    ends of the page channels (Unix transport), which ``link-drop`` shuts down.
+    """
+
+    def __init__(self, injections: list[Injection], pid_of: Callable[[str | int], int | None],
+                 link: list[socket.socket]) -> None:
+        self.t_go = time.monotonic()
+        self.pid_of, self.link = pid_of, link
+        self.todo = sorted(injections, key=lambda i: i.at_s)
+        self.held: list[tuple[float, int, dict]] = []  # (when to SIGCONT, pid, its record)
+        self.done: list[dict] = []
+
+    def poll(self) -> None:
+        """Fire what is due, continue what was held long enough; raises InjectionFailed when an
+        injection makes the run fail by design."""
+        now = time.monotonic()
+        for until, pid, rec in [h for h in self.held if h[0] <= now]:
+            self.held.remove((until, pid, rec))
+            _signal(pid, signal.SIGCONT)
+            rec["outcome"] = f"stopped, continued after {rec['hold-s']:g} s"
+        while self.todo and now - self.t_go >= self.todo[0].at_s:
+            self._fire(self.todo.pop(0), now)
+
+    def _fire(self, inj: Injection, now: float) -> None:
+        target = inj.vcpu if inj.kind.startswith("worker-") else "fault" if inj.kind == "handler-crash" else "source"
+        pid = self.pid_of(target)
+        who = (f"vCPU {inj.vcpu}" if isinstance(target, int) else "the page channels" if inj.kind == "link-drop"
+               else "the fault handler" if target == "fault" else "the source")
+        rec = {"injection": str(inj), "kind": inj.kind, "at-s": inj.at_s, "fired-at-s": round(now - self.t_go, 3),
+               "target": who, "pid": pid, "outcome": ""}
+        if inj.hold_s is not None:
+            rec["hold-s"] = inj.hold_s
+        self.done.append(rec)
+        if pid is None and inj.kind != "link-drop":
+            rec["outcome"] = f"not fired: {who} had already ended"
+            return
+        if inj.kind in STALLS:
+            _signal(pid, signal.SIGSTOP)
+            rec["outcome"] = "stopped"
+            self.held.append((now + inj.hold_s, pid, rec))
+        elif inj.kind == "worker-crash":
+            _signal(pid, signal.SIGKILL)
+            rec["outcome"] = "killed: a lost vCPU, the run goes on without it"
+        elif inj.kind == "handler-crash":
+            _signal(pid, signal.SIGKILL)
+            rec["outcome"] = "killed: the run fails (a lost handler cannot be survived)"
+        else:
+            if inj.kind == "source-crash":
+                _signal(pid, signal.SIGKILL)
+            else:
+                for s in self.link:  # one end of each page channel: both sides see the link go
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            rec["outcome"] = "the run fails: postcopy recovery is not implemented yet"
+            if inj.kind == "link-drop" and not self.link:
+                rec["outcome"] += " (TCP: the orchestrator holds no end of the channels, none was shut)"
+            what = "the source was killed" if inj.kind == "source-crash" else "the link was dropped"
+            raise InjectionFailed(f"--inject {inj}: {what} "
+                                  "and postcopy recovery (postcopy-paused, a new source, resume) is not "
+                                  "implemented yet, so the run cannot survive it")
+
+    def finish(self) -> None:
+        """Continue anything still stopped (the run ended or failed meanwhile) and mark what never fired."""
+        for _, pid, rec in self.held:
+            _signal(pid, signal.SIGCONT)
+            rec["outcome"] = "stopped; the run ended before the hold did"
+        self.held.clear()
+        for inj in self.todo:
+            self.done.append({"injection": str(inj), "kind": inj.kind, "at-s": inj.at_s, "fired-at-s": None,
+                              "target": None, "pid": None, "outcome": "not fired: the run ended first"})
+        self.todo.clear()
+
+    def record(self) -> dict:
+        """The report's ``recovery`` section (pauses, resumes and paused time stay 0 until the
+        destination can pause and resume)."""
+        return {"injected": list(self.done), "pauses": 0, "resumes": 0, "paused-s": 0.0}
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+
+
+def failure_note(rec: dict) -> str:
+    """Words to add to a failed run's error when an injection fired: ' (after --inject X, Y)'."""
+    fired = [d["injection"] for d in rec["injected"] if d.get("fired-at-s") is not None]
+    return f" (after --inject {', '.join(fired)})" if fired else ""
