@@ -17,10 +17,13 @@ import statistics
 import sys
 from typing import Any
 
-from rich.table import Table
+try:  # the installed package (plain or editable), not this checkout's files by path
+    from rich.table import Table
 
-from harness.config import ConfigError, RunConfig, parse_size
-from harness.report import output_console
+    from harness.config import ConfigError, RunConfig, parse_size
+    from harness.report import output_console
+except ImportError as e:
+    sys.exit(f"bench/accuracy.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
 
 PROG = "accuracy"
 ENGINES = ("seed", "modern", "exact")

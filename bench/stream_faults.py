@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import compare_ref as cr  # noqa: E402  (the reference's build, limits and huge page handling)
+import compare_ref as cr  # noqa: E402  (the reference's build, limits and huge page handling; it checks the install)
 from rich.table import Table  # noqa: E402
 
 from harness.config import ConfigError, RunConfig, parse_size  # noqa: E402

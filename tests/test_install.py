@@ -85,7 +85,11 @@ def test_run_from_inside_the_checkout(plain_install, clean_machine):
     assert rep["status"] == "completed" and rep["pages"]["placed"] == rep["pages"]["total"]
 
 
-@pytest.mark.parametrize("script", ["bench/compare_ref.py", "bench/bench_replay.py"])
+# the scripts that import the package at start (soak.py imports it only once it runs)
+BENCHES = ["bench/compare_ref.py", "bench/bench_replay.py", "bench/stream_faults.py", "bench/accuracy.py"]
+
+
+@pytest.mark.parametrize("script", BENCHES + ["bench/soak.py"])
 def test_benchmarks_use_the_plain_install(plain_install, script):
     checkout, bin_dir = plain_install
     p = subprocess.run([str(bin_dir / "python"), script, "--help"], cwd=checkout, capture_output=True, text=True,
@@ -94,10 +98,11 @@ def test_benchmarks_use_the_plain_install(plain_install, script):
     assert "usage:" in p.stdout
 
 
-def test_benchmark_without_any_install_says_so_in_one_line(tmp_path):
+@pytest.mark.parametrize("script", BENCHES)
+def test_benchmark_without_any_install_says_so_in_one_line(tmp_path, script):
     """Outside every install (an interpreter that cannot import the package), one line, no traceback."""
     env = dict(os.environ, PYTHONNOUSERSITE="1")
-    p = subprocess.run([sys.executable, "-S", str(REPO / "bench" / "compare_ref.py"), "--help"], cwd=tmp_path,
+    p = subprocess.run([sys.executable, "-S", str(REPO / script), "--help"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode != 0
     assert p.stderr.count("\n") == 1 and "needs postcopy-harness installed" in p.stderr, p.stderr
