@@ -450,8 +450,25 @@ def wait_handoff_socket(pid: int, timeout: float = 20.0) -> str:
 def test_strangers_on_the_handoff_socket_of_a_real_run_change_nothing(clean_machine):
     """As the issue found it: garbage, a silent connection, another uid, a well-formed hello from a
     process outside the run.  Today each of them is dropped and the run completes."""
+    intruders = []
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    if os.geteuid() == 0:
+        # another uid, ready before the run starts: it connects the moment the socket exists (the
+        # run's own workers hand in their uffds within milliseconds, then the socket is gone)
+        def other_uid() -> int:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            address = os.read(go_r, 256).decode()
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(address)
+                socket.send_fds(s, [HELLO.pack(MAGIC, VERSION, 1, os.getpid(), 1 << 30, 16 << 20)], [w])
+                return 3 if recv_all(s) == b"" else 0
+
+        intruders.append(fork_child(other_uid))
     proc = start_cli(["run", "--vcpus", "16", "--ram", "16M", "--quiet"])
     address = wait_handoff_socket(proc.pid)
+    os.write(go_w, address.encode())
     silent = socket.socket(socket.AF_UNIX)
     silent.connect(address)
     garbage = socket.socket(socket.AF_UNIX)
@@ -459,27 +476,15 @@ def test_strangers_on_the_handoff_socket_of_a_real_run_change_nothing(clean_mach
     garbage.sendall(b"PCHW" + b"\0" * 100)
     forged = socket.socket(socket.AF_UNIX)
     forged.connect(address)
-    r, w = os.pipe()
     socket.send_fds(forged, [HELLO.pack(MAGIC, VERSION, 0, os.getpid(), 1 << 30, 16 << 20)], [r])
-    intruders = []
-    if os.geteuid() == 0:
-        def other_uid() -> int:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(address)
-                socket.send_fds(s, [HELLO.pack(MAGIC, VERSION, 1, os.getpid(), 1 << 30, 16 << 20)], [w])
-                return 3 if recv_all(s) == b"" else 0
-
-        intruders.append(fork_child(other_uid))
     code, err = finish(proc)
     assert code == 0, err
     assert [exit_code(p) for p in intruders] == [3] * len(intruders)
     for s in (silent, garbage, forged):
         assert recv_all(s) == b""  # dropped, never acknowledged
         s.close()
-    os.close(r)
-    os.close(w)
+    for fd in (r, w, go_r, go_w):
+        os.close(fd)
     assert err.count("refused a uffd hand-off") >= 3 + len(intruders)
     assert "not a vCPU worker of this run" in err
     if intruders:
