@@ -116,12 +116,7 @@ class LiveView(RunProgress):
     # ------------------------------------------------------------ drawing
 
     def tick(self, placed: int, faults: int) -> None:
-        now = time.monotonic()
-        self._last = now
-        t_prev, f_prev = self._faults
-        if now > t_prev:
-            self._rate = (faults - f_prev) / (now - t_prev)
-        self._faults = (now, faults)
+        now = self._count(faults)
         if self.run is None:
             return
         self._read_records()

@@ -40,14 +40,19 @@ class RunProgress:
         now = time.monotonic()
         return self.enabled and now - self._t0 >= self.delay and now - self._last >= TICK_S
 
-    def tick(self, placed: int, faults: int) -> None:
-        """Show ``placed`` of the total pages and the fault rate since the previous tick."""
+    def _count(self, faults: int) -> float:
+        """Note a tick (its time is returned): the fault rate since the previous one."""
         now = time.monotonic()
         self._last = now
         t_prev, f_prev = self._faults
         if now > t_prev:
             self._rate = (faults - f_prev) / (now - t_prev)
         self._faults = (now, faults)
+        return now
+
+    def tick(self, placed: int, faults: int) -> None:
+        """Show ``placed`` of the total pages and the fault rate since the previous tick."""
+        now = self._count(faults)
         if self._bar is None:
             self._bar = Progress(TextColumn("pages placed"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[elapsed]}"),
