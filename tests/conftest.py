@@ -11,18 +11,47 @@ import pytest
 HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 
 
+# Every process this test session starts carries this tag in its environment (children inherit
+# it), so the leftover checks count what *we* left, not the runs of other people on the machine.
+SESSION_TAG = f"PCH_TEST_SESSION={os.getpid()}-{time.monotonic_ns()}"
+os.environ["PCH_TEST_SESSION"] = SESSION_TAG.split("=", 1)[1]
+
+
+def _ours(pid: int) -> bool | None:
+    """Whether process ``pid`` belongs to this test session (None: it is gone)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read()
+        if not env:  # a zombie shows no environment: ours if we (or our subreaper role) must reap it
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            return ppid == os.getpid() or _ours(ppid) is True
+        return SESSION_TAG.encode() in env.split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return False
+
+
 def leftovers() -> list[str]:
-    """Everything a run may leave behind: pch-* processes, /dev/shm segments, abstract sockets."""
+    """Everything a run of this session may leave behind: pch-* processes, /dev/shm segments,
+    abstract sockets (named after the orchestrator's pid: ours, or one that is gone)."""
     found = []
     for p in psutil.process_iter(["name", "pid"]):
-        if (p.info["name"] or "").startswith("pch-"):
+        if (p.info["name"] or "").startswith("pch-") and _ours(p.info["pid"]):
             found.append(f"process {p.info['name']} pid {p.info['pid']}")
     try:
         found += [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith("pch-")]
     except OSError:
         pass
     with open("/proc/net/unix") as f:
-        found += [f"socket {line.split()[-1]}" for line in f if "@pch-" in line]
+        for line in f:
+            name = line.split()[-1]
+            if not name.startswith("@pch-"):
+                continue
+            pid = name.split("-")[1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _ours(int(pid)) is not False:
+                found.append(f"socket {name}")
     return found
 
 
