@@ -14,12 +14,12 @@ new migration too, for logs recorded without the advise event.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
 import zlib
 
 from .events import BlocktimeError
+from .trace import open_maybe_gzip
 
 MAX_LINE = 4096  # bytes; QEMU's blocktime lines are < 200
 MAX_VCPUS = 16384  # above any QEMU machine's max_cpus; bounds what a log may make us allocate
@@ -36,16 +36,11 @@ _BLOCKTIME = (
 def read_log_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     """(line number, text) of a plain or gzip log, refusing over-long lines and non-text bytes."""
     path = os.fspath(path)
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise BlocktimeError(f"{path}: cannot open: {exc.strerror}") from None
+    stream = open_maybe_gzip(path)
     out: list[tuple[int, str]] = []
     n = 0
     try:
-        with raw:
-            head = raw.peek(2)[:2]
-            stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+        with stream:
             while True:
                 data = stream.readline(MAX_LINE + 2)
                 if not data:

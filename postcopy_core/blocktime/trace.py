@@ -170,14 +170,20 @@ def meta_from_json(obj: object, lineno: int) -> TraceMeta:
     return meta
 
 
-def _open_text(path: str) -> IO[str]:
+def open_maybe_gzip(path: str) -> IO[bytes]:
+    """A plain or gzip file (told by its first bytes) opened for reading bytes; one-line error."""
     try:
         raw = open(path, "rb")  # noqa: SIM115 - wrapped and returned
     except OSError as exc:
         raise BlocktimeError(f"{path}: cannot open: {exc.strerror}") from None
-    head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
-    stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
-    return io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)
+    if raw.peek(2)[:2] != b"\x1f\x8b":
+        return raw
+    raw.close()
+    return gzip.GzipFile(path, "rb")  # opened by name, so closing it closes the file too
+
+
+def _open_text(path: str) -> IO[str]:
+    return io.TextIOWrapper(open_maybe_gzip(path), encoding="utf-8", errors="strict", newline=None)
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
