@@ -24,12 +24,17 @@ from postcopy_core._uffd import ffi
 SLOT = 8
 
 
+def _size(nvcpus: int) -> int:
+    """Bytes of a board for ``nvcpus`` vCPUs, whole pages."""
+    return -(-max(1, nvcpus) * SLOT // 4096) * 4096
+
+
 class AccessBoard:
     """One uint64 slot per vCPU in shared memory: ``fd`` for the workers, ``slots`` for the handler."""
 
     def __init__(self, nvcpus: int) -> None:
         self.nvcpus = nvcpus
-        size = -(-max(1, nvcpus) * SLOT // 4096) * 4096
+        size = _size(nvcpus)
         self.fd = kernel.memfd_create("pch-board")
         os.ftruncate(self.fd, size)
         self.mapping = kernel.mmap_fd(self.fd, size)
@@ -42,5 +47,5 @@ class AccessBoard:
 
 def worker_slot(fd: int, nvcpus: int, vcpu: int):
     """A worker's own slot (a ``uint64_t *``), and the mapping that keeps it alive."""
-    mapping = kernel.mmap_fd(fd, -(-max(1, nvcpus) * SLOT // 4096) * 4096)
+    mapping = kernel.mmap_fd(fd, _size(nvcpus))
     return ffi.cast("uint64_t *", mapping.addr) + vcpu, mapping
