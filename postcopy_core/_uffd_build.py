@@ -46,9 +46,10 @@ ffibuilder.cdef(
     """
 )
 
-# <fcntl.h>, <sys/mman.h>, <sys/eventfd.h>: flags for the fds and mappings we make.
+# <fcntl.h>, <sys/mman.h>, <sys/eventfd.h>, <sched.h>: flags for the fds, mappings and namespaces we use.
 ffibuilder.cdef(
     """
+    #define CLONE_NEWNET ...
     #define O_CLOEXEC ...
     #define O_NONBLOCK ...
     #define MFD_CLOEXEC ...
@@ -74,6 +75,7 @@ ffibuilder.set_source(
     "postcopy_core._uffd",
     """
     #include <fcntl.h>
+    #include <sched.h>
     #include <sys/mman.h>
     #include <sys/eventfd.h>
     #include <linux/userfaultfd.h>

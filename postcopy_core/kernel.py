@@ -217,3 +217,10 @@ def become_subreaper() -> None:
 def now_ns() -> int:
     """CLOCK_MONOTONIC in ns: the clock of every timestamp in the harness (same as time.monotonic_ns)."""
     return lib.pch_now_ns()
+
+
+def setns_net(fd: int) -> None:
+    """Move the calling thread into the network namespace behind ``fd`` (setns CLONE_NEWNET).
+
+    Sockets created afterwards belong to that namespace; sockets made before keep theirs."""
+    _check(lib.pch_setns(fd, lib.CLONE_NEWNET), "setns(CLONE_NEWNET)")

@@ -85,6 +85,7 @@ class Source:
         self.pump.max_run = self.chunk
         self.requests: deque[tuple[int, int, int]] = deque()  # (ready_ns, first page, count)
         self.link_free = 0  # when the modelled wire is idle again
+        self.delays = link.delays(spec.seed)  # each crossing's latency, jitter and loss (postcopy_core.link)
         self.in_flight: list[tuple[int, int, int, list]] = []  # heap of (arrive_ns, seq, urgent, bufs)
         self.seq = 0
         self.eos_sent = False
@@ -155,7 +156,8 @@ class Source:
         start = max(now, self.link_free)
         self.link_free = start + self.link.wire_ns(nbytes)
         self.seq += 1
-        heapq.heappush(self.in_flight, (self.link_free + self.link.latency_ns, self.seq, urgent, bufs))
+        arrive = self.delays.arrival_ns(self.link_free, "urgent" if urgent else "stream")
+        heapq.heappush(self.in_flight, (arrive, self.seq, urgent, bufs))
 
     def _deliver(self, now: int) -> None:
         while self.in_flight and self.in_flight[0][0] <= now:
@@ -205,7 +207,7 @@ class Source:
         requests = self.rp.feed(data)  # anything else: the full parser, with its exact errors
         self.stats["requests"] += len(requests)
         ps = self.spec.page_size
-        ready = time.monotonic_ns() + self.link.latency_ns  # the request's own trip over the link
+        ready = self.delays.arrival_ns(time.monotonic_ns(), "requests")  # the request's own trip over the link
         for req in requests:  # sent by _schedule, urgent first
             self.requests.append((ready, req.offset // ps, req.length // ps))
         return self.rp.shut is None

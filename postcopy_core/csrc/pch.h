@@ -130,5 +130,6 @@ int pch_source_pump(struct pch_source *s, struct pch_pump *p);
 int pch_set_pdeathsig(int sig);
 int pch_set_name(const char *name);
 int pch_set_child_subreaper(void);
+int pch_setns(int fd, int nstype); /* join the namespace behind fd (Python 3.11 has no os.setns) */
 
 #endif
