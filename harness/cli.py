@@ -13,7 +13,7 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one
 
 
 def _add_run(sub) -> None:
-    from harness.config import RunConfig, parse_size
+    from harness.config import LINK_MODES, RunConfig, parse_size
     from postcopy_core.handler import WAKE_POLICIES
     from postcopy_core.link import LINK_UNITS
     from vcpu_workers.workloads import WORKLOADS
@@ -46,6 +46,15 @@ def _add_run(sub) -> None:
                    help="the vCPUs' access pattern (default %(default)s)")
     p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
                    help=f"the migration link, e.g. 1gbit,2ms; {LINK_UNITS} (default %(default)s)")
+    p.add_argument("--link-mode", choices=LINK_MODES, default=d.link_mode,
+                   help="model: the source's in-process link model applies --link; netns: the source runs in "
+                        "its own network namespace behind a veth pair that tc shapes with --link (netem delay, "
+                        "jitter, loss, rate; tbf for bandwidth alone), TCP between them (implies --transport "
+                        "tcp; root, iproute2; removed after the run) (default %(default)s)")
+    p.add_argument("--source", metavar="HOST:PORT",
+                   help="migrate from a `postcopy-harness source --listen HOST:PORT` instead of forking a source "
+                        "(needs --auth-key-file; --ram, --backing, --seed, --zero-share, --image must match "
+                        "the source's) (default: fork one)")
     p.add_argument("--seed", type=int, metavar="N", default=d.seed,
                    help="seed of the RAM content and the access orders (default %(default)s)")
     p.add_argument("--zero-share", type=float, metavar="F", default=d.zero_share,
@@ -172,6 +181,66 @@ def unwritable(path: str | None) -> str | None:
     return None
 
 
+def _add_source(sub) -> None:
+    from harness.config import RunConfig, parse_size
+    from postcopy_core.link import LINK_UNITS
+
+    d = RunConfig()
+
+    def size(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p = sub.add_parser("source", help="serve a RAM image to a `run --source` elsewhere",
+                       description="Serve a RAM image over TCP until one destination (postcopy-harness run "
+                                   "--source HOST:PORT) has migrated it, or Ctrl-C. Every connection proves it "
+                                   "knows the key of --auth-key-file (HMAC-SHA256 challenge-response both ways).",
+                       epilog="exit status: 0 a destination got every page; 1 failed; 2 bad input; 130 Ctrl-C")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="where to listen; ':PORT' or 'PORT' binds loopback (127.0.0.1), any other host only "
+                        "when given explicitly; port 0 = any (the port is printed)")
+    p.add_argument("--auth-key-file", required=True, metavar="FILE",
+                   help="the key both sides prove they know (mode 600, >= 16 bytes)")
+    p.add_argument("--ram", type=size, metavar="SIZE", default=None,
+                   help="RAM size, K/M/G/T = KiB..TiB (default 256M, or the size of --image)")
+    p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
+                   help="page size of the destination's guest RAM: shmem 4 KiB, hugetlb 2 MiB (default %(default)s)")
+    p.add_argument("--seed", type=int, metavar="N", default=d.seed,
+                   help="seed of the RAM content (default %(default)s)")
+    p.add_argument("--zero-share", type=float, metavar="F", default=d.zero_share,
+                   help="share of all-zero pages, 0..1 (default %(default)s)")
+    p.add_argument("--image", metavar="FILE", help="raw RAM image file to serve (default: generated content)")
+    p.add_argument("--link", default=d.link, metavar="BANDWIDTH[,LATENCY]",
+                   help=f"apply the in-process link model here; {LINK_UNITS} (default %(default)s)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", default=None,
+                   help="give up when no destination connected within this long (default: wait)")
+    p.add_argument("--quiet", action="store_true", help="no 'listening on' and 'migrated' lines")
+    p.set_defaults(func=_source)
+
+
+def _source(args) -> int:
+    from harness.config import ConfigError, RunConfig, image_bytes, parse_endpoint
+    from harness.remote_source import serve
+
+    try:
+        ram = args.ram if args.ram is not None else image_bytes(args.image) if args.image else RunConfig().ram
+        cfg = RunConfig(ram=ram, backing=args.backing, seed=args.seed, zero_share=args.zero_share, image=args.image,
+                        link=args.link, transport="tcp", auth_key_file=args.auth_key_file, vcpus=1).validate()
+        parse_endpoint(args.listen, "--listen")
+        if args.timeout is not None and not args.timeout > 0:
+            raise ConfigError("--timeout must be positive")
+    except (ConfigError, ValueError) as e:
+        err.print(f"postcopy-harness source: {e}")
+        return 2
+    try:
+        return serve(cfg, args.listen, args.quiet, args.timeout)
+    except OSError as e:  # AuthError, ConnectionError, a dead destination: one line
+        err.print(f"postcopy-harness source: failed: {e.strerror or e}")
+        return 1
+
+
 def _add_check(sub) -> None:
     p = sub.add_parser("check", help="probe the host: can postcopy run here?")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -198,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"postcopy-harness {tool_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
+    _add_source(sub)
     _add_check(sub)
     from harness import demo, loadtest, replay
 

@@ -15,6 +15,28 @@ MAX_VCPUS = 4096  # run and check accept the same range
 _SIZE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+LINK_MODES = ("model", "netns")
+
+
+def parse_endpoint(text: str, flag: str, need_host: bool = False) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or (unless ``need_host``) ``:PORT`` / ``PORT`` (loopback; port 0 = any)
+    -> (host, port)."""
+    from postcopy_core.channel import LOOPBACK
+
+    m = re.fullmatch(r"(?:\[([0-9a-fA-F:.]+)\]|([^:\[\]]*)):(\d+)|(\d+)", (text or "").strip())
+    if not m:
+        raise ValueError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:7000")
+    host = m.group(1) or m.group(2) or ""
+    port = int(m.group(3) or m.group(4))
+    if not (0 < port if need_host else 0 <= port) or port > 65535:
+        raise ValueError(f"{flag} {text!r}: port must be {1 if need_host else 0}..65535")
+    if not host:
+        if need_host:
+            raise ValueError(f"{flag} {text!r}: give the source's host, e.g. 127.0.0.1:{port}")
+        host = LOOPBACK
+    return host, port
+
+
 class ConfigError(ValueError):
     """Bad configuration; the CLI prints the message and exits 2."""
 
@@ -54,6 +76,8 @@ class RunConfig:
     image: str | None = None
     transport: str = "unix"
     auth_key_file: str | None = None  # TCP: the page channels' key from this file (default: a fresh one)
+    link_mode: str = "model"  # model: the source's in-process link model; netns: a namespace + veth shaped by tc
+    source: str | None = None  # HOST:PORT of a `postcopy-harness source --listen` to migrate from (no fork)
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
     pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
@@ -79,6 +103,12 @@ class RunConfig:
             raise ConfigError(f"--workload {self.workload!r}: choose from {', '.join(WORKLOADS)}")
         if self.transport not in ("unix", "tcp"):
             raise ConfigError(f"--transport {self.transport!r}: choose unix or tcp")
+        if self.link_mode not in LINK_MODES:
+            raise ConfigError(f"--link-mode {self.link_mode!r}: choose {' or '.join(LINK_MODES)}")
+        if self.link_mode == "netns" or self.source is not None:
+            self.transport = "tcp"  # both imply TCP page channels (with the HMAC handshake)
+        if self.source is not None:
+            self._validate_remote_source()
         if self.auth_key_file is not None:
             if self.transport != "tcp":
                 raise ConfigError("--auth-key-file needs --transport tcp")
@@ -121,6 +151,23 @@ class RunConfig:
                 raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
                                   "(leave --ram out to take the image's size)")
         return self
+
+    def _validate_remote_source(self) -> None:
+        """run --source HOST:PORT: a key file is needed, and nothing that acts on a forked source."""
+        try:
+            parse_endpoint(self.source, "--source", need_host=True)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.auth_key_file is None:
+            raise ConfigError("--source needs --auth-key-file FILE (the key the source was started with)")
+        if self.link_mode != "model":
+            raise ConfigError("--source and --link-mode netns exclude each other (the netns is for a forked source)")
+        if parse_link(self.link) != Link():
+            raise ConfigError("--source: the link model runs in the source; give --link to "
+                              "`postcopy-harness source`, or shape the real network")
+        local = [t for t in self.inject or [] if t.strip().startswith(("source-", "link-drop"))]
+        if local:
+            raise ConfigError(f"--inject {local[0]}: not with --source (the source is not a process of this run)")
 
     @property
     def page_size(self) -> int:

@@ -20,8 +20,9 @@ import numpy as np
 import psutil
 
 from harness.accounting import Accounting
-from harness.config import RunConfig
+from harness.config import RunConfig, parse_endpoint
 from harness.inject import InjectionFailed, Injector, failure_note
+from harness.netns import NetnsError, NetnsLink, sweep_stale_netns
 from harness.progress import RunProgress
 from harness.stall import StallWatch, effective_timeout
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
@@ -30,8 +31,10 @@ from postcopy_core.auth import run_key
 from postcopy_core.blocktime import TraceMeta
 from postcopy_core.board import AccessBoard
 from postcopy_core.channel import (
+    CHANNEL_CONTROL,
     CHANNEL_STREAM,
     CHANNEL_URGENT,
+    LOOPBACK,
     ControlLine,
     tcp_accept_channels,
     tcp_connect,
@@ -41,6 +44,7 @@ from postcopy_core.channel import (
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import Expected, HandoffError, abstract_address, collect_uffds, listen
+from postcopy_core.link import Link
 from postcopy_core.probe import available_memory, free_huge_pages, limit_checks, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
@@ -78,6 +82,7 @@ class Run:
         self.stall: StallWatch | None = None
         self.injector: Injector | None = None  # run --inject (harness/inject.py)
         self._link: list[socket.socket] = []
+        self.netns: NetnsLink | None = None  # run --link-mode netns: the source's namespace (harness/netns.py)
         self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
 
     # ------------------------------------------------------------ setup helpers
@@ -109,6 +114,7 @@ class Run:
         t_begin = time.monotonic()
         started_at = time.time()
         sweep_stale_segments()
+        sweep_stale_netns()
         preflight(cfg.backing == "hugetlb")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
         for c in limit_checks(nworkers):  # the same limits `check --vcpus N` shows
@@ -139,19 +145,34 @@ class Run:
         start_r, start_w = os.pipe()
         self.fds += [start_r, start_w]
 
+        remote = cfg.source is not None  # run --source HOST:PORT: no source of our own
         if cfg.transport == "tcp":
             key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
-            ls = tcp_listener()
-            self.socks.append(ls)
-            port = ls.getsockname()[1]
-            src_keep = {ls.fileno(), ctl_src_child.fileno()}
+            host = LOOPBACK
+            src_link = cfg.link_model
+            if remote:
+                host, port = parse_endpoint(cfg.source, "--source", need_host=True)
+                ctl_src_parent = self._remote_source(host, port, key)
+                src_keep = set()
+            else:
+                if cfg.link_mode == "netns":  # tc shapes the link, so the source models none
+                    host, src_link = self._make_netns(), Link()
+                    with self.netns.entered():  # the listener belongs to the source's namespace
+                        ls = tcp_listener(host)
+                else:
+                    ls = tcp_listener()
+                self.socks.append(ls)
+                port = ls.getsockname()[1]
+                src_keep = {ls.fileno(), ctl_src_child.fileno()}
 
             def source_body() -> int:
+                if self.netns is not None:
+                    self.netns.enter()  # the source process itself lives in the namespace
                 stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
-                return source_main(spec, geo, stream, urgent, cfg.link_model, ControlLine(ctl_src_child))
+                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child))
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
-                return tcp_connect(port, CHANNEL_STREAM, key), tcp_connect(port, CHANNEL_URGENT, key)
+                return tcp_connect(port, CHANNEL_STREAM, key, host), tcp_connect(port, CHANNEL_URGENT, key, host)
         else:
             s_src, s_dst = self._pair()
             u_src, u_dst = self._pair()
@@ -188,10 +209,12 @@ class Run:
                 wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
+            if role == "source" and remote:
+                continue
             w = self.stderr.pipe(role)
             self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
             os.close(w)
-            if role == "source" and cfg.transport == "tcp":  # only the source listens: once it has its
+            if role == "source" and cfg.transport == "tcp" and not remote:  # only the source listens: once it has its
                 self.socks.remove(ls)                         # channels, connects fail
                 ls.close()
 
@@ -259,6 +282,35 @@ class Run:
             lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], recovery=self.recovery(),
         )
 
+    def _make_netns(self) -> str:
+        """Create this run's namespace and shaped veth pair (removed by teardown); the source's address."""
+        self.netns = NetnsLink(self.cfg.link_model)  # recorded first: teardown removes what got made
+        try:
+            self.netns.create()
+        except NetnsError as e:
+            raise RunFailed(str(e)) from None
+        return self.netns.source_ip
+
+    def _remote_source(self, host: str, port: int, key: bytes) -> socket.socket:
+        """run --source: open the control channel to ``source --listen`` and check what it serves
+        against this run before anything starts; the socket is the source's control line."""
+        from harness.remote_source import check_hello
+
+        where = f"{host}:{port}"
+        try:
+            sock = tcp_connect(port, CHANNEL_CONTROL, key, host)
+        except OSError as e:  # AuthError (wrong key) is an OSError too
+            raise RunFailed(f"--source {where}: {e.strerror or e}") from None
+        sock.setblocking(True)
+        self.socks.append(sock)
+        msg = ControlLine(sock).recv(STARTUP_TIMEOUT)
+        if not msg or msg.get("event") != "hello":
+            raise RunFailed(f"--source {where}: no hello from the source")
+        problem = check_hello(msg, self.cfg)
+        if problem:
+            raise RunFailed(f"--source {where}: {problem}")
+        return sock
+
     def _inject(self) -> None:
         if self.injector is not None:
             try:
@@ -282,7 +334,8 @@ class Run:
 
     def _stall_timeout(self) -> float:
         link = self.cfg.link_model
-        return effective_timeout(self.cfg.stall_timeout, (link.wire_ns(self.cfg.page_size) + link.latency_ns) / 1e9)
+        page_s = (link.wire_ns(self.cfg.page_size) + link.worst_latency_ns) / 1e9
+        return effective_timeout(self.cfg.stall_timeout, page_s)
 
     def _stall_watch(self) -> StallWatch:
         """Watch the workers, the source and the handler for --stall-timeout (harness/stall.py)."""
@@ -510,6 +563,8 @@ class Run:
             except OSError:
                 pass
         self.fds.clear()
+        if self.netns is not None:  # after the children (the source lives in it) and the sockets
+            self.netns.remove()
         if self._ev_thread:
             self._ev_thread.join(5)
         if self.received is not None:

@@ -21,6 +21,7 @@ from postcopy_core.auth import AuthError, ServerHandshake, client_handshake, war
 
 CHANNEL_STREAM = b"S"
 CHANNEL_URGENT = b"U"
+CHANNEL_CONTROL = b"C"  # source --listen: the remote orchestrator's control line, authenticated the same way
 IOV_MAX = 512
 SOCKET_BUFFER = 16 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; not in Python's socket module
@@ -69,18 +70,23 @@ def tcp_connect(port: int, channel: bytes, key: bytes, host: str = LOOPBACK,
 
 
 def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
-                        handshake_timeout: float = HANDSHAKE_TIMEOUT) -> tuple[socket.socket, socket.socket]:
-    """Source side: accept until the stream and the urgent channel have each proved they know ``key``.
+                        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                        wanted: tuple[bytes, ...] = (CHANNEL_STREAM, CHANNEL_URGENT), close: bool = True,
+                        watch: socket.socket | None = None) -> tuple[socket.socket, ...]:
+    """Source side: accept until each channel of ``wanted`` (the stream and the urgent channel) has
+    proved it knows ``key``; returns them in that order.
 
     Connections are served side by side, so a silent or slow stranger delays nobody; one that fails
-    its handshake, times out or claims a channel already taken is closed and logged.  Closes ``ls``.
+    its handshake, times out or claims a channel already taken is closed and logged.  Closes ``ls``
+    unless ``close`` is False; gives up (ConnectionError) if ``watch`` becomes readable (its peer hung up).
     """
-    wanted = (CHANNEL_STREAM, CHANNEL_URGENT)
     got: dict[bytes, socket.socket] = {}
     pending: dict[socket.socket, tuple[ServerHandshake, float, str]] = {}
     sel = selectors.DefaultSelector()
     ls.setblocking(False)
     sel.register(ls, selectors.EVENT_READ)
+    if watch is not None:
+        sel.register(watch, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
 
     def drop(s: socket.socket, why: str) -> None:
@@ -101,6 +107,8 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
                 if sk.fileobj is ls:
                     _accept_pending(ls, sel, pending, key, wanted, time.monotonic() + handshake_timeout)
                     continue
+                if sk.fileobj is watch:
+                    raise ConnectionError("the destination hung up before connecting its page channels")
                 s = sk.fileobj
                 hs = pending[s][0]
                 try:
@@ -129,8 +137,9 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
         for s in pending:
             s.close()
         sel.close()
-        ls.close()
-    return got[CHANNEL_STREAM], got[CHANNEL_URGENT]
+        if close:
+            ls.close()
+    return tuple(got[c] for c in wanted)
 
 
 def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dict, key: bytes,
