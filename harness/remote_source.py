@@ -27,7 +27,7 @@ from postcopy_core.content import ContentSpec
 from postcopy_core.protocol import Geometry, ProtocolError
 from postcopy_core.source import Source
 
-WAIT_FOREVER = 10 * 365 * 86400.0  # the selector's timeout while nobody has connected
+WAIT_FOREVER = 7 * 86400.0  # "no timeout": a week (epoll takes at most ~24 days)
 PAGE_CHANNELS_TIMEOUT = 300.0  # a destination starts its vCPU workers before it connects the page channels
 
 

@@ -1,0 +1,124 @@
+"""``postcopy-harness source --listen`` and ``run --source``: a source that is not forked by the run.
+
+Both ends are real processes on loopback TCP with a key file; the run side is the CLI, so its
+failures are checked as the one line a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import requires_uffd
+
+pytestmark = [pytest.mark.kernel, requires_uffd]
+
+CLI = [sys.executable, "-m", "harness.cli"]
+
+
+def _key(path, data: bytes) -> str:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture
+def key(tmp_path):
+    return _key(tmp_path / "key", b"0123456789abcdef0123456789abcdef")
+
+
+class Source:
+    """A ``postcopy-harness source --listen 127.0.0.1:0`` process and the port it got."""
+
+    def __init__(self, key: str, *args: str) -> None:
+        self.p = subprocess.Popen([*CLI, "source", "--listen", "127.0.0.1:0", "--auth-key-file", key, *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.p.stderr.readline()
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert m, line + self.p.stderr.read()
+        self.where = f"127.0.0.1:{m.group(1)}"
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        try:
+            _, err = self.p.communicate(timeout=timeout)
+        finally:
+            self.stop()
+        return self.p.returncode, err
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "run", "--quiet", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_from_a_listening_source_completes(key, tmp_path, clean_machine):
+    src = Source(key, "--ram", "4M", "--seed", "7")
+    try:
+        out = tmp_path / "r.json"
+        r = run_cli("--vcpus", "2", "--ram", "4M", "--seed", "7", "--source", src.where, "--auth-key-file", key,
+                    "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        v = rep["verification"]
+        assert v["mismatches"] == 0 and v["ram-pages-verified"] == rep["pages"]["total"] == 1024
+        assert rep["source"]["requests"] > 0  # the remote source answered this run's faults
+        code, err = src.finish()
+        assert code == 0, err
+        assert "migrated 1024 pages" in err
+    finally:
+        src.stop()
+
+
+def test_wrong_key_and_mismatched_ram_are_one_line_and_the_source_waits_on(key, tmp_path, clean_machine):
+    src = Source(key, "--ram", "4M")
+    try:
+        wrong = _key(tmp_path / "wrong", b"fedcba9876543210fedcba9876543210")
+        r = run_cli("--vcpus", "1", "--ram", "4M", "--source", src.where, "--auth-key-file", wrong)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "failed authentication" in r.stderr
+        r = run_cli("--vcpus", "1", "--ram", "8M", "--source", src.where, "--auth-key-file", key)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "the source serves 4 MiB in 4096-byte pages, this run has 8 MiB" in r.stderr
+        r = run_cli("--vcpus", "1", "--ram", "4M", "--seed", "2", "--source", src.where, "--auth-key-file", key)
+        assert r.returncode == 1 and "--seed 1" in r.stderr and "--seed 2" in r.stderr, r.stderr
+        assert src.p.poll() is None  # still serving: none of them got a page
+        r = run_cli("--vcpus", "1", "--ram", "4M", "--source", src.where, "--auth-key-file", key)
+        assert r.returncode == 0, r.stderr
+        code, err = src.finish()
+        assert code == 0, err
+        assert "refused a page-channel connection" in err  # the wrong key, as the source saw it
+    finally:
+        src.stop()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--source", "127.0.0.1:1"], "--source needs --auth-key-file"),
+    (["--source", ":7000", "--auth-key-file", "KEY"], "give the source's host"),
+    (["--source", "127.0.0.1:1", "--auth-key-file", "KEY", "--link", "1gbit"], "the link model runs in the source"),
+    (["--source", "127.0.0.1:1", "--auth-key-file", "KEY", "--link-mode", "netns"], "exclude each other"),
+])
+def test_run_source_bad_input_is_one_line(args, match, key):
+    r = run_cli(*[key if a == "KEY" else a for a in args])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and match in r.stderr, r.stderr
+
+
+def test_source_needs_a_key_and_stops_on_ctrl_c(key, clean_machine):
+    r = subprocess.run([*CLI, "source", "--listen", ":0", "--auth-key-file", "/nonexistent"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    src = Source(key, "--ram", "1M")
+    try:
+        src.p.send_signal(signal.SIGINT)
+        code, err = src.finish()
+        assert code == 130 and err.strip().splitlines()[-1] == "postcopy-harness source: interrupted", err
+    finally:
+        src.stop()
