@@ -80,7 +80,7 @@ class Source:
         self.out_stream, self.out_urgent = Outbox(stream), Outbox(urgent)
         self.cursor = 0  # next page the background stream looks at
         self.chunk = max(1, BACKGROUND_CHUNK // spec.page_size)
-        if not link.unlimited:  # small enough that an urgent page never waits long behind one
+        if link.bytes_per_s is not None:  # small enough that an urgent page never waits long behind one
             self.chunk = max(1, min(self.chunk, int(link.bytes_per_s * WIRE_SLOT_NS / 1e9) // spec.page_size))
         self.pump.max_run = self.chunk
         self.requests: deque[tuple[int, int, int]] = deque()  # (ready_ns, first page, count)

@@ -72,3 +72,12 @@ def test_jitter_and_loss_change_what_the_vcpus_wait(clean_machine):
     assert slow_lossy >= 0.15 * n and slow_lossy > slow_plain + 0.1 * n, (_dist(plain), _dist(lossy))
     for rep in (jitter, lossy):
         assert rep["verification"]["mismatches"] == 0
+
+
+@requires_uffd
+@pytest.mark.kernel
+def test_latency_without_a_bandwidth_limit_runs(clean_machine):
+    """``unlimited,LATENCY`` (and jitter alone) used to kill the source (no rate to size its messages by)."""
+    rep = postcopy_harness.run(vcpus=1, ram="1M", link="unlimited,1ms,jitter=500us")
+    assert rep["status"] == "completed" and rep["verification"]["mismatches"] == 0
+    assert rep["latency-us"]["p50"] >= 1000  # two crossings of 0.5..1.5 ms each
