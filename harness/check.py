@@ -1,4 +1,5 @@
-"""``postcopy-harness check``: print the host probe as a table or JSON; exit 0 only if postcopy can run."""
+"""``postcopy-harness check``: print the host probe as a table or JSON; exit 0 only if postcopy can run
+(and, with ``--netns``, ``run --link-mode netns`` too)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def main(args) -> int:
             f"postcopy-harness check: --vcpus {args.vcpus}: must be 1..{MAX_VCPUS}")
         return 2
     checks = probe(args.vcpus)
+    from harness.netns import netns_checks
+
+    checks += netns_checks(required=getattr(args, "netns", False))  # run --link-mode netns
     if args.json:
         print(json.dumps(as_dict(checks), indent=2))
     else:

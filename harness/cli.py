@@ -246,6 +246,9 @@ def _add_check(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--vcpus", type=int, metavar="N", default=4,
                    help="check fd/process limits for this many vCPUs, 1..4096 (default %(default)s)")
+    p.add_argument("--netns", action="store_true",
+                   help="also require what --link-mode netns needs: root, iproute2 (ip, tc), a network "
+                        "namespace with a veth pair, tc tbf; netem (latency, jitter, loss) is shown either way")
     p.set_defaults(func=_check)
 
 

@@ -104,6 +104,8 @@ class NetnsLink:
         if missing:
             raise NetnsError(f"--link-mode netns needs iproute2's {' and '.join(missing)} "
                              "(apt-get install iproute2)")
+        if os.geteuid() != 0:
+            raise NetnsError(f"--link-mode netns needs root (network namespaces and tc; euid {os.geteuid()})")
         self.created = True  # from here on teardown has something to remove
         _run("ip", "netns", "add", self.name)
         ns = ("ip", "-n", self.name)
@@ -230,3 +232,24 @@ def probe_support() -> dict:
     finally:
         probe.remove()
     return out
+
+
+def netns_checks(required: bool = False) -> list:
+    """``check``'s rows for ``--link-mode netns`` (required ones with ``check --netns``); netem stays
+    optional: without it a bandwidth-only --link still works (tbf)."""
+    from postcopy_core.probe import Check
+
+    if os.geteuid() != 0:
+        why = f"needs root (euid {os.geteuid()})"
+        return [Check("netns: namespace + veth (--link-mode netns)", False, why, required)]
+    got = probe_support()
+    d = got["detail"]
+    rows = [Check("netns: iproute2 (ip, tc)", got["tools"], d.get("tools", ""), required)]
+    if not got["tools"]:
+        return rows
+    rows.append(Check("netns: namespace + veth (--link-mode netns)", got["netns"], d.get("netns", ""), required))
+    if got["netns"]:
+        rows.append(Check("netns: tc tbf (bandwidth)", got["tbf"], d.get("tbf", ""), required))
+        hint = "" if got["netem"] else " (CONFIG_NET_SCH_NETEM: --link latency, jitter, loss need it)"
+        rows.append(Check("netns: tc netem (latency, jitter, loss)", got["netem"], d.get("netem", "") + hint, False))
+    return rows

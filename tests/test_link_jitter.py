@@ -78,6 +78,6 @@ def test_jitter_and_loss_change_what_the_vcpus_wait(clean_machine):
 @pytest.mark.kernel
 def test_latency_without_a_bandwidth_limit_runs(clean_machine):
     """``unlimited,LATENCY`` (and jitter alone) used to kill the source (no rate to size its messages by)."""
-    rep = postcopy_harness.run(vcpus=1, ram="1M", link="unlimited,1ms,jitter=500us")
+    rep = postcopy_harness.run(vcpus=1, ram="1M", link="unlimited,1ms,jitter=500us", background=False)
     assert rep["status"] == "completed" and rep["verification"]["mismatches"] == 0
     assert rep["latency-us"]["p50"] >= 1000  # two crossings of 0.5..1.5 ms each

@@ -136,3 +136,20 @@ def test_netem_and_tbf_arguments_follow_the_link():
     assert args[args.index("rate") + 1] == "100000000bit"
     assert "delay" not in netem_args(Link(bytes_per_s=1e6, loss=0.01))
     assert tbf_args(parse_link("20mbit"))[:3] == ["tbf", "rate", "20000000bit"]
+
+
+def test_check_reports_netns_support():
+    import json
+
+    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "check", "--netns", "--json"],
+                         stdout=subprocess.PIPE, text=True)
+    doc = json.loads(p.communicate(timeout=120)[0])
+    assert p.returncode == (0 if doc["can-run"] else 1)
+    rows = {c["name"]: c for c in doc["checks"] if c["name"].startswith("netns:")}
+    row = rows["netns: namespace + veth (--link-mode netns)"]
+    assert row["required"] and row["ok"] == bool(SUPPORT.get("netns"))
+    if SUPPORT.get("netns"):
+        netem = rows["netns: tc netem (latency, jitter, loss)"]
+        assert netem["ok"] == SUPPORT["netem"] and not netem["required"]
+    if SUPPORT.get("tools"):
+        assert _ours(p.pid)[0] == []  # the probe's throwaway namespace is gone
