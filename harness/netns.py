@@ -149,6 +149,12 @@ class NetnsLink:
                                      "(tbf) works, or use --link-mode model") from None
                 raise
 
+    def describe(self) -> dict:
+        """The report's ``netns`` section: names, addresses and the tc qdisc on each end."""
+        return {"name": self.name, "veth": [self.host_dev, self.source_dev],
+                "addresses": [self.host_ip, self.source_ip], "qdisc": self.qdisc or "none",
+                "tc": netem_args(self.link) if self.qdisc == "netem" else tbf_args(self.link) if self.qdisc else []}
+
     @contextlib.contextmanager
     def entered(self):
         """The calling thread inside the namespace for the ``with`` block (sockets made there stay there)."""

@@ -166,6 +166,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
                       "wake-policy": cfg.wake_policy}
     rep["source"] = {"cpu-s": ss["cpu_s"], "bytes-sent": ss["bytes_sent"], "requests": ss["requests"],
                      "requested-already-sent": ss["requested_already_sent"], "link": cfg.link_model.describe()}
+    if raw.get("netns"):  # run --link-mode netns: where the source ran and what shaped its link
+        rep["netns"] = raw["netns"]
     if rep["workers"]["lost"]:
         rep["status"] = "completed-degraded"  # error stays None: the run did complete, without them
     if mismatches or hs["ram_bad_pages"] or hs["placed"] != cfg.npages:

@@ -280,6 +280,7 @@ class Run:
             startup_s=startup_s, t_go=t_go, t_workers_done=t_workers_done, t_done=t_done,
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
             lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], recovery=self.recovery(),
+            netns=self.netns.describe() if self.netns is not None else None,
         )
 
     def _make_netns(self) -> str:

@@ -49,6 +49,7 @@ def test_netns_bandwidth_is_shaped_and_every_page_verified(clean_machine):
     v = rep["verification"]
     assert rep["status"] == "completed" and v["mismatches"] == 0 and v["ram-pages-verified"] == rep["pages"]["total"]
     assert rep["config"]["transport"] == "tcp"  # netns implies TCP
+    assert rep["netns"]["qdisc"] == "tbf" and rep["netns"]["name"].startswith(f"pch-{os.getpid()}-")
     wire_s = rep["source"]["bytes-sent"] * 8 / 20e6
     assert rep["duration-s"]["postcopy"] >= 0.8 * wire_s, (rep["duration-s"], wire_s)
     # unshaped, the same migration takes a fraction of that (it is the shaping, not the machine)
