@@ -239,6 +239,9 @@ def _source(args) -> int:
     except OSError as e:  # AuthError, ConnectionError, a dead destination: one line
         err.print(f"postcopy-harness source: failed: {e.strerror or e}")
         return 1
+    except MemoryError:
+        err.print(f"postcopy-harness source: failed: not enough memory for --ram {cfg.ram >> 20}M")
+        return 1
 
 
 def _add_check(sub) -> None:
