@@ -415,7 +415,8 @@ class Run:
 
     def _check_children(self, expected_exit: set[int] = frozenset()) -> None:
         self.stderr.drain()  # a child blocked on a full stderr pipe would hang the run
-        for pid, role, status in self.children.reap():
+        # a death by signal first: a peer's error exit at the same moment (a reset connection) is its consequence
+        for pid, role, status in sorted(self.children.reap(), key=lambda c: not os.WIFSIGNALED(c[2])):
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
                 continue
             if role == "zygote" and self.workers_done and self._workers_ended() == self.area.nvcpus:
