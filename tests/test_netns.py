@@ -116,6 +116,29 @@ def test_netns_removed_after_sigint(clean_machine):
 
 
 @requires_netns
+def test_namespace_of_a_sigkilled_orchestrator_is_swept_by_the_next_run(clean_machine):
+    """SIGKILL leaves no teardown: the namespace stays until a later run sweeps what dead pids left."""
+    before = _ours(os.getpid())[1]
+    p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "--vcpus", "1", "--ram", "8M",
+                          "--link", "5mbit", "--link-mode", "netns", "--quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not _ours(p.pid)[0]:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        p.kill()
+        p.wait()
+    [left] = _ours(p.pid)[0]
+    rep = postcopy_harness.run(vcpus=1, ram="1M", link_mode="netns")  # the next run sweeps it
+    assert rep["status"] == "completed"
+    _nothing_left(p.pid, before)
+    assert left not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@requires_netns
 def test_stale_namespace_of_a_dead_run_is_swept():
     dead = subprocess.Popen(["true"])
     dead.wait()
