@@ -152,7 +152,7 @@ class Run:
             src_link = cfg.link_model
             if remote:
                 host, port = parse_endpoint(cfg.source, "--source", need_host=True)
-                ctl_src_parent = self._remote_source(host, port, key)
+                remote_ctl = self._remote_source(host, port, key)
                 src_keep = set()
             else:
                 if cfg.link_mode == "netns":  # tc shapes the link, so the source models none
@@ -214,7 +214,7 @@ class Run:
             w = self.stderr.pipe(role)
             self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
             os.close(w)
-            if role == "source" and cfg.transport == "tcp" and not remote:  # only the source listens: once it has its
+            if role == "source" and cfg.transport == "tcp":  # only the source listens: once it has its
                 self.socks.remove(ls)                         # channels, connects fail
                 ls.close()
 
@@ -230,7 +230,8 @@ class Run:
         os.close(start_r)
         self.fds.remove(start_r)
 
-        ctl_src, ctl_dst = ControlLine(ctl_src_parent), ControlLine(ctl_dst_parent)
+        ctl_src = remote_ctl if remote else ControlLine(ctl_src_parent)
+        ctl_dst = ControlLine(ctl_dst_parent)
         ctl_dst.send(cmd="workers", parent=self.zygote.pid)
         self._expect(ctl_src, "ready", "source", STARTUP_TIMEOUT)
         self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT)
@@ -292,9 +293,9 @@ class Run:
             raise RunFailed(str(e)) from None
         return self.netns.source_ip
 
-    def _remote_source(self, host: str, port: int, key: bytes) -> socket.socket:
+    def _remote_source(self, host: str, port: int, key: bytes) -> ControlLine:
         """run --source: open the control channel to ``source --listen`` and check what it serves
-        against this run before anything starts; the socket is the source's control line."""
+        against this run before anything starts; returns the source's control line."""
         from harness.remote_source import check_hello
 
         where = f"{host}:{port}"
@@ -304,13 +305,14 @@ class Run:
             raise RunFailed(f"--source {where}: {e.strerror or e}") from None
         sock.setblocking(True)
         self.socks.append(sock)
-        msg = ControlLine(sock).recv(STARTUP_TIMEOUT)
+        control = ControlLine(sock)
+        msg = control.recv(STARTUP_TIMEOUT)
         if not msg or msg.get("event") != "hello":
             raise RunFailed(f"--source {where}: no hello from the source")
         problem = check_hello(msg, self.cfg)
         if problem:
             raise RunFailed(f"--source {where}: {problem}")
-        return sock
+        return control
 
     def _inject(self) -> None:
         if self.injector is not None:
