@@ -178,3 +178,20 @@ def test_check_reports_netns_support():
         assert netem["ok"] == SUPPORT["netem"] and not netem["required"]
     if SUPPORT.get("tools"):
         assert _ours(p.pid)[0] == []  # the probe's throwaway namespace is gone
+
+
+@requires_netns
+def test_tc_accepts_our_netem_arguments():
+    """tc parses netem's arguments itself before the kernel sees them: ours must pass its parser (on a
+    kernel without sch_netem the only error left is the kernel's unknown qdisc)."""
+    from harness.netns import netem_args
+
+    ns = NetnsLink(Link()).create()
+    try:
+        for spec in ("100mbit,5ms,jitter=1ms,loss=0.5%", "unlimited,5ms", "1gbit,1ms,loss=2%", "10mbit,0,loss=1%"):
+            r = subprocess.run(["tc", "-n", ns.name, "qdisc", "replace", "dev", ns.source_dev, "root",
+                                *netem_args(parse_link(spec))], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0 or "qdisc kind is unknown" in r.stderr, (spec, r.stderr)
+            assert (r.returncode == 0) == SUPPORT["netem"]
+    finally:
+        ns.remove()
