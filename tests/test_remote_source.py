@@ -122,3 +122,18 @@ def test_source_needs_a_key_and_stops_on_ctrl_c(key, clean_machine):
         assert code == 130 and err.strip().splitlines()[-1] == "postcopy-harness source: interrupted", err
     finally:
         src.stop()
+
+
+def test_an_image_is_served_and_checked(key, tmp_path, clean_machine):
+    image = tmp_path / "ram.img"
+    image.write_bytes(bytes(range(256)) * 2048 + bytes(512 << 10))  # 512 KiB of data, 512 KiB of zero pages
+    src = Source(key, "--image", str(image))
+    try:
+        r = run_cli("--vcpus", "1", "--ram", "1M", "--source", src.where, "--auth-key-file", key)
+        assert r.returncode == 1 and "the source serves the image ram.img, this run expects generated" in r.stderr
+        r = run_cli("--vcpus", "1", "--image", str(image), "--source", src.where, "--auth-key-file", key)
+        assert r.returncode == 0, r.stderr
+        code, err = src.finish()
+        assert code == 0 and "migrated 256 pages" in err, err
+    finally:
+        src.stop()
