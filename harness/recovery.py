@@ -37,15 +37,16 @@ class RecoveryLog:
     def _at(self, now: float) -> float:
         return round(now - self.t_go, 3)
 
-    def pause(self, why: str, now: float | None = None) -> None:
-        """The destination went to postcopy-paused (again, if it already was)."""
+    def pause(self, why: str, placed: int | None = None, now: float | None = None) -> None:
+        """The destination went to postcopy-paused (again, if it already was) with ``placed`` pages in."""
         now = time.monotonic() if now is None else now
+        event = {"event": "still-paused" if self.paused else "paused", "at-s": self._at(now), "why": why}
+        if placed is not None:
+            event["pages-placed"] = placed
         if self.paused_since is None:
             self.pauses += 1
             self.paused_since = now
-            self.events.append({"event": "paused", "at-s": self._at(now), "why": why})
-        else:
-            self.events.append({"event": "still-paused", "at-s": self._at(now), "why": why})
+        self.events.append(event)
 
     def restart(self, pid: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

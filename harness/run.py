@@ -586,7 +586,7 @@ class Run:
         """The destination is postcopy-paused: replace the source (at once, or after an outage's HOLD)."""
         if int(msg.get("gen", 0)) < self.src_gen:
             return  # about a source already replaced
-        self.log.pause(str(msg.get("why", "")))
+        self.log.pause(str(msg.get("why", "")), msg.get("placed"))
         pid = self._pid_of("source")
         if pid is not None:
             done = self._workers_ended() >= self.area.nvcpus  # as the caller's loop would (see _serve_until)

@@ -9,11 +9,13 @@ run (exit 1), and the handler checks all of RAM at the end; the tests also check
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import psutil
 import pytest
 
+from postcopy_core.protocol import encode_received
 from tests.conftest import HUGEPAGES, requires_uffd
 from tests.test_teardown import assert_clean, finish, start_cli, wait_for_children
 
@@ -132,7 +134,12 @@ def test_source_killed_from_outside_is_survived(tmp_path, clean_machine):
     rec = rep["recovery"]
     assert rec["injected"] == [] and (rec["pauses"], rec["resumes"]) == (1, 1)
     assert f"the source (pid {victim.pid}) was killed by SIGKILL" in [e.get("cause") for e in rec["events"]]
-    assert rep["pages"]["background"] > 0  # the new source streamed the rest
+    assert rep["pages"]["background"] > 0  # the new source streamed the rest...
+    # ...and only the rest: the pages the destination held when it paused were not sent again
+    [paused] = [e for e in rec["events"] if e["event"] == "paused"]
+    missing = rep["pages"]["total"] - paused["pages-placed"]
+    assert paused["pages-placed"] > 0
+    assert rep["source"]["bytes-sent"] < missing * rep["page-size"] * 1.05 + (1 << 20), (missing, rep["source"])
     assert_clean()
 
 
@@ -184,3 +191,100 @@ def test_recovery_on_hugetlbfs(tmp_path, hugepages, clean_machine):
     _assert_complete(code, err, rep)
     assert (rep["recovery"]["pauses"], rep["recovery"]["resumes"]) == (1, 1)
     assert_clean()
+
+
+# ---------------------------------------------------------------- the resume messages, C and Python
+
+
+def test_reconnect_drops_the_half_frame_and_sends_the_received_map():
+    """The C loop on real sockets: the old source dies in the middle of a frame; pch_dest_reconnect
+    drops the half frame (else the new source's bytes would be read as its payload), sends the
+    received map exactly as the Python encoder writes it (which the source's parser reads back),
+    and takes the new source's HELLO."""
+    import select
+    import socket
+
+    from postcopy_core import kernel
+    from postcopy_core._uffd import ffi, lib
+    from postcopy_core.protocol import ReturnPathReader
+    from tests.test_dest_c import GEO, HELLO, IMG, NPAGES, PS, CDest, pages_frame
+
+    dest = CDest()
+    quit_fd = kernel.eventfd(0)
+    pri, ep = select.epoll(), select.epoll()
+    socks = [socket.socketpair() for _ in range(4)]  # old stream, old urgent, new stream, new urgent
+    (s_old, s_src), (u_old, u_src), (s_new, s_src2), (u_new, u_src2) = socks
+    try:
+        pri.register(u_old.fileno(), select.EPOLLIN)
+        for fd in (pri.fileno(), s_old.fileno(), quit_fd):
+            ep.register(fd, select.EPOLLIN)
+        port_of_fd = ffi.new("int32_t[]", [-1] * 1024)
+        loop = ffi.new("struct pch_dest_loop *", dict(epfd=ep.fileno(), pri_epfd=pri.fileno(), quit_fd=quit_fd,
+                                                      stream_fd=s_old.fileno(), urgent_fd=u_old.fileno(),
+                                                      port_of_fd=port_of_fd, nfds=1024))
+        s_src.sendall(HELLO + pages_frame(2, 3) + pages_frame(12, 1)[: PS // 2])  # dies mid-frame
+        u_src.sendall(HELLO + pages_frame(9, 1))
+        while dest.stats.placed < 4:
+            assert lib.pch_dest_run(dest.d, loop, 20) == lib.PCH_RUN_AGAIN, dest.error
+        s_src.close()
+        assert lib.pch_dest_run(dest.d, loop, 200) == lib.PCH_RUN_EOF
+        # paused: the old channels out of the loop, as the handler does
+        pri.unregister(u_old.fileno())
+        loop.stream_fd = loop.urgent_fd = -1
+        assert lib.pch_dest_run(dest.d, loop, 20) == lib.PCH_RUN_AGAIN  # serves nothing, fails nothing
+        assert lib.pch_dest_reconnect(dest.d, s_new.fileno()) == 0  # no fault waits: nothing to ask again
+        sent = s_src2.recv(1 << 16)
+        reader = ReturnPathReader(GEO)
+        assert reader.feed(sent) == [] and reader.resumed
+        assert list(reader.received) == [1 if p in (2, 3, 4, 9) else 0 for p in range(NPAGES)]
+        assert sent == encode_received(bytes(dest.received))
+        assert lib.pch_dest_hellos(dest.d) == 0
+        ep.register(s_new.fileno(), select.EPOLLIN)
+        pri.register(u_new.fileno(), select.EPOLLIN)
+        loop.stream_fd, loop.urgent_fd = s_new.fileno(), u_new.fileno()
+        s_src2.sendall(HELLO + pages_frame(12, 1))
+        u_src2.sendall(HELLO)
+        while lib.pch_dest_hellos(dest.d) < 2 or not dest.received[12]:
+            assert lib.pch_dest_run(dest.d, loop, 20) == lib.PCH_RUN_AGAIN, dest.error
+        assert bytes(dest.ram.buffer(12 * PS, PS)) == bytes(IMG.mapping.buffer(12 * PS, PS))
+        assert dest.stats.reconnects == 1 and dest.stats.placed == 5
+    finally:
+        for pair in socks:
+            for sock in pair:
+                sock.close()
+        ep.close()
+        pri.close()
+        os.close(quit_fd)
+        dest.close()
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (lambda: encode_received(bytes(4)) + encode_received(bytes(4)), "after RESUME"),
+    (lambda: encode_received(bytes(4))[:-8] + (3).to_bytes(8, "big"), "says 3 pages received, the bitmap holds 0"),
+    (lambda: encode_received(bytes(8))[:-12], None),  # no RESUME yet: waiting, not an error
+])
+def test_return_path_reader_checks_the_received_map(body, words):
+    from postcopy_core.protocol import Geometry, ProtocolError, ReturnPathReader
+
+    reader = ReturnPathReader(Geometry(4096, 4 * 4096))
+    if words is None:
+        reader = ReturnPathReader(Geometry(4096, 8 * 4096))
+        assert reader.feed(body()) == [] and not reader.resumed
+        return
+    with pytest.raises(ProtocolError, match=words):
+        reader.feed(body())
+
+
+def test_received_map_is_sent_in_chunks_that_round_trip():
+    """A map larger than one RECV_BITMAP message (2^18 pages each) splits and reads back whole."""
+    import random
+
+    from postcopy_core.protocol import Geometry, ReturnPathReader
+
+    npages = 600_001
+    rnd = random.Random(5)
+    received = bytes(rnd.random() < 0.3 for _ in range(npages))
+    data = encode_received(received)
+    assert data.count(b"\x00\x07") >= 3  # three RECV_BITMAP messages (be16 type 7)
+    reader = ReturnPathReader(Geometry(4096, npages * 4096))
+    assert reader.feed(data) == [] and reader.resumed and bytes(reader.received) == received
