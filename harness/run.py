@@ -551,9 +551,7 @@ class Run:
             elif event == "stats":
                 self.dst_stats = msg["stats"]
         elif event == "ready":  # a replacement source is up: it waits for the received map, then serves
-            self._send_source(cmd="go", background=self.cfg.background)
-            if self.stream_all:
-                self._send_source(cmd="stream")
+            self._send_source(cmd="go", background=self.cfg.background or self.stream_all)
         elif event == "stats":
             self.src_stats = msg["stats"]
 
@@ -609,8 +607,8 @@ class Run:
     def _source_lost(self, pid: int, status: int) -> None:
         """A source process ended mid-run: not fatal, the destination pauses and a new one starts."""
         if pid in self._replaced:
-            self.log.source_lost(f"the source (pid {pid}) was replaced when the destination paused "
-                                 f"({describe_status(status).removeprefix('was ')})")
+            self.log.source_lost(f"the source (pid {pid}) {describe_status(status)} (replaced: its destination "
+                                 "had paused)")
         else:
             self.log.source_lost(f"the source (pid {pid}) {describe_status(status)}{self.stderr.reason('source')}")
 
@@ -635,7 +633,7 @@ class Run:
         except OSError as e:
             raise RunFailed(f"the source could not be restarted: {e}") from None
         self.log.restart(pid)
-        self.ctl_src = ctl
+        self.ctl_src, self.src_stats = ctl, None  # stats an old source sent on its way out do not count
         if self.stall is not None:
             self.stall.services["the source"] = pid
         if self.injector is not None:
@@ -805,7 +803,7 @@ def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
     try:
         return run.execute()
     except RunFailed as e:
-        if run.injector is None:
+        if run.injector is None and not run.log.pauses:
             raise
         rec = run.recovery()  # a failed run's report still says what was injected
         failed = RunFailed(f"{e}{failure_note(rec) if '--inject' not in str(e) else ''}")

@@ -242,14 +242,17 @@ class Source:
 
     def _command(self) -> bool | None:
         """Read one control message: True = start the background stream, None = nothing, False = EOF."""
-        msg = self.control.recv(0)
-        if msg is None:
-            return False  # the orchestrator is gone
-        if msg.get("cmd") == "go":
-            return bool(msg.get("background", True)) or None
-        if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
-            return True
-        return None
+        start = None
+        while True:  # every message already read: "go" and "stream" may come in one read
+            msg = self.control.recv(0)
+            if msg is None:
+                return False  # the orchestrator is gone
+            if msg.get("cmd") == "go" and msg.get("background", True):
+                start = True
+            if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
+                start = True
+            if b"\n" not in self.control.buf:
+                return start
 
     def _next_batch(self) -> bool:
         """Hand the C lane the next batch of the stream order; False when the order is done."""
