@@ -538,7 +538,7 @@ class Run:
         if msg is None:
             if from_handler:
                 self._closed("fault handler")
-            self.ctl_src = None  # the source is dying: its death is reaped, the destination pauses
+            self._forget_source_line()  # the source is dying: its death is reaped, the destination pauses
             return
         event = msg.get("event")
         if event == "error":
@@ -555,12 +555,19 @@ class Run:
         elif event == "stats":
             self.src_stats = msg["stats"]
 
+    def _forget_source_line(self) -> None:
+        """Close the control line of a source that is gone or being replaced."""
+        if self.ctl_src is not None and self.ctl_src.sock in self.socks:
+            self.socks.remove(self.ctl_src.sock)
+            self.ctl_src.sock.close()
+        self.ctl_src = None
+
     def _send_source(self, **msg) -> None:
         try:
             if self.ctl_src is not None:
                 self.ctl_src.send(**msg)
         except OSError:
-            self.ctl_src = None  # it died meanwhile: the destination pauses, a new one gets the command
+            self._forget_source_line()  # it died meanwhile: the destination pauses, a new one gets the command
 
     # ------------------------------------------------------------ postcopy recovery
 
@@ -593,7 +600,7 @@ class Run:
             # cut off from its destination (a dropped link), or dying already: it cannot serve any more
             os.kill(pid, signal.SIGKILL)
             self._replaced.add(pid)
-        self.ctl_src = None
+        self._forget_source_line()
         down_until = self.injector.down_until if self.injector is not None else 0.0
         self.respawn_at = max(time.monotonic(), down_until)
 

@@ -241,7 +241,8 @@ class Source:
         return self.rp.shut is None
 
     def _command(self) -> bool | None:
-        """Read one control message: True = start the background stream, None = nothing, False = EOF."""
+        """Read the control messages that are in: True = start the background stream, None = nothing,
+        False = EOF."""
         start = None
         while True:  # every message already read: "go" and "stream" may come in one read
             msg = self.control.recv(0)
