@@ -521,7 +521,8 @@ class Run:
         if not self.log.paused:  # paused, nothing is expected to move: the pause has its own deadline
             self.stall.check()
         self._inject()
-        lines = [c for c in (self.ctl_src, self.ctl_dst) if c is not None]
+        # the handler exits once it sent its stats: its EOF after that is no news
+        lines = [c for c in (self.ctl_src, self.ctl_dst if self.dst_stats is None else None) if c is not None]
         r, _, _ = select.select(lines + [self.worker_status], [], [], 0.05)
         for ctl in r:
             if ctl is self.worker_status:
