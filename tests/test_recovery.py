@@ -155,6 +155,21 @@ def test_recovery_on_an_unlimited_link(tmp_path, clean_machine):
     assert_clean()
 
 
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_recovery_with_the_stream_on_a_1gbit_link(tmp_path, transport, clean_machine):
+    """Background stream and faults on --link 1gbit,1ms: a crash, then a link drop, mid-stream."""
+    base = ["run", "--vcpus", "2", "--ram", "64M", "--link", "1gbit,1ms", "--quiet"]
+    code, err, rep = _run(tmp_path, "source-crash@0.2", "link-drop@0.4", base=base, extra=("--transport", transport))
+    assert code == 0 and rep["status"] == "completed", err
+    v = rep["verification"]
+    assert v["mismatches"] == 0 and v["ram-bad-pages"] == 0 and rep["pages"]["placed"] == rep["pages"]["total"]
+    rec = rep["recovery"]
+    assert [i["fired-at-s"] is not None for i in rec["injected"]] == [True, True]
+    assert rec["pauses"] >= 1 and rec["resumes"] == rec["pauses"]
+    assert rep["pages"]["background"] > 0 and rep["pages"]["requested"] > 0
+    assert_clean()
+
+
 def test_source_that_never_comes_back_fails_in_one_line(tmp_path, clean_machine):
     """Every replacement killed as it starts: after the restart limit the run fails, naming why."""
     t0 = time.monotonic()
