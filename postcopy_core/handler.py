@@ -189,6 +189,7 @@ class Destination:
                     self._pause(loop, ep, pri, "a page channel ended before every page arrived")
                 if self.state != ACTIVE:
                     self._recovery_turn(loop, ep, pri)
+                    idle_since = None  # a pause has the orchestrator's deadline, not this one
                     continue
                 # a whole turn of silence while pages are missing and the workers are done: stuck
                 if quitting and loop.idle_ns >= LOOP_BUDGET_MS * 900_000:
