@@ -304,3 +304,27 @@ def test_received_map_is_sent_in_chunks_that_round_trip():
     assert data.count(b"\x00\x07") >= 3  # three RECV_BITMAP messages (be16 type 7)
     reader = ReturnPathReader(Geometry(4096, npages * 4096))
     assert reader.feed(data) == [] and reader.resumed and bytes(reader.received) == received
+
+
+def test_source_takes_go_and_stream_from_one_read():
+    """A replacement source after the workload gets "go" and then "stream" at once; both sit in one
+    read of its control line, and the second must not be left unseen in the buffer (the source
+    would answer requests only and the run stall)."""
+    import socket
+    from types import SimpleNamespace
+
+    from postcopy_core.channel import ControlLine
+    from postcopy_core.source import Source
+
+    a, b = socket.socketpair()
+    try:
+        ControlLine(a).send(cmd="go", background=False)
+        ControlLine(a).send(cmd="stream")
+        line = ControlLine(b)
+        assert Source._command(SimpleNamespace(control=line)) is True
+        assert line.buf == b""
+        ControlLine(a).send(cmd="go", background=False)
+        assert Source._command(SimpleNamespace(control=line)) is None  # demand only: nothing to start
+    finally:
+        a.close()
+        b.close()
