@@ -83,9 +83,11 @@ def _add_run(sub) -> None:
     p.add_argument("--inject", action="append", metavar="KIND@SECONDS[:HOLD][,vcpu=N]",
                    help="inject a fault SECONDS after the workload starts (repeatable): worker-crash (SIGKILL "
                         "vCPU N, default 0: the run ends completed-degraded), worker-stall / source-stall "
-                        "(SIGSTOP, SIGCONT after HOLD s, default 2), handler-crash; source-crash and link-drop "
-                        "fail the run until postcopy recovery exists. The report's recovery section says what "
-                        "happened (default: none)")
+                        "(SIGSTOP, SIGCONT after HOLD s, default 2), handler-crash (fails the run); source-crash "
+                        "(SIGKILL the source) and link-drop (shut the page channels down) are survived by "
+                        "postcopy recovery: the destination pauses, a new source starts (after HOLD s if given) "
+                        "and the run resumes; recovery-crash kills the next new source as it starts. The "
+                        "report's recovery section says what happened (default: none)")
     p.add_argument("--stall-timeout", type=float, metavar="SECONDS", default=d.stall_timeout,
                    help="fail the run, naming who, when a vCPU, the source or the handler makes no progress "
                         "for this long (at least 3 page times of --link) (default %(default)g)")

@@ -9,11 +9,16 @@ outside (signals, a socket shutdown), like a real failure would; nothing of it i
 - ``source-stall``: SIGSTOP the source, SIGCONT after ``HOLD`` seconds (default 2).
 - ``handler-crash``: SIGKILL the fault handler: the run fails (a lost handler is never survivable
   here: its uffds close and the kernel would fill zero pages).
-- ``source-crash`` (SIGKILL the source) and ``link-drop`` (shut the page channels down): the run
-  fails naming the injection, since postcopy recovery (postcopy-paused, a new source, resume) does
-  not exist yet.
+- ``source-crash`` (SIGKILL the source) and ``link-drop`` (shut both page channels down, on the
+  Unix or the TCP transport): postcopy recovery.  The destination goes to postcopy-paused (vCPUs stay
+  blocked), the orchestrator starts a new source (after ``HOLD`` seconds if given: the source or the
+  link is down that long), the destination sends its received map and asks again for what its
+  vCPUs wait for, and the run completes.
+- ``recovery-crash``: SIGKILL the next replacement source started after SECONDS the moment it starts,
+  before the resume completes (a failure during recovery itself); the one after it resumes.
 
-A stall longer than ``--stall-timeout`` fails the run as a real one would.
+A stall longer than ``--stall-timeout`` fails the run as a real one would, and so does a pause that
+no new source ends within ``--stall-timeout``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-KINDS = ("worker-crash", "worker-stall", "source-crash", "source-stall", "handler-crash", "link-drop")
+from harness.recovery import RecoveryLog
+
+KINDS = ("worker-crash", "worker-stall", "source-crash", "source-stall", "handler-crash", "link-drop",
+         "recovery-crash")
 STALLS = ("worker-stall", "source-stall")
-NEEDS_RECOVERY = ("source-crash", "link-drop")  # fatal until the destination can pause and resume
+OUTAGES = ("source-crash", "link-drop")  # survived by postcopy recovery; :HOLD = how long it stays down
 DEFAULT_HOLD_S = 2.0
 SYNTAX = "KIND@SECONDS[:HOLD][,vcpu=N]"
 _RE = re.compile(r"([a-z-]+)@([0-9.]+)(?::([0-9.]+))?(?:,vcpu=(\d+))?")
@@ -64,8 +72,8 @@ def parse_injection(text: str, vcpus: int) -> Injection:
         raise ValueError(f"--inject {text!r}: SECONDS and HOLD are numbers of seconds") from None
     if not 0 <= at_s < 1e6 or (hold_s is not None and not 0 < hold_s < 1e6):
         raise ValueError(f"--inject {text!r}: SECONDS must be 0..1e6 and HOLD positive")
-    if hold_s is not None and kind not in STALLS:
-        raise ValueError(f"--inject {text!r}: only {' and '.join(STALLS)} take :HOLD")
+    if hold_s is not None and kind not in STALLS + OUTAGES:
+        raise ValueError(f"--inject {text!r}: only {', '.join(STALLS + OUTAGES)} take :HOLD")
     if vcpu is not None and not kind.startswith("worker-"):
         raise ValueError(f"--inject {text!r}: only worker-crash and worker-stall take vcpu=N")
     if vcpu is not None and int(vcpu) >= vcpus:
@@ -85,7 +93,8 @@ class Injector:
     """Fires the run's injections on time; :meth:`record` is the report's ``recovery`` section.
 
     ``pid_of`` maps "source", "fault" or a vCPU index to a pid; ``link`` holds the orchestrator's
-    ends of the page channels (Unix transport), which ``link-drop`` shuts down.
+    copies of the destination's page-channel sockets (kept current across recoveries), which
+    ``link-drop`` shuts down.
     """
 
     def __init__(self, injections: list[Injection], pid_of: Callable[[str | int], int | None],
@@ -95,6 +104,8 @@ class Injector:
         self.todo = sorted(injections, key=lambda i: i.at_s)
         self.held: list[tuple[float, int, dict]] = []  # (when to SIGCONT, pid, its record)
         self.done: list[dict] = []
+        self.armed: list[dict] = []  # recovery-crash records waiting for the next replacement source
+        self.down_until = 0.0  # monotonic time before which no new source may start (an outage's HOLD)
 
     def poll(self) -> None:
         """Fire what is due, continue what was held long enough; raises InjectionFailed when an
@@ -117,7 +128,7 @@ class Injector:
         if inj.hold_s is not None:
             rec["hold-s"] = inj.hold_s
         self.done.append(rec)
-        if pid is None and inj.kind != "link-drop":
+        if pid is None and inj.kind not in ("link-drop", "recovery-crash"):
             rec["outcome"] = f"not fired: {who} had already ended"
             return
         if inj.kind in STALLS:
@@ -130,22 +141,34 @@ class Injector:
         elif inj.kind == "handler-crash":
             _signal(pid, signal.SIGKILL)
             rec["outcome"] = "killed: the run fails (a lost handler cannot be survived)"
+        elif inj.kind == "recovery-crash":
+            rec["target"], rec["pid"] = "the next replacement source", None
+            rec["outcome"] = "armed: no recovery started after it"
+            self.armed.append(rec)
         else:
             if inj.kind == "source-crash":
                 _signal(pid, signal.SIGKILL)
             else:
-                for s in self.link:  # one end of each page channel: both sides see the link go
+                for s in self.link:  # the destination's end of each page channel: both sides see the link go
                     try:
                         s.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
-            rec["outcome"] = "the run fails: postcopy recovery is not implemented yet"
-            if inj.kind == "link-drop" and not self.link:
-                rec["outcome"] += " (TCP: the orchestrator holds no end of the channels, none was shut)"
-            what = "the source was killed" if inj.kind == "source-crash" else "the link was dropped"
-            raise InjectionFailed(f"--inject {inj}: {what} "
-                                  "and postcopy recovery (postcopy-paused, a new source, resume) is not "
-                                  "implemented yet, so the run cannot survive it")
+            rec["outcome"] = "killed" if inj.kind == "source-crash" else "both page channels shut down"
+            rec["_t"] = now
+            self.down_until = max(self.down_until, now + (inj.hold_s or 0.0))
+
+    def source_started(self, pid: int) -> bool:
+        """A replacement source was just started: kill it at once if a recovery-crash is armed
+        (True then)."""
+        if not self.armed:
+            return False
+        rec = self.armed.pop(0)
+        _signal(pid, signal.SIGKILL)
+        rec["pid"] = pid
+        rec["fired-at-s"] = round(time.monotonic() - self.t_go, 3)
+        rec["outcome"] = "killed the replacement source as it started, before the resume completed"
+        return True
 
     def finish(self) -> None:
         """Continue anything still stopped (the run ended or failed meanwhile) and mark what never fired."""
@@ -153,15 +176,39 @@ class Injector:
             _signal(pid, signal.SIGCONT)
             rec["outcome"] = "stopped; the run ended before the hold did"
         self.held.clear()
+        for rec in self.armed:
+            rec["outcome"] = "armed; no replacement source was started after it"
+        self.armed.clear()
         for inj in self.todo:
             self.done.append({"injection": str(inj), "kind": inj.kind, "at-s": inj.at_s, "fired-at-s": None,
                               "target": None, "pid": None, "outcome": "not fired: the run ended first"})
         self.todo.clear()
 
-    def record(self) -> dict:
-        """The report's ``recovery`` section (pauses, resumes and paused time stay 0 until the
-        destination can pause and resume)."""
-        return {"injected": list(self.done), "pauses": 0, "resumes": 0, "paused-s": 0.0}
+    def record(self, log: RecoveryLog | None = None) -> dict:
+        """The report's ``recovery`` section: each injection with what came of it, and the run's
+        pauses, resumes and paused time (``log``)."""
+        log = log or RecoveryLog(self.t_go)
+        done = []
+        for rec in self.done:
+            rec = dict(rec)
+            t = rec.pop("_t", None)
+            if t is not None:  # an outage: what the destination did after it
+                rec["outcome"] += "; " + _after_outage(log, round(t - self.t_go, 3))
+            done.append(rec)
+        return {"injected": done, **log.summary()}
+
+
+def _after_outage(log: RecoveryLog, at: float) -> str:
+    """What the destination did after an outage at ``at`` s: paused, resumed (when), or not."""
+    events = [e for e in log.events if e["at-s"] >= at - 0.001]
+    paused = next((e for e in events if e["event"] in ("paused", "still-paused")), None)
+    if paused is None:
+        return "the destination did not pause (every page was in, or the run ended first)"
+    resumed = next((e for e in events if e["event"] == "resumed" and e["at-s"] >= paused["at-s"]), None)
+    if resumed is None:
+        return "the destination paused (postcopy-paused) and no new source resumed it"
+    return (f"the destination paused (postcopy-paused) and resumed with a new source "
+            f"{resumed['at-s'] - at:.3f} s later")
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -3,6 +3,10 @@
 The orchestrator owns every resource of the run (memfd, named shared memory, sockets, children)
 and releases all of them in one place, :meth:`Run.teardown`, whatever ends the run: success, a
 dead child, a timeout, Ctrl-C or SIGTERM.
+
+A lost source (killed, or its link dropped) is survived by postcopy recovery: the destination
+pauses and says so, the orchestrator starts a new source (:meth:`Run._start_source`) and hands the
+destination its channels, the destination resumes (harness/recovery.py keeps the count).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from harness.config import RunConfig, parse_endpoint
 from harness.inject import InjectionFailed, Injector, failure_note
 from harness.netns import NetnsError, NetnsLink, sweep_stale_netns
 from harness.progress import RunProgress
+from harness.recovery import RESTART_LIMIT, RecoveryLog
 from harness.stall import StallWatch, effective_timeout
 from harness.supervise import Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
@@ -84,6 +89,18 @@ class Run:
         self._link: list[socket.socket] = []
         self.netns: NetnsLink | None = None  # run --link-mode netns: the source's namespace (harness/netns.py)
         self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
+        # postcopy recovery (see the top): the current source's control line, which source it is
+        # (0: the first), when to start the next one, the stats the services reported
+        self.log = RecoveryLog()
+        self.ctl_src: ControlLine | None = None
+        self.ctl_dst: ControlLine | None = None
+        self.src_gen = 0
+        self.respawn_at: float | None = None
+        self.stream_all = False  # --no-background: the source was told to stream the rest
+        self.src_stats: dict | None = None
+        self.dst_stats: dict | None = None
+        self._source_args: dict = {}  # what _start_source needs: spec, geometry, key (TCP)
+        self._replaced: set[int] = set()  # sources we killed because their destination had paused
 
     # ------------------------------------------------------------ setup helpers
 
@@ -173,7 +190,12 @@ class Run:
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tcp_connect(port, CHANNEL_STREAM, key, host), tcp_connect(port, CHANNEL_URGENT, key, host)
+
+            def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
+                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host),
+                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host))
         else:
+            key = None
             s_src, s_dst = self._pair()
             u_src, u_dst = self._pair()
             self._link = [s_dst, u_dst]  # what --inject link-drop shuts down
@@ -184,6 +206,13 @@ class Run:
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tune(s_dst), tune(u_dst)
+
+            def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
+                if len(fds) != 2:
+                    raise ConnectionError(f"the resume message carried {len(fds)} fds, not 2")
+                return tune(socket.socket(fileno=fds[0])), tune(socket.socket(fileno=fds[1]))
+        self._source_args = dict(spec=spec, geo=geo, key=key, host=host if key else None,
+                                 link=src_link if key else cfg.link_model)
 
         dst_keep = {self.ram.fd, quit_fd, ctl_dst_child.fileno(), ev_child.fileno(), handoff.fileno()}
         if cfg.transport == "unix":
@@ -202,11 +231,15 @@ class Run:
             handoff.close()
             stream, urgent = dest_channels()
             ports.sort(key=lambda p: p.vcpu)
-            control.send(event="ready", vcpus=cfg.vcpus)
+            if cfg.transport == "tcp":  # the orchestrator keeps copies of our channels (--inject link-drop)
+                control.send_fds([stream.fileno(), urgent.fileno()], event="ready", vcpus=cfg.vcpus)
+            else:
+                control.send(event="ready", vcpus=cfg.vcpus)
             return destination_main(dict(
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
-                wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5))
+                wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
+                reconnect=dest_reconnect, share_channels=cfg.transport == "tcp"))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             if role == "source" and remote:
@@ -217,6 +250,10 @@ class Run:
             if role == "source" and cfg.transport == "tcp":  # only the source listens: once it has its
                 self.socks.remove(ls)                         # channels, connects fail
                 ls.close()
+            elif role == "source":  # only the source holds its ends, so the destination sees EOF when it dies
+                for sock in (s_src, u_src):
+                    self.socks.remove(sock)
+                    sock.close()
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
@@ -232,9 +269,10 @@ class Run:
 
         ctl_src = remote_ctl if remote else ControlLine(ctl_src_parent)
         ctl_dst = ControlLine(ctl_dst_parent)
+        self.ctl_src, self.ctl_dst = ctl_src, ctl_dst
         ctl_dst.send(cmd="workers", parent=self.zygote.pid)
         self._expect(ctl_src, "ready", "source", STARTUP_TIMEOUT)
-        self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT)
+        self._keep_link(ctl_dst, self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT))
         self._wait_workers_ready(STARTUP_TIMEOUT)
         startup_s = time.monotonic() - t_fork
 
@@ -249,18 +287,25 @@ class Run:
         self.going = True
         os.close(start_w)
         self.fds.remove(start_w)
+        self.log = RecoveryLog()
         ctl_src.send(cmd="go", background=cfg.background)
         self.stall = self._stall_watch()
         if cfg.injections:
             self.injector = Injector(cfg.injections, self._pid_of, self._link)
+            self.injector.t_go = self.log.t_go
         self._supervise_workers([ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
         if not cfg.background:
-            ctl_src.send(cmd="stream")
+            self.stream_all = True  # a source started from now on streams at once too
+            self._send_source(cmd="stream")
 
         os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
-        dst_stats = self._expect(ctl_dst, "stats", "fault handler", SHUTDOWN_TIMEOUT, watch=True)["stats"]
-        src_stats = self._expect(ctl_src, "stats", "source", SHUTDOWN_TIMEOUT)["stats"]
+        self._serve_until(lambda: self.dst_stats is not None, SHUTDOWN_TIMEOUT, "the fault handler did not report "
+                          f"'stats' within {SHUTDOWN_TIMEOUT:.0f} s")
+        self._serve_until(lambda: self.src_stats is not None or self.ctl_src is None, SHUTDOWN_TIMEOUT,
+                          f"the source did not report 'stats' within {SHUTDOWN_TIMEOUT:.0f} s")
+        dst_stats = self.dst_stats
+        src_stats = self.src_stats or dict.fromkeys(("cpu_s", "bytes_sent", "requests", "requested_already_sent"), 0)
         t_done = time.monotonic_ns()
         self._wait_exit(SHUTDOWN_TIMEOUT)
         if self._ev_thread:
@@ -329,11 +374,11 @@ class Run:
         return next((p for p, r in self.children.roles.items() if r == target and p in self.children.alive()), None)
 
     def recovery(self) -> dict:
-        """The report's recovery section: what --inject did (and, later, the pauses and resumes)."""
+        """The report's recovery section: what --inject did, the pauses and resumes."""
         if self.injector is None:
-            return {"injected": [], "pauses": 0, "resumes": 0, "paused-s": 0.0}
+            return {"injected": [], **self.log.summary()}
         self.injector.finish()
-        return self.injector.record()
+        return self.injector.record(self.log)
 
     def _stall_timeout(self) -> float:
         link = self.cfg.link_model
@@ -420,6 +465,9 @@ class Run:
         # a death by signal first: a peer's error exit at the same moment (a reset connection) is its consequence
         for pid, role, status in sorted(self.children.reap(), key=lambda c: not os.WIFSIGNALED(c[2])):
             if pid in expected_exit and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                continue
+            if role == "source" and self.going:  # postcopy recovery replaces it
+                self._source_lost(pid, status)
                 continue
             if role == "zygote" and self.workers_done and self._workers_ended() == self.area.nvcpus:
                 continue
@@ -511,19 +559,204 @@ class Run:
             self._tick()
             self._worker_exits()
             self._check_children({self.zygote.pid})
-            self.stall.check()
-            self._inject()
-            r, _, _ = select.select(ctls + [self.worker_status], [], [], 0.05)
-            for ctl in r:
-                if ctl is self.worker_status:
-                    continue
-                msg = ctl.recv(1.0)
-                if msg is None:
-                    self._closed("source" if ctl is ctls[0] else "fault handler")
-                if msg.get("event") == "error":
-                    self._service_error(msg.get("error", "a service process failed"), ctl is ctls[1])
+            self._serve_turn()
             if time.monotonic() > deadline:
                 raise RunFailed(f"the run did not finish within --timeout {self.cfg.timeout:g} s")
+
+    def _serve_until(self, done, timeout: float, error: str) -> None:
+        """After the workload: serve the services (and any recovery) until ``done()``."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            self._check_children(set(self.children.roles))
+            self._tick()
+            self._serve_turn()
+            if time.monotonic() > deadline:
+                raise RunFailed(error)
+
+    def _serve_turn(self) -> None:
+        """One supervision turn after go: stalls, injections, recovery, the services' messages."""
+        self._recovery_turn()
+        if not self.log.paused:  # paused, nothing is expected to move: the pause has its own deadline
+            self.stall.check()
+        self._inject()
+        # the handler exits once it sent its stats: its EOF after that is no news
+        lines = [c for c in (self.ctl_src, self.ctl_dst if self.dst_stats is None else None) if c is not None]
+        r, _, _ = select.select(lines + [self.worker_status], [], [], 0.05)
+        for ctl in r:
+            if ctl is self.worker_status:
+                continue
+            while True:  # every message already read, not only the first
+                msg = ctl.recv(1.0)
+                self._on_message(ctl, msg)
+                if msg is None or ctl not in (self.ctl_src, self.ctl_dst) or b"\n" not in ctl.buf:
+                    break
+
+    def _on_message(self, ctl: ControlLine, msg: dict | None) -> None:
+        """A message from the handler or the current source (after go)."""
+        from_handler = ctl is self.ctl_dst
+        if msg is None:
+            if from_handler:
+                self._closed("fault handler")
+            self._forget_source_line()  # the source is dying: its death is reaped, the destination pauses
+            return
+        event = msg.get("event")
+        if event == "error":
+            self._service_error(msg.get("error", "a service process failed"), from_handler)
+        if from_handler:
+            if event == "paused":
+                self._on_paused(msg)
+            elif event == "resumed":
+                self._on_resumed(ctl, msg)
+            elif event == "stats":
+                self.dst_stats = msg["stats"]
+        elif event == "ready":  # a replacement source is up: it waits for the received map, then serves
+            self._send_source(cmd="go", background=self.cfg.background or self.stream_all)
+        elif event == "stats":
+            self.src_stats = msg["stats"]
+
+    def _forget_source_line(self) -> None:
+        """Close the control line of a source that is gone or being replaced."""
+        if self.ctl_src is not None and self.ctl_src.sock in self.socks:
+            self.socks.remove(self.ctl_src.sock)
+            self.ctl_src.sock.close()
+        self.ctl_src = None
+
+    def _send_source(self, **msg) -> None:
+        try:
+            if self.ctl_src is not None:
+                self.ctl_src.send(**msg)
+        except OSError:
+            self._forget_source_line()  # it died meanwhile: the destination pauses, a new one gets the command
+
+    # ------------------------------------------------------------ postcopy recovery
+
+    def _keep_link(self, ctl: ControlLine, msg: dict) -> None:
+        """TCP: the destination's copies of its page channels (``nfds``), for --inject link-drop."""
+        fds = ctl.take_fds(int(msg.get("nfds", 0)))
+        if fds:
+            self._drop_link_copies()
+            socks = [socket.socket(fileno=fd) for fd in fds]
+            self.socks += socks
+            self._link[:] = socks
+
+    def _drop_link_copies(self) -> None:
+        for sock in self._link:
+            if sock in self.socks:
+                self.socks.remove(sock)
+            sock.close()
+        self._link.clear()
+
+    def _on_paused(self, msg: dict) -> None:
+        """The destination is postcopy-paused: replace the source (at once, or after an outage's HOLD)."""
+        if int(msg.get("gen", 0)) < self.src_gen:
+            return  # about a source already replaced
+        self.log.pause(str(msg.get("why", "")), msg.get("placed"))
+        pid = self._pid_of("source")
+        if pid is not None:
+            done = self._workers_ended() >= self.area.nvcpus  # as the caller's loop would (see _serve_until)
+            self._check_children(set(self.children.roles) if done else {self.zygote.pid})  # logs a dead source
+        if pid is not None and pid in self.children.alive():
+            # cut off from its destination (a dropped link), or dying already: it cannot serve any more
+            os.kill(pid, signal.SIGKILL)
+            self._replaced.add(pid)
+        self._forget_source_line()
+        down_until = self.injector.down_until if self.injector is not None else 0.0
+        self.respawn_at = max(time.monotonic(), down_until)
+
+    def _on_resumed(self, ctl: ControlLine, msg: dict) -> None:
+        if int(msg.get("gen", -1)) != self.src_gen:
+            return
+        self.log.resume()
+        self._keep_link(ctl, msg)
+        self.stall.reset()
+
+    def _source_lost(self, pid: int, status: int) -> None:
+        """A source process ended mid-run: not fatal, the destination pauses and a new one starts."""
+        if pid in self._replaced:
+            self.log.source_lost(f"the source (pid {pid}) {describe_status(status)} (replaced: its destination "
+                                 "had paused)")
+        else:
+            self.log.source_lost(f"the source (pid {pid}) {describe_status(status)}{self.stderr.reason('source')}")
+
+    def _recovery_turn(self) -> None:
+        """Start the next source when due; give up on a pause no source ended within the stall timeout."""
+        if self.respawn_at is not None and time.monotonic() >= self.respawn_at:
+            self.respawn_at = None
+            self._replace_source()
+        limit = self._stall_timeout()
+        if self.log.paused and self.log.paused_for() > limit:
+            cause = f" (last: {self.log.last_cause})" if self.log.last_cause else ""
+            raise RunFailed(f"the destination stayed postcopy-paused for {limit:g} s: no new source resumed "
+                            f"it{cause}")
+
+    def _replace_source(self) -> None:
+        if self.log.restarts_in_a_row >= RESTART_LIMIT:
+            raise RunFailed(f"the source could not be restarted: {RESTART_LIMIT} new sources in a row were lost "
+                            f"before the destination resumed (last: {self.log.last_cause})")
+        self.src_gen += 1
+        try:
+            pid, ctl, resume, socks = self._start_source(self.src_gen)
+        except OSError as e:
+            raise RunFailed(f"the source could not be restarted: {e}") from None
+        self.log.restart(pid)
+        self.ctl_src, self.src_stats = ctl, None  # stats an old source sent on its way out do not count
+        if self.stall is not None:
+            self.stall.services["the source"] = pid
+        if self.injector is not None:
+            self.injector.source_started(pid)  # --inject recovery-crash kills it right here
+        fds = [s.fileno() for s in socks]
+        if fds:
+            self.ctl_dst.send_fds(fds, cmd="resume", gen=self.src_gen, **resume)
+        else:
+            self.ctl_dst.send(cmd="resume", gen=self.src_gen, nfds=0, **resume)
+        if socks:  # Unix: our copies of the destination's ends are what link-drop shuts down
+            self._drop_link_copies()
+            self._link[:] = socks
+
+    def _start_source(self, gen: int) -> tuple[int, ControlLine, dict, list[socket.socket]]:
+        """Start a replacement source for the paused destination, on new channels of the run's
+        transport (Unix socketpairs, or a new TCP listener with the same key).  Returns its pid, its
+        control line, what the destination's ``resume`` message needs (the TCP port) and the sockets
+        whose fds go with that message (the destination's Unix ends).  The one place a later source
+        is made: swap it to wait for an external source instead."""
+        cfg, a = self.cfg, self._source_args
+        ctl_parent, ctl_child = self._pair()
+        if cfg.source is not None:
+            raise RunFailed(f"the source at {cfg.source} was lost, and a remote source is not restarted")
+        if cfg.transport == "tcp":
+            if self.netns is not None:  # the replacement lives in the same shaped namespace
+                with self.netns.entered():
+                    ls = tcp_listener(a["host"])
+            else:
+                ls = tcp_listener()
+            self.socks.append(ls)
+            keep, resume, give = {ls.fileno(), ctl_child.fileno()}, {"port": ls.getsockname()[1]}, []
+
+            def body() -> int:
+                if self.netns is not None:
+                    self.netns.enter()
+                stream, urgent = tcp_accept_channels(ls, a["key"], timeout=STARTUP_TIMEOUT)
+                return source_main(a["spec"], a["geo"], stream, urgent, a["link"], ControlLine(ctl_child),
+                                   resume=True)
+            mine = [ls]
+        else:
+            s_src, s_dst = self._pair()
+            u_src, u_dst = self._pair()
+            keep, resume, give = {s_src.fileno(), u_src.fileno(), ctl_child.fileno()}, {}, [s_dst, u_dst]
+
+            def body() -> int:
+                return source_main(a["spec"], a["geo"], tune(s_src), tune(u_src), a["link"],
+                                   ControlLine(ctl_child), resume=True)
+            mine = [s_src, u_src]
+        w = self.stderr.pipe("source")
+        try:
+            pid = self.children.spawn("source", keep, body, self._cpus(0), stderr=w)
+        finally:
+            os.close(w)
+        for sock in [*mine, ctl_child]:  # the child's now: EOFs reach the right process
+            self.socks.remove(sock)
+            sock.close()
+        return pid, ControlLine(ctl_parent), resume, give
 
     def _wait_exit(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -646,7 +879,7 @@ def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
     try:
         return run.execute()
     except RunFailed as e:
-        if run.injector is None:
+        if run.injector is None and not run.log.pauses:
             raise
         rec = run.recovery()  # a failed run's report still says what was injected
         failed = RunFailed(f"{e}{failure_note(rec) if '--inject' not in str(e) else ''}")

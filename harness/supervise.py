@@ -107,7 +107,12 @@ class ChildStderr:
         """A new pipe for ``role``; returns the write end (the caller closes it once the child has it)."""
         r, w = os.pipe()
         os.set_blocking(r, False)
-        self._read[role], self._partial[role], self.lines[role] = r, b"", deque(maxlen=self.TAIL)
+        if role in self._read:  # a later process in the same role (a replacement source): one history
+            self.drain()
+            os.close(self._read[role])
+        else:
+            self.lines[role] = deque(maxlen=self.TAIL)
+        self._read[role], self._partial[role] = r, b""
         return w
 
     def drain(self) -> None:

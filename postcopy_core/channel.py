@@ -202,21 +202,43 @@ class Outbox:
 
 
 class ControlLine:
-    """One JSON object per line over a stream socket (orchestrator <-> service process)."""
+    """One JSON object per line over a stream socket (orchestrator <-> service process).
+
+    A message may carry fds (SCM_RIGHTS, :meth:`send_fds`): they wait in :attr:`fds` until
+    :meth:`take_fds` takes them; the message says how many (``nfds``)."""
+
+    MAX_FDS = 8
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = b""
+        self.fds: list[int] = []
 
     def send(self, **msg) -> None:
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def send_fds(self, fds: list[int], **msg) -> None:
+        """One message with ``fds`` attached (its first byte carries them, so they arrive with it)."""
+        data = json.dumps(dict(msg, nfds=len(fds))).encode() + b"\n"
+        sent = socket.send_fds(self.sock, [data], fds)
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+    def take_fds(self, n: int) -> list[int]:
+        """The first ``n`` fds received (a message's ``nfds``); fewer if fewer came."""
+        taken, self.fds = self.fds[:n], self.fds[n:]
+        return taken
 
     def recv(self, timeout: float | None = None) -> dict | None:
         """The next message, or None on EOF or when ``timeout`` passes."""
         while b"\n" not in self.buf:
             if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
                 return None
-            chunk = self.sock.recv(65536)
+            try:
+                chunk, fds, _, _ = socket.recv_fds(self.sock, 65536, self.MAX_FDS)
+            except ConnectionResetError:  # the peer exited with our last message unread: gone all the same
+                return None
+            self.fds += fds
             if not chunk:
                 return None
             self.buf += chunk

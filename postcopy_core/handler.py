@@ -15,6 +15,15 @@ Placement (QEMU's postcopy_place_page + postcopy_notify_shared_wake), ``pch_dest
 
 Pages without a waiter go in through the destination's own mapping and uffd (the "carrier"), so
 placement never depends on a worker still being alive.
+
+Postcopy recovery (QEMU's postcopy-paused, migrate-recover): when a page channel ends before every
+page is in (the source died, the link dropped), the destination goes to ``postcopy-paused`` and says
+so on the control line.  It keeps every uffd open and keeps reading faults (they wait, as requests
+for the next source); nothing is placed, so no vCPU ever sees a page the source did not send.  The
+orchestrator answers with a new source's channels (``resume``); the destination drops what the old
+source half sent, sends its received map and asks again for every page a fault waits for
+(``pch_dest_reconnect``, ``postcopy-recover``), and is ``postcopy-active`` again once the new source
+said HELLO on both channels.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
@@ -47,11 +57,17 @@ EVENT = struct.Struct("<qQiIBB")
 EV_FAULT = ord("F")
 EV_PLACED = ord("P")
 LOOP_BUDGET_MS = 50  # the C loop returns this often to ship events and watch the clock
+PAUSED_BUDGET_MS = 10  # paused: the loop also looks at the control line for a new source this often
+ACTIVE, PAUSED, RECOVER = "postcopy-active", "postcopy-paused", "postcopy-recover"  # QEMU's state names
 NO_PROGRESS_S = 30.0
 
 STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "pages_requested", "placed",
                "placed_urgent", "placed_background", "placed_zero", "duplicates", "wakes", "copy_eexist",
-               "dead_ports", "eos", "frames", "board_wakes", "t_last_place")
+               "dead_ports", "eos", "frames", "board_wakes", "t_last_place", "reconnects", "re_requested")
+
+# how the destination gets a new source's channels from the orchestrator's ``resume`` message (and
+# the fds it carried): a pair of connected page-channel sockets (stream, urgent)
+Reconnect = Callable[[dict, list[int]], tuple[socket.socket, socket.socket]]
 
 
 class Port:
@@ -73,7 +89,8 @@ class Destination:
     def __init__(self, geo: Geometry, spec: ContentSpec, memfd: int, hugetlb: bool, received: ReceivedMap,
                  ports: list[Port], stream: socket.socket, urgent: socket.socket, quit_fd: int,
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
-                 board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S) -> None:
+                 board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
+                 reconnect: Reconnect | None = None, share_channels: bool = False) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
@@ -106,6 +123,10 @@ class Destination:
         self.stream, self.urgent = stream, urgent  # the return path rides the stream socket backwards
         self._len = ffi.new("uint64_t *")
         self.no_progress_s = no_progress_s  # the orchestrator's stall watch, which names who, comes first
+        self.reconnect = reconnect  # None: a lost source fails the run (no recovery)
+        self.share_channels = share_channels  # TCP: hand the orchestrator our channel fds (for link-drop)
+        self.state = ACTIVE
+        self.gen = 0  # which source the channels belong to (the orchestrator's resume counts them)
 
     def _c_failed(self, what: str) -> HandlerError:
         text = ffi.string(lib.pch_dest_error(self.d)).decode()
@@ -156,13 +177,20 @@ class Destination:
         idle_since = None
         try:
             while not (quitting and self.complete):
-                rc = lib.pch_dest_run(self.d, loop, LOOP_BUDGET_MS)  # the GIL is released in there
+                budget = LOOP_BUDGET_MS if self.state == ACTIVE else PAUSED_BUDGET_MS
+                rc = lib.pch_dest_run(self.d, loop, budget)  # the GIL is released in there
                 if rc < 0:
                     raise self._c_failed("destination")
                 self.ship_events()
                 quitting = quitting or bool(loop.quit_seen)
                 if rc == lib.PCH_RUN_EOF and not self.complete:
-                    raise HandlerError("the source closed a page channel before every page arrived")
+                    if self.reconnect is None:
+                        raise HandlerError("the source closed a page channel before every page arrived")
+                    self._pause(loop, ep, pri, "a page channel ended before every page arrived")
+                if self.state != ACTIVE:
+                    self._recovery_turn(loop, ep, pri)
+                    idle_since = None  # a pause has the orchestrator's deadline, not this one
+                    continue
                 # a whole turn of silence while pages are missing and the workers are done: stuck
                 if quitting and loop.idle_ns >= LOOP_BUDGET_MS * 900_000:
                     idle_since = idle_since or time.monotonic()
@@ -174,9 +202,65 @@ class Destination:
         finally:
             ep.close()
             pri.close()
-        self.stream.setblocking(True)
-        self.stream.sendall(encode_shut(0))
+        try:
+            self.stream.setblocking(True)
+            self.stream.sendall(encode_shut(0))
+        except OSError:
+            pass  # every page is in: a source that went away meanwhile is owed nothing
         return self.finish()
+
+    # ------------------------------------------------------------ postcopy recovery
+
+    def _pause(self, loop, ep: select.epoll, pri: select.epoll, why: str) -> None:
+        """postcopy-paused: drop the dead channels, keep serving faults, tell the orchestrator."""
+        for sock, epset in ((self.stream, ep), (self.urgent, pri)):
+            try:
+                epset.unregister(sock.fileno())
+            except (OSError, ValueError):
+                pass  # the C loop took it out at EOF already
+            sock.close()
+        loop.stream_fd = loop.urgent_fd = -1
+        self.state = PAUSED
+        self.control.send(event="paused", gen=self.gen, why=why, placed=self.placed)
+
+    def _recovery_turn(self, loop, ep: select.epoll, pri: select.epoll) -> None:
+        """Paused: take a new source when the orchestrator gives one.  Recovering: active again
+        once the new source said HELLO on both channels."""
+        if self.state == RECOVER:
+            if lib.pch_dest_hellos(self.d) == 2:
+                self.state = ACTIVE
+                msg = dict(event="resumed", gen=self.gen, placed=self.placed)
+                if self.share_channels:
+                    self.control.send_fds([self.stream.fileno(), self.urgent.fileno()], **msg)
+                else:
+                    self.control.send(**msg)
+            return
+        if not select.select([self.control.sock], [], [], 0)[0] and b"\n" not in self.control.buf:
+            return
+        msg = self.control.recv(1.0)
+        if msg is None:
+            raise HandlerError("the orchestrator closed the control line while the destination was paused")
+        fds = self.control.take_fds(int(msg.get("nfds", 0)))
+        if msg.get("cmd") != "resume":
+            for fd in fds:
+                os.close(fd)
+            return
+        self.gen = int(msg.get("gen", self.gen + 1))
+        try:
+            self.stream, self.urgent = self.reconnect(msg, fds)
+        except OSError as e:  # ConnectionError, AuthError...: still paused, the orchestrator tries again
+            self.control.send(event="paused", gen=self.gen, why=f"cannot reach the new source: {e}",
+                              placed=self.placed)
+            return
+        loop.stream_fd, loop.urgent_fd = self.stream.fileno(), self.urgent.fileno()
+        ep.register(loop.stream_fd, select.EPOLLIN)
+        pri.register(loop.urgent_fd, select.EPOLLIN)
+        self.state = RECOVER
+        rc = lib.pch_dest_reconnect(self.d, loop.stream_fd)
+        if rc == -errno.EPIPE or rc < 0 and -rc in (errno.ECONNRESET, errno.ENOTCONN):
+            self._pause(loop, ep, pri, "the new source went away during the resume")
+        elif rc < 0:
+            raise self._c_failed("resume")
 
     def finish(self) -> dict:
         """Check every byte of RAM now that all pages are in, and sum up."""

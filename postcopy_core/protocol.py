@@ -4,6 +4,9 @@ Return path (destination -> source), laid out like QEMU's: ``be16 type, be16 len
   REQ_PAGES     payload: be64 offset, be32 len                   (offset/len in bytes, in the RAM block)
   REQ_PAGES_ID  payload: be64 offset, be32 len, u8 idlen, idstr  (sent when the RAM block changes)
   SHUT          payload: be32 status                             (destination is done)
+  RECV_BITMAP   payload: be64 first page, be32 pages, bits       (postcopy recovery: pages the destination
+                                                                  holds, LSB first; to a new source only)
+  RESUME        payload: be64 pages received                     (ends the bitmap; requests follow)
 
 Page stream (source -> destination, on the stream and the urgent channel), our own design:
   header  ``u8 type, u8 flags, be16 count, be32 payload_len, be64 offset``  (16 bytes)
@@ -32,6 +35,8 @@ MAGIC = b"PCHS"
 RP_SHUT = lib.PCH_RP_SHUT
 RP_REQ_PAGES_ID = lib.PCH_RP_REQ_PAGES_ID
 RP_REQ_PAGES = lib.PCH_RP_REQ_PAGES
+RP_RECV_BITMAP = lib.PCH_RP_RECV_BITMAP
+RP_RESUME = lib.PCH_RP_RESUME
 
 # page stream message types and flags
 MSG_HELLO = lib.PCH_MSG_HELLO
@@ -45,6 +50,9 @@ KNOWN_FLAGS = FLAG_URGENT
 RP_HDR = struct.Struct(">HH")
 REQ = struct.Struct(">QI")
 SHUT = struct.Struct(">I")
+BITMAP = struct.Struct(">QI")
+RESUME = struct.Struct(">Q")
+assert BITMAP.size == lib.PCH_BITMAP_HDR
 HDR = struct.Struct(">BBHIQ")
 HELLO = struct.Struct(">4sHIQB")
 assert HDR.size == lib.PCH_HDR_SIZE and HELLO.size == lib.PCH_HELLO_SIZE
@@ -87,6 +95,26 @@ def encode_shut(status: int = 0) -> bytes:
     return RP_HDR.pack(RP_SHUT, SHUT.size) + SHUT.pack(status)
 
 
+def received_bits(received: bytes | bytearray):
+    """One bit per page (LSB first) from one byte per page."""
+    import numpy as np
+
+    return np.packbits(np.frombuffer(bytes(received), np.uint8) != 0, bitorder="little")
+
+
+def encode_received(received: bytes | bytearray) -> bytes:
+    """The received map (one byte per page) as RECV_BITMAP messages and RESUME, as a paused
+    destination sends it to a new source (the destination's C lane writes the same bytes)."""
+    out = []
+    chunk = lib.PCH_BITMAP_CHUNK * 8
+    for first in range(0, len(received), chunk):
+        part = received[first : first + chunk]
+        bits = bytes(received_bits(part))
+        out.append(RP_HDR.pack(RP_RECV_BITMAP, BITMAP.size + len(bits)) + BITMAP.pack(first, len(part)) + bits)
+    total = len(received) - bytes(received).count(0)
+    return b"".join(out) + RP_HDR.pack(RP_RESUME, RESUME.size) + RESUME.pack(total)
+
+
 @dataclass(frozen=True)
 class PageRequest:
     offset: int
@@ -102,6 +130,9 @@ class ReturnPathReader:
         self.buf = bytearray()
         self.idstr: str | None = None  # the RAM block the last REQ_PAGES_ID named
         self.shut: int | None = None
+        # postcopy recovery: the destination's received map (RECV_BITMAP), complete once RESUME came
+        self.received: bytearray | None = None
+        self.resumed = False
 
     def feed(self, data: bytes) -> list[PageRequest]:
         self.buf += data
@@ -145,7 +176,38 @@ class ReturnPathReader:
                 raise ProtocolError(f"SHUT: payload is {len(body)} bytes, expected {SHUT.size}")
             self.shut = SHUT.unpack(body)[0]
             return None
+        if mtype in (RP_RECV_BITMAP, RP_RESUME):
+            self._recovery_message(mtype, body)
+            return None
         raise ProtocolError(f"return path: unknown message type {mtype}")
+
+    def _recovery_message(self, mtype: int, body: bytes) -> None:
+        """RECV_BITMAP / RESUME: the received map of a destination that lost its source."""
+        if self.resumed:
+            raise ProtocolError("RECV_BITMAP/RESUME after RESUME")
+        npages = self.geo.npages
+        if self.received is None:
+            self.received = bytearray(npages)
+        if mtype == RP_RESUME:
+            if len(body) != RESUME.size:
+                raise ProtocolError(f"RESUME: payload is {len(body)} bytes, expected {RESUME.size}")
+            (total,) = RESUME.unpack(body)
+            have = self.received.count(1)
+            if total != have:
+                raise ProtocolError(f"RESUME: says {total} pages received, the bitmap holds {have}")
+            self.resumed = True
+            return
+        if len(body) < BITMAP.size:
+            raise ProtocolError(f"RECV_BITMAP: payload of {len(body)} bytes is too short")
+        first, count = BITMAP.unpack_from(body)
+        if count == 0 or first + count > npages:
+            raise ProtocolError(f"RECV_BITMAP: pages {first}+{count} outside RAM of {npages} pages")
+        if len(body) != BITMAP.size + (count + 7) // 8:
+            raise ProtocolError(f"RECV_BITMAP: {len(body) - BITMAP.size} bytes of bits for {count} pages")
+        import numpy as np
+
+        bits = np.unpackbits(np.frombuffer(body, np.uint8, offset=BITMAP.size), bitorder="little")[:count]
+        self.received[first : first + count] = bits.tobytes()
 
     def _checked(self, offset: int, length: int, idstr: str | None) -> PageRequest:
         ps = self.geo.page_size

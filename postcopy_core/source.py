@@ -11,6 +11,10 @@ Two loops, one per kind of link:
   block) and anything odd, which its parser reports exactly.
 - modelled (``--link``): everything passes through the link model (postcopy_core.link) in Python,
   one message at a time on the modelled wire, urgent pages first.
+
+A source started for postcopy recovery (``resume=True``) first reads the destination's received map
+(RECV_BITMAP ... RESUME on the return path): those pages count as sent (:meth:`Source.resume_from`),
+so it answers the re-sent requests first and streams only the rest.
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ class Source:
     """One source process's state; :meth:`run` is its main loop."""
 
     def __init__(self, spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
-                 link: Link, control: ControlLine) -> None:
+                 link: Link, control: ControlLine, resume: bool = False) -> None:
         self.spec, self.geo, self.link, self.control = spec, geo, link, control
+        self.resuming = resume  # postcopy recovery: the destination's received map comes first
         self.stream, self.urgent = stream, urgent
         self.image = Image(spec)
         words = np.frombuffer(self.image.mapping.buffer(), dtype=np.uint64).reshape(spec.npages, -1)
@@ -184,6 +189,31 @@ class Source:
                 return
             self._emit(msgs, False, now)
 
+    # -- postcopy recovery
+
+    def resume_from(self, received: bytes | bytearray) -> None:
+        """A replacement source: every page the destination holds (its received map, one byte per
+        page) counts as sent, so neither the stream nor an answer sends it again."""
+        have = np.frombuffer(bytes(received), np.uint8) != 0
+        sent = np.frombuffer(self.sent, np.uint8)  # the bytes the C lane reads too
+        sent[have & (sent == 0)] = SENT_STREAM
+        self.stats["pages_skipped_resume"] = int(have.sum())
+
+    def _await_resume(self, timeout: float = 120.0) -> bool:
+        """Read the return path until the destination's received map is in (RESUME); requests that
+        come with it are queued.  False if the destination went away first."""
+        self.out_stream.flush()
+        self.out_urgent.flush()
+        deadline = time.monotonic() + timeout
+        while not self.rp.resumed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError(f"no received map (RESUME) from the destination within {timeout:g} s")
+            if select.select([self.stream], [], [], left)[0] and not self._read_requests():
+                return False
+        self.resume_from(self.rp.received)
+        return True
+
     # -- the loops
 
     def _read_requests(self, data: bytes | None = None) -> bool:
@@ -213,15 +243,19 @@ class Source:
         return self.rp.shut is None
 
     def _command(self) -> bool | None:
-        """Read one control message: True = start the background stream, None = nothing, False = EOF."""
-        msg = self.control.recv(0)
-        if msg is None:
-            return False  # the orchestrator is gone
-        if msg.get("cmd") == "go":
-            return bool(msg.get("background", True)) or None
-        if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
-            return True
-        return None
+        """Read the control messages that are in: True = start the background stream, None = nothing,
+        False = EOF."""
+        start = None
+        while True:  # every message already read: "go" and "stream" may come in one read
+            msg = self.control.recv(0)
+            if msg is None:
+                return False  # the orchestrator is gone
+            if msg.get("cmd") == "go" and msg.get("background", True):
+                start = True
+            if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
+                start = True
+            if b"\n" not in self.control.buf:
+                return start
 
     def _next_batch(self) -> bool:
         """Hand the C lane the next batch of the stream order; False when the order is done."""
@@ -303,7 +337,9 @@ class Source:
         self.out_stream.push(hello)
         self.out_urgent.push(hello)
         self.control.send(event="ready")
-        if self.link.unlimited:
+        if self.resuming and not self._await_resume():
+            pass  # the destination is gone again: nothing to serve
+        elif self.link.unlimited:
             self._run_direct()
         else:
             self._run_modelled()
@@ -317,10 +353,10 @@ class Source:
 
 
 def source_main(spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
-                link: Link, control: ControlLine) -> int:
-    """Entry point of the source process (after fork)."""
+                link: Link, control: ControlLine, resume: bool = False) -> int:
+    """Entry point of the source process (after fork); ``resume``: a new source for a paused destination."""
     try:
-        stats = Source(spec, geo, stream, urgent, link, control).run()
+        stats = Source(spec, geo, stream, urgent, link, control, resume).run()
     except ProtocolError as e:
         control.send(event="error", error=f"source: bad message from destination: {e}")
         return 3

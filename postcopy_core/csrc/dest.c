@@ -55,6 +55,7 @@ struct pch_dest {
     uint32_t *woken, wake_gen; /* per port: the placement that last woke it (no double wakes) */
     struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
     int loop_result;
+    int link_down; /* a page channel failed: requests wait for the next source (pch_dest_reconnect) */
     char err[256];
 };
 
@@ -181,7 +182,7 @@ static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t
 static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
 
 /* REQ_PAGES, or REQ_PAGES_ID the first time (QEMU sends the id when the RAM block changes) */
-static int request(struct pch_dest *d, uint64_t page)
+static int append_request(struct pch_dest *d, uint64_t page)
 {
     size_t idlen = strlen(d->idstr);
     size_t body = 12 + (d->sent_id ? 0 : 1 + idlen);
@@ -198,9 +199,22 @@ static int request(struct pch_dest *d, uint64_t page)
         d->sent_id = 1;
     }
     d->req_len += 4 + body;
+    return 0;
+}
+
+static int request(struct pch_dest *d, uint64_t page)
+{
+    if (append_request(d, page))
+        return -ENOMEM;
     d->st.requests++;
     d->st.pages_requested++;
     return 0;
+}
+
+/* errors of a page channel that mean the link (or the source behind it) is gone, not a bug here */
+static int link_lost(int e)
+{
+    return e == ECONNRESET || e == EPIPE || e == ENOTCONN || e == ETIMEDOUT || e == ECONNABORTED || e == EHOSTUNREACH;
 }
 
 static void port_dead(struct pch_dest *d, struct pch_port *p)
@@ -561,10 +575,14 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
         return fail(d, -EPROTO, "page stream: a frame larger than the receive buffer");
     uint64_t room = r->cap - r->end < RX_TURN ? r->cap - r->end : RX_TURN;
     ssize_t got = recv(fd, r->buf + r->end, room, MSG_DONTWAIT);
+    if (got < 0 && link_lost(errno))
+        got = 0; /* a reset is an EOF: the destination pauses either way */
     if (got < 0)
         return errno == EAGAIN || errno == EINTR ? 0 : fail(d, -errno, "recv(page channel): %s", strerror(errno));
-    if (got == 0)
+    if (got == 0) {
+        d->link_down = 1;
         return PCH_RUN_EOF;
+    }
     r->end += (uint64_t)got;
     int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
     if (used < 0)
@@ -578,6 +596,8 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
 static int send_requests(struct pch_dest *d, int fd)
 {
     uint64_t pos = 0;
+    if (d->link_down || fd < 0)
+        return 0; /* no source: the faults stay waiters, asked for again by pch_dest_reconnect */
     while (pos < d->req_len) {
         ssize_t n = send(fd, d->req + pos, d->req_len - pos, MSG_NOSIGNAL);
         if (n < 0) {
@@ -588,6 +608,11 @@ static int send_requests(struct pch_dest *d, int fd)
                 if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
                     return fail(d, -errno, "poll(return path): %s", strerror(errno));
                 continue;
+            }
+            if (link_lost(errno)) { /* the source is gone: pause (PCH_RUN_EOF), keep the waiters */
+                d->link_down = 1;
+                d->loop_result = PCH_RUN_EOF;
+                return 0;
             }
             return fail(d, -errno, "send(return path): %s", strerror(errno));
         }
@@ -697,3 +722,67 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
     d->loop = NULL;
     return rc;
 }
+
+/* The received map, as RECV_BITMAP messages, then RESUME with the count (see wire.h). */
+static int append_bitmap(struct pch_dest *d)
+{
+    uint64_t total = 0;
+    for (uint64_t first = 0; first < d->npages; first += (uint64_t)PCH_BITMAP_CHUNK * 8) {
+        uint64_t n = d->npages - first < (uint64_t)PCH_BITMAP_CHUNK * 8 ? d->npages - first : (uint64_t)PCH_BITMAP_CHUNK * 8;
+        uint64_t nbytes = (n + 7) / 8, body = PCH_BITMAP_HDR + nbytes;
+        if (grow(&d->req, &d->req_cap, d->req_len + 4 + body))
+            return -ENOMEM;
+        uint8_t *p = d->req + d->req_len;
+        put_be16(p, PCH_RP_RECV_BITMAP);
+        put_be16(p + 2, (uint16_t)body);
+        put_be64(p + 4, first);
+        put_be32(p + 12, (uint32_t)n);
+        uint8_t *bits = p + 4 + PCH_BITMAP_HDR;
+        memset(bits, 0, nbytes);
+        for (uint64_t k = 0; k < n; k++)
+            if (d->received[first + k]) {
+                bits[k >> 3] |= (uint8_t)(1u << (k & 7));
+                total++;
+            }
+        d->req_len += 4 + body;
+    }
+    if (grow(&d->req, &d->req_cap, d->req_len + 12))
+        return -ENOMEM;
+    uint8_t *p = d->req + d->req_len;
+    put_be16(p, PCH_RP_RESUME);
+    put_be16(p + 2, 8);
+    put_be64(p + 4, total);
+    d->req_len += 12;
+    return 0;
+}
+
+int pch_dest_reconnect(struct pch_dest *d, int stream_fd)
+{
+    /* a frame the old source half sent is dropped: its pages are not received, so asked again */
+    for (int ch = 0; ch < 2; ch++) {
+        d->rx[ch].start = d->rx[ch].end = 0;
+        d->hello[ch] = d->eos[ch] = 0;
+    }
+    d->sent_id = 0; /* a new source learns the RAM block's id from the first request again */
+    d->req_len = 0; /* requests meant for the old source: every waiter is asked for below */
+    d->link_down = 0;
+    d->st.reconnects++;
+    if (append_bitmap(d))
+        return fail(d, -ENOMEM, "out of memory for the received map");
+    int asked = 0;
+    for (uint64_t page = 0; page < d->npages; page++)
+        if (d->head[page] >= 0 && !d->received[page]) {
+            if (append_request(d, page))
+                return fail(d, -ENOMEM, "out of memory for requests");
+            asked++;
+        }
+    d->st.re_requested += (uint64_t)asked;
+    int rc = send_requests(d, stream_fd);
+    if (rc < 0)
+        return rc;
+    if (d->link_down)
+        return fail(d, -EPIPE, "the new source went away during the resume");
+    return asked;
+}
+
+int pch_dest_hellos(const struct pch_dest *d) { return d->hello[0] + d->hello[1]; }

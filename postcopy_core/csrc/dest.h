@@ -44,6 +44,7 @@ struct pch_dest_stats {
     uint64_t placed, placed_urgent, placed_background, placed_zero, duplicates, wakes;
     uint64_t copy_eexist, dead_ports, eos, frames, board_wakes;
     uint64_t t_last_place; /* CLOCK_MONOTONIC ns of the last placement: the end of postcopy */
+    uint64_t reconnects, re_requested; /* postcopy recovery: new sources, requests sent again to them */
 };
 
 struct pch_dest;
@@ -71,7 +72,7 @@ const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d);
  * Result: PCH_RUN_* or -errno (error text in pch_dest_error). */
 #define PCH_RUN_AGAIN 0     /* budget spent (or events to ship); call again */
 #define PCH_RUN_QUIT 1      /* the quit eventfd fired */
-#define PCH_RUN_EOF 2       /* a page channel reached EOF */
+#define PCH_RUN_EOF 2       /* a page channel reached EOF, or the link broke (ECONNRESET, EPIPE...) */
 struct pch_dest_loop {
     int epfd, pri_epfd, quit_fd, stream_fd, urgent_fd;
     const int32_t *port_of_fd;   /* fd -> port index, -1 for other fds */
@@ -81,5 +82,16 @@ struct pch_dest_loop {
 };
 int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms);
 const char *pch_dest_error(struct pch_dest *d);
+
+/* Postcopy recovery (QEMU's postcopy-paused -> recover -> active).  After PCH_RUN_EOF the caller
+ * takes the dead channels out of the loop (stream_fd/urgent_fd = -1): pch_dest_run goes on serving
+ * the uffds, faults become waiters whose requests wait for a source, nothing is placed.  With the
+ * new source's channels, pch_dest_reconnect drops what the old one half sent, forgets both HELLOs,
+ * and sends on the new return path the received map (RECV_BITMAP..., RESUME, wire.h) and a request
+ * for every page a fault waits for.  Returns how many pages it asked for again, or -errno (-EPIPE
+ * and the like: this source is gone too).  pch_dest_hellos: how many of the two channels of the
+ * current source said HELLO (2: the new source is live). */
+int pch_dest_reconnect(struct pch_dest *d, int stream_fd);
+int pch_dest_hellos(const struct pch_dest *d);
 
 #endif

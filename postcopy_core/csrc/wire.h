@@ -23,5 +23,12 @@
 #define PCH_RP_REQ_PAGES_ID 3
 #define PCH_RP_REQ_PAGES 4
 #define PCH_REQ_PAGES_SIZE 16 /* header + be64 offset + be32 length */
+/* postcopy recovery: a destination that lost its source tells the new one what it holds.
+ * RECV_BITMAP payload: be64 first page, be32 pages, then one bit per page (LSB first, 1 = received);
+ * RESUME payload: be64 pages received in all; it ends the bitmap, the re-sent requests follow. */
+#define PCH_RP_RECV_BITMAP 7
+#define PCH_RP_RESUME 8
+#define PCH_BITMAP_HDR 12
+#define PCH_BITMAP_CHUNK 32768 /* bitmap bytes per RECV_BITMAP message (be16 length) */
 
 #endif
