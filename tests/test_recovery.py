@@ -82,9 +82,11 @@ def test_link_drop_pauses_and_resumes(tmp_path, transport, clean_machine):
     assert (rec["pauses"], rec["resumes"]) == (1, 1)
     [inj] = rec["injected"]
     assert inj["outcome"].startswith("both page channels shut down; the destination paused")
-    # the old source, cut off, was replaced (not left running)
+    # the old source, cut off, was replaced (not left running); under load it may see its own EOF
+    # and end first, which the log says as it is
     lost = [e["cause"] for e in rec["events"] if e["event"] == "source-lost"]
-    assert lost and lost[0].endswith("(replaced: its destination had paused)")
+    assert lost and (lost[0].endswith("(replaced: its destination had paused)")
+                     or lost[0].endswith("exited with status 0")), lost
     assert_clean()
 
 
