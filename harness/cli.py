@@ -63,7 +63,8 @@ def _add_run(sub) -> None:
                    help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="the source sends only requested pages until the workload ends (pure demand paging; "
-                        "default: a background stream too)")
+                        "the same as --strategy demand; default: a background stream too)")
+    add_strategy_flags(p)
     p.add_argument("--pin", action="store_true",
                    help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1, "
                         "for comparisons with a pinned reference (default: not pinned)")
@@ -90,6 +91,26 @@ def _add_run(sub) -> None:
                    help="a live view of the vCPUs, pages and faults (plain lines when not on a terminal)")
     p.add_argument("--quiet", action="store_true", help="no progress line and no summary table")
     p.set_defaults(func=_run)
+
+
+def add_strategy_flags(p, many: bool = False) -> None:
+    """--strategy (one name, or a comma-separated list for compare), --prepage-window, --working-set."""
+    from postcopy_core.strategies import DEFAULT_PREPAGE_WINDOW, DEFAULT_STRATEGY, STRATEGIES
+
+    names = "; ".join(f"{name}: {cls.help}" for name, cls in STRATEGIES.items())
+    if many:
+        p.add_argument("--strategy", default="vanilla,preempt,prepage", metavar="NAME[,NAME...]",
+                       help=f"the strategies to compare, comma-separated ({names}) (default %(default)s)")
+    else:
+        p.add_argument("--strategy", default=None, metavar="NAME",
+                       help=f"what the source sends next: {names}. Default {DEFAULT_STRATEGY}: it is QEMU's "
+                            "choice for postcopy since 7.1 and keeps a fault's answer from waiting behind "
+                            "the stream (demand with --no-background)")
+    p.add_argument("--prepage-window", type=int, metavar="N", default=DEFAULT_PREPAGE_WINDOW,
+                   help="prepage: pages pushed on each side of a faulting page, 1..4096 (default %(default)s)")
+    p.add_argument("--working-set", metavar="FILE",
+                   help="prefetch: a trace from an earlier run --trace; its faulted pages are streamed first, "
+                        "in the order they were first touched (default: none)")
 
 
 def _run(args) -> int:

@@ -45,6 +45,7 @@ from postcopy_core.probe import available_memory, free_huge_pages, limit_checks,
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
+from postcopy_core.strategies import make_strategy
 from vcpu_workers import results as R
 from vcpu_workers.worker import WorkerPlan
 from vcpu_workers.workloads import accesses_per_vcpu
@@ -139,6 +140,7 @@ class Run:
         start_r, start_w = os.pipe()
         self.fds += [start_r, start_w]
 
+        strategy = make_strategy(cfg)  # what the source sends next (postcopy_core/strategies.py)
         if cfg.transport == "tcp":
             key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
             ls = tcp_listener()
@@ -148,7 +150,7 @@ class Run:
 
             def source_body() -> int:
                 stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
-                return source_main(spec, geo, stream, urgent, cfg.link_model, ControlLine(ctl_src_child))
+                return source_main(spec, geo, stream, urgent, cfg.link_model, ControlLine(ctl_src_child), strategy)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tcp_connect(port, CHANNEL_STREAM, key), tcp_connect(port, CHANNEL_URGENT, key)
@@ -159,7 +161,8 @@ class Run:
             src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
 
             def source_body() -> int:
-                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child))
+                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child),
+                                   strategy)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tune(s_dst), tune(u_dst)

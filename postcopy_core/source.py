@@ -1,16 +1,20 @@
 """The source: owns the RAM image, answers page requests first, streams the rest in the background.
 
 Like QEMU's source in postcopy: requested pages (the return path) jump the queue and go out on
-the urgent channel; the background stream walks RAM in order and skips pages already sent.
+the urgent channel; the background stream walks RAM in order and skips pages already sent.  What
+goes next (the stream's order, the pages pushed after an answer, which channel answers take) is the
+strategy's choice (postcopy_core/strategies.py); the loops below only carry it out.
 
 Two loops, one per kind of link:
-- unlimited (the default): Python picks what to stream, in batches of page numbers
-  (:func:`sequential_batches`), and the C lane (csrc/source.c, ``pch_source_pump``) moves the
+- unlimited (the default): the strategy picks what to stream, in batches of page numbers
+  (:meth:`Strategy.stream_batches`), and the C lane (csrc/source.c, ``pch_source_pump``) moves the
   bytes: it answers plain requests the moment they arrive and writes the batch's pages as stream
   frames between them.  Python steps in only for commands, the first request (which names the RAM
   block) and anything odd, which its parser reports exactly.
 - modelled (``--link``): everything passes through the link model (postcopy_core.link) in Python,
-  one message at a time on the modelled wire, urgent pages first.
+  one message at a time on the modelled wire, urgent pages first.  With one channel (vanilla) the
+  stream may run BACKGROUND_AHEAD bytes ahead on the wire, as into a socket's send buffer, and an
+  answer takes its place at the end of that FIFO.
 """
 
 from __future__ import annotations
@@ -39,27 +43,25 @@ from postcopy_core.protocol import (
     encode_hello,
     page_header,
 )
+from postcopy_core.strategies import STREAM_BATCH, Preempt, Strategy, sequential_batches
 
 BACKGROUND_CHUNK = 256 << 10  # bytes per background message: big enough to amortise, small enough to preempt
 BACKGROUND_AHEAD = 1 << 20  # background bytes allowed to sit in the outbox before we wait
 WIRE_SLOT_NS = 200_000  # on a modelled link an urgent page waits for at most this much stream on the wire
-STREAM_BATCH = 1 << 16  # page numbers handed to the C lane at a time
 SENT_STREAM, SENT_URGENT = lib.PCH_SENT_STREAM, lib.PCH_SENT_URGENT
-
-
-def sequential_batches(npages: int, batch: int = STREAM_BATCH):
-    """The background stream's order: RAM from start to end, as QEMU's postcopy does."""
-    for first in range(0, npages, batch):
-        yield np.arange(first, min(first + batch, npages), dtype=np.uint32)
+REQUESTED_CAP = 4096  # requested pages the C lane records for a strategy between two returns
+__all__ = ["STREAM_BATCH", "Source", "sequential_batches", "source_main"]  # sequential_batches: moved
 
 
 class Source:
     """One source process's state; :meth:`run` is its main loop."""
 
     def __init__(self, spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
-                 link: Link, control: ControlLine) -> None:
+                 link: Link, control: ControlLine, strategy: Strategy | None = None) -> None:
         self.spec, self.geo, self.link, self.control = spec, geo, link, control
         self.stream, self.urgent = stream, urgent
+        self.strategy = strategy or Preempt()
+        self.one_channel = not self.strategy.own_channel  # answers queue behind the stream (vanilla)
         self.image = Image(spec)
         words = np.frombuffer(self.image.mapping.buffer(), dtype=np.uint64).reshape(spec.npages, -1)
         # per page, 1 byte each: which pages go as ZERO messages, which were sent (bytes index fast)
@@ -67,37 +69,50 @@ class Source:
         self.sent = bytearray(spec.npages)
         self._rest = ffi.new("uint8_t[]", 1 << 16)  # what the C serve loop hands back to the parser
         # the C answer lane shares these maps and counts into its own struct (merged in run())
+        answers = stream if self.one_channel else urgent
         self.fast = ffi.new("struct pch_source *", dict(
-            fd=urgent.fileno(), image=self.image.pointer(), zero=ffi.from_buffer(self.zero),
+            fd=answers.fileno(), image=self.image.pointer(), zero=ffi.from_buffer(self.zero),
             sent=ffi.from_buffer(self.sent), page_size=spec.page_size, ram_size=spec.size))
         self.pump = ffi.new("struct pch_pump *", dict(
             rp_fd=stream.fileno(), ctl_fd=control.fileno(), stream_fd=stream.fileno(),
             rest=self._rest, cap=len(self._rest)))
         self._batch = None  # the batch of page numbers the C lane is streaming (kept alive here)
-        self.resend_streamed = spec.page_size < BACKGROUND_CHUNK  # see pch.h, pch_source_answer
+        # see pch.h, pch_source_answer; one channel: the streamed copy is ahead of any answer anyway
+        self.resend_streamed = spec.page_size < BACKGROUND_CHUNK and not self.one_channel
         self.fast.resend_streamed = int(self.resend_streamed)
+        if self.strategy.wants_requests:  # only then does the C lane record requested pages
+            self._requested = ffi.new("uint32_t[]", REQUESTED_CAP)
+            self.fast.requested, self.fast.requested_cap = self._requested, REQUESTED_CAP
         self.rp = ReturnPathReader(geo)
         self.out_stream, self.out_urgent = Outbox(stream), Outbox(urgent)
-        self.cursor = 0  # next page the background stream looks at
+        self.out_answers = self.out_stream if self.one_channel else self.out_urgent  # where answers go
+        self.cursor = 0  # next index of self._order the modelled stream looks at
+        self._order = np.zeros(0, dtype=np.uint32)  # the modelled stream's current batch
+        self._batches = iter(())
+        self.pushes: deque[int] = deque()  # pages the strategy wants sent next (modelled / parser path)
         self.chunk = max(1, BACKGROUND_CHUNK // spec.page_size)
         if not link.unlimited:  # small enough that an urgent page never waits long behind one
             self.chunk = max(1, min(self.chunk, int(link.bytes_per_s * WIRE_SLOT_NS / 1e9) // spec.page_size))
         self.pump.max_run = self.chunk
+        # one channel on a modelled wire: how far ahead the stream may be scheduled (its FIFO)
+        self.ahead_ns = link.wire_ns(BACKGROUND_AHEAD) if self.one_channel and not link.unlimited else 0
+        self.max_in_flight = 64 + (BACKGROUND_AHEAD // (self.chunk * spec.page_size) if self.ahead_ns else 0)
         self.requests: deque[tuple[int, int, int]] = deque()  # (ready_ns, first page, count)
         self.link_free = 0  # when the modelled wire is idle again
         self.in_flight: list[tuple[int, int, int, list]] = []  # heap of (arrive_ns, seq, urgent, bufs)
         self.seq = 0
         self.eos_sent = False
         self.stats = dict(pages_urgent=0, pages_background=0, pages_zero=0, bytes_sent=0, requests=0,
-                          requested_already_sent=0)
+                          requested_already_sent=0, pages_prepaged=0, strategy=self.strategy.name)
 
     # -- what to send
 
-    def _pages_message(self, first: int, count: int, urgent: bool) -> list:
-        """Header (+ data) for ``count`` pages of one kind starting at ``first``; marks them sent."""
+    def _pages_message(self, first: int, count: int, urgent: bool, pushed: bool = False) -> list:
+        """Header (+ data) for ``count`` pages of one kind starting at ``first``; marks them sent
+        (``pushed``: the strategy's pages next, on the answers' channel but not urgent)."""
         ps = self.spec.page_size
-        self.sent[first : first + count] = bytes([SENT_URGENT if urgent else SENT_STREAM]) * count
-        key = "pages_urgent" if urgent else "pages_background"
+        self.sent[first : first + count] = bytes([SENT_URGENT if urgent or pushed else SENT_STREAM]) * count
+        key = "pages_urgent" if urgent else "pages_prepaged" if pushed else "pages_background"
         self.stats[key] += count
         if self.zero[first]:
             self.stats["pages_zero"] += count
@@ -126,6 +141,8 @@ class Source:
     def _next_urgent(self, now: int) -> list | None:
         while self.requests and self.requests[0][0] <= now:
             _, first, count = self.requests.popleft()
+            if self.strategy.wants_requests:
+                self._ask_strategy(np.array([first], dtype=np.uint32))
             self.stats["requested_already_sent"] += sum(1 for p in range(first, first + count) if self.sent[p])
             msgs = [m for p, n in self._runs(first, count, self.chunk, urgent=True)
                     for m in self._pages_message(p, n, True)]
@@ -133,23 +150,50 @@ class Source:
                 return msgs
         return None
 
-    def _next_background(self) -> list | None:
-        npages = self.spec.npages
-        while self.cursor < npages and self.sent[self.cursor]:
-            self.cursor += 1
-        if self.cursor >= npages:
-            return None
-        for p, n in self._runs(self.cursor, min(self.chunk, npages - self.cursor), self.chunk):
-            self.cursor = p + n
-            return self._pages_message(p, n, False)
+    def _ask_strategy(self, pages: np.ndarray) -> None:
+        """Queue what the strategy wants sent after the answers to ``pages`` (modelled / parser path)."""
+        more = self.strategy.on_request(pages, self.spec.npages)
+        if more is not None:
+            self.pushes.extend(more.tolist())
+
+    def _next_push(self) -> list | None:
+        while self.pushes:
+            p = self.pushes.popleft()
+            if not self.sent[p]:
+                return self._pages_message(p, 1, False, pushed=True)
         return None
+
+    def _next_background(self) -> list | None:
+        """The next stream message: a run of unsent pages of one kind, in the strategy's order."""
+        order, sent, zero = self._order, self.sent, self.zero
+        while True:
+            while self.cursor < len(order) and sent[order[self.cursor]]:
+                self.cursor += 1
+            if self.cursor < len(order):
+                break
+            self._order = order = next(self._batches, None)
+            self.cursor = 0
+            if order is None:
+                self._order = np.zeros(0, dtype=np.uint32)
+                return None
+        first = int(order[self.cursor])
+        n = 1
+        while (self.cursor + n < len(order) and n < self.chunk and order[self.cursor + n] == first + n
+               and not sent[first + n] and zero[first + n] == zero[first]):
+            n += 1
+        self.cursor += n
+        return self._pages_message(first, n, False)
 
     # -- the link
 
     def _emit(self, bufs: list, urgent: bool, now: int) -> None:
+        """Send ``bufs`` (answers' channel if ``urgent``, else the stream), through the link model."""
         nbytes = sum(memoryview(b).nbytes for b in bufs)
         self.stats["bytes_sent"] += nbytes
+        urgent = urgent and not self.one_channel  # one channel: answers join the stream's FIFO
         if self.link.unlimited:
+            if not urgent and self.pump.part_len[0] + self.pump.part_len[1]:
+                self._finish_frame()  # never inside the C lane's half-written frame
             (self.out_urgent if urgent else self.out_stream).push(*bufs)
             return
         start = max(now, self.link_free)
@@ -166,13 +210,16 @@ class Source:
         """Put messages on the (modelled) wire while it is idle: urgent pages first."""
         while True:
             now = time.monotonic_ns()
-            if self.link_free > now:
+            if self.link_free > now + self.ahead_ns:
                 return
             msgs = self._next_urgent(now)
+            if msgs is None:
+                msgs = self._next_push()
             if msgs is not None:
                 self._emit(msgs, True, now)
                 continue
-            if not streaming or self.out_stream.queued > BACKGROUND_AHEAD or len(self.in_flight) > 64:
+            if (not streaming or self.out_stream.queued > BACKGROUND_AHEAD
+                    or len(self.in_flight) > self.max_in_flight):
                 return
             msgs = self._next_background()
             if msgs is None:
@@ -193,12 +240,15 @@ class Source:
                 return True
         if not data:
             return False
-        if self.link.unlimited and self.rp.idstr is not None and not self.rp.buf and not self.out_urgent.q:
+        if self.link.unlimited and self.rp.idstr is not None and not self.rp.buf and not self.out_answers.q:
             # the common case, in C: a run of plain REQ_PAGES answered at once (csrc/source.c)
             self.fast.id_known = 1
+            if self.one_channel:
+                self._finish_frame()
             used = lib.pch_source_answer(self.fast, ffi.from_buffer(data), len(data))
             if used < 0:
                 raise OSError(-used, f"sending urgent pages: {os.strerror(-used)}")
+            self._push_requested()
             data = data[used:]
             if not data:
                 return True
@@ -220,6 +270,26 @@ class Source:
         if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
             return True
         return None
+
+    def _finish_frame(self) -> None:
+        rc = lib.pch_pump_finish(self.pump)
+        if rc < 0:
+            raise OSError(-rc, f"sending pages: {os.strerror(-rc)}")
+
+    def _push_requested(self) -> None:
+        """Hand the strategy the pages the C lane answered; push what it wants next, through C."""
+        n = self.fast.requested_len
+        if not n:
+            return
+        pages = np.frombuffer(ffi.buffer(self._requested, n * 4), dtype=np.uint32).copy()
+        self.fast.requested_len = 0
+        more = self.strategy.on_request(pages, self.spec.npages)
+        if more is None or not more.size:
+            return
+        more = np.ascontiguousarray(more, dtype=np.uint32)
+        sent = lib.pch_source_push(self.fast, ffi.cast("uint32_t *", ffi.from_buffer(more)), len(more))
+        if sent < 0:
+            raise OSError(-sent, f"pushing pages: {os.strerror(-sent)}")
 
     def _next_batch(self) -> bool:
         """Hand the C lane the next batch of the stream order; False when the order is done."""
@@ -251,6 +321,7 @@ class Source:
                 raise OSError(-rc, f"sending pages: {os.strerror(-rc)}")
             if rc == lib.PCH_SERVE_EOF:
                 return
+            self._push_requested()
             if rc == lib.PCH_SERVE_REST:
                 if not self._read_requests(bytes(ffi.buffer(self._rest, self.pump.rest_len))):
                     return
@@ -260,7 +331,7 @@ class Source:
                     return
                 if cmd and not streaming and not self.eos_sent:
                     streaming = True
-                    self._batches = sequential_batches(self.spec.npages)
+                    self._batches = self.strategy.stream_batches(self.spec.npages)
                     self._next_batch()
             elif rc == lib.PCH_SERVE_MORE and not self._next_batch():
                 self.out_stream.push(page_header(MSG_EOS, 0, 0, self.spec.page_size))
@@ -293,6 +364,8 @@ class Source:
                 cmd = self._command()
                 if cmd is False:
                     return
+                if cmd and not streaming:
+                    self._batches = self.strategy.stream_batches(self.spec.npages)
                 streaming = streaming or bool(cmd)
 
     def run(self) -> dict:
@@ -309,16 +382,17 @@ class Source:
         self.stats["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 3)
         self.stats["all_sent"] = self.sent.count(0) == 0
         self.stats["pages_background"] += self.fast.pages_stream
+        self.stats["pages_prepaged"] += self.fast.pages_pushed
         for key in ("requests", "pages_urgent", "pages_zero", "requested_already_sent", "bytes_sent"):
             self.stats[key] += getattr(self.fast, key)
         return self.stats
 
 
 def source_main(spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
-                link: Link, control: ControlLine) -> int:
-    """Entry point of the source process (after fork)."""
+                link: Link, control: ControlLine, strategy: Strategy | None = None) -> int:
+    """Entry point of the source process (after fork); ``strategy`` defaults to preempt."""
     try:
-        stats = Source(spec, geo, stream, urgent, link, control).run()
+        stats = Source(spec, geo, stream, urgent, link, control, strategy).run()
     except ProtocolError as e:
         control.send(event="error", error=f"source: bad message from destination: {e}")
         return 3
