@@ -157,10 +157,18 @@ class Source:
             self.pushes.extend(more.tolist())
 
     def _next_push(self) -> list | None:
-        while self.pushes:
-            p = self.pushes.popleft()
-            if not self.sent[p]:
-                return self._pages_message(p, 1, False, pushed=True)
+        """The strategy's next pages: a run of consecutive unsent pages of one kind, as one message."""
+        pushes, sent, zero = self.pushes, self.sent, self.zero
+        while pushes:
+            first = pushes.popleft()
+            if sent[first]:
+                continue
+            n = 1
+            while pushes and n < self.chunk and pushes[0] == first + n and not sent[first + n] \
+                    and zero[first + n] == zero[first]:
+                pushes.popleft()
+                n += 1
+            return self._pages_message(first, n, False, pushed=True)
         return None
 
     def _next_background(self) -> list | None:

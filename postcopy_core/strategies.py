@@ -80,7 +80,7 @@ class Preempt(Strategy):
 
 
 class Prepage(Strategy):
-    """Around each faulting page, push its neighbours next, bubbling outwards (Hines and Gopalan)."""
+    """Around each faulting page, push its neighbours next (in the spirit of Hines and Gopalan's bubbling)."""
 
     name = "prepage"
     help = "preempt, and around each faulting page push its --prepage-window neighbours next"
@@ -88,8 +88,9 @@ class Prepage(Strategy):
 
     def __init__(self, window: int = DEFAULT_PREPAGE_WINDOW) -> None:
         self.window = window
-        # offsets in bubbling order: +1, -1, +2, -2, ... (forward first: most walks go up)
-        self.offsets = np.array([s * k for k in range(1, window + 1) for s in (1, -1)], dtype=np.int64)
+        # the pages after the fault, then those before it, each side in ascending order: most walks go
+        # up, and runs of consecutive pages go out as few frames
+        self.offsets = np.array([*range(1, window + 1), *range(-window, 0)], dtype=np.int64)
 
     @classmethod
     def from_config(cls, cfg) -> Strategy:
