@@ -140,11 +140,14 @@ def read_working_set(path: str, page_size: int, npages: int) -> np.ndarray:
     from postcopy_core.blocktime.trace import read_trace_columns
 
     try:
+        with open(path, "rb"):
+            pass
         _, cols = read_trace_columns(path)
     except OSError as e:
         raise ValueError(f"--working-set {path}: {e.strerror or e}") from None
     except (BlocktimeError, UnicodeDecodeError, EOFError) as e:
-        raise ValueError(f"--working-set {path}: not a trace: {e}") from None
+        why = str(e).removeprefix(f"{path}: ")  # the reader names the file too
+        raise ValueError(f"--working-set {path}: not a trace: {why}") from None
     addrs = cols.addr[cols.kind == KIND_FAULT]
     if not addrs.size:
         raise ValueError(f"--working-set {path}: the trace has no faults")
