@@ -48,6 +48,7 @@ from postcopy_core.strategies import STREAM_BATCH, Preempt, Strategy, sequential
 BACKGROUND_CHUNK = 256 << 10  # bytes per background message: big enough to amortise, small enough to preempt
 BACKGROUND_AHEAD = 1 << 20  # background bytes allowed to sit in the outbox before we wait
 WIRE_SLOT_NS = 200_000  # on a modelled link an urgent page waits for at most this much stream on the wire
+PREEMPT_AHEAD_SLOTS = 4  # own channel: stream messages scheduled ahead on the modelled wire (overtaken by answers)
 SENT_STREAM, SENT_URGENT = lib.PCH_SENT_STREAM, lib.PCH_SENT_URGENT
 REQUESTED_CAP = 4096  # requested pages the C lane records for a strategy between two returns
 __all__ = ["STREAM_BATCH", "Source", "sequential_batches", "source_main"]  # sequential_batches: moved
@@ -94,8 +95,12 @@ class Source:
         if not link.unlimited:  # small enough that an urgent page never waits long behind one
             self.chunk = max(1, min(self.chunk, int(link.bytes_per_s * WIRE_SLOT_NS / 1e9) // spec.page_size))
         self.pump.max_run = self.chunk
-        # one channel on a modelled wire: how far ahead the stream may be scheduled (its FIFO)
-        self.ahead_ns = link.wire_ns(BACKGROUND_AHEAD) if self.one_channel and not link.unlimited else 0
+        # how far ahead of now the stream may be scheduled on a modelled wire: one channel, a send
+        # buffer's worth (an answer joins its end); own channel, a few messages, so that the wire does
+        # not idle while this loop wakes up (an answer overtakes them: _unschedule)
+        self.overtake = not self.one_channel and not link.unlimited
+        self.ahead_ns = 0 if link.unlimited else (link.wire_ns(BACKGROUND_AHEAD) if self.one_channel
+                                                  else PREEMPT_AHEAD_SLOTS * WIRE_SLOT_NS)
         self.max_in_flight = 64 + (BACKGROUND_AHEAD // (self.chunk * spec.page_size) if self.ahead_ns else 0)
         self.requests: deque[tuple[int, int, int]] = deque()  # (ready_ns, first page, count)
         self.link_free = 0  # when the modelled wire is idle again
@@ -194,8 +199,10 @@ class Source:
 
     # -- the link
 
-    def _emit(self, bufs: list, urgent: bool, now: int) -> None:
-        """Send ``bufs`` (answers' channel if ``urgent``, else the stream), through the link model."""
+    def _emit(self, bufs: list, urgent: bool, now: int, push: bool = False) -> None:
+        """Send ``bufs`` (answers' channel if ``urgent``, else the stream), through the link model;
+        an answer (urgent, not a ``push``) overtakes what has not started on the wire (preempt)."""
+        overtakable = push or not urgent
         nbytes = sum(memoryview(b).nbytes for b in bufs)
         self.stats["bytes_sent"] += nbytes
         urgent = urgent and not self.one_channel  # one channel: answers join the stream's FIFO
@@ -204,27 +211,55 @@ class Source:
                 self._finish_frame()  # never inside the C lane's half-written frame
             (self.out_urgent if urgent else self.out_stream).push(*bufs)
             return
+        later = self._unschedule(now) if self.overtake and not overtakable else []
+        self._put_on_wire(bufs, nbytes, urgent, now, overtakable)
+        for e in later:  # the stream (and pushes) taken back go on behind, in their order
+            self._put_on_wire(e[3], e[6], e[2], now, True)
+
+    def _put_on_wire(self, bufs: list, nbytes: int, urgent: bool, now: int, overtakable: bool) -> None:
         start = max(now, self.link_free)
         self.link_free = start + self.link.wire_ns(nbytes)
         self.seq += 1
-        heapq.heappush(self.in_flight, (self.link_free + self.link.latency_ns, self.seq, urgent, bufs))
+        heapq.heappush(self.in_flight, (self.link_free + self.link.latency_ns, self.seq, urgent, bufs, start,
+                                        overtakable, nbytes))
+
+    def _unschedule(self, now: int) -> list:
+        """Take back the messages an answer may overtake (stream, pushes) that have not started on
+        the wire yet: with its own channel an answer waits only for the message being sent."""
+        later = [e for e in self.in_flight if e[5] and e[4] > now]
+        if not later:
+            return []
+        self.in_flight = [e for e in self.in_flight if not (e[5] and e[4] > now)]
+        heapq.heapify(self.in_flight)
+        self.link_free = min(e[4] for e in later)  # answers are never behind them (they overtook)
+        return sorted(later, key=lambda e: e[1])
+
+    def _wire_wake(self) -> int | None:
+        """When the modelled wire next takes a stream message (its FIFO has room); None if it does now
+        (then _schedule had nothing it could send: arrivals, requests and the sockets wake the loop)."""
+        now = time.monotonic_ns()
+        wake = self.link_free - self.ahead_ns
+        return wake if wake > now else None
 
     def _deliver(self, now: int) -> None:
         while self.in_flight and self.in_flight[0][0] <= now:
-            _, _, urgent, bufs = heapq.heappop(self.in_flight)
-            (self.out_urgent if urgent else self.out_stream).push(*bufs)
+            entry = heapq.heappop(self.in_flight)
+            (self.out_urgent if entry[2] else self.out_stream).push(*entry[3])
 
     def _schedule(self, streaming: bool) -> None:
         """Put messages on the (modelled) wire while it is idle: urgent pages first."""
         while True:
             now = time.monotonic_ns()
-            if self.link_free > now + self.ahead_ns:
-                return
-            msgs = self._next_urgent(now)
-            if msgs is None:
-                msgs = self._next_push()
+            room = self.link_free <= now + self.ahead_ns  # the wire (or the stream's FIFO) takes more
+            msgs = self._next_urgent(now) if room or self.overtake else None
             if msgs is not None:
                 self._emit(msgs, True, now)
+                continue
+            if not room:
+                return
+            msgs = self._next_push()
+            if msgs is not None:
+                self._emit(msgs, True, now, push=True)
                 continue
             if (not streaming or self.out_stream.queued > BACKGROUND_AHEAD
                     or len(self.in_flight) > self.max_in_flight):
@@ -360,8 +395,8 @@ class Source:
             timeout = None
             if self.in_flight or self.requests or self.link_free > time.monotonic_ns():
                 nxt = [t for t in (self.in_flight[0][0] if self.in_flight else None,
-                                   self.requests[0][0] if self.requests else None, self.link_free) if t]
-                timeout = max(0.0, (min(nxt) - time.monotonic_ns()) / 1e9)
+                                   self.requests[0][0] if self.requests else None, self._wire_wake()) if t]
+                timeout = max(0.0, (min(nxt) - time.monotonic_ns()) / 1e9) if nxt else None
             elif streaming and not self.eos_sent and stream_done:
                 timeout = 0.0
             wlist = ([] if urgent_done else [self.urgent]) + ([] if stream_done else [self.stream])
