@@ -386,7 +386,7 @@ def hugepages(args: argparse.Namespace, console: Console) -> int:
 
 def preempt(args: argparse.Namespace, console: Console) -> int:
     """Vanilla vs preempt postcopy: the same run, answers behind the stream or on their own channel."""
-    ram = 8 << 20 if args.fast else 64 << 20
+    ram = 16 << 20 if args.fast else 64 << 20
     link = "1gbit,1ms"
     _explain(console, args, "preempt: one channel (vanilla) vs an urgent channel (postcopy-preempt)", [
         f"The same {ram >> 20} MiB, random workload, link {link}, twice.  Vanilla (QEMU's default): a",
