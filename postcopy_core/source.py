@@ -12,9 +12,10 @@ Two loops, one per kind of link:
   frames between them.  Python steps in only for commands, the first request (which names the RAM
   block) and anything odd, which its parser reports exactly.
 - modelled (``--link``): everything passes through the link model (postcopy_core.link) in Python,
-  one message at a time on the modelled wire, urgent pages first.  With one channel (vanilla) the
-  stream may run BACKGROUND_AHEAD bytes ahead on the wire, as into a socket's send buffer, and an
-  answer takes its place at the end of that FIFO.
+  one message at a time on the modelled wire, urgent pages first.  With their own channel (preempt)
+  the stream runs a few messages ahead on the wire and an answer overtakes those not yet started;
+  with one channel (vanilla) the stream may run BACKGROUND_AHEAD bytes ahead, as into a socket's
+  send buffer, and an answer takes its place at the end of that FIFO.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ WIRE_SLOT_NS = 200_000  # on a modelled link an urgent page waits for at most th
 PREEMPT_AHEAD_SLOTS = 4  # own channel: stream messages scheduled ahead on the modelled wire (overtaken by answers)
 SENT_STREAM, SENT_URGENT = lib.PCH_SENT_STREAM, lib.PCH_SENT_URGENT
 REQUESTED_CAP = 4096  # requested pages the C lane records for a strategy between two returns
-__all__ = ["STREAM_BATCH", "Source", "sequential_batches", "source_main"]  # sequential_batches: moved
+__all__ = ["STREAM_BATCH", "Source", "sequential_batches", "source_main"]  # the first and third moved to strategies
 
 
 class Source:
@@ -104,7 +105,8 @@ class Source:
         self.max_in_flight = 64 + (BACKGROUND_AHEAD // (self.chunk * spec.page_size) if self.ahead_ns else 0)
         self.requests: deque[tuple[int, int, int]] = deque()  # (ready_ns, first page, count)
         self.link_free = 0  # when the modelled wire is idle again
-        self.in_flight: list[tuple[int, int, int, list]] = []  # heap of (arrive_ns, seq, urgent, bufs)
+        # heap of (arrive_ns, seq, urgent channel, bufs, start_ns, overtakable, nbytes): the modelled wire
+        self.in_flight: list[tuple] = []
         self.seq = 0
         self.eos_sent = False
         self.stats = dict(pages_urgent=0, pages_background=0, pages_zero=0, bytes_sent=0, requests=0,
@@ -247,7 +249,8 @@ class Source:
             (self.out_urgent if entry[2] else self.out_stream).push(*entry[3])
 
     def _schedule(self, streaming: bool) -> None:
-        """Put messages on the (modelled) wire while it is idle: urgent pages first."""
+        """Put messages on the (modelled) wire while it has room: answers first (with their own channel at
+        once, overtaking), then the strategy's pushes, then the stream."""
         while True:
             now = time.monotonic_ns()
             room = self.link_free <= now + self.ahead_ns  # the wire (or the stream's FIFO) takes more
