@@ -181,3 +181,15 @@ def test_compare_tiny_with_json(tmp_path, clean_machine):
         assert rep["pages"]["placed"] == rep["pages"]["total"] == 1024
         assert {"seed", "modern", "exact", "truth"} <= set(rep["engines"])
     assert reps[2]["pages"]["prepaged"] > 0
+
+
+@pytest.mark.kernel
+@requires_uffd
+@pytest.mark.parametrize("link", ["unlimited", "1gbit,1ms"])
+def test_one_channel_and_pushes_with_huge_pages(link, hugepages, clean_machine):
+    """2 MiB frames: vanilla's answers wait for the whole frame in flight on the stream socket
+    (never inside it), and prepage's pushes are whole huge pages; every page verified."""
+    hugepages(4 + max(0, int(open("/proc/sys/vm/nr_hugepages").read())))
+    for name in ("vanilla", "prepage"):
+        rep = run(strategy=name, backing="hugetlb", ram=8 << 20, link=link, workload="random", prepage_window=1)
+        assert rep["page-size"] == 2 << 20
