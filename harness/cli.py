@@ -108,9 +108,10 @@ def add_strategy_flags(p, many: bool = False) -> None:
                        help=f"the strategies to compare, comma-separated ({names}) (default %(default)s)")
     else:
         p.add_argument("--strategy", default=None, metavar="NAME",
-                       help=f"what the source sends next: {names}. Default {DEFAULT_STRATEGY}: it is QEMU's "
-                            "choice for postcopy since 7.1 and keeps a fault's answer from waiting behind "
-                            "the stream (demand with --no-background)")
+                       help=f"what the source sends next: {names}. Default {DEFAULT_STRATEGY} (demand with "
+                            "--no-background): the harness's behaviour before strategies, and the one that keeps "
+                            "a fault's answer from waiting behind the stream (QEMU's own default is still vanilla; "
+                            "preempt is the capability it added in 7.1 for that)")
     p.add_argument("--prepage-window", type=int, metavar="N", default=DEFAULT_PREPAGE_WINDOW,
                    help="prepage: pages pushed on each side of a faulting page, 1..4096 (default %(default)s)")
     p.add_argument("--working-set", metavar="FILE",
