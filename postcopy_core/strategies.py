@@ -7,8 +7,9 @@ destination asked for; called only when ``wants_requests``), and its channel mod
 answers on the urgent channel, or queued in the stream's FIFO like QEMU without postcopy-preempt).
 The C lane (csrc/source.c) takes those batches in and puts frames out; it reports requested pages
 back only when the strategy wants them, so the default path costs nothing more.  A new strategy is
-one new subclass (it registers itself under its ``name``): no change in the fault path, the source
-loops or the C lane.
+one new subclass (it registers itself under its ``name``; here, or in a module imported at the end
+of this one): no change in the fault path, the source loops or the C lane (an option of its own
+also needs its flag in harness/cli.py and harness/config.py).
 """
 
 from __future__ import annotations
@@ -58,9 +59,6 @@ class Strategy:
         """Pages to push right behind the answers to requests for ``pages`` (first page of each)."""
         return None
 
-    def describe(self) -> str:
-        return self.name
-
 
 class Demand(Strategy):
     name = "demand"
@@ -101,9 +99,6 @@ class Prepage(Strategy):
         around = around[(around >= 0) & (around < npages)]
         return around.astype(np.uint32) if around.size else None
 
-    def describe(self) -> str:
-        return f"prepage (window {self.window})"
-
 
 class Prefetch(Strategy):
     """Stream a recorded working set first (in the order it was first touched), then the rest (REAP)."""
@@ -122,9 +117,6 @@ class Prefetch(Strategy):
         for start in range(0, len(self.working_set), STREAM_BATCH):
             yield self.working_set[start : start + STREAM_BATCH]
         yield from sequential_batches(npages)  # the lanes skip what the working set sent
-
-    def describe(self) -> str:
-        return f"prefetch ({len(self.working_set)} pages of working set)"
 
 
 def make_strategy(cfg) -> Strategy:
