@@ -90,11 +90,20 @@ def test_vanilla_answers_go_into_the_stream_socket(clean_machine):
 @pytest.mark.parametrize("link", ["unlimited", "1gbit,1ms"])
 def test_prepage_pushes_neighbours(link, clean_machine):
     """Sequential walks: the neighbours pushed after a fault are the pages touched next, so fewer
-    pages have to be asked of the source (and answered urgently) than under preempt."""
-    base = run(strategy="preempt", link=link, workload="sequential")
-    pre = run(strategy="prepage", link=link, workload="sequential", prepage_window=32)
-    assert pre["pages"]["prepaged"] > 0
-    assert pre["pages"]["requested"] < base["pages"]["requested"], (pre["pages"], base["pages"])
+    pages have to be asked of the source (and answered urgently) than under preempt.  The fault
+    count itself is not asserted: a vCPU often walks faster than the pushes arrive and still faults
+    on them, briefly (fewer faults at 128 MiB on an unlimited link, not reliably at this size).
+    Medians of 3, alternated: the machine is shared."""
+    got: dict[str, list[dict]] = {"preempt": [], "prepage": []}
+    for _ in range(3):
+        for name in got:
+            got[name].append(run(strategy=name, link=link, workload="sequential", prepage_window=32))
+    assert all(r["pages"]["prepaged"] > 0 for r in got["prepage"])
+
+    def median(name: str, *keys: str) -> float:
+        return float(np.median([r[keys[0]][keys[1]] for r in got[name]]))
+
+    assert median("prepage", "pages", "requested") < median("preempt", "pages", "requested")
 
 
 def test_prepage_neighbours_order_and_bounds():

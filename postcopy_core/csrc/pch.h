@@ -110,9 +110,10 @@ struct pch_source {
  * lacks, and drops the copy that comes second); a huge page would cost as much as it saves. */
 int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
 
-/* Pushes pages[0..n) that were not sent yet on s->fd, right now, as plain (not urgent) one-page
- * frames, marked PCH_SENT_URGENT (they travel the answers' channel): the strategy's pages "next"
- * (prepage's neighbours).  Returns how many pages went, or -errno. */
+/* Pushes pages[0..n) on s->fd, right now, as plain (not urgent) one-page frames, marked
+ * PCH_SENT_URGENT (they travel the answers' channel): the strategy's pages "next" (prepage's
+ * neighbours).  A page is skipped as an answer's would be (above: one that went on the stream is
+ * pushed again when resend_streamed).  Returns how many pages went, or -errno. */
 int64_t pch_source_push(struct pch_source *s, const uint32_t *pages, uint64_t n);
 
 /* The streaming lane: sends the pages of `order` (a batch of page numbers chosen by the Python

@@ -136,8 +136,8 @@ int64_t pch_source_push(struct pch_source *s, const uint32_t *pages, uint64_t n)
     for (uint64_t i = 0; i < n; i++) {
         if (pages[i] >= npages)
             return -EINVAL;
-        if (s->sent[pages[i]])
-            continue;
+        if (s->sent[pages[i]] == PCH_SENT_URGENT || (s->sent[pages[i]] && !s->resend_streamed))
+            continue; /* like an answer: a small page on the stream may sit behind its backlog */
         pushed++;
         int rc = add_page(s, &f, pages[i], 0);
         if (rc)
