@@ -146,7 +146,7 @@ def run_options() -> tuple[str, ...]:
     """The keyword arguments :func:`run` accepts (the ``run`` command's flags, with underscores)."""
     from harness.config import RunConfig
 
-    return tuple(f.name for f in fields(RunConfig) if f.name not in ("link_model", "injections"))
+    return tuple(f.name for f in fields(RunConfig) if f.name not in ("link_model", "injections", "working_set_pages"))
 
 
 def _config(options: Mapping[str, object]):

@@ -13,6 +13,18 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # one
 
 
 def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run one postcopy migration end to end and report",
+                       description="Start a source, a fault handler and N vCPU worker processes on the real "
+                                   "userfaultfd, run a workload to completion, verify every page, tear down.",
+                       epilog="exit status: 0 completed; 1 failed; 2 bad input; 3 completed-degraded (a vCPU "
+                              "worker was killed mid-run: the others finished and every page they read was "
+                              "verified, the report's workers.lost says which); 130 Ctrl-C; 143 SIGTERM")
+    add_run_flags(p)
+    p.set_defaults(func=_run)
+
+
+def add_run_flags(p, many_strategies: bool = False) -> None:
+    """Every flag of ``run`` on parser ``p`` (``compare`` takes them too, with a list of strategies)."""
     from harness.config import LINK_MODES, RunConfig, parse_size
     from postcopy_core.handler import WAKE_POLICIES
     from postcopy_core.link import LINK_UNITS
@@ -26,12 +38,6 @@ def _add_run(sub) -> None:
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    p = sub.add_parser("run", help="run one postcopy migration end to end and report",
-                       description="Start a source, a fault handler and N vCPU worker processes on the real "
-                                   "userfaultfd, run a workload to completion, verify every page, tear down.",
-                       epilog="exit status: 0 completed; 1 failed; 2 bad input; 3 completed-degraded (a vCPU "
-                              "worker was killed mid-run: the others finished and every page they read was "
-                              "verified, the report's workers.lost says which); 130 Ctrl-C; 143 SIGTERM")
     p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
                    help="vCPU worker processes, 1..4096 (default %(default)s)")
     p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
@@ -72,7 +78,8 @@ def _add_run(sub) -> None:
                    help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="the source sends only requested pages until the workload ends (pure demand paging; "
-                        "default: a background stream too)")
+                        "the same as --strategy demand; default: a background stream too)")
+    add_strategy_flags(p, many_strategies)
     p.add_argument("--pin", action="store_true",
                    help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1, "
                         "for comparisons with a pinned reference (default: not pinned)")
@@ -100,7 +107,27 @@ def _add_run(sub) -> None:
     p.add_argument("--live", action="store_true",
                    help="a live view of the vCPUs, pages and faults (plain lines when not on a terminal)")
     p.add_argument("--quiet", action="store_true", help="no progress line and no summary table")
-    p.set_defaults(func=_run)
+
+
+def add_strategy_flags(p, many: bool = False) -> None:
+    """--strategy (one name, or a comma-separated list for compare), --prepage-window, --working-set."""
+    from postcopy_core.strategies import DEFAULT_PREPAGE_WINDOW, DEFAULT_STRATEGY, STRATEGIES
+
+    names = "; ".join(f"{name}: {cls.help}" for name, cls in STRATEGIES.items())
+    if many:
+        p.add_argument("--strategy", default="vanilla,preempt,prepage", metavar="NAME[,NAME...]",
+                       help=f"the strategies to compare, comma-separated ({names}) (default %(default)s)")
+    else:
+        p.add_argument("--strategy", default=None, metavar="NAME",
+                       help=f"what the source sends next: {names}. Default {DEFAULT_STRATEGY} (demand with "
+                            "--no-background): the harness's behaviour before strategies, and the one that keeps "
+                            "a fault's answer from waiting behind the stream (QEMU's own default is still vanilla; "
+                            "preempt is the capability it added in 7.1 for that)")
+    p.add_argument("--prepage-window", type=int, metavar="N", default=DEFAULT_PREPAGE_WINDOW,
+                   help="prepage: pages pushed on each side of a faulting page, 1..4096 (default %(default)s)")
+    p.add_argument("--working-set", metavar="FILE",
+                   help="prefetch: a trace from an earlier run --trace; its faulted pages are streamed first, "
+                        "in the order they were first touched (default: none)")
 
 
 def _run(args) -> int:
@@ -277,10 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_source(sub)
     _add_check(sub)
-    from harness import demo, loadtest, replay
+    from harness import compare, demo, loadtest, replay
 
     replay.add_parser(sub)
     loadtest.add_parser(sub)
+    compare.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

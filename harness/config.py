@@ -9,6 +9,7 @@ from postcopy_core.auth import AuthError, key_from_file
 from postcopy_core.content import image_size_check
 from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
+from postcopy_core.strategies import DEFAULT_PREPAGE_WINDOW, DEFAULT_STRATEGY, STRATEGIES, read_working_set
 from vcpu_workers.workloads import WORKLOADS
 
 MAX_VCPUS = 4096  # run and check accept the same range
@@ -83,6 +84,9 @@ class RunConfig:
     pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
+    strategy: str | None = None  # the source policy (postcopy_core/strategies.py); None: preempt, or demand
+    prepage_window: int = DEFAULT_PREPAGE_WINDOW  # --strategy prepage: neighbours pushed on each side of a fault
+    working_set: str | None = None  # --strategy prefetch: a trace (run --trace) whose faulted pages go first
     timeout: float = 600.0
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
     stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
@@ -91,6 +95,7 @@ class RunConfig:
     report: str | None = None  # a folder for report.json, summary.txt, plots and trace.json (harness/report_dir.py)
     link_model: Link = field(default_factory=Link, repr=False)
     injections: list = field(default_factory=list, repr=False)  # --inject, parsed
+    working_set_pages: object = field(default=None, repr=False)  # --working-set, read (numpy array of pages)
 
     def validate(self) -> RunConfig:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -145,6 +150,7 @@ class RunConfig:
             raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
         if self.npages >= 1 << 32:
             raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
+        self._validate_strategy()
         if self.image is not None:
             size = image_bytes(self.image)
             if size != self.ram:
@@ -169,6 +175,27 @@ class RunConfig:
         if local:
             raise ConfigError(f"--inject {local[0]}: not with --source (the source is not a process of this run)")
 
+    def _validate_strategy(self) -> None:
+        """--strategy and its options; --no-background is --strategy demand."""
+        if self.strategy is None:
+            self.strategy = "demand" if not self.background else DEFAULT_STRATEGY
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy {self.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        if not self.background and self.strategy != "demand":
+            raise ConfigError(f"--no-background is --strategy demand; it cannot go with --strategy {self.strategy}")
+        self.background = STRATEGIES[self.strategy].background
+        if not 1 <= self.prepage_window <= 4096:
+            raise ConfigError(f"--prepage-window {self.prepage_window}: must be 1..4096")
+        if self.strategy == "prefetch":
+            if self.working_set is None:
+                raise ConfigError("--strategy prefetch needs --working-set FILE (a trace from an earlier run --trace)")
+            try:
+                self.working_set_pages = read_working_set(self.working_set, self.page_size, self.npages)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif self.working_set is not None:
+            raise ConfigError(f"--working-set is for --strategy prefetch, not {self.strategy}")
+
     @property
     def page_size(self) -> int:
         from postcopy_core.kernel import HUGE_PAGE_SIZE, PAGE_SIZE
@@ -183,4 +210,5 @@ class RunConfig:
         d = asdict(self)
         d.pop("link_model")
         d.pop("injections")
+        d.pop("working_set_pages")
         return d

@@ -79,6 +79,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "error": error,
         "config": kebab(cfg.as_dict()),
         "link": cfg.link_model.describe(),
+        "strategy": cfg.strategy,
         "vcpus": cfg.vcpus,
         "ram-bytes": cfg.ram,
         "page-size": cfg.page_size,
@@ -105,6 +106,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "requested": hs["placed_urgent"],
         "background": hs["placed_background"],
         "zero": hs["placed_zero"],
+        "prepaged": ss.get("pages_prepaged", 0),  # pushed by the strategy next to a faulting page (in background)
         "duplicates-dropped": hs["duplicates"],
         "per-second": round(hs["placed"] / postcopy_s, 1),
     }
@@ -210,7 +212,7 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     console = console or output_console()
     cfg = rep["config"]
     title = (f"postcopy run: {rep['vcpus']} vCPUs, {_n(cfg['ram'] / 2**20, 0)} MiB {cfg['backing']}, "
-             f"workload {cfg['workload']}, link {rep['link']}")
+             f"workload {cfg['workload']}, link {rep['link']}, strategy {rep.get('strategy')}")
     console.print(title, style="italic", soft_wrap=True, markup=False)  # above the table: never wrapped to its width
     t = Table(show_header=True, header_style="bold")
     t.add_column("metric")
@@ -222,6 +224,8 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
         t.add_row("pages total / requested / background / zero",
                   " / ".join(_n(p[k]) for k in ("total", "requested", "background", "zero")))
+        if p.get("prepaged"):
+            t.add_row("pages prepaged (of background)", _n(p["prepaged"]))
         t.add_row("pages per second / MiB/s (postcopy phase)",
                   f"{_n(p['per-second'], 0)} / {_n(p['per-second'] * rep['page-size'] / 2**20, 1)}")
         t.add_row("uffd faults", _n(f["total"]))

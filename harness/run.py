@@ -54,6 +54,7 @@ from postcopy_core.probe import available_memory, free_huge_pages, limit_checks,
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
+from postcopy_core.strategies import make_strategy
 from vcpu_workers import results as R
 from vcpu_workers.worker import WorkerPlan
 from vcpu_workers.workloads import accesses_per_vcpu
@@ -163,6 +164,7 @@ class Run:
         self.fds += [start_r, start_w]
 
         remote = cfg.source is not None  # run --source HOST:PORT: no source of our own
+        strategy = make_strategy(cfg)  # what the source sends next (postcopy_core/strategies.py)
         if cfg.transport == "tcp":
             key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
             host = LOOPBACK
@@ -186,7 +188,7 @@ class Run:
                 if self.netns is not None:
                     self.netns.enter()  # the source process itself lives in the namespace
                 stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
-                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child))
+                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child), strategy)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tcp_connect(port, CHANNEL_STREAM, key, host), tcp_connect(port, CHANNEL_URGENT, key, host)
@@ -202,7 +204,8 @@ class Run:
             src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
 
             def source_body() -> int:
-                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child))
+                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child),
+                                   strategy)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tune(s_dst), tune(u_dst)
@@ -212,7 +215,7 @@ class Run:
                     raise ConnectionError(f"the resume message carried {len(fds)} fds, not 2")
                 return tune(socket.socket(fileno=fds[0])), tune(socket.socket(fileno=fds[1]))
         self._source_args = dict(spec=spec, geo=geo, key=key, host=host if key else None,
-                                 link=src_link if key else cfg.link_model)
+                                 link=src_link if key else cfg.link_model, strategy=strategy)
 
         dst_keep = {self.ram.fd, quit_fd, ctl_dst_child.fileno(), ev_child.fileno(), handoff.fileno()}
         if cfg.transport == "unix":
@@ -737,7 +740,7 @@ class Run:
                     self.netns.enter()
                 stream, urgent = tcp_accept_channels(ls, a["key"], timeout=STARTUP_TIMEOUT)
                 return source_main(a["spec"], a["geo"], stream, urgent, a["link"], ControlLine(ctl_child),
-                                   resume=True)
+                                   a["strategy"], resume=True)
             mine = [ls]
         else:
             s_src, s_dst = self._pair()
@@ -746,7 +749,7 @@ class Run:
 
             def body() -> int:
                 return source_main(a["spec"], a["geo"], tune(s_src), tune(u_src), a["link"],
-                                   ControlLine(ctl_child), resume=True)
+                                   ControlLine(ctl_child), a["strategy"], resume=True)
             mine = [s_src, u_src]
         w = self.stderr.pipe("source")
         try:

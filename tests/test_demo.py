@@ -19,11 +19,9 @@ def test_list_prints_one_demo_a_line_name_first(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list(DEMOS)
     assert all(len(line.split(None, 1)[1]) > 20 for line in lines)  # and what it shows
-    assert "not available yet" in next(line for line in lines if line.startswith("preempt"))
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["demo", "preempt", "--fast"], "preempt is not available yet"),
     (["demo", "nosuch"], "no demo 'nosuch'"),
     (["demo"], "give a demo NAME"),
     (["demo", "overcount", "--fast", "--capture", "/nonexistent"], "no QEMU capture at /nonexistent"),
@@ -97,3 +95,16 @@ def test_hugepages(tmp_path, hugepages, clean_machine, capsys):
     assert huge["latency-us"]["p50"] > small["latency-us"]["p50"]  # each fault waits for 2 MiB
     assert_png(str(out / "hugepages.png"))
     assert os.path.exists(out / "hugetlb" / "trace.json")
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_preempt(tmp_path, clean_machine, capsys):
+    out = tmp_path / "d"
+    assert main(["demo", "preempt", "--fast", "--report", str(out)]) == 0
+    vanilla = json.loads((out / "vanilla" / "report.json").read_text())
+    pre = json.loads((out / "preempt" / "report.json").read_text())
+    assert (vanilla["strategy"], pre["strategy"]) == ("vanilla", "preempt")
+    assert pre["latency-us"]["p50"] < vanilla["latency-us"]["p50"]  # not queued behind the stream
+    assert_png(str(out / "preempt.png"))
+    assert "preempt's fault p50 is" in capsys.readouterr().out

@@ -97,6 +97,11 @@ struct pch_source {
     uint8_t *sent;          /* per page: PCH_SENT_* once sent */
     uint64_t page_size, ram_size;
     uint64_t requests, pages_urgent, pages_zero, requested_already_sent, bytes_sent, pages_stream;
+    /* only when the strategy asks (postcopy_core/strategies.py, wants_requests): the first page of
+     * each request answered here goes into requested[requested_len++] while there is room */
+    uint32_t *requested;
+    uint64_t requested_cap, requested_len;
+    uint64_t pages_pushed;  /* pages sent by pch_source_push */
 };
 /* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno.  A
  * requested page is sent at once unless it already went out: urgently, or on the stream when
@@ -104,6 +109,12 @@ struct pch_source {
  * stream's backlog, and sending it again costs little (the destination asks only for pages it
  * lacks, and drops the copy that comes second); a huge page would cost as much as it saves. */
 int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len);
+
+/* Pushes pages[0..n) on s->fd, right now, as plain (not urgent) one-page frames, marked
+ * PCH_SENT_URGENT (they travel the answers' channel): the strategy's pages "next" (prepage's
+ * neighbours).  A page is skipped as an answer's would be (above: one that went on the stream is
+ * pushed again when resend_streamed).  Returns how many pages went, or -errno. */
+int64_t pch_source_push(struct pch_source *s, const uint32_t *pages, uint64_t n);
 
 /* The streaming lane: sends the pages of `order` (a batch of page numbers chosen by the Python
  * strategy) on the stream as PAGES/ZERO frames of consecutive unsent pages, while answering
@@ -124,7 +135,13 @@ struct pch_pump {
 #define PCH_SERVE_REST 1      /* rest[0..rest_len) holds a message the lane does not take */
 #define PCH_SERVE_EOF 2       /* the destination closed the return path */
 #define PCH_SERVE_MORE 3      /* order is sent (whole frames): give the next batch */
+#define PCH_SERVE_REQUESTS 4  /* s->requested holds pages just answered (only with s->requested set) */
+/* When s->fd is the stream socket (one channel, QEMU without preempt), answers go behind the
+ * current frame, which is finished first. */
 int pch_source_pump(struct pch_source *s, struct pch_pump *p);
+/* Writes what is left of the current stream frame, waiting for room: before anything else goes
+ * into the stream socket.  0 or -errno. */
+int pch_pump_finish(struct pch_pump *p);
 
 /* ---- process hygiene ---- */
 int pch_set_pdeathsig(int sig);

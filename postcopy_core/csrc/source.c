@@ -1,5 +1,5 @@
-/* source.c - the source's byte lane: answers plain REQ_PAGES in C, and streams the pages that
- * the Python strategy picked (postcopy_core/source.py), requests first.
+/* source.c - the source's byte lane: answers plain REQ_PAGES in C, and streams (or pushes) the
+ * pages that the Python strategy picked (postcopy_core/strategies.py), requests first.
  *
  * A busy destination sends long runs of identical REQ_PAGES messages (be16 type 4, be16 len 12,
  * be64 offset, be32 length).  This lane answers exactly those, with one-page PAGES/ZERO frames
@@ -61,11 +61,46 @@ static int send_all(int fd, struct iovec *iov, int n)
     return 0;
 }
 
-int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len)
-{
+/* One sendmsg's worth of one-page frames (header + data iovecs), sent when full or at the end. */
+struct frames {
     uint8_t hdr[BATCH][PCH_HDR_SIZE];
     struct iovec iov[2 * BATCH];
-    int nh = 0, ni = 0;
+    int nh, ni;
+};
+
+static int send_frames(struct pch_source *s, struct frames *f)
+{
+    int rc = f->ni ? send_all(s->fd, f->iov, f->ni) : 0;
+    f->nh = f->ni = 0;
+    return rc;
+}
+
+/* Queue page p as a one-page frame on s->fd and mark it sent there; 0 or -errno. */
+static int add_page(struct pch_source *s, struct frames *f, uint64_t p, uint8_t flags)
+{
+    s->sent[p] = PCH_SENT_URGENT;
+    int zero = s->zero[p];
+    uint8_t *h = f->hdr[f->nh++];
+    h[0] = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
+    h[1] = flags;
+    put_be(h + 2, 1, 2);
+    put_be(h + 4, zero ? 0 : s->page_size, 4);
+    put_be(h + 8, p * s->page_size, 8);
+    f->iov[f->ni++] = (struct iovec){ h, PCH_HDR_SIZE };
+    s->bytes_sent += PCH_HDR_SIZE;
+    if (zero) {
+        s->pages_zero++;
+    } else {
+        f->iov[f->ni++] = (struct iovec){ (void *)(s->image + p * s->page_size), s->page_size };
+        s->bytes_sent += s->page_size;
+    }
+    return f->nh == BATCH ? send_frames(s, f) : 0;
+}
+
+int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len)
+{
+    struct frames f;
+    f.nh = f.ni = 0;
     uint64_t pos = 0;
     if (!s->id_known)
         return 0; /* a plain REQ_PAGES is only valid after REQ_PAGES_ID: the parser decides */
@@ -76,42 +111,41 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
             !length || length % s->page_size || off + length > s->ram_size || off + length < off)
             break; /* not the plain case: the Python parser takes it from here */
         s->requests++;
+        if (s->requested && s->requested_len < s->requested_cap)
+            s->requested[s->requested_len++] = (uint32_t)(off / s->page_size);
         for (uint64_t p = off / s->page_size; p < (off + length) / s->page_size; p++) {
             if (s->sent[p])
                 s->requested_already_sent++;
             if (s->sent[p] == PCH_SENT_URGENT || (s->sent[p] && !s->resend_streamed))
                 continue; /* on its way */
-            s->sent[p] = PCH_SENT_URGENT;
-            int zero = s->zero[p];
-            uint8_t *h = hdr[nh++];
-            h[0] = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
-            h[1] = PCH_FLAG_URGENT;
-            put_be(h + 2, 1, 2);
-            put_be(h + 4, zero ? 0 : s->page_size, 4);
-            put_be(h + 8, p * s->page_size, 8);
-            iov[ni++] = (struct iovec){ h, PCH_HDR_SIZE };
-            s->bytes_sent += PCH_HDR_SIZE;
             s->pages_urgent++;
-            if (zero) {
-                s->pages_zero++;
-            } else {
-                iov[ni++] = (struct iovec){ (void *)(s->image + p * s->page_size), s->page_size };
-                s->bytes_sent += s->page_size;
-            }
-            if (nh == BATCH) {
-                int rc = send_all(s->fd, iov, ni);
-                if (rc)
-                    return rc;
-                nh = ni = 0;
-            }
+            int rc = add_page(s, &f, p, PCH_FLAG_URGENT);
+            if (rc)
+                return rc;
         }
     }
-    if (ni) {
-        int rc = send_all(s->fd, iov, ni);
+    int rc = send_frames(s, &f);
+    return rc ? rc : (int64_t)pos;
+}
+
+int64_t pch_source_push(struct pch_source *s, const uint32_t *pages, uint64_t n)
+{
+    struct frames f;
+    f.nh = f.ni = 0;
+    uint64_t npages = s->ram_size / s->page_size, pushed = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (pages[i] >= npages)
+            return -EINVAL;
+        if (s->sent[pages[i]] == PCH_SENT_URGENT || (s->sent[pages[i]] && !s->resend_streamed))
+            continue; /* like an answer: a small page on the stream may sit behind its backlog */
+        pushed++;
+        int rc = add_page(s, &f, pages[i], 0);
         if (rc)
             return rc;
     }
-    return (int64_t)pos;
+    int rc = send_frames(s, &f);
+    s->pages_pushed += pushed;
+    return rc ? rc : (int64_t)pushed;
 }
 
 #define GO_ON (-4096) /* serve_requests: nothing for the caller, keep pumping (below every -errno) */
@@ -198,6 +232,18 @@ static int write_part(struct pch_pump *p)
     return 1;
 }
 
+int pch_pump_finish(struct pch_pump *p)
+{
+    for (;;) {
+        int rc = write_part(p);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        struct pollfd pfd = { p->stream_fd, POLLOUT, 0 };
+        if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+            return -errno;
+    }
+}
+
 int pch_source_pump(struct pch_source *s, struct pch_pump *p)
 {
     if (p->cap < (1 << 16))
@@ -214,9 +260,15 @@ int pch_source_pump(struct pch_source *s, struct pch_pump *p)
             return -errno;
         }
         if (fds[0].revents) { /* requests first: an urgent page must not wait for the stream */
-            int rc = serve_requests(s, p);
+            /* one channel: the answer queues behind the frame in flight, never inside it */
+            int rc = s->fd == p->stream_fd ? pch_pump_finish(p) : 0;
+            if (rc < 0)
+                return rc;
+            rc = serve_requests(s, p);
             if (rc != GO_ON)
                 return rc;
+            if (s->requested_len)
+                return PCH_SERVE_REQUESTS;
         }
         if (fds[1].revents)
             return PCH_SERVE_CONTROL;
