@@ -60,6 +60,9 @@ class RunConfig:
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     timeout: float = 600.0
+    precopy: float = 0.0  # seconds of precopy before postcopy (0: none); postcopy_core/precopy.py
+    dirty_rate: float = 0.0  # pages per second the guest rewrites during precopy
+    precopy_skip_discards: int = 0  # tests only: discard ranges the source "forgets" (verification must catch it)
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
     stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
@@ -115,12 +118,25 @@ class RunConfig:
             raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
         if self.npages >= 1 << 32:
             raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
+        self._validate_precopy()
         if self.image is not None:
             size = image_bytes(self.image)
             if size != self.ram:
                 raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
                                   "(leave --ram out to take the image's size)")
         return self
+
+    def _validate_precopy(self) -> None:
+        if not 0 <= self.precopy <= 3600:  # also rejects nan
+            raise ConfigError(f"--precopy {self.precopy:g}: must be 0..3600 seconds")
+        if not 0 <= self.dirty_rate < float("inf"):
+            raise ConfigError(f"--dirty-rate {self.dirty_rate:g}: must be a number of pages per second >= 0")
+        if self.dirty_rate and not self.precopy:
+            raise ConfigError("--dirty-rate needs --precopy SECONDS (the guest dirties RAM during precopy)")
+        if self.dirty_rate and self.image is not None:
+            raise ConfigError("--dirty-rate with --image: rewritten pages need generated content (leave out --image)")
+        if self.precopy_skip_discards < 0:
+            raise ConfigError("--precopy-skip-discards must be >= 0")
 
     @property
     def page_size(self) -> int:

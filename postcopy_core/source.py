@@ -63,7 +63,7 @@ class Source:
         self.image = Image(spec)
         words = np.frombuffer(self.image.mapping.buffer(), dtype=np.uint64).reshape(spec.npages, -1)
         # per page, 1 byte each: which pages go as ZERO messages, which were sent (bytes index fast)
-        self.zero = (~words.any(axis=1)).astype(np.uint8).tobytes()
+        self.zero = bytearray((~words.any(axis=1)).astype(np.uint8).tobytes())  # precopy's dirtying clears it
         self.sent = bytearray(spec.npages)
         self._rest = ffi.new("uint8_t[]", 1 << 16)  # what the C serve loop hands back to the parser
         # the C answer lane shares these maps and counts into its own struct (merged in run())
@@ -219,6 +219,11 @@ class Source:
             return bool(msg.get("background", True)) or None
         if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
             return True
+        if msg.get("cmd") == "precopy":  # run --precopy: RAM goes first while the guest dirties it
+            from postcopy_core.precopy import run_precopy
+
+            self.stats["precopy"] = run_precopy(self, msg)
+            self.control.send(event="precopy-done", stats=self.stats["precopy"])
         return None
 
     def _next_batch(self) -> bool:
