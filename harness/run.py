@@ -333,7 +333,8 @@ class Run:
         self.workers_done: set[int] = set()
         self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
-        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w) + ((plan.gens_fd,) if plan.gens_fd >= 0 else ())
+        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
+        keep += (plan.gens_fd,) if plan.gens_fd >= 0 else ()  # run --precopy
         err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
         proc = subprocess.Popen(zygote_command(), stdin=subprocess.PIPE, stderr=err_w, pass_fds=keep,
                                 close_fds=True)

@@ -512,10 +512,10 @@ static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count)
     for (uint16_t i = 0; i < count; i++) {
         uint64_t off = be64(p + i * PCH_DISCARD_RANGE_SIZE), len = be64(p + i * PCH_DISCARD_RANGE_SIZE + 8);
         if (len == 0 || (off | len) & (d->ps - 1))
-            return fail(d, -EPROTO, "DISCARD: range %u (%#llx+%#llx) is not whole pages", i,
+            return fail(d, -EPROTO, "DISCARD: range %u (0x%llx+0x%llx) is not whole pages", i,
                         (unsigned long long)off, (unsigned long long)len);
         if (off > ram || len > ram - off)
-            return fail(d, -EPROTO, "DISCARD: range %u (%#llx+%#llx) outside guest RAM", i,
+            return fail(d, -EPROTO, "DISCARD: range %u (0x%llx+0x%llx) outside guest RAM", i,
                         (unsigned long long)off, (unsigned long long)len);
     }
     if (!d->dropped && !(d->dropped = calloc(d->npages, 1)))
