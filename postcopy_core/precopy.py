@@ -41,6 +41,7 @@ DIRTY_SEED = 0xD1D7  # the dirtying's own random stream, from the run's --seed: 
 IDLE_S = 0.005  # with nothing to send, the loop still wakes this often to dirty on time
 AHEAD = 1 << 20  # precopy bytes allowed to sit unsent in the outbox
 IN_FLIGHT = 64  # messages on a modelled wire at once
+MAX_DIRTY_STEP = 1 << 16  # rewrites per loop turn at most: a rate the model cannot keep up with lags, not hogs memory
 
 
 def _size(npages: int) -> int:
@@ -95,7 +96,7 @@ class Dirtier:
 
     def until(self, now: float) -> None:
         """Make the rewrites due by ``now``."""
-        due = int(self.rate * (now - self.t0)) - self.done
+        due = min(int(self.rate * (now - self.t0)) - self.done, MAX_DIRTY_STEP)
         if due <= 0:
             return
         src, spec = self.src, self.src.spec
