@@ -70,7 +70,6 @@ def _add_run(sub) -> None:
                         "(default %(default)g: no precopy)")
     p.add_argument("--dirty-rate", type=float, metavar="PAGES_PER_S", default=d.dirty_rate,
                    help="pages the guest rewrites per second during --precopy (default %(default)g)")
-    p.add_argument("--precopy-skip-discards", type=int, default=0, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--pin", action="store_true",
                    help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1, "
                         "for comparisons with a pinned reference (default: not pinned)")

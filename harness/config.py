@@ -62,7 +62,9 @@ class RunConfig:
     timeout: float = 600.0
     precopy: float = 0.0  # seconds of precopy before postcopy (0: none); postcopy_core/precopy.py
     dirty_rate: float = 0.0  # pages per second the guest rewrites during precopy
-    precopy_skip_discards: int = 0  # tests only: discard ranges the source "forgets" (verification must catch it)
+    # tests only (no flag, not in the report's config): discard ranges the source "forgets", which
+    # verification must catch
+    precopy_skip_discards: int = field(default=0, repr=False)
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
     stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
@@ -136,7 +138,7 @@ class RunConfig:
         if self.dirty_rate and self.image is not None:
             raise ConfigError("--dirty-rate with --image: rewritten pages need generated content (leave out --image)")
         if self.precopy_skip_discards < 0:
-            raise ConfigError("--precopy-skip-discards must be >= 0")
+            raise ConfigError("precopy_skip_discards must be >= 0")
 
     @property
     def page_size(self) -> int:
@@ -152,4 +154,5 @@ class RunConfig:
         d = asdict(self)
         d.pop("link_model")
         d.pop("injections")
+        d.pop("precopy_skip_discards")
         return d
