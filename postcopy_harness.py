@@ -146,7 +146,8 @@ def run_options() -> tuple[str, ...]:
     """The keyword arguments :func:`run` accepts (the ``run`` command's flags, with underscores)."""
     from harness.config import RunConfig
 
-    return tuple(f.name for f in fields(RunConfig) if f.name not in ("link_model", "injections", "working_set_pages"))
+    internal = ("link_model", "injections", "working_set_pages", "precopy_skip_discards")  # parsed forms, a test-only knob
+    return tuple(f.name for f in fields(RunConfig) if f.name not in internal)
 
 
 def _config(options: Mapping[str, object]):

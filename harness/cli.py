@@ -79,6 +79,12 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="the source sends only requested pages until the workload ends (pure demand paging; "
                         "the same as --strategy demand; default: a background stream too)")
+    p.add_argument("--precopy", type=float, metavar="SECONDS", default=d.precopy,
+                   help="send RAM for this long before postcopy while the guest dirties it (--dirty-rate); "
+                        "pages dirtied since they were sent are discarded at the switchover and fault again "
+                        "(default %(default)g: no precopy)")
+    p.add_argument("--dirty-rate", type=float, metavar="PAGES_PER_S", default=d.dirty_rate,
+                   help="pages the guest rewrites per second during --precopy (default %(default)g)")
     add_strategy_flags(p, many_strategies)
     p.add_argument("--pin", action="store_true",
                    help="pin the fault handler and the source to CPU 0 and the vCPU workers to CPU 1, "

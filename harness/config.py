@@ -88,6 +88,11 @@ class RunConfig:
     prepage_window: int = DEFAULT_PREPAGE_WINDOW  # --strategy prepage: neighbours pushed on each side of a fault
     working_set: str | None = None  # --strategy prefetch: a trace (run --trace) whose faulted pages go first
     timeout: float = 600.0
+    precopy: float = 0.0  # seconds of precopy before postcopy (0: none); postcopy_core/precopy.py
+    dirty_rate: float = 0.0  # pages per second the guest rewrites during precopy
+    # tests only (no flag, not in the report's config): discard ranges the source "forgets", which
+    # verification must catch
+    precopy_skip_discards: int = field(default=0, repr=False)
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
     stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
@@ -151,6 +156,7 @@ class RunConfig:
         if self.npages >= 1 << 32:
             raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
         self._validate_strategy()
+        self._validate_precopy()
         if self.image is not None:
             size = image_bytes(self.image)
             if size != self.ram:
@@ -196,6 +202,18 @@ class RunConfig:
         elif self.working_set is not None:
             raise ConfigError(f"--working-set is for --strategy prefetch, not {self.strategy}")
 
+    def _validate_precopy(self) -> None:
+        if not 0 <= self.precopy <= 3600:  # also rejects nan
+            raise ConfigError(f"--precopy {self.precopy:g}: must be 0..3600 seconds")
+        if not 0 <= self.dirty_rate < float("inf"):
+            raise ConfigError(f"--dirty-rate {self.dirty_rate:g}: must be a number of pages per second >= 0")
+        if self.dirty_rate and not self.precopy:
+            raise ConfigError("--dirty-rate needs --precopy SECONDS (the guest dirties RAM during precopy)")
+        if self.dirty_rate and self.image is not None:
+            raise ConfigError("--dirty-rate with --image: rewritten pages need generated content (leave out --image)")
+        if self.precopy_skip_discards < 0:
+            raise ConfigError("precopy_skip_discards must be >= 0")
+
     @property
     def page_size(self) -> int:
         from postcopy_core.kernel import HUGE_PAGE_SIZE, PAGE_SIZE
@@ -211,4 +229,5 @@ class RunConfig:
         d.pop("link_model")
         d.pop("injections")
         d.pop("working_set_pages")
+        d.pop("precopy_skip_discards")
         return d

@@ -110,6 +110,10 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "duplicates-dropped": hs["duplicates"],
         "per-second": round(hs["placed"] / postcopy_s, 1),
     }
+    pre = raw.get("precopy")
+    if pre is not None:  # run --precopy: pages kept from precopy, and those dropped at the switchover
+        rep["pages"]["precopy"] = hs["placed_precopy"]
+        rep["pages"]["discarded"] = hs["discarded"]
     rep["verification"] = {
         "pages-checked": int(checked["pages_checked"].sum()),
         "words-checked": int(checked["words_checked"].sum()),
@@ -129,6 +133,13 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "board-wakes": hs["board_wakes"],
         "faulting-accesses": int(lat.size),
     }
+    if pre is not None:
+        rep["faults"]["on-discarded"] = hs["faults_discarded"]  # discarded pages fault again
+        rep["faults"]["requests-discarded"] = hs["requests_discarded"]
+        rep["precopy"] = {"seconds": pre["seconds"], "dirty-rate": cfg.dirty_rate, "rounds": pre["rounds"],
+                          "pages-sent": pre["pages_sent"], "pages-dirtied": pre["pages_dirtied"],
+                          "pages-rewritten": hs["precopy_rewrites"], "discard-ranges": pre["discard_ranges"],
+                          "discard-commands": pre["discard_commands"]}
     rep["latency-us"] = {
         "p50": round(_pct(lat, 50) / 1e3, 2),
         "p99": round(_pct(lat, 99) / 1e3, 2),
@@ -164,6 +175,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         "postcopy": round(postcopy_s, 4),
         "total": round(raw["wall_s"], 3),
     }
+    if pre is not None:
+        rep["duration-s"]["precopy"] = round(pre["duration_s"], 4)
     rep["handler"] = {"cpu-s": hs["cpu_s"], "copy-eexist": hs["copy_eexist"], "dead-ports": hs["dead_ports"],
                       "wake-policy": cfg.wake_policy}
     rep["source"] = {"cpu-s": ss["cpu_s"], "bytes-sent": ss["bytes_sent"], "requests": ss["requests"],
@@ -226,6 +239,9 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
                   " / ".join(_n(p[k]) for k in ("total", "requested", "background", "zero")))
         if p.get("prepaged"):
             t.add_row("pages prepaged (of background)", _n(p["prepaged"]))
+        if "discarded" in p:
+            t.add_row("precopy: pages kept / discarded / seconds",
+                      f"{_n(p['precopy'])} / {_n(p['discarded'])} / {_n(rep['duration-s']['precopy'], 3)}")
         t.add_row("pages per second / MiB/s (postcopy phase)",
                   f"{_n(p['per-second'], 0)} / {_n(p['per-second'] * rep['page-size'] / 2**20, 1)}")
         t.add_row("uffd faults", _n(f["total"]))

@@ -50,6 +50,7 @@ from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
 from postcopy_core.handoff import Expected, HandoffError, abstract_address, collect_uffds, listen
 from postcopy_core.link import Link
+from postcopy_core.precopy import GenerationMap
 from postcopy_core.probe import available_memory, free_huge_pages, limit_checks, preflight, raise_fd_limit
 from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
@@ -83,6 +84,7 @@ class Run:
         self.received: ReceivedMap | None = None
         self.area: R.ResultsArea | None = None
         self.board: AccessBoard | None = None
+        self.gens: GenerationMap | None = None  # run --precopy: each page's generation (postcopy_core/precopy.py)
         self.accounting: Accounting | None = None
         self._ev_thread: threading.Thread | None = None
         self.stall: StallWatch | None = None
@@ -151,6 +153,8 @@ class Run:
         self.received = ReceivedMap(cfg.npages)
         self.area = R.ResultsArea(nworkers, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
         self.board = AccessBoard(cfg.vcpus)
+        if cfg.precopy:
+            self.gens = GenerationMap(cfg.npages)
 
         ctl_src_parent, ctl_src_child = self._pair()
         ctl_dst_parent, ctl_dst_child = self._pair()
@@ -216,6 +220,8 @@ class Run:
                 return tune(socket.socket(fileno=fds[0])), tune(socket.socket(fileno=fds[1]))
         self._source_args = dict(spec=spec, geo=geo, key=key, host=host if key else None,
                                  link=src_link if key else cfg.link_model, strategy=strategy)
+        if self.gens is not None:
+            src_keep.add(self.gens.fd)  # the source writes the generations; the handler keeps the mapping
 
         dst_keep = {self.ram.fd, quit_fd, ctl_dst_child.fileno(), ev_child.fileno(), handoff.fileno()}
         if cfg.transport == "unix":
@@ -242,7 +248,7 @@ class Run:
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
-                reconnect=dest_reconnect, share_channels=cfg.transport == "tcp"))
+                reconnect=dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             if role == "source" and remote:
@@ -261,7 +267,7 @@ class Run:
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
                           handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1),
-                          cfg.non_vcpu)
+                          cfg.non_vcpu, self.gens.fd if self.gens is not None else -1)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process
@@ -278,6 +284,7 @@ class Run:
         self._keep_link(ctl_dst, self._expect(ctl_dst, "ready", "fault handler", STARTUP_TIMEOUT))
         self._wait_workers_ready(STARTUP_TIMEOUT)
         startup_s = time.monotonic() - t_fork
+        precopy = self._precopy(ctl_src, ctl_dst) if cfg.precopy else None
 
         # go: every worker starts at EOF of the start pipe; the source starts streaming.  The
         # engines' context starts here, like QEMU's blocktime context at postcopy start.
@@ -330,6 +337,7 @@ class Run:
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
             lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], recovery=self.recovery(),
             netns=self.netns.describe() if self.netns is not None else None,
+            precopy=precopy,
         )
 
     def _make_netns(self) -> str:
@@ -361,6 +369,17 @@ class Run:
         if problem:
             raise RunFailed(f"--source {where}: {problem}")
         return control
+
+    def _precopy(self, ctl_src: ControlLine, ctl_dst: ControlLine) -> dict:
+        """run --precopy: the source sends RAM while the guest dirties it, then discards and switches;
+        the workers wait at the start pipe meanwhile, like vCPUs at a destination during precopy."""
+        cfg = self.cfg
+        t0 = time.monotonic()
+        ctl_src.send(cmd="precopy", seconds=cfg.precopy, dirty_rate=cfg.dirty_rate, gens_fd=self.gens.fd,
+                     skip_discards=cfg.precopy_skip_discards)
+        stats = self._expect(ctl_src, "precopy-done", "source", cfg.precopy + STARTUP_TIMEOUT)["stats"]
+        self._expect(ctl_dst, "postcopy", "fault handler", STARTUP_TIMEOUT)  # the discards are applied there
+        return dict(stats, duration_s=time.monotonic() - t0)
 
     def _inject(self) -> None:
         if self.injector is not None:
@@ -418,6 +437,7 @@ class Run:
         self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
         keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
+        keep += (plan.gens_fd,) if plan.gens_fd >= 0 else ()  # run --precopy
         err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
         proc = subprocess.Popen(zygote_command(), stdin=subprocess.PIPE, stderr=err_w, pass_fds=keep,
                                 close_fds=True)
@@ -724,6 +744,7 @@ class Run:
         is made: swap it to wait for an external source instead."""
         cfg, a = self.cfg, self._source_args
         ctl_parent, ctl_child = self._pair()
+        gens_fd = self.gens.fd if self.gens is not None else None  # after a precopy: its final content
         if cfg.source is not None:
             raise RunFailed(f"the source at {cfg.source} was lost, and a remote source is not restarted")
         if cfg.transport == "tcp":
@@ -740,7 +761,7 @@ class Run:
                     self.netns.enter()
                 stream, urgent = tcp_accept_channels(ls, a["key"], timeout=STARTUP_TIMEOUT)
                 return source_main(a["spec"], a["geo"], stream, urgent, a["link"], ControlLine(ctl_child),
-                                   a["strategy"], resume=True)
+                                   a["strategy"], resume=True, gens_fd=gens_fd)
             mine = [ls]
         else:
             s_src, s_dst = self._pair()
@@ -749,8 +770,10 @@ class Run:
 
             def body() -> int:
                 return source_main(a["spec"], a["geo"], tune(s_src), tune(u_src), a["link"],
-                                   ControlLine(ctl_child), a["strategy"], resume=True)
+                                   ControlLine(ctl_child), a["strategy"], resume=True, gens_fd=gens_fd)
             mine = [s_src, u_src]
+        if gens_fd is not None:
+            keep.add(gens_fd)
         w = self.stderr.pipe("source")
         try:
             pid = self.children.spawn("source", keep, body, self._cpus(0), stderr=w)
@@ -819,6 +842,9 @@ class Run:
         if self.board is not None:
             self.board.close()
             self.board = None
+        if self.gens is not None:
+            self.gens.close()
+            self.gens = None
         self.stderr.close(forward=self.completed)
         if self.progress is not None:
             self.progress.close()

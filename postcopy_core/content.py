@@ -63,9 +63,13 @@ class Image:
         self.mapping.close()
 
 
-def check_page(addr: int, spec: ContentSpec, page: int, ref: Image | None = None) -> int:
-    """Number of 64-bit words of the page at ``addr`` that differ from the expected content."""
+def check_page(addr: int, spec: ContentSpec, page: int, ref: Image | None = None, gen: int = 0) -> int:
+    """Number of 64-bit words of the page at ``addr`` that differ from the expected content (that of
+    generation ``gen``: the page rewritten that many times during precopy, see postcopy_core/precopy.py)."""
     ref_ptr = ref.pointer() if ref is not None else ffi.NULL
+    if gen:
+        return lib.pch_check_page_gen(ffi.cast("uint8_t *", addr), spec.seed, page, gen, spec.page_size,
+                                      spec.zero_permille, ref_ptr)
     return lib.pch_check_page(ffi.cast("uint8_t *", addr), spec.seed, page, spec.page_size,
                               spec.zero_permille, ref_ptr)
 

@@ -36,6 +36,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
@@ -45,6 +46,9 @@ from postcopy_core.content import ContentSpec, Image, check_page
 from postcopy_core.kernel import KernelError, Uffd
 from postcopy_core.protocol import Geometry, ProtocolError, encode_shut
 from postcopy_core.ramblock import ReceivedMap
+
+if TYPE_CHECKING:
+    from postcopy_core.precopy import GenerationMap
 
 WAKE_WAITERS = "waiters"  # wake only uffds whose fault we have read for that page
 WAKE_ALL = "all"  # wake every uffd for every placed page (QEMU's shared-wake behaviour)
@@ -63,7 +67,9 @@ NO_PROGRESS_S = 30.0
 
 STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "pages_requested", "placed",
                "placed_urgent", "placed_background", "placed_zero", "duplicates", "wakes", "copy_eexist",
-               "dead_ports", "eos", "frames", "board_wakes", "t_last_place", "reconnects", "re_requested")
+               "dead_ports", "eos", "frames", "board_wakes", "t_last_place", "reconnects", "re_requested",
+               "placed_precopy", "discarded", "precopy_rewrites", "discard_msgs", "faults_discarded",
+               "requests_discarded", "t_postcopy_start")
 
 # how the destination gets a new source's channels from the orchestrator's ``resume`` message (and
 # the fds it carried): a pair of connected page-channel sockets (stream, urgent)
@@ -90,7 +96,8 @@ class Destination:
                  ports: list[Port], stream: socket.socket, urgent: socket.socket, quit_fd: int,
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
                  board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
-                 reconnect: Reconnect | None = None, share_channels: bool = False) -> None:
+                 reconnect: Reconnect | None = None, share_channels: bool = False,
+                 gens: GenerationMap | None = None) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
@@ -127,6 +134,12 @@ class Destination:
         self.share_channels = share_channels  # TCP: hand the orchestrator our channel fds (for link-drop)
         self.state = ACTIVE
         self.gen = 0  # which source the channels belong to (the orchestrator's resume counts them)
+        # run --precopy: pages come before postcopy starts, DISCARDs drop some; every page is checked
+        # against the generation the source published at the switchover (postcopy_core/precopy.py)
+        self.gens = gens
+        self.postcopy_told = gens is None
+        if gens is not None:
+            lib.pch_dest_set_precopy(self.d, memfd)
 
     def _c_failed(self, what: str) -> HandlerError:
         text = ffi.string(lib.pch_dest_error(self.d)).decode()
@@ -182,6 +195,9 @@ class Destination:
                 if rc < 0:
                     raise self._c_failed("destination")
                 self.ship_events()
+                if not self.postcopy_told and self.stats_c.t_postcopy_start:  # the vCPUs may start now
+                    self.control.send(event="postcopy", t_ns=int(self.stats_c.t_postcopy_start))
+                    self.postcopy_told = True
                 quitting = quitting or bool(loop.quit_seen)
                 if rc == lib.PCH_RUN_EOF and not self.complete:
                     if self.reconnect is None:
@@ -267,8 +283,9 @@ class Destination:
         spec = self.spec
         ref = Image(spec) if spec.image else None
         shift = self.geo.page_size.bit_length() - 1
+        gens = self.gens.array.tolist() if self.gens is not None else None
         bad = sum(1 for page in range(self.geo.npages)
-                  if check_page(self.mapping.addr + (page << shift), spec, page, ref))
+                  if check_page(self.mapping.addr + (page << shift), spec, page, ref, gens[page] if gens else 0))
         if ref is not None:
             ref.close()
         ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -14,6 +14,11 @@ Page stream (source -> destination, on the stream and the urgent channel), our o
   PAGES   ``count`` pages starting at ``offset``; payload is count * page_size bytes of data
   ZERO    ``count`` all-zero pages starting at ``offset``; no payload
   EOS     the source has sent every page (stream channel only); no payload
+  DISCARD ``count`` ranges (1..12), offset 0; payload: per range be64 offset, be64 length (bytes):
+          pages dirtied since precopy sent them, dropped so that they fault again (precopy only)
+  POSTCOPY_START  precopy is over, the vCPUs may run; no payload (precopy only)
+  (DISCARD and POSTCOPY_START come only on the stream channel of a destination told it starts in
+  precopy, before POSTCOPY_START, with flags 0)
   flags   URGENT (1): the pages answer a request
 
 Every field is validated against the RAM geometry announced in HELLO; anything off raises
@@ -43,7 +48,12 @@ MSG_HELLO = lib.PCH_MSG_HELLO
 MSG_PAGES = lib.PCH_MSG_PAGES
 MSG_ZERO = lib.PCH_MSG_ZERO
 MSG_EOS = lib.PCH_MSG_EOS
-MSG_NAMES = {MSG_HELLO: "HELLO", MSG_PAGES: "PAGES", MSG_ZERO: "ZERO", MSG_EOS: "EOS"}
+MSG_DISCARD = lib.PCH_MSG_DISCARD
+MSG_POSTCOPY_START = lib.PCH_MSG_POSTCOPY_START
+MSG_NAMES = {MSG_HELLO: "HELLO", MSG_PAGES: "PAGES", MSG_ZERO: "ZERO", MSG_EOS: "EOS", MSG_DISCARD: "DISCARD",
+             MSG_POSTCOPY_START: "POSTCOPY_START"}
+DISCARD_MAX_RANGES = lib.PCH_DISCARD_MAX_RANGES
+DISCARD_RANGE = struct.Struct(">QQ")
 FLAG_URGENT = lib.PCH_FLAG_URGENT
 KNOWN_FLAGS = FLAG_URGENT
 
@@ -57,6 +67,7 @@ HDR = struct.Struct(">BBHIQ")
 HELLO = struct.Struct(">4sHIQB")
 assert HDR.size == lib.PCH_HDR_SIZE and HELLO.size == lib.PCH_HELLO_SIZE
 assert RP_HDR.size + REQ.size == lib.PCH_REQ_PAGES_SIZE
+assert DISCARD_RANGE.size == lib.PCH_DISCARD_RANGE_SIZE
 MAX_HELLO = HELLO.size + 255
 
 
@@ -247,6 +258,21 @@ def page_header(mtype: int, offset: int, count: int, page_size: int, urgent: boo
     return HDR.pack(mtype, FLAG_URGENT if urgent else 0, count, plen, offset)
 
 
+def encode_discards(ranges, page_size: int) -> bytes:
+    """DISCARD messages for ``ranges`` of (first page, page count), at most 12 ranges each (QEMU's batch)."""
+    out = []
+    ranges = list(ranges)
+    for i in range(0, len(ranges), DISCARD_MAX_RANGES):
+        batch = ranges[i : i + DISCARD_MAX_RANGES]
+        payload = b"".join(DISCARD_RANGE.pack(first * page_size, count * page_size) for first, count in batch)
+        out.append(HDR.pack(MSG_DISCARD, 0, len(batch), len(payload), 0) + payload)
+    return b"".join(out)
+
+
+def encode_postcopy_start() -> bytes:
+    return HDR.pack(MSG_POSTCOPY_START, 0, 0, 0, 0)
+
+
 @dataclass
 class Frame:
     """One page-stream message; ``data_at`` is where its payload starts in the reader's buffer."""
@@ -257,6 +283,7 @@ class Frame:
     offset: int
     data_at: int
     payload_len: int
+    ranges: tuple = ()  # DISCARD: the (offset, length) ranges in bytes, checked
 
 
 class FrameReader:
@@ -270,7 +297,10 @@ class FrameReader:
     only when a frame does not fit behind ``end``.
     """
 
-    def __init__(self, capacity: int, geo: Geometry | None = None) -> None:
+    def __init__(self, capacity: int, geo: Geometry | None = None, precopy: bool = False,
+                 urgent: bool = False) -> None:
+        self.precopy = precopy  # DISCARD and POSTCOPY_START allowed (until POSTCOPY_START)
+        self.urgent = urgent  # this reader is the urgent channel's: no DISCARD there
         self.buf = bytearray(capacity)
         self.view = memoryview(self.buf)
         self.start = 0
@@ -315,9 +345,24 @@ class FrameReader:
             at = self.start + HDR.size
             self.start = at + plen
             self.eos = mtype == MSG_EOS
+            ranges = ()
             if mtype == MSG_HELLO:
                 self.geo = decode_hello(self.view[at : at + plen])
-            yield Frame(mtype, flags, count, offset, at, plen)
+            elif mtype == MSG_DISCARD:
+                ranges = self._discard_ranges(at, count)
+            elif mtype == MSG_POSTCOPY_START:
+                self.precopy = False
+            yield Frame(mtype, flags, count, offset, at, plen, ranges)
+
+    def _discard_ranges(self, at: int, count: int) -> tuple:
+        ps, ram = self.geo.page_size, self.geo.ram_size
+        out = tuple(DISCARD_RANGE.unpack_from(self.buf, at + i * DISCARD_RANGE.size) for i in range(count))
+        for i, (off, length) in enumerate(out):
+            if length == 0 or (off | length) % ps:
+                raise ProtocolError(f"DISCARD: range {i} ({off:#x}+{length:#x}) is not whole pages")
+            if off > ram or length > ram - off:
+                raise ProtocolError(f"DISCARD: range {i} ({off:#x}+{length:#x}) outside guest RAM")
+        return out
 
     def _validate(self, mtype: int, flags: int, count: int, plen: int, offset: int) -> None:
         name = MSG_NAMES.get(mtype)
@@ -341,6 +386,25 @@ class FrameReader:
         if mtype == MSG_EOS:
             if count or plen or offset:
                 raise ProtocolError("EOS: must carry no pages")
+            return
+        if mtype in (MSG_DISCARD, MSG_POSTCOPY_START):
+            if self.urgent:
+                raise ProtocolError(f"{name}: on the urgent channel")
+            if not self.precopy:
+                raise ProtocolError(f"{name}: not in precopy")
+            if flags:
+                raise ProtocolError(f"{name}: unknown flags {flags:#x}")
+            if offset:
+                raise ProtocolError(f"{name}: offset must be 0")
+            if mtype == MSG_POSTCOPY_START:
+                if count or plen:
+                    raise ProtocolError("POSTCOPY_START: must carry nothing")
+                return
+            if not 1 <= count <= DISCARD_MAX_RANGES:
+                raise ProtocolError(f"DISCARD: {count} ranges, must be 1..{DISCARD_MAX_RANGES}")
+            if plen != count * DISCARD_RANGE.size:
+                raise ProtocolError(f"DISCARD: payload length {plen}, expected {count * DISCARD_RANGE.size} "
+                                    f"for {count} ranges")
             return
         if count == 0:
             raise ProtocolError(f"{name}: zero pages")

@@ -73,7 +73,7 @@ class Source:
         self.image = Image(spec)
         words = np.frombuffer(self.image.mapping.buffer(), dtype=np.uint64).reshape(spec.npages, -1)
         # per page, 1 byte each: which pages go as ZERO messages, which were sent (bytes index fast)
-        self.zero = (~words.any(axis=1)).astype(np.uint8).tobytes()
+        self.zero = bytearray((~words.any(axis=1)).astype(np.uint8).tobytes())  # precopy's dirtying clears it
         self.sent = bytearray(spec.npages)
         self._rest = ffi.new("uint8_t[]", 1 << 16)  # what the C serve loop hands back to the parser
         # the C answer lane shares these maps and counts into its own struct (merged in run())
@@ -351,6 +351,11 @@ class Source:
                 start = True
             if msg.get("cmd") == "stream":  # demand-only runs: send the rest now
                 start = True
+            if msg.get("cmd") == "precopy":  # run --precopy: RAM goes first while the guest dirties it
+                from postcopy_core.precopy import run_precopy
+
+                self.stats["precopy"] = run_precopy(self, msg)
+                self.control.send(event="precopy-done", stats=self.stats["precopy"])
             if b"\n" not in self.control.buf:
                 return start
 
@@ -474,11 +479,17 @@ class Source:
 
 
 def source_main(spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
-                link: Link, control: ControlLine, strategy: Strategy | None = None, resume: bool = False) -> int:
+                link: Link, control: ControlLine, strategy: Strategy | None = None, resume: bool = False,
+                gens_fd: int | None = None) -> int:
     """Entry point of the source process (after fork); ``strategy`` defaults to preempt; ``resume``: a
-    new source for a paused destination (postcopy recovery)."""
+    new source for a paused destination (postcopy recovery), ``gens_fd`` the generations a precopy left."""
     try:
-        stats = Source(spec, geo, stream, urgent, link, control, strategy, resume).run()
+        src = Source(spec, geo, stream, urgent, link, control, strategy, resume)
+        if gens_fd is not None:
+            from postcopy_core.precopy import adopt_generations
+
+            src.stats["pages_regenerated"] = adopt_generations(src, gens_fd)
+        stats = src.run()
     except ProtocolError as e:
         control.send(event="error", error=f"source: bad message from destination: {e}")
         return 3

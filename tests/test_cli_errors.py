@@ -61,6 +61,13 @@ CASES = {
     "link-tc-units": (["run", "--link", "100Mb"], 2,
                       "postcopy-harness run: --link '100Mb': bad bandwidth '100mb' (" + UNITS + ")", False),
     "check-vcpus": (["check", "--vcpus", "0"], 2, "postcopy-harness check: --vcpus 0: must be 1..4096", False),
+    "dirty-rate-alone": (["run", "--dirty-rate", "100"], 2,
+                         "postcopy-harness run: --dirty-rate needs --precopy SECONDS "
+                         "(the guest dirties RAM during precopy)", False),
+    "precopy-negative": (["run", "--precopy", "-1"], 2, "postcopy-harness run: --precopy -1: must be 0..3600 seconds",
+                         False),
+    "dirty-rate-negative": (["run", "--precopy", "1", "--dirty-rate", "-5"], 2,
+                            "postcopy-harness run: --dirty-rate -5: must be a number of pages per second >= 0", False),
 }
 
 

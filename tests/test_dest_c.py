@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
 from postcopy_core.content import ContentSpec, Image
+from postcopy_core.protocol import DISCARD_RANGE as RANGE
 from postcopy_core.protocol import (
     HDR,
+    MSG_DISCARD,
     MSG_EOS,
     MSG_PAGES,
+    MSG_POSTCOPY_START,
     MSG_ZERO,
     FrameReader,
     Geometry,
@@ -163,7 +166,7 @@ def test_bad_frames_are_refused_with_one_line(dest, data, words):
 
 
 frame = st.tuples(
-    st.sampled_from([MSG_PAGES, MSG_ZERO, MSG_EOS, 1, 0, 7]),  # type (1: a second HELLO)
+    st.sampled_from([MSG_PAGES, MSG_ZERO, MSG_EOS, MSG_DISCARD, MSG_POSTCOPY_START, 1, 0, 7]),  # 1: a second HELLO
     st.sampled_from([0, 1, 2]),  # flags
     st.integers(0, 3),  # count
     st.sampled_from(["right", "wrong", "huge"]),  # payload length ("huge": only the header is sent)
@@ -175,9 +178,14 @@ def encode(t, flags, count, plen_kind, off) -> bytes:
     if plen_kind == "huge":
         return HDR.pack(t, flags, count, 1 << 31, off)
     plen = count * PS if t == MSG_PAGES else 0
+    payload = bytes(plen)
+    if t == MSG_DISCARD:  # ranges of one page from `off` on (some past the end of RAM), offset 0 mostly
+        payload = b"".join(RANGE.pack(off + i * PS, PS) for i in range(count))
+        plen, off = len(payload), 0 if off % 3 else off
     if plen_kind == "wrong":
         plen += 8
-    return HDR.pack(t, flags, count, plen, off) + bytes(plen)
+        payload += bytes(8)
+    return HDR.pack(t, flags, count, plen, off) + payload
 
 
 def c_feed_split(d: CDest, data: bytes, cuts: list[int], channel: int = 0) -> str:
@@ -194,20 +202,23 @@ def c_feed_split(d: CDest, data: bytes, cuts: list[int], channel: int = 0) -> st
     return "incomplete" if pending else "ok"
 
 
-def python_verdict(data: bytes) -> tuple[str, set[int]]:
-    """("ok" | "error" | "incomplete", pages the frames carry) according to the reference decoder."""
+def python_verdict(data: bytes, precopy: bool = False, urgent: bool = False) -> tuple[str, set[int]]:
+    """("ok" | "error" | "incomplete", pages the frames leave placed) according to the reference decoder
+    (``precopy``: a destination that starts in precopy; ``urgent``: fed on the urgent channel)."""
     a, b = socket.socketpair()
     pages: set[int] = set()
     try:
         a.sendall(data)
         a.close()
-        r = FrameReader(1 << 20)
+        r = FrameReader(1 << 20, precopy=precopy, urgent=urgent)
         b.setblocking(False)
         while True:
             n = r.recv_from(b)
             for f in r.frames():
                 if f.mtype in (MSG_PAGES, MSG_ZERO):
                     pages |= set(range(f.offset // PS, f.offset // PS + f.count))
+                for off, length in f.ranges:  # DISCARD
+                    pages -= set(range(off // PS, (off + length) // PS))
             if n == 0:
                 return ("ok" if r.start == r.end else "incomplete"), pages
     except ProtocolError:
@@ -217,12 +228,14 @@ def python_verdict(data: bytes) -> tuple[str, set[int]]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(frame, min_size=1, max_size=6), st.data())
-def test_c_decoder_agrees_with_the_reference(frames, draw):
+@given(st.lists(frame, min_size=1, max_size=6), st.data(), st.booleans())
+def test_c_decoder_agrees_with_the_reference(frames, draw, precopy):
     data = HELLO + b"".join(encode(*f) for f in frames)
     cuts = sorted(draw.draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=6)))
-    ok_py, pages = python_verdict(data)
+    ok_py, pages = python_verdict(data, precopy)
     d = CDest()
+    if precopy:
+        lib.pch_dest_set_precopy(d.d, d.fd)
     try:
         ok_c = c_feed_split(d, data, cuts)
         assert ok_c == ok_py, (ok_c, ok_py, d.error)
@@ -239,7 +252,8 @@ def test_c_decoder_agrees_with_the_reference_on_ten_thousand_frames():
     import random
 
     rng = random.Random(20261203)
-    kinds, flags, plens = [MSG_PAGES, MSG_ZERO, MSG_EOS, 1, 0, 7], [0, 0, 0, 1, 2], ["right"] * 6 + ["wrong", "huge"]
+    kinds, flags = [MSG_PAGES, MSG_ZERO, MSG_EOS, MSG_DISCARD, MSG_POSTCOPY_START, 1, 0, 7], [0, 0, 0, 1, 2]
+    plens = ["right"] * 6 + ["wrong", "huge"]
     disagree, frames = [], 0
     for case in range(2500):
         fs = [(rng.choice(kinds), rng.choice(flags), rng.randint(0, 3), rng.choice(plens),
@@ -249,13 +263,45 @@ def test_c_decoder_agrees_with_the_reference_on_ten_thousand_frames():
         data = HELLO + b"".join(encode(*f) for f in fs)
         cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 5))))
         channel = rng.randint(0, 1)
-        ok_py, pages = python_verdict(data)
+        precopy = rng.random() < 0.5  # a destination that starts in precopy (run --precopy)
+        ok_py, pages = python_verdict(data, precopy, urgent=channel == 1)
         d = CDest()
+        if precopy:
+            lib.pch_dest_set_precopy(d.d, d.fd)
         try:
             ok_c = c_feed_split(d, data, cuts, channel)
             if ok_c != ok_py or (ok_c == "ok" and {p for p in range(NPAGES) if d.received[p]} != pages):
-                disagree.append((case, fs, cuts, channel, ok_c, ok_py, d.error))
+                disagree.append((case, fs, cuts, channel, precopy, ok_c, ok_py, d.error))
         finally:
             d.close()
     assert frames >= 10_000
     assert not disagree, disagree[:3]
+
+
+def test_c_decoder_agrees_with_the_reference_in_precopy():
+    """Precopy streams (run --precopy): pages, pages sent again, DISCARDs of what was placed and
+    POSTCOPY_START, mostly well formed so that the received maps after the discards are compared
+    too, not only the verdicts."""
+    import random
+
+    rng = random.Random(20261204)
+    kinds = [MSG_PAGES, MSG_PAGES, MSG_ZERO, MSG_DISCARD, MSG_DISCARD] * 4 + [MSG_POSTCOPY_START]
+    disagree, compared = [], 0
+    for case in range(1000):
+        fs = [(rng.choice(kinds), 0 if rng.random() < 0.95 else 1, rng.randint(1 if rng.random() < 0.95 else 0, 3),
+               "right" if rng.random() < 0.95 else "wrong", rng.randint(0, NPAGES - 3) * PS) for _ in range(6)]
+        data = HELLO + b"".join(encode(*f) for f in fs)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 4))))
+        ok_py, pages = python_verdict(data, precopy=True)
+        d = CDest()
+        lib.pch_dest_set_precopy(d.d, d.fd)
+        try:
+            ok_c = c_feed_split(d, data, cuts)
+            received = {p for p in range(NPAGES) if d.received[p]}
+            if ok_c != ok_py or (ok_c == "ok" and received != pages):
+                disagree.append((case, fs, cuts, ok_c, ok_py, d.error))
+            compared += ok_c == "ok" and any(f[0] == MSG_DISCARD for f in fs) and d.stats.discarded > 0
+        finally:
+            d.close()
+    assert not disagree, disagree[:3]
+    assert compared >= 60  # streams whose discards really dropped placed pages, maps compared

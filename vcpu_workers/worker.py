@@ -45,6 +45,7 @@ class WorkerPlan:
     board_fd: int  # the access board (postcopy_core/board.py)
     cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
     ndevices: int = 0  # non-vCPU faulting processes, in the slots after the vCPUs
+    gens_fd: int = -1  # run --precopy: each page's final generation (postcopy_core/precopy.py), else -1
 
 
 # A non-vCPU process walks one vCPU's slice in its own random order (a seed of its own), so it
@@ -57,6 +58,17 @@ def device_order(device: int, plan: WorkerPlan):
     spec = plan.spec
     owner = device * plan.nvcpus // max(plan.ndevices, 1)
     return order_buffer("random", owner, plan.nvcpus, spec.npages, spec.seed ^ (DEVICE_SEED + device))
+
+
+def generations(fd: int, npages: int):
+    """The precopy generation map read-only (``uint32_t *`` and its mapping), or NULL without precopy.
+
+    Mapped here rather than through postcopy_core.precopy, which needs numpy (workers stay lean)."""
+    if fd < 0:
+        return ffi.NULL, None
+    size = -(-max(1, npages) * 4 // 4096) * 4096  # precopy._size
+    mapping = kernel.mmap_fd(fd, size, writable=False)
+    return ffi.cast("uint32_t *", mapping.addr), mapping
 
 
 def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
@@ -85,6 +97,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     verified = ffi.new("uint8_t[]", spec.npages)
     # only vCPUs publish what they touch: a device's faults are woken when the handler reads them
     board, _board_map = worker_slot(plan.board_fd, plan.nvcpus, vcpu) if vcpu < plan.nvcpus else (ffi.NULL, None)
+    gens, _gens_map = generations(plan.gens_fd, spec.npages)
     rec.accesses = count
     rec.t_ready = kernel.now_ns()
     rec.state = R.STATE_READY
@@ -101,6 +114,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
     t.lat_ns, t.lat_page, t.lat_start = slot.lat_ns, slot.lat_page, slot.lat_start
     t.board = board
+    t.gens = gens  # read after "go": the source published the final generations before it
     rc = lib.pch_touch_run(t)
     if rc < 0:
         raise kernel.KernelError("touch loop", -rc)

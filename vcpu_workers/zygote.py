@@ -52,8 +52,8 @@ def main() -> int:
             t_forked = kernel.now_ns()
             name = f"pch-vcpu-{vcpu}" if vcpu < plan.nvcpus else f"pch-dev-{vcpu - plan.nvcpus}"
             label = f"vcpu {vcpu}" if vcpu < plan.nvcpus else f"non-vCPU process {vcpu - plan.nvcpus}"
-            run_child(name, label, {plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd},
-                      partial(worker_main, vcpu, plan, t_forked), plan.cpus)
+            keep = {plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd} | ({plan.gens_fd} - {-1})
+            run_child(name, label, keep, partial(worker_main, vcpu, plan, t_forked), plan.cpus)
         pids[pid] = vcpu
     os.close(plan.start_fd)  # only workers hold the read end now: EOF reaches them alone
     while pids:

@@ -10,7 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <fcntl.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -53,6 +55,8 @@ struct pch_dest {
     int32_t *board_port;
     int nboard;
     uint32_t *woken, wake_gen; /* per port: the placement that last woke it (no double wakes) */
+    int precopy, memfd;         /* in precopy (pch_dest_set_precopy) until POSTCOPY_START; guest RAM */
+    uint8_t *dropped;           /* per page: 1 once a DISCARD dropped it (NULL until the first one) */
     struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
     int loop_result;
     int link_down; /* a page channel failed: requests wait for the next source (pch_dest_reconnect) */
@@ -133,6 +137,12 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
     return d;
 }
 
+void pch_dest_set_precopy(struct pch_dest *d, int memfd)
+{
+    d->precopy = 1;
+    d->memfd = memfd;
+}
+
 void pch_dest_free(struct pch_dest *d)
 {
     if (!d)
@@ -145,6 +155,7 @@ void pch_dest_free(struct pch_dest *d)
     free(d->ev);
     free(d->rx[0].buf);
     free(d->rx[1].buf);
+    free(d->dropped);
     free(d);
 }
 
@@ -297,6 +308,8 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
         }
         int32_t vcpu = vcpu_of(d, ptid[i]);
         uint8_t already = d->received[page];
+        int dropped = d->dropped && d->dropped[page];
+        d->st.faults_discarded += (uint64_t)dropped;
         if (vcpu >= 0)
             d->st.faults_vcpu++;
         if (add_event(d, t, off, vcpu, ptid[i], 'F', already))
@@ -312,6 +325,7 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
         int r = add_waiter(d, page, pi);
         if (r < 0 || (r == 1 && request(d, page)))
             return fail(d, -ENOMEM, "out of memory for waiters");
+        d->st.requests_discarded += (uint64_t)(r == 1 && dropped);
     }
     return err ? err : n;
 }
@@ -417,13 +431,15 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     d->st.t_last_place = (uint64_t)t;
     memset(d->received + page, 1, count);
     d->st.placed += count;
-    if (urgent)
+    if (d->precopy) /* no vCPU runs yet: nothing to account (QEMU writes precopy pages directly) */
+        d->st.placed_precopy += count;
+    else if (urgent)
         d->st.placed_urgent += count;
     else
         d->st.placed_background += count;
     if (!src)
         d->st.placed_zero += count;
-    for (uint64_t k = 0; k < count; k++)
+    for (uint64_t k = 0; k < count && !d->precopy; k++)
         if (add_event(d, t, (page + k) << d->shift, -1, 0, 'P', !src))
             return fail(d, -ENOMEM, "out of memory for events");
     if ((rc = wake_sharers(d, via, w, page, count)))
@@ -446,6 +462,18 @@ static int place_frame(struct pch_dest *d, uint64_t first, uint64_t count, const
 {
     uint64_t p = first, end = first + count;
     while (p < end) {
+        if (d->received[p] && d->precopy) {
+            /* precopy sends a page again when the guest rewrote it: the new copy replaces the old
+             * (nobody can be reading it: the vCPUs wait for postcopy) */
+            uint8_t *dst = (uint8_t *)(uintptr_t)(d->carrier->base + (p << d->shift));
+            if (data)
+                memcpy(dst, data + ((p - first) << d->shift), d->ps);
+            else
+                memset(dst, 0, d->ps);
+            d->st.precopy_rewrites++;
+            p++;
+            continue;
+        }
         if (d->received[p]) {
             d->st.duplicates++; /* a background copy of a page that came urgently */
             p++;
@@ -489,9 +517,48 @@ static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
 
 static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l);
 
+/* DISCARD: drop pages the guest dirtied after they were sent, so that they fault again.  Every
+ * range is checked before any is applied; then the page cache gives them up (a hole punched in the
+ * memfd, or MADV_REMOVE where fallocate cannot) and the received map forgets them. */
+static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count)
+{
+    uint64_t ram = d->npages << d->shift;
+    for (uint16_t i = 0; i < count; i++) {
+        uint64_t off = be64(p + i * PCH_DISCARD_RANGE_SIZE), len = be64(p + i * PCH_DISCARD_RANGE_SIZE + 8);
+        if (len == 0 || (off | len) & (d->ps - 1))
+            return fail(d, -EPROTO, "DISCARD: range %u (0x%llx+0x%llx) is not whole pages", i,
+                        (unsigned long long)off, (unsigned long long)len);
+        if (off > ram || len > ram - off)
+            return fail(d, -EPROTO, "DISCARD: range %u (0x%llx+0x%llx) outside guest RAM", i,
+                        (unsigned long long)off, (unsigned long long)len);
+    }
+    if (!d->dropped && !(d->dropped = calloc(d->npages, 1)))
+        return fail(d, -ENOMEM, "out of memory for the discard map");
+    for (uint16_t i = 0; i < count; i++) {
+        uint64_t off = be64(p + i * PCH_DISCARD_RANGE_SIZE), len = be64(p + i * PCH_DISCARD_RANGE_SIZE + 8);
+        if (fallocate(d->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len)) {
+            int e = errno;
+            if (madvise((void *)(uintptr_t)(d->carrier->base + off), len, MADV_REMOVE))
+                return fail(d, -errno, "DISCARD: fallocate(PUNCH_HOLE): %s; madvise(MADV_REMOVE): %s",
+                            strerror(e), strerror(errno));
+        }
+        for (uint64_t pg = off >> d->shift; pg < (off + len) >> d->shift; pg++) {
+            d->dropped[pg] = 1;
+            if (d->received[pg]) {
+                d->received[pg] = 0;
+                d->st.placed--;
+                d->st.placed_precopy--;
+                d->st.discarded++;
+            }
+        }
+    }
+    d->st.discard_msgs++;
+    return 0;
+}
+
 int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int ch)
 {
-    static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS" };
+    static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS", "DISCARD", "POSTCOPY_START" };
     uint64_t pos = 0;
     ch = ch ? 1 : 0;
     while (len - pos >= PCH_HDR_SIZE) {
@@ -500,7 +567,7 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
         uint16_t count = be16(h + 2);
         uint32_t plen = be32(h + 4);
         uint64_t off = be64(h + 8);
-        if (type < PCH_MSG_HELLO || type > PCH_MSG_EOS)
+        if (type < PCH_MSG_HELLO || type > PCH_MSG_POSTCOPY_START)
             return fail(d, -EPROTO, "page stream: unknown message type %u", type);
         const char *name = names[type];
         if (flags & ~PCH_FLAG_URGENT)
@@ -515,6 +582,23 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
             return fail(d, -EPROTO, "%s: received before HELLO", name);
         if (type == PCH_MSG_EOS && (count || plen || off))
             return fail(d, -EPROTO, "EOS: must carry no pages");
+        if (type == PCH_MSG_DISCARD || type == PCH_MSG_POSTCOPY_START) {
+            if (ch)
+                return fail(d, -EPROTO, "%s: on the urgent channel", name);
+            if (!d->precopy)
+                return fail(d, -EPROTO, "%s: not in precopy", name);
+            if (flags)
+                return fail(d, -EPROTO, "%s: unknown flags %#x", name, flags);
+            if (off)
+                return fail(d, -EPROTO, "%s: offset must be 0", name);
+            if (type == PCH_MSG_POSTCOPY_START && (count || plen))
+                return fail(d, -EPROTO, "POSTCOPY_START: must carry nothing");
+            if (type == PCH_MSG_DISCARD && (count == 0 || count > PCH_DISCARD_MAX_RANGES))
+                return fail(d, -EPROTO, "DISCARD: %u ranges, must be 1..%d", count, PCH_DISCARD_MAX_RANGES);
+            if (type == PCH_MSG_DISCARD && plen != (uint32_t)count * PCH_DISCARD_RANGE_SIZE)
+                return fail(d, -EPROTO, "DISCARD: payload length %u, expected %u for %u ranges", plen,
+                            (unsigned)count * PCH_DISCARD_RANGE_SIZE, count);
+        }
         if (type == PCH_MSG_PAGES || type == PCH_MSG_ZERO) {
             uint64_t expect = type == PCH_MSG_PAGES ? (uint64_t)count << d->shift : 0;
             if (count == 0)
@@ -535,7 +619,14 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
             rc = hello(d, payload, plen, ch);
         else if (type == PCH_MSG_EOS)
             d->st.eos = d->eos[ch] = 1;
-        else
+        else if (type == PCH_MSG_DISCARD)
+            rc = discard(d, payload, count);
+        else if (type == PCH_MSG_POSTCOPY_START) {
+            d->precopy = 0;
+            d->st.t_postcopy_start = (uint64_t)now_ns();
+            if (d->loop && !d->loop_result)
+                d->loop_result = PCH_RUN_POSTCOPY;
+        } else
             rc = place_frame(d, off >> d->shift, count, type == PCH_MSG_PAGES ? payload : NULL, flags & PCH_FLAG_URGENT);
         if (rc)
             return rc;

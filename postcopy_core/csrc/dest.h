@@ -45,6 +45,11 @@ struct pch_dest_stats {
     uint64_t copy_eexist, dead_ports, eos, frames, board_wakes;
     uint64_t t_last_place; /* CLOCK_MONOTONIC ns of the last placement: the end of postcopy */
     uint64_t reconnects, re_requested; /* postcopy recovery: new sources, requests sent again to them */
+    /* precopy (pch_dest_set_precopy): pages placed before postcopy (net of discards), pages dropped
+     * by DISCARD, precopy pages sent again (rewritten in place), DISCARD messages, faults on and
+     * requests for dropped pages, and when POSTCOPY_START came (0: not yet) */
+    uint64_t placed_precopy, discarded, precopy_rewrites, discard_msgs, faults_discarded, requests_discarded;
+    uint64_t t_postcopy_start;
 };
 
 struct pch_dest;
@@ -56,6 +61,10 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
                               const uint64_t *board, int nboard);
 void pch_dest_free(struct pch_dest *d);
 int pch_dest_on_uffd(struct pch_dest *d, int port);
+/* Start in precopy (run --precopy): the stream may carry DISCARD and POSTCOPY_START, pages sent
+ * again overwrite the old copy, and placements make no events until POSTCOPY_START (no vCPU runs
+ * before it, as at a QEMU destination).  `memfd` is guest RAM, where DISCARD punches holes. */
+void pch_dest_set_precopy(struct pch_dest *d, int memfd);
 int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int urgent_channel);
 /* buffered output: pointer/length, and reset after Python sent it */
 const uint8_t *pch_dest_requests(struct pch_dest *d, uint64_t *len);
@@ -73,6 +82,7 @@ const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d);
 #define PCH_RUN_AGAIN 0     /* budget spent (or events to ship); call again */
 #define PCH_RUN_QUIT 1      /* the quit eventfd fired */
 #define PCH_RUN_EOF 2       /* a page channel reached EOF, or the link broke (ECONNRESET, EPIPE...) */
+#define PCH_RUN_POSTCOPY 3  /* POSTCOPY_START arrived (precopy is over): tell the orchestrator */
 struct pch_dest_loop {
     int epfd, pri_epfd, quit_fd, stream_fd, urgent_fd;
     const int32_t *port_of_fd;   /* fd -> port index, -1 for other fds */

@@ -240,6 +240,37 @@ void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t n
     }
 }
 
+/* a rewritten page's key: another bijection of the page's own key, one per generation */
+static inline uint64_t gen_key(uint64_t seed, uint64_t page, uint32_t gen)
+{
+    uint64_t key = page_key(seed, page);
+    return gen ? mix64(key ^ ((uint64_t)gen * 0xa0761d6478bd642full)) : key;
+}
+
+void pch_fill_page_gen(uint8_t *dst, uint64_t seed, uint64_t page, uint32_t gen, uint64_t page_size,
+                       uint32_t zero_permille)
+{
+    if (!gen) {
+        pch_fill_pages(dst, seed, page, 1, page_size, zero_permille);
+        return;
+    }
+    uint64_t *w = (uint64_t *)dst, key = gen_key(seed, page, gen);
+    for (uint64_t k = 0; k < page_size / 8; k++)
+        w[k] = page_word(key, k);
+}
+
+uint64_t pch_check_page_gen(const uint8_t *p, uint64_t seed, uint64_t page, uint32_t gen, uint64_t page_size,
+                            uint32_t zero_permille, const uint8_t *ref)
+{
+    if (!gen)
+        return pch_check_page(p, seed, page, page_size, zero_permille, ref);
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t key = gen_key(seed, page, gen), bad = 0;
+    for (uint64_t k = 0; k < page_size / 8; k++)
+        bad += w[k] != page_word(key, k);
+    return bad;
+}
+
 static inline uint64_t expected_word(uint64_t seed, uint64_t page, uint64_t k, uint64_t page_size,
                                      uint32_t zp, const uint8_t *ref)
 {
@@ -299,7 +330,9 @@ int pch_touch_run(struct pch_touch *t)
         uint64_t addr = t->base + page * t->page_size;
         volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)addr;
         int missing = !resident(addr);
-        uint64_t want = expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
+        uint32_t gen = t->gens ? t->gens[page] : 0;
+        uint64_t want = gen ? page_word(gen_key(t->seed, page, gen), 0)
+                            : expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
         uint64_t got;
         /* tell the handler which page we may block on; ordered before the access itself */
         if (t->board)
@@ -343,8 +376,8 @@ int pch_touch_run(struct pch_touch *t)
     for (uint64_t page = 0; page < t->npages; page++) {
         if (!t->verified[page])
             continue;
-        uint64_t bad = pch_check_page((const uint8_t *)(uintptr_t)(t->base + page * t->page_size), t->seed, page,
-                                      t->page_size, t->zero_permille, t->ref);
+        uint64_t bad = pch_check_page_gen((const uint8_t *)(uintptr_t)(t->base + page * t->page_size), t->seed,
+                                          page, t->gens ? t->gens[page] : 0, t->page_size, t->zero_permille, t->ref);
         t->pages_checked++;
         t->words_checked += words;
         if (bad) {

@@ -38,6 +38,12 @@ void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t n
                     uint64_t page_size, uint32_t zero_permille);
 uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t page_size,
                         uint32_t zero_permille, const uint8_t *ref);
+/* the content of a page that the guest rewrote `gen` times during precopy (run --precopy): gen 0 is
+ * the content above; a rewritten page is never all zeros (precopy.py, the dirtying model) */
+void pch_fill_page_gen(uint8_t *dst, uint64_t seed, uint64_t page, uint32_t gen, uint64_t page_size,
+                       uint32_t zero_permille);
+uint64_t pch_check_page_gen(const uint8_t *p, uint64_t seed, uint64_t page, uint32_t gen, uint64_t page_size,
+                            uint32_t zero_permille, const uint8_t *ref);
 
 /* ---- workloads (workloads.c): kind = index in vcpu_workers.workloads.WORKLOADS ---- */
 uint64_t pch_order_length(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages);
@@ -67,6 +73,7 @@ struct pch_touch {
     uint8_t *verified;        /* per page: 1 once this worker read it (checked after the loop) */
     uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
+    const uint32_t *gens;     /* per page: its final generation (run --precopy), or NULL: all 0 */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */

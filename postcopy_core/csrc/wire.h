@@ -12,6 +12,14 @@
 #define PCH_MSG_PAGES 2
 #define PCH_MSG_ZERO 3
 #define PCH_MSG_EOS 4
+/* precopy (run --precopy), stream channel only, before postcopy starts:
+ * DISCARD: count = ranges (1..PCH_DISCARD_MAX_RANGES), offset 0, payload = count * (be64 offset,
+ * be64 length) in bytes: pages dirtied since they were sent, dropped so that they fault again;
+ * POSTCOPY_START: no payload; the vCPUs may run from now on */
+#define PCH_MSG_DISCARD 5
+#define PCH_MSG_POSTCOPY_START 6
+#define PCH_DISCARD_MAX_RANGES 12 /* QEMU's batch: at most this many ranges per discard command */
+#define PCH_DISCARD_RANGE_SIZE 16
 #define PCH_FLAG_URGENT 1
 #define PCH_HDR_SIZE 16
 #define PCH_PROTO_VERSION 1
