@@ -146,7 +146,8 @@ def run_options() -> tuple[str, ...]:
     """The keyword arguments :func:`run` accepts (the ``run`` command's flags, with underscores)."""
     from harness.config import RunConfig
 
-    internal = ("link_model", "injections", "working_set_pages", "precopy_skip_discards")  # parsed forms, a test-only knob
+    # parsed forms, and a test-only knob
+    internal = ("link_model", "injections", "working_set_pages", "precopy_skip_discards")
     return tuple(f.name for f in fields(RunConfig) if f.name not in internal)
 
 

@@ -330,3 +330,13 @@ def test_source_takes_go_and_stream_from_one_read():
     finally:
         a.close()
         b.close()
+
+
+def test_source_crash_after_precopy_resends_final_content(tmp_path, clean_machine):
+    """A replacement source after a precopy with dirtying must send each page's final generation
+    (the workers check every byte against it), not the content the RAM started with."""
+    code, err, rep = _run(tmp_path, "source-crash@0.3", extra=("--precopy", "0.3", "--dirty-rate", "3000"))
+    _assert_complete(code, err, rep)
+    assert rep["pages"]["discarded"] > 0 and rep["precopy"]["pages-dirtied"] > 0
+    assert (rep["recovery"]["pauses"], rep["recovery"]["resumes"]) == (1, 1)
+    assert_clean()
