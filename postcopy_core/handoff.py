@@ -29,6 +29,7 @@ VERSION = 1
 ACK = b"k"
 _CRED = struct.Struct("3i")
 HELLO_TIMEOUT = 10.0  # from connect to hello; a worker sends it at once
+SEND_TIMEOUT = 30.0  # a worker waits this long to connect, send and get the ack
 
 
 class HandoffError(ConnectionError):
@@ -71,7 +72,7 @@ def listen(address: str, backlog: int = 1024) -> socket.socket:
     return s
 
 
-def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = 30.0) -> None:
+def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = SEND_TIMEOUT) -> None:
     """Worker side: connect and send the hello with the uffd attached; wait until it is accepted."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
