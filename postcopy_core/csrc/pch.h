@@ -64,7 +64,7 @@ struct pch_touch {
     uint64_t seed;
     uint32_t zero_permille;
     const uint8_t *ref;       /* expected image (--image) or NULL: use the seed generator */
-    uint8_t *verified;        /* per page: 1 once this worker read it (checked after the loop) */
+    uint8_t *verified;        /* per page: 1 once this worker read it, 2 once checked after the loop */
     uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
     /* out */
