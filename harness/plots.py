@@ -141,8 +141,17 @@ def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: 
     return _finish(fig, path, argv)
 
 
-def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None) -> str:
-    """faults/s, p50/p99 latency and blocktime per engine against the vCPU count, one line per group."""
+# Google's published figures for one userfaultfd shared by every vCPU thread, as issue #12 quotes
+# them (about 150k pages/s at 1 vCPU, 36k at 256): drawn for context, never measured here.
+PUBLISHED_SHARED_UFFD = ((1, 150_000), (256, 36_000))
+PUBLISHED_LABEL = "one uffd shared by all vCPUs: Google's published figures (quoted in #12, not measured here)"
+
+
+def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None,
+                  reference: bool = False) -> str:
+    """faults/s, p50/p99 latency and blocktime per engine against the vCPU count, one line per group;
+    with ``reference`` the C reference's faults/s and p50 per group (dotted) and the published
+    one-shared-uffd figures."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("status") == "completed":
@@ -155,11 +164,24 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
         axes[0].plot(v, [r["faults-per-s"] for r in rs], "o-", label=label)
         line = axes[1].plot(v, [r["p50-us"] for r in rs], "o-", label=f"{label} p50")[0]
         axes[1].plot(v, [r["p99-us"] for r in rs], "s--", color=line.get_color(), label=f"{label} p99")
+        ref = [r for r in rs if r.get("ref-faults-per-s")]
+        if reference and ref:
+            rv = [r["vcpus"] for r in ref]
+            axes[0].plot(rv, [r["ref-faults-per-s"] for r in ref], "^:", color=line.get_color(),
+                         label=f"C reference uffd_ref -m mp ({r['backing']} {r['workload']})")
+            axes[1].plot(rv, [r["ref-p50-us"] for r in ref], "^:", color=line.get_color(),
+                         label=f"C reference p50 ({r['backing']} {r['workload']})")
         for e in engines:
             ys = [r.get(f"blocktime-{e}-ms") for r in rs]
             if any(y is not None for y in ys):
                 axes[2].plot(v, [np.nan if y is None else y for y in ys], marker="o", ls=styles[g % len(styles)],
                              color=COLORS.get(e), label=f"{label} {e}")
+    if reference:
+        px, py = zip(*PUBLISHED_SHARED_UFFD, strict=True)
+        axes[0].plot(px, py, "D--", color="#7f7f7f", label=PUBLISHED_LABEL)
+        for x, y in PUBLISHED_SHARED_UFFD:
+            axes[0].annotate(f"{y / 1000:.0f}k (published)", (x, y), fontsize=6, color="#7f7f7f",
+                             textcoords="offset points", xytext=(4, 4))
     for ax, (ylabel, name) in zip(axes, (("faults resolved per second", "faults/s"),
                                          ("fault latency (us)", "p50 (solid) / p99 (dashed)"),
                                          ("postcopy-blocktime (ms)", "blocktime: colour = engine, line = group")),

@@ -22,7 +22,6 @@ their faults are non-vCPU faults; each walks one vCPU's slice in its own random 
 from __future__ import annotations
 
 import os
-import os
 from dataclasses import dataclass
 
 from postcopy_core import handoff, kernel

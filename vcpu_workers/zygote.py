@@ -3,9 +3,10 @@
 The orchestrator has numpy, rich and psutil loaded; forking a thousand copies of it is slow and
 each copy soon owns megabytes of copied pages.  So the orchestrator execs this module in a fresh
 interpreter with only what a worker needs, and the zygote forks the workers from that small heap,
-in C (csrc/worker.c): a child never runs Python, so it copies almost none of the zygote's pages.  It then reaps them and reports each exit on a pipe, one line per worker:
-``vcpu pid wait-status``.  Workers die with the zygote, the zygote with the orchestrator
-(PR_SET_PDEATHSIG), and Ctrl-C is left to the orchestrator.
+in C (csrc/worker.c): a child never runs Python, so it copies almost none of the zygote's pages.
+It then reaps them and reports each exit on a pipe, one line per worker: ``vcpu pid wait-status``.
+Workers die with the zygote, the zygote with the orchestrator (PR_SET_PDEATHSIG), and Ctrl-C is
+left to the orchestrator.
 
 Started by harness/run.py (``zygote_command``: :func:`main` run by the installed code, whatever the
 current folder) with the plan as JSON on stdin.
