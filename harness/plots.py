@@ -144,7 +144,7 @@ def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: 
 # Google's published figures for one userfaultfd shared by every vCPU thread, as issue #12 quotes
 # them (about 150k pages/s at 1 vCPU, 36k at 256): drawn for context, never measured here.
 PUBLISHED_SHARED_UFFD = ((1, 150_000), (256, 36_000))
-PUBLISHED_LABEL = "one uffd shared by all vCPUs: Google's published figures (quoted in #12, not measured here)"
+PUBLISHED_LABEL = "one uffd shared by all vCPUs:\nGoogle's published figures\n(quoted in #12, not measured here)"
 
 
 def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None,
@@ -156,7 +156,7 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
     for r in rows:
         if r.get("status") == "completed":
             groups.setdefault(f"{r['backing']} {r['workload']} wake={r['wake-policy']}", []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5) if reference else (12, 4.2))
     styles = ("-", "--", ":", "-.")
     for g, (label, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["vcpus"])
@@ -192,7 +192,10 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
         if len({r["vcpus"] for r in rows}) > 2 and min(r["vcpus"] for r in rows) > 0:
             ax.set_xscale("log", base=2)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6 if reference else 7)
+    lat = [r[k] for r in rows for k in ("p50-us", "p99-us", "ref-p50-us") if r.get(k)]
+    if lat and min(lat) > 0 and max(lat) / min(lat) > 100:  # latency over orders of magnitude: log axis
+        axes[1].set_yscale("log")
     fig.suptitle("loadtest: against the vCPU count", fontsize=11)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _finish(fig, path, argv)
