@@ -77,6 +77,9 @@ def c_plan(plan: WorkerPlan):
     c.write_ratio = plan.write_ratio
     c.features = kernel.FEATURE_THREAD_ID | (
         kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM)
+    c.register_mode, c.need_ioctls = lib.UFFDIO_REGISTER_MODE_MISSING, kernel.IOCTL_COPY
+    keep.append(ffi.new("char[]", b"UFFDIO_COPY"))
+    c.need_what = keep[-1]
     c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
     address = plan.handoff_address.encode()
     keep.append(ffi.new("char[]", address))

@@ -149,6 +149,9 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint64_t device_seed;
     double write_ratio;
     uint64_t features;             /* uffd features to negotiate */
+    uint64_t register_mode;        /* UFFDIO_REGISTER_MODE_* of the guest-RAM range */
+    uint64_t need_ioctls;          /* ioctls the registered range must support (1 << _UFFDIO_*) */
+    const char *need_what;         /* their name, for the error line */
     uint64_t min_fault_ns;
     const char *handoff;           /* the abstract socket address (leading NUL), handoff_len bytes */
     uint32_t handoff_len, handoff_version;

@@ -158,10 +158,13 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     uint64_t feats, ioctls;
     if ((err = pch_uffd_api(uffd, p->features, &feats, &ioctls)) < 0)
         return fail(p, w, "KernelError", "UFFDIO_API", -err);
-    if ((err = pch_uffd_register(uffd, (uint64_t)(uintptr_t)ram, size, UFFDIO_REGISTER_MODE_MISSING, &ioctls)) < 0)
+    if ((err = pch_uffd_register(uffd, (uint64_t)(uintptr_t)ram, size, p->register_mode, &ioctls)) < 0)
         return fail(p, w, "KernelError", "UFFDIO_REGISTER", -err);
-    if (!(ioctls & (1ull << _UFFDIO_COPY)))
-        return fail(p, w, "KernelError", "UFFDIO_REGISTER (the range does not support UFFDIO_COPY)", EOPNOTSUPP);
+    if ((ioctls & p->need_ioctls) != p->need_ioctls) {
+        char what[96];
+        snprintf(what, sizeof what, "UFFDIO_REGISTER (the range does not support %s)", p->need_what ?: "?");
+        return fail(p, w, "KernelError", what, EOPNOTSUPP);
+    }
     struct hello h = {.version = p->handoff_version, .vcpu = (int32_t)w, .pid = (int32_t)getpid(),
                       .base = (uint64_t)(uintptr_t)ram, .length = size};
     memcpy(h.magic, p->handoff_magic, 4);
