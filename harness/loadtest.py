@@ -322,12 +322,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE",
                    help="write the points, each with its full run reports, here (default: none)")
     p.add_argument("--reference", action="store_true",
-                   help="also run the C reference (uffd_ref -m mp, built from <shared>/bench/uffd_ref.c) at "
+                   help="also run the C reference (uffd_ref -m mp, built from bench/uffd_ref.c of --shared) at "
                         "every point it supports (sequential/shared, up to its worker limit), alternating with "
                         "the harness; adds its faults/s and p50 to the table, CSV and plot, with the published "
                         "one-shared-uffd figures (default: off)")
     p.add_argument("--shared", metavar="DIR",
-                   help="the shared/ directory holding bench/uffd_ref.c (default: ../shared beside the checkout)")
+                   help="the directory holding bench/uffd_ref.c (default: the project's 'shared' folder next "
+                        "to the checkout this package runs from)")
     p.add_argument("--report", metavar="DIR",
                    help="write report.json (the --json document), summary.txt and loadtest.png (faults/s, "
                         "p50/p99 and blocktime against the vCPU count) into DIR (default: none)")
