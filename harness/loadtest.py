@@ -47,6 +47,8 @@ COLUMNS: tuple[str, ...] = (
     "faults", "faults-per-s", "p50-us", "p99-us", "max-us",
     *(f"blocktime-{e}-ms" for e in ENGINES),
     "handler-cpu-s", "source-cpu-s", "stall-ms-mean", "workload-s", "error",
+    # --reference: the C reference (uffd_ref -m mp) at the same point, medians; why not, if it could not run
+    "ref-faults-per-s", "ref-p50-us", "ref-p99-us", "ref-error",
 )
 
 
@@ -230,28 +232,38 @@ _TABLE: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
 )
 _LEFT = 3  # the first columns (the point) are text, left-aligned; the rest are numbers
 TABLE_NOTE = "latency in µs; bt:ENGINE = postcopy-blocktime in ms per engine; hdl CPU = fault handler CPU s"
+# with --reference: the C reference's faults/s and p50 at the same point, and the harness's ratio
+_REF_TABLE = _TABLE + (
+    ("ref f/s", 9, lambda r: _fmt(r["ref-faults-per-s"])),
+    ("ref p50", 8, lambda r: _fmt(r["ref-p50-us"], ",.1f")),
+    ("ratio", 6, lambda r: _fmt(r["faults-per-s"] / r["ref-faults-per-s"], ".2f") + "x"
+     if r["faults-per-s"] and r["ref-faults-per-s"] else "-"),
+)
+REF_NOTE = "; ref = C reference uffd_ref -m mp at the same point, ratio = harness / ref faults/s"
 
 
-def _line(cells: list[str], styles: dict[int, str] | None = None) -> str:
+def _line(cells: list[str], styles: dict[int, str] | None = None, table: tuple = _TABLE) -> str:
     """Cells padded to their column (wider values push, never cut), as rich markup."""
     out = []
-    for i, ((_, width, _), cell) in enumerate(zip(_TABLE, cells, strict=True)):
+    for i, ((_, width, _), cell) in enumerate(zip(table, cells, strict=True)):
         text = escape(cell.ljust(width) if i < _LEFT else cell.rjust(width))
         style = (styles or {}).get(i)
         out.append(f"[{style}]{text}[/]" if style else text)
     return " ".join(out)
 
 
-def format_header() -> str:
-    """The column headers, as rich markup."""
-    return f"[bold]{_line([name for name, _, _ in _TABLE])}[/]"
+def format_header(reference: bool = False) -> str:
+    """The column headers, as rich markup (with the reference's columns if it ran)."""
+    table = _REF_TABLE if reference else _TABLE
+    return f"[bold]{_line([name for name, _, _ in table], table=table)}[/]"
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, reference: bool = False) -> str:
     """One point as a fixed-width line under :func:`format_header` (rich markup: status coloured)."""
-    status = [name for name, _, _ in _TABLE].index("status")
+    table = _REF_TABLE if reference else _TABLE
+    status = [name for name, _, _ in table].index("status")
     colour = "green" if row["status"] == "completed" else "red"
-    return _line([cell(row) for _, _, cell in _TABLE], {status: colour})
+    return _line([cell(row) for _, _, cell in table], {status: colour}, table)
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -309,6 +321,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="FILE", help="write one line per point here (default: none)")
     p.add_argument("--json", metavar="FILE",
                    help="write the points, each with its full run reports, here (default: none)")
+    p.add_argument("--reference", action="store_true",
+                   help="also run the C reference (uffd_ref -m mp, built from bench/uffd_ref.c of --shared) at "
+                        "every point it supports (sequential/shared, up to its worker limit), alternating with "
+                        "the harness; adds its faults/s and p50 to the table, CSV and plot, with the published "
+                        "one-shared-uffd figures (default: off)")
+    p.add_argument("--shared", metavar="DIR",
+                   help="the directory holding bench/uffd_ref.c (default: the project's 'shared' folder next "
+                        "to the checkout this package runs from)")
     p.add_argument("--report", metavar="DIR",
                    help="write report.json (the --json document), summary.txt and loadtest.png (faults/s, "
                         "p50/p99 and blocktime against the vCPU count) into DIR (default: none)")
@@ -341,13 +361,64 @@ def run(args: argparse.Namespace) -> int:
     except SweepError as e:
         err.print(f"{PROG}: {e}")
         return 2
+    reference = None
+    if getattr(args, "reference", False):
+        from harness.reference import Reference, ReferenceError
 
+        try:
+            reference = Reference(args.shared)
+        except ReferenceError as e:
+            err.print(f"{PROG}: --reference: {e}")
+            return 2
+    try:
+        return _sweep(args, points, common, lists, reference, console, err)
+    finally:
+        if reference is not None:
+            reference.close()
+
+
+def reference_runs(reference, pt: Point, cfg: RunConfig, repeat: int, harness_run: Callable[[], None]) -> list:
+    """``repeat`` reference runs at this point, alternated with the harness's (``harness_run``, called
+    once per repeat): even repeats run the harness first, odd ones the reference, so both sides see the
+    same machine.  Each entry: the reference's result, or ``{"error": why}``."""
+    from harness.reference import ReferenceError
+
+    why = reference.supports(pt.workload, pt.vcpus, cfg.npages) if reference is not None else "not asked"
+    out = []
+    for i in range(repeat):
+        if i % 2 == 0:
+            harness_run()
+        if why is None:
+            try:
+                out.append(reference.run(pt.vcpus, cfg.ram, pt.workload, pt.backing == "hugetlb", cfg.pin,
+                                         cfg.timeout))
+            except ReferenceError as e:
+                out.append({"error": _one_line(e)})
+        if i % 2 == 1:
+            harness_run()
+    return out if why is None else [{"error": why}]
+
+
+def summarise_reference(row: dict, runs: list[dict]) -> None:
+    """The reference's medians into ``row`` (or why it has none)."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        row["ref-error"] = runs[0]["error"] if runs else ""
+        return
+    for k in ("faults-per-s", "p50-us", "p99-us"):
+        row[f"ref-{k}"] = _median(r[k] for r in good)
+    row["ref-error"] = ""
+
+
+def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: dict, reference,
+           console: Console, err: Console) -> int:
+    """The sweep itself (flags checked, the reference built if asked)."""
     from harness.report import kebab, provenance
 
     # tool-version, started-at, host, argv, units: once, for the whole sweep
     started = provenance(argv=getattr(args, "argv", None))
     sweep = kebab(dict(**lists, ram=common["ram"], link=args.link, background=args.background, pin=args.pin,
-                       repeat=args.repeat, seed=args.seed))
+                       reference=reference is not None, repeat=args.repeat, seed=args.seed))
     rows: list[dict] = []
     points_json: list[dict] = []
     status = "completed"
@@ -365,8 +436,9 @@ def run(args: argparse.Namespace) -> int:
     ram_mib = common["ram"] / 2**20
     console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), {ram_mib:g} MiB, "
                   f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}")
-    console.print(TABLE_NOTE, style="dim", soft_wrap=True)
-    console.print(format_header(), soft_wrap=True)  # soft wrap: a narrow terminal wraps, nothing is cut
+    withref = reference is not None
+    console.print(TABLE_NOTE + (REF_NOTE if withref else ""), style="dim", soft_wrap=True)
+    console.print(format_header(withref), soft_wrap=True)  # soft wrap: a narrow terminal wraps, nothing is cut
     t0 = time.monotonic()
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=True, refresh_per_second=4)
@@ -379,17 +451,22 @@ def run(args: argparse.Namespace) -> int:
             for pt in points:
                 cfg = config_for(pt, common)
                 reports = []
-                for i in range(args.repeat):
-                    progress.update(task, description=f"{pt.label()} (run {i + 1}/{args.repeat})")
+
+                def harness_run(pt=pt, cfg=cfg, reports=reports) -> None:
+                    progress.update(task, description=f"{pt.label()} (run {len(reports) + 1}/{args.repeat})")
                     rep, said = run_once(cfg)
                     reports.append(rep)
                     if said and rep["status"] == "completed":  # warnings of a good run: pass them on
                         err.print("\n".join(said), markup=False)
                     progress.advance(task)
+
+                ref_runs = reference_runs(reference, pt, cfg, args.repeat, harness_run)
                 row = summarise(pt, cfg, reports)
+                if withref:
+                    summarise_reference(row, ref_runs)
                 rows.append(row)
-                points_json.append({**row, "runs": reports})
-                progress.console.print(format_row(row), soft_wrap=True)
+                points_json.append({**row, "runs": reports, **({"reference-runs": ref_runs} if withref else {})})
+                progress.console.print(format_row(row, withref), soft_wrap=True)
                 if row["error"]:
                     progress.console.print(f"  [red]{row['error']}[/]", soft_wrap=True)
                 save()
@@ -407,13 +484,13 @@ def run(args: argparse.Namespace) -> int:
         from harness.report_dir import write_loadtest_dir
 
         def summary(c: Console) -> None:
-            c.print(TABLE_NOTE, markup=False)
-            c.print(format_header())
+            c.print(TABLE_NOTE + (REF_NOTE if withref else ""), markup=False)
+            c.print(format_header(withref))
             for r in rows:
-                c.print(format_row(r))
+                c.print(format_row(r, withref))
 
         try:
-            write_loadtest_dir(args.report, document(), rows, summary)
+            write_loadtest_dir(args.report, document(), rows, summary, reference=withref)
         except OSError as e:
             err.print(f"{PROG}: cannot write --report {args.report}: {e.strerror or e}")
             return 1

@@ -141,13 +141,22 @@ def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: 
     return _finish(fig, path, argv)
 
 
-def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None) -> str:
-    """faults/s, p50/p99 latency and blocktime per engine against the vCPU count, one line per group."""
+# Google's published figures for one userfaultfd shared by every vCPU thread, as issue #12 quotes
+# them (about 150k pages/s at 1 vCPU, 36k at 256): drawn for context, never measured here.
+PUBLISHED_SHARED_UFFD = ((1, 150_000), (256, 36_000))
+PUBLISHED_LABEL = "one uffd shared by all vCPUs:\nGoogle's published figures\n(quoted in #12, not measured here)"
+
+
+def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None,
+                  reference: bool = False) -> str:
+    """faults/s, p50/p99 latency and blocktime per engine against the vCPU count, one line per group;
+    with ``reference`` the C reference's faults/s and p50 per group (dotted) and the published
+    one-shared-uffd figures."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("status") == "completed":
             groups.setdefault(f"{r['backing']} {r['workload']} wake={r['wake-policy']}", []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5) if reference else (12, 4.2))
     styles = ("-", "--", ":", "-.")
     for g, (label, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["vcpus"])
@@ -155,11 +164,24 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
         axes[0].plot(v, [r["faults-per-s"] for r in rs], "o-", label=label)
         line = axes[1].plot(v, [r["p50-us"] for r in rs], "o-", label=f"{label} p50")[0]
         axes[1].plot(v, [r["p99-us"] for r in rs], "s--", color=line.get_color(), label=f"{label} p99")
+        ref = [r for r in rs if r.get("ref-faults-per-s")]
+        if reference and ref:
+            rv = [r["vcpus"] for r in ref]
+            axes[0].plot(rv, [r["ref-faults-per-s"] for r in ref], "^:", color=line.get_color(),
+                         label=f"C reference uffd_ref -m mp ({r['backing']} {r['workload']})")
+            axes[1].plot(rv, [r["ref-p50-us"] for r in ref], "^:", color=line.get_color(),
+                         label=f"C reference p50 ({r['backing']} {r['workload']})")
         for e in engines:
             ys = [r.get(f"blocktime-{e}-ms") for r in rs]
             if any(y is not None for y in ys):
                 axes[2].plot(v, [np.nan if y is None else y for y in ys], marker="o", ls=styles[g % len(styles)],
                              color=COLORS.get(e), label=f"{label} {e}")
+    if reference:
+        px, py = zip(*PUBLISHED_SHARED_UFFD, strict=True)
+        axes[0].plot(px, py, "D--", color="#7f7f7f", label=PUBLISHED_LABEL)
+        for x, y in PUBLISHED_SHARED_UFFD:
+            axes[0].annotate(f"{y / 1000:.0f}k (published)", (x, y), fontsize=6, color="#7f7f7f",
+                             textcoords="offset points", xytext=(4, 4))
     for ax, (ylabel, name) in zip(axes, (("faults resolved per second", "faults/s"),
                                          ("fault latency (us)", "p50 (solid) / p99 (dashed)"),
                                          ("postcopy-blocktime (ms)", "blocktime: colour = engine, line = group")),
@@ -170,7 +192,10 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
         if len({r["vcpus"] for r in rows}) > 2 and min(r["vcpus"] for r in rows) > 0:
             ax.set_xscale("log", base=2)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6 if reference else 7)
+    lat = [r[k] for r in rows for k in ("p50-us", "p99-us", "ref-p50-us") if r.get(k)]
+    if lat and min(lat) > 0 and max(lat) / min(lat) > 100:  # latency over orders of magnitude: log axis
+        axes[1].set_yscale("log")
     fig.suptitle("loadtest: against the vCPU count", fontsize=11)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _finish(fig, path, argv)

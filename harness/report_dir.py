@@ -76,9 +76,11 @@ def write_report_dir(folder: str, rep: dict, summary: Callable[[Console], None],
     return written
 
 
-def write_loadtest_dir(folder: str, doc: dict, rows: list[dict], summary: Callable[[Console], None]) -> list[str]:
+def write_loadtest_dir(folder: str, doc: dict, rows: list[dict], summary: Callable[[Console], None],
+                       reference: bool = False) -> list[str]:
     """A load test's folder: ``report.json`` (its ``--json`` document), ``summary.txt`` and
-    ``loadtest.png`` (faults/s, p50/p99 and blocktime against the vCPU count)."""
+    ``loadtest.png`` (faults/s, p50/p99 and blocktime against the vCPU count; with ``reference``
+    the C reference's curves and the published one-shared-uffd figures too)."""
     import json
 
     from harness import plots
@@ -87,7 +89,8 @@ def write_loadtest_dir(folder: str, doc: dict, rows: list[dict], summary: Callab
     os.makedirs(folder, exist_ok=True)
     return [_write(folder, "report.json", json.dumps(doc, indent=1) + "\n"),
             _write(folder, "summary.txt", _text(summary)),
-            plots.plot_loadtest(rows, ALL_ENGINE_NAMES, os.path.join(folder, "loadtest.png"), doc.get("argv"))]
+            plots.plot_loadtest(rows, ALL_ENGINE_NAMES, os.path.join(folder, "loadtest.png"), doc.get("argv"),
+                                reference=reference)]
 
 
 def write_run_report(folder: str, rep: dict, raw: dict | None) -> None:

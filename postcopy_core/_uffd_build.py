@@ -84,7 +84,7 @@ ffibuilder.set_source(
     #include "dest.h"
     """,
     sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c"), str(CSRC / "workloads.c"),
-             str(CSRC / "source.c")],
+             str(CSRC / "source.c"), str(CSRC / "worker.c")],
     libraries=["m"],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -24,7 +24,7 @@ from postcopy_core._uffd import ffi
 SLOT = 8
 
 
-def _size(nvcpus: int) -> int:
+def board_size(nvcpus: int) -> int:
     """Bytes of a board for ``nvcpus`` vCPUs, whole pages."""
     return -(-max(1, nvcpus) * SLOT // 4096) * 4096
 
@@ -34,7 +34,7 @@ class AccessBoard:
 
     def __init__(self, nvcpus: int) -> None:
         self.nvcpus = nvcpus
-        size = _size(nvcpus)
+        size = board_size(nvcpus)
         self.fd = kernel.memfd_create("pch-board")
         os.ftruncate(self.fd, size)
         self.mapping = kernel.mmap_fd(self.fd, size)
@@ -47,5 +47,5 @@ class AccessBoard:
 
 def worker_slot(fd: int, nvcpus: int, vcpu: int):
     """A worker's own slot (a ``uint64_t *``), and the mapping that keeps it alive."""
-    mapping = kernel.mmap_fd(fd, _size(nvcpus))
+    mapping = kernel.mmap_fd(fd, board_size(nvcpus))
     return ffi.cast("uint64_t *", mapping.addr) + vcpu, mapping

@@ -29,6 +29,7 @@ VERSION = 1
 ACK = b"k"
 _CRED = struct.Struct("3i")
 HELLO_TIMEOUT = 10.0  # from connect to hello; a worker sends it at once
+SEND_TIMEOUT = 30.0  # a worker waits this long to connect, send and get the ack
 
 
 class HandoffError(ConnectionError):
@@ -71,7 +72,7 @@ def listen(address: str, backlog: int = 1024) -> socket.socket:
     return s
 
 
-def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = 30.0) -> None:
+def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = SEND_TIMEOUT) -> None:
     """Worker side: connect and send the hello with the uffd attached; wait until it is accepted."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
@@ -145,8 +146,10 @@ def check_peer(pid: int, uid: int, expect: Expected) -> str | None:
     return None
 
 
-def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: dict[int, int]) -> str | None:
-    """Why this hello (with its fds) is refused, or None if it fits the run; ``taken``: vcpu -> pid."""
+def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: dict[int, int],
+                taken_pids: set[int] | None = None) -> str | None:
+    """Why this hello (with its fds) is refused, or None if it fits the run; ``taken``: vcpu -> pid,
+    ``taken_pids``: its values as a set (kept by the caller: 4096 hellos must not scan 4096 values each)."""
     if len(fds) != 1 or len(msg) != HELLO.size:
         return f"expected a {HELLO.size}-byte hello with one fd, got {len(msg)} bytes and {len(fds)} fds"
     magic, version, vcpu, claimed_pid, base, length = HELLO.unpack(msg)
@@ -166,7 +169,7 @@ def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: d
         return "sent an fd that is not a userfaultfd"
     if vcpu in taken:
         return f"claims vCPU {vcpu}, registered already by pid {taken[vcpu]}"
-    if pid in taken.values():
+    if pid in (taken_pids if taken_pids is not None else set(taken.values())):
         return "has registered a uffd already"
     return None
 
@@ -180,6 +183,7 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
     """
     got: dict[int, tuple[WorkerHello, int]] = {}
     taken: dict[int, int] = {}
+    taken_pids: set[int] = set()
     pending: dict[socket.socket, tuple[int, float]] = {}  # conn -> (pid, deadline)
     sel = selectors.DefaultSelector()
     listener.setblocking(False)
@@ -199,10 +203,14 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
             if now > deadline:
                 raise HandoffError(f"only {len(got)} of {expect.vcpus} vCPU workers handed in their uffd "
                                    f"within {timeout:g} s")
-            for conn, (pid, t) in list(pending.items()):
-                if t < now:
-                    drop(conn, pid, f"no hello within {hello_timeout:g} s")
-            wake = min([deadline] + [t for _, t in pending.values()])
+            # deadlines grow in accept order (dicts keep it): only the oldest connections can be late,
+            # so a turn costs O(1), not O(pending), with thousands of workers connecting at once
+            while pending:
+                conn, (pid, t) = next(iter(pending.items()))
+                if t >= now:
+                    break
+                drop(conn, pid, f"no hello within {hello_timeout:g} s")
+            wake = min(deadline, next(iter(pending.values()))[1]) if pending else deadline
             for sk, _ in sel.select(max(0.0, wake - now)):
                 if sk.fileobj is listener:
                     _accept(listener, sel, pending, expect, time.monotonic() + hello_timeout, drop)
@@ -219,7 +227,7 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
                 if flags & socket.MSG_CTRUNC and at_fd_limit():  # our limit, not the peer's doing
                     raise HandoffError(f"the fd limit cut a vCPU's uffd hand-off short: {fd_limit_words()}")
                 why = "file descriptors cut short (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else None
-                why = why or check_hello(msg, fds, pid, expect, taken)
+                why = why or check_hello(msg, fds, pid, expect, taken, taken_pids)
                 if why:
                     for fd in fds:
                         os.close(fd)
@@ -233,6 +241,7 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
                     drop(conn, pid, f"gone before the ack: {e.strerror}")
                     continue
                 taken[hello.vcpu] = pid
+                taken_pids.add(pid)
                 got[hello.vcpu] = (hello, fds[0])
                 sel.unregister(conn)
                 del pending[conn]

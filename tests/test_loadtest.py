@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 
 import pytest
 
 from harness import loadtest
 from harness.config import RunConfig
+from harness.reference import default_shared
 from harness.report import build_report
 from tests.conftest import requires_uffd
 
@@ -210,3 +212,28 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     doc = json.loads(json_path.read_text())
     assert doc["status"] == "interrupted" and len(doc["points"]) == 1
     assert "interrupted after 1 of 3 points" in capsys.readouterr().err
+
+
+_SHARED = default_shared()
+can_build_reference = pytest.mark.skipif(
+    not (_SHARED / "bench" / "uffd_ref.c").is_file() or not shutil.which("make") or not shutil.which("cc"),
+    reason="needs ../shared/bench/uffd_ref.c, make and cc",
+)
+
+
+@pytest.mark.kernel
+@requires_uffd
+@can_build_reference
+def test_reference_runs_beside_the_harness_where_it_can(tmp_path, capsys, clean_machine):
+    """The reference's columns at the points it supports; at the others, why not; the plot draws them."""
+    code, rows, doc = sweep(tmp_path, ["--vcpus", "1,2048", "--workload", "sequential", "--ram", "8M",
+                                       "--no-background", "--reference", "--report", str(tmp_path / "rep")])
+    assert code == 0
+    one, many = rows
+    assert float(one["ref-faults-per-s"]) > 0 and float(one["ref-p50-us"]) > 0 and one["ref-error"] == ""
+    assert many["ref-faults-per-s"] == "" and "at most 1024 workers" in many["ref-error"]
+    assert doc["sweep"]["reference"] is True
+    assert doc["points"][0]["reference-runs"][0]["command"].startswith("uffd_ref -m mp -n 1 -s 8 ")
+    assert (tmp_path / "rep" / "loadtest.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "ref f/s" in out and "ratio" in out

@@ -1,13 +1,22 @@
 """One vCPU worker process: map guest RAM, register a uffd, hand it over, run the workload.
 
-Runs in a child forked by the zygote (vcpu_workers/zygote.py).  The uffd is created *after* fork,
-in the worker: a uffd belongs to the address space that created it, and the handler's ioctls
-through it must act on this process's mapping.  Imports stay lean (no numpy): a thousand of these
-must start in seconds and each should cost little memory.
+What a worker does, step by step (the code is C, csrc/worker.c, forked by the zygote,
+vcpu_workers/zygote.py, and never returning to Python):
+  1. die with the zygote (PR_SET_PDEATHSIG), ignore Ctrl-C, take the name ``pch-vcpu-N``, keep only
+     its four fds (guest RAM, start pipe, results area, access board), run on its CPUs;
+  2. map guest RAM and *then* create and register its uffd: a uffd belongs to the address space
+     that created it, and the handler's ioctls through it must act on this process's mapping;
+  3. hand the uffd to the handler with a hello (postcopy_core/handoff.py) and close its own copy;
+  4. build its access order (csrc/workloads.c), report ready in the results area, wait for EOF on
+     the start pipe, run the timed touch loop (pch_touch_run), write its results, exit 0 (4 = wrong
+     content read, 5 = a step failed, after one line ``vcpu N: ...`` on stderr).
+Why C: a Python child dirties ~1.4 MiB of the zygote's pages (reference counts, allocator pools)
+and at 4096 workers that copying was most of the start-up; a C child touches only its own stack
+and buffers.
 
 The same body serves the non-vCPU processes of ``run --non-vcpu N`` (slots after the vCPUs): they
 fault and hand over their uffd like a vCPU, but the handler does not map their pid to a vCPU, so
-their faults are non-vCPU faults.
+their faults are non-vCPU faults; each walks one vCPU's slice in its own random order.
 """
 
 from __future__ import annotations
@@ -15,13 +24,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from postcopy_core import kernel
+from postcopy_core import handoff, kernel
 from postcopy_core._uffd import ffi, lib
-from postcopy_core.board import worker_slot
-from postcopy_core.content import ContentSpec, Image
-from postcopy_core.handoff import WorkerHello, send_uffd
+from postcopy_core.board import board_size
+from postcopy_core.content import ContentSpec
 from vcpu_workers import results as R
-from vcpu_workers.workloads import order_buffer, writes_buffer
+from vcpu_workers.workloads import WORKLOADS
 
 # On hugetlbfs an unmapped page may already be in the page cache (a minor fault, a few µs);
 # a userfault round trip through the handler takes tens of µs.  See pch.c, resident().
@@ -48,79 +56,45 @@ class WorkerPlan:
     gens_fd: int = -1  # run --precopy: each page's final generation (postcopy_core/precopy.py), else -1
 
 
-# A non-vCPU process walks one vCPU's slice in its own random order (a seed of its own), so it
-# meets that vCPU on some pages (both wait for one page) and is first on others.
+# A non-vCPU process walks one vCPU's slice in a random order of its own (its seed: the run's seed
+# ^ (DEVICE_SEED + its index)), so it meets that vCPU on some pages and is first on others.
 DEVICE_SEED = 0xD3A
 
 
-def device_order(device: int, plan: WorkerPlan):
-    """Access order of non-vCPU process ``device``: a random walk over a vCPU's slice of RAM."""
+def c_plan(plan: WorkerPlan):
+    """The plan as csrc/worker.c reads it: a ``struct pch_worker_plan *`` and the buffers it points
+    to (keep the returned tuple alive while workers are forked)."""
     spec = plan.spec
-    owner = device * plan.nvcpus // max(plan.ndevices, 1)
-    return order_buffer("random", owner, plan.nvcpus, spec.npages, spec.seed ^ (DEVICE_SEED + device))
-
-
-def generations(fd: int, npages: int):
-    """The precopy generation map read-only (``uint32_t *`` and its mapping), or NULL without precopy.
-
-    Mapped here rather than through postcopy_core.precopy, which needs numpy (workers stay lean)."""
-    if fd < 0:
-        return ffi.NULL, None
-    size = -(-max(1, npages) * 4 // 4096) * 4096  # precopy._size
-    mapping = kernel.mmap_fd(fd, size, writable=False)
-    return ffi.cast("uint32_t *", mapping.addr), mapping
-
-
-def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
-    """Body of worker ``vcpu`` (``>= plan.nvcpus``: a non-vCPU process); returns the exit code."""
-    slot = R.WorkerSlot(plan.results_fd, plan.nvcpus + plan.ndevices, plan.capacity, vcpu)
-    rec = slot.result
-    rec.vcpu, rec.pid, rec.t_forked = vcpu, os.getpid(), t_forked
-    spec = plan.spec
-    ram = kernel.mmap_fd(plan.memfd, spec.size)
-    features = kernel.FEATURE_THREAD_ID | (
-        kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM
-    )
-    uffd = kernel.Uffd.open(features)
-    ioctls = uffd.register(ram.addr, spec.size)
-    if not ioctls & kernel.IOCTL_COPY:
-        raise kernel.KernelError("UFFDIO_REGISTER", 95, "the range does not support UFFDIO_COPY")
-    send_uffd(plan.handoff_address, WorkerHello(vcpu, os.getpid(), ram.addr, spec.size), uffd.fd)
-    uffd.close()  # the handler now holds the only reference
-
-    if vcpu < plan.nvcpus:
-        order, count = order_buffer(plan.workload, vcpu, plan.nvcpus, spec.npages, spec.seed)
-    else:
-        order, count = device_order(vcpu - plan.nvcpus, plan)
-    writes = writes_buffer(count, plan.write_ratio, vcpu, spec.seed)
-    ref = Image(spec) if spec.image else None
-    verified = ffi.new("uint8_t[]", spec.npages)
-    # only vCPUs publish what they touch: a device's faults are woken when the handler reads them
-    board, _board_map = worker_slot(plan.board_fd, plan.nvcpus, vcpu) if vcpu < plan.nvcpus else (ffi.NULL, None)
-    gens, _gens_map = generations(plan.gens_fd, spec.npages)
-    rec.accesses = count
-    rec.t_ready = kernel.now_ns()
-    rec.state = R.STATE_READY
-
-    while os.read(plan.start_fd, 1):  # wait for EOF: every worker starts at once
-        pass
-    t = ffi.new("struct pch_touch *")
-    t.base, t.page_size, t.npages = ram.addr, spec.page_size, spec.npages
-    t.order, t.count = order, count
-    t.is_write = writes if writes is not None else ffi.NULL
-    t.seed, t.zero_permille = spec.seed, spec.zero_permille
-    t.ref = ref.pointer() if ref is not None else ffi.NULL
-    t.verified = verified
-    t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
-    t.lat_ns, t.lat_page, t.lat_start = slot.lat_ns, slot.lat_page, slot.lat_start
-    t.board = board
-    t.gens = gens  # read after "go": the source published the final generations before it
-    rc = lib.pch_touch_run(t)
-    if rc < 0:
-        raise kernel.KernelError("touch loop", -rc)
-    for name in ("stall_ns", "max_ns", "all_ns", "pages_checked", "words_checked", "mismatches",
-                 "first_bad_page", "t_start", "t_end"):
-        setattr(rec, name, getattr(t, name))
-    rec.faulting = t.n_faulting
-    rec.state = R.STATE_DONE if t.mismatches == 0 else R.STATE_FAILED
-    return 0 if t.mismatches == 0 else 4
+    c = ffi.new("struct pch_worker_plan *")
+    keep = [c]
+    c.nvcpus, c.ndevices = plan.nvcpus, plan.ndevices
+    c.memfd, c.start_fd, c.results_fd, c.board_fd = plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd
+    c.page_size, c.npages, c.seed = spec.page_size, spec.npages, spec.seed & (2**64 - 1)
+    c.zero_permille = spec.zero_permille
+    if spec.image:
+        keep.append(ffi.new("char[]", os.fsencode(spec.image)))
+        c.image = keep[-1]
+    c.kind, c.device_kind, c.device_seed = WORKLOADS.index(plan.workload), WORKLOADS.index("random"), DEVICE_SEED
+    c.write_ratio = plan.write_ratio
+    c.features = kernel.FEATURE_THREAD_ID | (
+        kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM)
+    c.register_mode, c.need_ioctls = lib.UFFDIO_REGISTER_MODE_MISSING, kernel.IOCTL_COPY
+    keep.append(ffi.new("char[]", b"UFFDIO_COPY"))
+    c.need_what = keep[-1]
+    c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
+    address = plan.handoff_address.encode()
+    keep.append(ffi.new("char[]", address))
+    c.handoff, c.handoff_len = keep[-1], len(address)
+    c.handoff_version, c.handoff_magic, c.handoff_ack = handoff.VERSION, handoff.MAGIC, handoff.ACK
+    c.handoff_timeout_ms = int(handoff.SEND_TIMEOUT * 1000)
+    nworkers = plan.nvcpus + plan.ndevices
+    c.capacity = plan.capacity
+    c.lat_off, c.pages_off, c.starts_off, c.area_size = R.layout(nworkers, plan.capacity)
+    c.board_size = board_size(plan.nvcpus)
+    c.gens_fd = plan.gens_fd  # run --precopy: the final generations, or -1
+    if len(plan.cpus) > lib.PCH_WORKER_MAX_CPUS:
+        raise ValueError(f"at most {lib.PCH_WORKER_MAX_CPUS} CPUs for the workers")
+    c.ncpus = len(plan.cpus)
+    for i, cpu in enumerate(plan.cpus):
+        c.cpus[i] = cpu
+    return c, keep

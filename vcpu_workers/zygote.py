@@ -2,10 +2,11 @@
 
 The orchestrator has numpy, rich and psutil loaded; forking a thousand copies of it is slow and
 each copy soon owns megabytes of copied pages.  So the orchestrator execs this module in a fresh
-interpreter with only what a worker needs, and the zygote forks the workers from that small,
-frozen heap.  It then reaps them and reports each exit on a pipe, one line per worker:
-``vcpu pid wait-status``.  Workers die with the zygote, the zygote with the orchestrator
-(PR_SET_PDEATHSIG), and Ctrl-C is left to the orchestrator.
+interpreter with only what a worker needs, and the zygote forks the workers from that small heap,
+in C (csrc/worker.c): a child never runs Python, so it copies almost none of the zygote's pages.
+It then reaps them and reports each exit on a pipe, one line per worker: ``vcpu pid wait-status``.
+Workers die with the zygote, the zygote with the orchestrator (PR_SET_PDEATHSIG), and Ctrl-C is
+left to the orchestrator.
 
 Started by harness/run.py (``zygote_command``: :func:`main` run by the installed code, whatever the
 current folder) with the plan as JSON on stdin.
@@ -13,17 +14,15 @@ current folder) with the plan as JSON on stdin.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
 import sys
-from functools import partial
 
 from postcopy_core import kernel
-from postcopy_core.child import run_child
+from postcopy_core._uffd import ffi, lib
 from postcopy_core.content import ContentSpec
-from vcpu_workers.worker import WorkerPlan, worker_main
+from vcpu_workers.worker import WorkerPlan, c_plan
 
 
 def plan_to_json(plan: WorkerPlan, report_fd: int) -> str:
@@ -44,17 +43,14 @@ def main() -> int:
     kernel.die_with_parent()
     kernel.set_process_name("pch-zygote")
     plan, report_fd = _plan_from_json(sys.stdin.read())
-    gc.freeze()  # the GC would otherwise touch (and so copy) every object page in every worker
-    pids: dict[int, int] = {}
-    for vcpu in range(plan.nvcpus + plan.ndevices):  # vCPUs, then the non-vCPU processes
-        pid = os.fork()
-        if pid == 0:
-            t_forked = kernel.now_ns()
-            name = f"pch-vcpu-{vcpu}" if vcpu < plan.nvcpus else f"pch-dev-{vcpu - plan.nvcpus}"
-            label = f"vcpu {vcpu}" if vcpu < plan.nvcpus else f"non-vCPU process {vcpu - plan.nvcpus}"
-            keep = {plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd} | ({plan.gens_fd} - {-1})
-            run_child(name, label, keep, partial(worker_main, vcpu, plan, t_forked), plan.cpus)
-        pids[pid] = vcpu
+    nworkers = plan.nvcpus + plan.ndevices  # vCPUs, then the non-vCPU processes
+    c, _keep = c_plan(plan)
+    out, err = ffi.new("int32_t[]", max(nworkers, 1)), ffi.new("int *")
+    forked = lib.pch_spawn_workers(c, 0, nworkers, out, err)  # the children run C only (csrc/worker.c)
+    pids = {int(out[i]): i for i in range(forked)}
+    if forked < nworkers:  # the forked ones die with us (PDEATHSIG)
+        os.write(2, f"pch-zygote: fork of worker {forked} of {nworkers} failed: {os.strerror(err[0])}\n".encode())
+        return 1
     os.close(plan.start_fd)  # only workers hold the read end now: EOF reaches them alone
     while pids:
         try:

@@ -57,6 +57,11 @@ struct pch_dest {
     uint32_t *woken, wake_gen; /* per port: the placement that last woke it (no double wakes) */
     int precopy, memfd;         /* in precopy (pch_dest_set_precopy) until POSTCOPY_START; guest RAM */
     uint8_t *dropped;           /* per page: 1 once a DISCARD dropped it (NULL until the first one) */
+    /* The board is scanned once per batch of placements, not per page: a scan reads every vCPU's
+     * slot, and at thousands of vCPUs one scan per page cost more than the page.  board_mark:
+     * per page the batch that placed it; a batch closes after board_batch placements (1 for
+     * few vCPUs: a scan per page, as cheap as it is prompt) and at the end of every receive. */
+    uint32_t *board_mark, board_gen, board_first_wake, board_batch, board_pending;
     struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
     int loop_result;
     int link_down; /* a page channel failed: requests wait for the next source (pch_dest_reconnect) */
@@ -121,7 +126,10 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
     d->board = board;
     d->nboard = board ? nboard : 0;
     d->board_port = malloc(((size_t)d->nboard + 1) * sizeof *d->board_port);
-    if (!d->head || !d->pool || !d->woken || !d->board_port) {
+    d->board_mark = d->nboard ? calloc(npages, sizeof *d->board_mark) : NULL;
+    d->board_gen = d->board_first_wake = 1;
+    d->board_batch = d->nboard / 64 > 1 ? (uint32_t)(d->nboard / 64) : 1; /* scan cost <= 64 slots per page */
+    if (!d->head || !d->pool || !d->woken || !d->board_port || (d->nboard && !d->board_mark)) {
         pch_dest_free(d);
         return NULL;
     }
@@ -151,6 +159,7 @@ void pch_dest_free(struct pch_dest *d)
     free(d->pool);
     free(d->woken);
     free(d->board_port);
+    free(d->board_mark);
     free(d->req);
     free(d->ev);
     free(d->rx[0].buf);
@@ -393,7 +402,7 @@ static int wake_sharers(struct pch_dest *d, const struct pch_port *via, int32_t 
     int rc;
     if (++d->wake_gen == 0) { /* wrapped: forget the old marks */
         memset(d->woken, 0, (size_t)d->nports * sizeof *d->woken);
-        d->wake_gen = 1;
+        d->wake_gen = d->board_first_wake = 1;
     }
     if (d->wake_all) {
         for (int32_t i = 0; i < d->nports; i++)
@@ -404,20 +413,55 @@ static int wake_sharers(struct pch_dest *d, const struct pch_port *via, int32_t 
     for (int32_t x = w; x >= 0; x = d->pool[x].next)
         if ((rc = wake_once(d, d->pool[x].port, via, off, len)))
             return rc;
-    /* the page is in before we look: a vCPU that writes its slot after this load finds it there */
+    return 0;
+}
+
+/* Close the batch: wake every vCPU whose board slot names a page placed in it, unless a copy or a
+ * listed-waiter wake of this batch reached its uffd already.  Skipping one that was woken for
+ * another page of the batch only delays it: its fault is still queued, and read, it is woken. */
+static int board_flush(struct pch_dest *d)
+{
+    int rc = 0;
+    if (!d->board_pending)
+        return 0;
+    /* the pages are in before we look: a vCPU that writes its slot after this load finds them */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    for (int v = 0; v < d->nboard; v++) {
+    uint32_t gen = d->board_gen, first = d->board_first_wake;
+    if (++d->wake_gen == 0) {
+        memset(d->woken, 0, (size_t)d->nports * sizeof *d->woken);
+        d->wake_gen = first = 1;
+    }
+    for (int v = 0; v < d->nboard && !rc; v++) {
         uint64_t slot = __atomic_load_n(&d->board[v], __ATOMIC_RELAXED);
-        if (slot - 1 - page >= count) /* 0 (no page) wraps to a huge value */
+        if (slot - 1 >= d->npages || d->board_mark[slot - 1] != gen) /* 0 (no page) wraps to a huge value */
             continue;
         int32_t pi = d->board_port[v];
-        if (pi < 0 || &d->ports[pi] == via || d->woken[pi] == d->wake_gen)
+        if (pi < 0 || d->woken[pi] >= first) /* woken in this batch (by this scan too) */
             continue;
         d->st.board_wakes++;
-        if ((rc = wake_once(d, pi, via, off, len)))
-            return rc;
+        d->woken[pi] = d->wake_gen;
+        rc = wake(d, &d->ports[pi], d->ports[pi].base + ((slot - 1) << d->shift), d->ps);
     }
-    return 0;
+    d->board_pending = 0;
+    if (++d->board_gen == 0) { /* wrapped: forget the old marks */
+        memset(d->board_mark, 0, d->npages * sizeof *d->board_mark);
+        d->board_gen = 1;
+    }
+    d->board_first_wake = d->wake_gen + 1;
+    return rc;
+}
+
+/* Note pages [page, page+count) for the board scan of this batch (`via`: the uffd that copied them,
+ * which woke its own waiters); the batch closes when it is full. */
+static int board_note(struct pch_dest *d, const struct pch_port *via, uint64_t page, uint64_t count)
+{
+    if (!d->nboard || d->wake_all) /* waking every uffd leaves nobody for the board */
+        return 0;
+    if (via >= d->ports && via < d->ports + d->nports)
+        d->woken[via - d->ports] = d->wake_gen;
+    for (uint64_t k = 0; k < count; k++)
+        d->board_mark[page + k] = d->board_gen;
+    return ++d->board_pending >= d->board_batch ? board_flush(d) : 0;
 }
 
 static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent)
@@ -442,7 +486,7 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     for (uint64_t k = 0; k < count && !d->precopy; k++)
         if (add_event(d, t, (page + k) << d->shift, -1, 0, 'P', !src))
             return fail(d, -ENOMEM, "out of memory for events");
-    if ((rc = wake_sharers(d, via, w, page, count)))
+    if ((rc = wake_sharers(d, via, w, page, count)) || (rc = board_note(d, via, page, count)))
         return rc;
     if (w >= 0) { /* a page with waiters is placed alone (count == 1): free its list */
         for (int32_t x = w; x >= 0;) {
@@ -636,7 +680,8 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
         if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
             return rc;
     }
-    return (int64_t)pos;
+    int rc = board_flush(d); /* no placed page waits past this receive for its board wake */
+    return rc ? rc : (int64_t)pos;
 }
 
 const uint8_t *pch_dest_requests(struct pch_dest *d, uint64_t *len) { *len = d->req_len; return d->req; }

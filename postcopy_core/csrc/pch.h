@@ -70,7 +70,7 @@ struct pch_touch {
     uint64_t seed;
     uint32_t zero_permille;
     const uint8_t *ref;       /* expected image (--image) or NULL: use the seed generator */
-    uint8_t *verified;        /* per page: 1 once this worker read it (checked after the loop) */
+    uint8_t *verified;        /* per page: 1 once this worker read it, 2 once checked after the loop */
     uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
     const uint32_t *gens;     /* per page: its final generation (run --precopy), or NULL: all 0 */
@@ -155,5 +155,44 @@ int pch_set_pdeathsig(int sig);
 int pch_set_name(const char *name);
 int pch_set_child_subreaper(void);
 int pch_setns(int fd, int nstype); /* join the namespace behind fd (Python 3.11 has no os.setns) */
+
+/* ---- the vCPU worker processes (worker.c): forked and run in C, never back in Python ---- */
+#define PCH_STATE_READY 1          /* pch_worker_result.state: vcpu_workers/results.py STATE_* */
+#define PCH_STATE_DONE 2
+#define PCH_STATE_FAILED 3
+#define PCH_WORKER_BAD_CONTENT 4   /* exit code: read wrong content */
+#define PCH_WORKER_FAILED 5        /* exit code: a step failed (one line on stderr) */
+#define PCH_WORKER_MAX_CPUS 16
+struct pch_worker_plan {           /* one for all workers, filled by vcpu_workers/worker.py */
+    uint32_t nvcpus, ndevices;     /* workers 0..nvcpus-1 are vCPUs, the next ndevices non-vCPU processes */
+    int memfd, start_fd, results_fd, board_fd;
+    int gens_fd;                   /* run --precopy: each page's final generation (uint32), or -1 */
+    uint64_t page_size, npages, seed;
+    uint32_t zero_permille;
+    const char *image;             /* --image path, or NULL: the seed generator */
+    int kind;                      /* workload (index in WORKLOADS) */
+    int device_kind;               /* the non-vCPU processes' walk, and their seed offset */
+    uint64_t device_seed;
+    double write_ratio;
+    uint64_t features;             /* uffd features to negotiate */
+    uint64_t register_mode;        /* UFFDIO_REGISTER_MODE_* of the guest-RAM range */
+    uint64_t need_ioctls;          /* ioctls the registered range must support (1 << _UFFDIO_*) */
+    const char *need_what;         /* their name, for the error line */
+    uint64_t min_fault_ns;
+    const char *handoff;           /* the abstract socket address (leading NUL), handoff_len bytes */
+    uint32_t handoff_len, handoff_version;
+    char handoff_magic[4];
+    char handoff_ack;
+    uint64_t handoff_timeout_ms;
+    uint64_t capacity, area_size, lat_off, pages_off, starts_off;  /* results area layout */
+    uint64_t board_size;
+    int cpus[16];                  /* PCH_WORKER_MAX_CPUS */
+    int ncpus;
+};
+/* The body of worker w (after its set-up); returns its exit code. */
+int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_forked);
+/* Fork workers first..first+count-1, each running pch_worker_main and _exiting; their pids go in
+ * pids[].  Returns how many were forked (fewer: *err is fork's errno). */
+int pch_spawn_workers(const struct pch_worker_plan *p, uint32_t first, uint32_t count, int32_t *pids, int *err);
 
 #endif
