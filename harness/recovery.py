@@ -48,7 +48,7 @@ class RecoveryLog:
             self.paused_since = now
         self.events.append(event)
 
-    def restart(self, pid: int, now: float | None = None) -> None:
+    def restart(self, pid: int | None, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self.restarts += 1
         self.restarts_in_a_row += 1

@@ -11,7 +11,10 @@ page.  Per destination:
     then the forked run's control protocol on C: ready, go, stream, stats
 
 A destination that hangs up before its page channels connect leaves the source waiting for the
-next one; the first migration that ends (or Ctrl-C) ends the command.
+next one.  One that is lost mid-migration (a dropped link) is waited for, like QEMU's source in
+postcopy-paused: it comes back with ``attach`` + ``resume`` and its received map, and this source
+(a fresh Source for it) sends only what is missing.  The first migration that completes (or
+Ctrl-C) ends the command.
 """
 
 from __future__ import annotations
@@ -71,31 +74,49 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
     if not quiet:  # the port is what a test (or a person) needs when asking for port 0
         print(f"postcopy-harness source: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
     try:
+        resumes = 0
         while True:
-            (ctl,) = tcp_accept_channels(ls, key, timeout or WAIT_FOREVER, wanted=(CHANNEL_CONTROL,), close=False)
-            ctl.setblocking(True)
-            control = ControlLine(ctl)
-            control.send(**hello(cfg))
+            control, stream, urgent, resume = _next_destination(ls, key, hello(cfg), timeout)
             try:
-                stream, urgent = tcp_accept_channels(ls, key, PAGE_CHANNELS_TIMEOUT, close=False, watch=ctl)
-            except ConnectionError as e:
-                warn(f"{e}; waiting for the next one")
-                ctl.close()
-                continue
-            break
+                stats = Source(spec, geo, stream, urgent, cfg.link_model, control, resume=resume).run()
+            except ProtocolError as e:
+                raise OSError(0, f"bad message from the destination: {e}") from None
+            try:
+                control.send(event="stats", stats=stats)
+            except OSError:
+                pass
+            if stats["all_sent"]:
+                break
+            # the destination is postcopy-paused (a dropped link, a killed run is the same to us):
+            # like QEMU's source, wait for it to come back and resume from its received map
+            resumes += 1
+            warn("the destination left before it had every page; waiting for it to resume")
+            for sock in (stream, urgent, control.sock):
+                sock.close()
     finally:
         ls.close()
-    try:
-        stats = Source(spec, geo, stream, urgent, cfg.link_model, control).run()
-    except ProtocolError as e:
-        raise OSError(0, f"bad message from the destination: {e}") from None
-    try:
-        control.send(event="stats", stats=stats)
-    except OSError:
-        pass
-    if not stats["all_sent"]:
-        raise OSError(0, "the destination left before it had every page")
     if not quiet:
-        print(f"postcopy-harness source: migrated {cfg.npages} pages ({stats['requests']} requests)",
+        again = f", {resumes} resume(s)" if resumes else ""
+        print(f"postcopy-harness source: migrated {cfg.npages} pages ({stats['requests']} requests{again})",
               file=sys.stderr, flush=True)
     return 0
+
+
+def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None):
+    """Wait for a destination: its control channel, our hello, its ``attach`` (fresh or resume), then
+    its page channels.  One that hangs up midway leaves us waiting for the next."""
+    while True:
+        (ctl,) = tcp_accept_channels(ls, key, timeout or WAIT_FOREVER, wanted=(CHANNEL_CONTROL,), close=False)
+        ctl.setblocking(True)
+        control = ControlLine(ctl)
+        try:
+            control.send(**greeting)
+            msg = control.recv(PAGE_CHANNELS_TIMEOUT)
+            if not msg or msg.get("cmd") != "attach":
+                raise ConnectionError("the destination hung up before it attached")
+            stream, urgent = tcp_accept_channels(ls, key, PAGE_CHANNELS_TIMEOUT, close=False, watch=ctl)
+        except (ConnectionError, OSError) as e:
+            warn(f"{e}; waiting for the next one")
+            ctl.close()
+            continue
+        return control, stream, urgent, bool(msg.get("resume"))

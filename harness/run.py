@@ -64,6 +64,7 @@ from vcpu_workers.zygote import plan_to_json
 STARTUP_TIMEOUT = 120.0
 ROLE_NAMES = {"fault": "the fault handler", "source": "the source", "zygote": "the vCPU zygote"}
 SHUTDOWN_TIMEOUT = 60.0
+REMOTE_RETRY_S = 0.25  # run --source: how often a paused run tries the remote source again
 
 
 class Run:
@@ -349,9 +350,10 @@ class Run:
             raise RunFailed(str(e)) from None
         return self.netns.source_ip
 
-    def _remote_source(self, host: str, port: int, key: bytes) -> ControlLine:
+    def _remote_source(self, host: str, port: int, key: bytes, resume: bool = False) -> ControlLine:
         """run --source: open the control channel to ``source --listen`` and check what it serves
-        against this run before anything starts; returns the source's control line."""
+        against this run before anything starts; returns the source's control line.  ``resume``: the
+        destination is postcopy-paused and this source takes over from its received map."""
         from harness.remote_source import check_hello
 
         where = f"{host}:{port}"
@@ -368,6 +370,7 @@ class Run:
         problem = check_hello(msg, self.cfg)
         if problem:
             raise RunFailed(f"--source {where}: {problem}")
+        control.send(cmd="attach", resume=resume)
         return control
 
     def _precopy(self, ctl_src: ControlLine, ctl_dst: ControlLine) -> dict:
@@ -706,7 +709,25 @@ class Run:
             raise RunFailed(f"the destination stayed postcopy-paused for {limit:g} s: no new source resumed "
                             f"it{cause}")
 
+    def _reattach_remote(self) -> None:
+        """run --source: a lost remote source is not ours to restart; wait for ``source --listen`` to
+        take connections again at the same address (retried until the pause outlasts --stall-timeout)."""
+        host, port = parse_endpoint(self.cfg.source, "--source", need_host=True)
+        try:
+            ctl = self._remote_source(host, port, self._source_args["key"], resume=True)
+        except RunFailed as e:
+            self.log.last_cause = str(e)
+            self.respawn_at = time.monotonic() + REMOTE_RETRY_S
+            return
+        self.src_gen += 1
+        self.log.restart(None)  # not a process of ours
+        self.ctl_src, self.src_stats = ctl, None
+        self.ctl_dst.send(cmd="resume", gen=self.src_gen, nfds=0, port=port)
+
     def _replace_source(self) -> None:
+        if self.cfg.source is not None:
+            self._reattach_remote()
+            return
         if self.log.restarts_in_a_row >= RESTART_LIMIT:
             raise RunFailed(f"the source could not be restarted: {RESTART_LIMIT} new sources in a row were lost "
                             f"before the destination resumed (last: {self.log.last_cause})")
@@ -739,8 +760,6 @@ class Run:
         cfg, a = self.cfg, self._source_args
         ctl_parent, ctl_child = self._pair()
         gens_fd = self.gens.fd if self.gens is not None else None  # after a precopy: its final content
-        if cfg.source is not None:
-            raise RunFailed(f"the source at {cfg.source} was lost, and a remote source is not restarted")
         if cfg.transport == "tcp":
             if self.netns is not None:  # the replacement lives in the same shaped namespace
                 with self.netns.entered():

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -136,4 +137,39 @@ def test_an_image_is_served_and_checked(key, tmp_path, clean_machine):
         code, err = src.finish()
         assert code == 0 and "migrated 256 pages" in err, err
     finally:
+        src.stop()
+
+
+def test_a_lost_remote_source_is_waited_for_and_resumes(key, tmp_path, clean_machine):
+    """Postcopy recovery with a source the run did not fork: the source dies mid-run, the destination
+    pauses, and a `source --listen` started again at the same address resumes it from the received map."""
+    flags = ("--ram", "8M", "--link", "200mbit,1ms")
+    src = Source(key, *flags)
+    out = tmp_path / "r.json"
+    run = subprocess.Popen([*CLI, "run", "--quiet", "--vcpus", "2", "--ram", "8M", "--workload", "sequential",
+                            "--no-background", "--source", src.where, "--auth-key-file", key, "--json", str(out)],
+                           stderr=subprocess.PIPE, text=True)
+    again = None
+    try:
+        time.sleep(1.2)  # the workload is under way (about 2.5 s of demand paging over the 1 ms link)
+        assert run.poll() is None
+        src.stop()  # SIGKILL: the page channels and the control channel drop at once
+        time.sleep(0.3)  # paused, retrying the address
+        port = src.where.rsplit(":", 1)[1]
+        again = subprocess.Popen([*CLI, "source", "--listen", f"127.0.0.1:{port}", "--auth-key-file", key, *flags],
+                                 stderr=subprocess.PIPE, text=True)
+        _, err = run.communicate(timeout=90)
+        assert run.returncode == 0, err
+        rep = json.loads(out.read_text())
+        assert rep["verification"]["mismatches"] == 0 and rep["verification"]["ram-bad-pages"] == 0
+        rec = rep["recovery"]
+        assert (rec["pauses"], rec["resumes"]) == (1, 1), rec
+        _, serr = again.communicate(timeout=30)
+        assert again.returncode == 0, serr
+        assert "migrated 2048 pages" in serr
+    finally:
+        for p in (run, again):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
         src.stop()
