@@ -177,7 +177,7 @@ class RunConfig:
         if parse_link(self.link) != Link():
             raise ConfigError("--source: the link model runs in the source; give --link to "
                               "`postcopy-harness source`, or shape the real network")
-        local = [t for t in self.inject or [] if t.strip().startswith(("source-", "link-drop"))]
+        local = [t for t in self.inject or [] if t.strip().startswith(("source-", "recovery-"))]
         if local:
             raise ConfigError(f"--inject {local[0]}: not with --source (the source is not a process of this run)")
 

@@ -173,3 +173,22 @@ def test_a_lost_remote_source_is_waited_for_and_resumes(key, tmp_path, clean_mac
                 p.kill()
                 p.wait()
         src.stop()
+
+
+def test_a_dropped_link_to_a_remote_source_resumes_with_the_same_source(key, tmp_path, clean_machine):
+    """--inject link-drop cuts the page channels of a run --source: the source itself waits for the
+    destination to come back, and the same `source --listen` process resumes it."""
+    src = Source(key, "--ram", "8M", "--link", "200mbit,1ms")
+    try:
+        out = tmp_path / "r.json"
+        r = run_cli("--vcpus", "2", "--ram", "8M", "--workload", "sequential", "--no-background", "--source",
+                    src.where, "--auth-key-file", key, "--inject", "link-drop@0.5", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        assert rep["verification"]["mismatches"] == 0 and rep["verification"]["ram-bad-pages"] == 0
+        assert (rep["recovery"]["pauses"], rep["recovery"]["resumes"]) == (1, 1), rep["recovery"]
+        code, err = src.finish()
+        assert code == 0, err
+        assert "waiting for it to resume" in err and "1 resume(s)" in err
+    finally:
+        src.stop()
