@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from postcopy_core.auth import AuthError, key_from_file
 from postcopy_core.content import image_size_check
-from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
+from postcopy_core.handler import PLACE_COPY, PLACE_MODES, WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
 from vcpu_workers.workloads import WORKLOADS
 
@@ -56,6 +56,7 @@ class RunConfig:
     auth_key_file: str | None = None  # TCP: the page channels' key from this file (default: a fresh one)
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
+    place: str = PLACE_COPY  # how pages go in: UFFDIO_COPY, or the page cache + UFFDIO_CONTINUE
     pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
@@ -88,6 +89,8 @@ class RunConfig:
                 raise ConfigError(str(e)) from None
         if self.wake_policy not in WAKE_POLICIES:
             raise ConfigError(f"--wake-policy {self.wake_policy!r}: choose from {', '.join(WAKE_POLICIES)}")
+        if self.place not in PLACE_MODES:
+            raise ConfigError(f"--place {self.place!r}: choose from {', '.join(PLACE_MODES)}")
         if not 0 <= self.zero_share <= 1:
             raise ConfigError(f"--zero-share {self.zero_share}: must be between 0 and 1")
         if not 0 <= self.write_ratio <= 1:

@@ -185,7 +185,8 @@ class Run:
             return destination_main(dict(
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
-                wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5))
+                wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
+                place=cfg.place))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             w = self.stderr.pipe(role)
@@ -198,7 +199,7 @@ class Run:
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
                           handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1),
-                          cfg.non_vcpu)
+                          cfg.non_vcpu, cfg.place)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process

@@ -40,6 +40,10 @@ WAKE_WAITERS = "waiters"  # wake only uffds whose fault we have read for that pa
 WAKE_ALL = "all"  # wake every uffd for every placed page (QEMU's shared-wake behaviour)
 WAKE_POLICIES = (WAKE_WAITERS, WAKE_ALL)
 
+PLACE_COPY = "copy"  # UFFDIO_COPY / ZEROPAGE through a uffd: the kernel copies the page into place
+PLACE_CONTINUE = "continue"  # write the page cache through our own mapping, UFFDIO_CONTINUE the waiters
+PLACE_MODES = (PLACE_COPY, PLACE_CONTINUE)
+
 # One event record for the accounting engines (csrc/dest.h, struct pch_event): t_ns, RAM offset,
 # vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already received),
 # P = placed (flag: zero page).
@@ -73,15 +77,23 @@ class Destination:
     def __init__(self, geo: Geometry, spec: ContentSpec, memfd: int, hugetlb: bool, received: ReceivedMap,
                  ports: list[Port], stream: socket.socket, urgent: socket.socket, quit_fd: int,
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
-                 board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S) -> None:
+                 board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
+                 place: str = PLACE_COPY) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
         # the carrier: our own view of guest RAM, through which pages nobody waits for go in
         self.mapping = kernel.mmap_fd(memfd, geo.ram_size)
         self.carrier_uffd = Uffd.open(features)
-        self.carrier_uffd.register(self.mapping.addr, geo.ram_size)
-        self.zero_page = kernel.mmap_anon(geo.page_size) if hugetlb else None
+        self.zero_page = None
+        if place == PLACE_CONTINUE:
+            # pages are written through this mapping, so it stays unregistered; every page is put in
+            # the page cache now, zeroed, so that placing one later is one copy and no allocation (the
+            # workers registered MINOR as well: they trap on every page until it is CONTINUEd to them)
+            kernel.populate_write(self.mapping)
+        else:
+            self.carrier_uffd.register(self.mapping.addr, geo.ram_size)
+            self.zero_page = kernel.mmap_anon(geo.page_size) if hugetlb else None
 
         self.c_ports = ffi.new("struct pch_port[]", max(1, len(ports)))
         for i, p in enumerate(ports):
@@ -102,6 +114,8 @@ class Destination:
         if d == ffi.NULL:
             raise HandlerError("out of memory for the destination's page tables")
         self.d = ffi.gc(d, lib.pch_dest_free)
+        if place == PLACE_CONTINUE:
+            lib.pch_dest_set_continue(self.d, self.mapping.addr)
         self.stats_c = lib.pch_dest_stats(self.d)
         self.stream, self.urgent = stream, urgent  # the return path rides the stream socket backwards
         self._len = ffi.new("uint64_t *")

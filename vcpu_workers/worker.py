@@ -45,6 +45,7 @@ class WorkerPlan:
     board_fd: int  # the access board (postcopy_core/board.py)
     cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
     ndevices: int = 0  # non-vCPU faulting processes, in the slots after the vCPUs
+    place: str = "copy"  # run --place: "continue" registers MINOR too (the handler writes the page cache)
 
 
 # A non-vCPU process walks one vCPU's slice in its own random order (a seed of its own), so it
@@ -69,10 +70,16 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     features = kernel.FEATURE_THREAD_ID | (
         kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM
     )
+    minor = plan.place == "continue"
+    mode = kernel.REGISTER_MISSING
+    if minor:  # a page in the page cache but not mapped here traps too: it may be half written
+        features |= kernel.FEATURE_MINOR_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MINOR_SHMEM
+        mode |= kernel.REGISTER_MINOR
     uffd = kernel.Uffd.open(features)
-    ioctls = uffd.register(ram.addr, spec.size)
-    if not ioctls & kernel.IOCTL_COPY:
-        raise kernel.KernelError("UFFDIO_REGISTER", 95, "the range does not support UFFDIO_COPY")
+    ioctls = uffd.register(ram.addr, spec.size, mode)
+    need, name = (kernel.IOCTL_CONTINUE, "UFFDIO_CONTINUE") if minor else (kernel.IOCTL_COPY, "UFFDIO_COPY")
+    if not ioctls & need:
+        raise kernel.KernelError("UFFDIO_REGISTER", 95, f"the range does not support {name}")
     send_uffd(plan.handoff_address, WorkerHello(vcpu, os.getpid(), ram.addr, spec.size), uffd.fd)
     uffd.close()  # the handler now holds the only reference
 
@@ -98,7 +105,8 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     t.seed, t.zero_permille = spec.seed, spec.zero_permille
     t.ref = ref.pointer() if ref is not None else ffi.NULL
     t.verified = verified
-    t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
+    t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb and not minor else 0
+    t.first_touch = int(minor)
     t.lat_ns, t.lat_page, t.lat_start = slot.lat_ns, slot.lat_page, slot.lat_start
     t.board = board
     rc = lib.pch_touch_run(t)

@@ -54,6 +54,7 @@ struct pch_dest {
     int nboard;
     uint32_t *woken, wake_gen; /* per port: the placement that last woke it (no double wakes) */
     struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
+    uint8_t *ram;               /* --place continue: guest RAM through our own, unregistered mapping */
     int loop_result;
     char err[256];
 };
@@ -226,6 +227,31 @@ static int wake(struct pch_dest *d, struct pch_port *p, uint64_t addr, uint64_t 
     return 0;
 }
 
+/* Let a vCPU blocked on [addr, addr+len) of port p go on.  Placed by UFFDIO_COPY, the page is in its
+ * page tables' reach: a wake is enough.  Placed by writing the page cache (--place continue), p's
+ * uffd is registered MINOR and the page is mapped in that process only by UFFDIO_CONTINUE (which
+ * wakes too); EEXIST means it is mapped there already, so only a wake may be missing. */
+static int release(struct pch_dest *d, struct pch_port *p, uint64_t addr, uint64_t len)
+{
+    if (!d->ram)
+        return wake(d, p, addr, len);
+    if (!p->alive)
+        return 0;
+    int rc = pch_uffd_continue_upto(p->fd, addr, len, 0, NULL);
+    if (rc == -EEXIST)
+        return wake(d, p, addr, len);
+    if (rc == -ESRCH || rc == -ENOENT) {
+        port_dead(d, p);
+        return 0;
+    }
+    if (rc)
+        return fail(d, rc, "UFFDIO_CONTINUE failed: %s (vCPU %d)", strerror(-rc), p->vcpu);
+    d->st.wakes++;
+    return 0;
+}
+
+void pch_dest_set_continue(struct pch_dest *d, uint64_t ram) { d->ram = (uint8_t *)(uintptr_t)ram; }
+
 /* Remember that `port` waits for `page`; returns 1 if the page must be requested now. */
 static int add_waiter(struct pch_dest *d, uint64_t page, int32_t port)
 {
@@ -290,7 +316,7 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
         if (already) {
             /* placed after the kernel queued this fault: the waiter only needs a wake */
             d->st.faults_already_received++;
-            int rc = wake(d, port, port->base + off, d->ps);
+            int rc = release(d, port, port->base + off, d->ps);
             if (rc && !err)
                 err = rc;
             continue;
@@ -321,6 +347,15 @@ static int put_pages(struct pch_dest *d, struct pch_port *p, uint64_t page, uint
  * received. */
 static int install(struct pch_dest *d, struct pch_port **via, uint64_t page, uint64_t count, const uint8_t *src)
 {
+    if (d->ram) { /* --place continue: the page cache is written directly (see install_cache) */
+        if (src && src != d->ram + (page << d->shift))
+            memcpy(d->ram + (page << d->shift), src, count << d->shift);
+        /* a zero page is there already: our mapping was populated with zeroed pages, and nobody
+         * writes a page before it is placed */
+        if (*via == d->carrier)
+            return 0; /* nobody waits: whoever touches it later takes a MINOR fault, answered at once */
+        return release(d, *via, (*via)->base + (page << d->shift), count << d->shift);
+    }
     int one_by_one = d->hugetlb && !src;
     if (!(*via)->alive)
         *via = d->carrier; /* a lost vCPU's uffd: known dead, no ESRCH to learn it again */
@@ -353,7 +388,7 @@ static int wake_once(struct pch_dest *d, int32_t pi, const struct pch_port *via,
     if (p == via || d->woken[pi] == d->wake_gen)
         return 0;
     d->woken[pi] = d->wake_gen;
-    return wake(d, p, p->base + off, len);
+    return release(d, p, p->base + off, len);
 }
 
 /* Wake every vCPU that may sleep on the pages just placed: the copy woke only the waiters of the

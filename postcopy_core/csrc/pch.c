@@ -133,6 +133,31 @@ int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode)
     return pch_uffd_zeropage_upto(fd, dst, len, mode, NULL);
 }
 
+int pch_uffd_continue_upto(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done)
+{
+    uint64_t total = 0;
+    int rc = 0;
+    while (len) {
+        struct uffdio_continue c = { .range = { start, len }, .mode = mode };
+        if (ioctl(fd, UFFDIO_CONTINUE, &c) == 0) {
+            total += len;
+            break;
+        }
+        if (errno != EAGAIN) {
+            rc = -errno;
+            break;
+        }
+        if (c.mapped > 0) {
+            start += (uint64_t)c.mapped;
+            len -= (uint64_t)c.mapped;
+            total += (uint64_t)c.mapped;
+        }
+    }
+    if (done)
+        *done = total;
+    return rc;
+}
+
 int pch_uffd_wake(int fd, uint64_t start, uint64_t len)
 {
     struct uffdio_range r = { start, len };
@@ -190,6 +215,11 @@ int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *
 int pch_munmap(uint64_t addr, uint64_t len)
 {
     return munmap((void *)(uintptr_t)addr, len) ? -errno : 0;
+}
+
+int pch_madvise(uint64_t addr, uint64_t len, int advice)
+{
+    return madvise((void *)(uintptr_t)addr, len, advice) ? -errno : 0;
 }
 
 /* ---- content ---- */
@@ -297,7 +327,8 @@ int pch_touch_run(struct pch_touch *t)
             return -EINVAL;
         uint64_t addr = t->base + page * t->page_size;
         volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)addr;
-        int missing = !resident(addr);
+        /* registered MINOR too, every page not yet mapped here traps, in the page cache or not */
+        int missing = t->first_touch ? !t->verified[page] : !resident(addr);
         uint64_t want = expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
         uint64_t got;
         /* tell the handler which page we may block on; ordered before the access itself */

@@ -23,6 +23,8 @@ int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
 int pch_uffd_copy_upto(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_zeropage_upto(int fd, uint64_t dst, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_wake(int fd, uint64_t start, uint64_t len);
+/* UFFDIO_CONTINUE: map pages already in the page cache (a MINOR fault's answer), *done as above */
+int pch_uffd_continue_upto(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
                          uint32_t *other_events);
 
@@ -31,6 +33,7 @@ int pch_memfd_create(const char *name, unsigned int flags);
 int pch_eventfd(unsigned int initval, int flags);
 int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out);
 int pch_munmap(uint64_t addr, uint64_t len);
+int pch_madvise(uint64_t addr, uint64_t len, int advice);
 
 /* ---- guest RAM content: deterministic per page from a seed ---- */
 int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille);
@@ -67,6 +70,8 @@ struct pch_touch {
     uint8_t *verified;        /* per page: 1 once this worker read it (checked after the loop) */
     uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
+    uint32_t first_touch;     /* 1: registered MINOR too (run --place continue), where every first
+                               * touch of a page in this process traps: that is the faulting test */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
