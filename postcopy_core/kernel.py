@@ -107,7 +107,7 @@ class Uffd:
         return cls(fd)
 
     def register(self, addr: int, length: int, mode: int = REGISTER_MISSING) -> int:
-        """Register [addr, addr+length) (MISSING mode unless ``mode`` says more); returns the ioctls the range supports."""
+        """Register [addr, addr+length) in ``mode`` (default MISSING); returns the ioctls the range supports."""
         out = ffi.new("uint64_t *")
         _check(
             lib.pch_uffd_register(self.fd, addr, length, mode, out),

@@ -18,7 +18,19 @@
 struct waiter { int32_t port, next; };
 
 /* a page channel's receive buffer: unread bytes in [start, end) */
-struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
+struct rxbuf {
+    uint8_t *buf;
+    uint64_t cap, start, end;
+    int drained; /* the last recv took less than it could */
+    /* --place continue: a PAGES frame whose payload is being received straight into guest RAM */
+    uint64_t dfirst, dcount, dlen, dgot;
+    int durgent, direct;
+};
+
+/* a PAGES frame that pch_dest_on_data found valid but incomplete (its header read, not all its payload) */
+struct partial { uint64_t first, count, plen; int urgent, valid; };
+
+#define DIRECT_MIN (64u << 10) /* frames at least this big are received straight into place (continue) */
 
 #define RX_TURN (1u << 20)     /* bytes read from a channel per loop turn (faults are served between frames) */
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
@@ -55,6 +67,7 @@ struct pch_dest {
     uint32_t *woken, wake_gen; /* per port: the placement that last woke it (no double wakes) */
     struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
     uint8_t *ram;               /* --place continue: guest RAM through our own, unregistered mapping */
+    struct partial part[2];     /* per channel, where the last pch_dest_on_data stopped */
     int loop_result;
     char err[256];
 };
@@ -515,6 +528,7 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
     static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS" };
     uint64_t pos = 0;
     ch = ch ? 1 : 0;
+    d->part[ch].valid = 0;
     while (len - pos >= PCH_HDR_SIZE) {
         const uint8_t *h = buf + pos;
         uint8_t type = h[0], flags = h[1];
@@ -548,8 +562,11 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
             if (plen > PCH_RX_CAP - PCH_HDR_SIZE)
                 return fail(d, -EPROTO, "%s: %u bytes do not fit the receive buffer", name, plen);
         }
-        if (len - pos - PCH_HDR_SIZE < plen)
-            break; /* incomplete: the caller keeps the rest for the next read */
+        if (len - pos - PCH_HDR_SIZE < plen) { /* incomplete: the caller keeps the rest for the next read */
+            if (type == PCH_MSG_PAGES)
+                d->part[ch] = (struct partial){ off >> d->shift, count, plen, flags & PCH_FLAG_URGENT, 1 };
+            break;
+        }
         const uint8_t *payload = h + PCH_HDR_SIZE;
         int rc = 0;
         if (type == PCH_MSG_HELLO)
@@ -576,12 +593,69 @@ void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
 const char *pch_dest_error(struct pch_dest *d) { return d->err; }
 
+/* --place continue: receive the rest of a big PAGES frame straight into guest RAM (one copy, from the
+ * socket into the page cache: no receive buffer in between), then place it there.  Only frames none
+ * of whose pages is in yet go this way (one answered urgently meanwhile gets the same bytes again:
+ * the source's image does not change).  No vCPU sees a page half written: each is registered MINOR
+ * and traps until its page is placed and CONTINUEd to it.
+ * Same results as on_channel. */
+static int on_direct(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    uint64_t want = r->dlen - r->dgot;
+    if (want > RX_TURN)
+        want = RX_TURN;
+    ssize_t got = recv(fd, d->ram + (r->dfirst << d->shift) + r->dgot, want, MSG_DONTWAIT);
+    if (got < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : fail(d, -errno, "recv(page channel): %s", strerror(errno));
+    if (got == 0)
+        return PCH_RUN_EOF;
+    r->dgot += (uint64_t)got;
+    r->drained = (uint64_t)got < want;
+    if (r->dgot < r->dlen)
+        return 1;
+    r->direct = 0;
+    int rc = place_frame(d, r->dfirst, r->dcount, d->ram + (r->dfirst << d->shift), r->durgent);
+    if (rc)
+        return rc;
+    d->st.frames++;
+    if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
+        return rc;
+    return 1;
+}
+
+/* After a read: if what is left is the start of a big PAGES frame, take its payload so far to its
+ * place and go on there (on_direct). */
+static int go_direct(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    struct partial *f = &d->part[ch];
+    if (!f->valid || f->plen < DIRECT_MIN)
+        return 0;
+    for (uint64_t k = 0; k < f->count; k++)
+        if (d->received[f->first + k])
+            return 0;
+    uint64_t have = r->end - r->start - PCH_HDR_SIZE;
+    memcpy(d->ram + (f->first << d->shift), r->buf + r->start + PCH_HDR_SIZE, have);
+    r->start = r->end = 0;
+    r->dfirst = f->first;
+    r->dcount = f->count;
+    r->dlen = f->plen;
+    r->dgot = have;
+    r->durgent = f->urgent;
+    r->direct = 1;
+    f->valid = 0;
+    return on_direct(d, fd, ch);
+}
+
 /* Receive once from a channel (at most RX_TURN bytes) and place every complete frame: 1 if it read
  * something, 0 if nothing was there, PCH_RUN_EOF at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
  * the urgent channel and the uffds (epoll is level-triggered, so the rest comes next turn). */
 static int on_channel(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
+    if (r->direct)
+        return on_direct(d, fd, ch);
     if (!r->buf) {
         if (!(r->buf = malloc(PCH_RX_CAP)))
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
@@ -601,12 +675,18 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
     if (got == 0)
         return PCH_RUN_EOF;
     r->end += (uint64_t)got;
+    r->drained = (uint64_t)got < room;
     int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
     if (used < 0)
         return (int)used;
     r->start += (uint64_t)used;
     if (r->start == r->end)
         r->start = r->end = 0;
+    else if (d->ram && !d->eos[ch]) {
+        int rc = go_direct(d, fd, ch);
+        if (rc < 0 || rc == PCH_RUN_EOF)
+            return rc;
+    }
     return 1;
 }
 
@@ -657,7 +737,9 @@ static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
                 }
             } else if (fd == l->urgent_fd) {
                 /* answers first, whole: a huge page must not come in at the stream's pace */
-                for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1; n++)
+                /* until a read comes short: the socket is empty then (saves a recv that says EAGAIN;
+                 * epoll is level-triggered, so whatever comes next is seen next turn) */
+                for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1 && !d->rx[1].drained; n++)
                     ;
                 if (rc == 1)
                     rc = 0;
