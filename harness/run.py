@@ -109,7 +109,7 @@ class Run:
         t_begin = time.monotonic()
         started_at = time.time()
         sweep_stale_segments()
-        preflight(cfg.backing == "hugetlb")
+        preflight(cfg.backing == "hugetlb", minor=cfg.place == "continue")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
         for c in limit_checks(nworkers):  # the same limits `check --vcpus N` shows
             if not c.ok:
