@@ -12,6 +12,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -593,12 +594,37 @@ void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
 const char *pch_dest_error(struct pch_dest *d) { return d->err; }
 
+/* The frame that pch_dest_on_data noted as incomplete is big and none of its pages is in. */
+static int direct_ok(struct pch_dest *d, int ch)
+{
+    struct partial *f = &d->part[ch];
+    if (!f->valid || f->plen < DIRECT_MIN)
+        return 0;
+    for (uint64_t k = 0; k < f->count; k++)
+        if (d->received[f->first + k])
+            return 0;
+    return 1;
+}
+
 /* --place continue: receive the rest of a big PAGES frame straight into guest RAM (one copy, from the
  * socket into the page cache: no receive buffer in between), then place it there.  Only frames none
  * of whose pages is in yet go this way (one answered urgently meanwhile gets the same bytes again:
  * the source's image does not change).  No vCPU sees a page half written: each is registered MINOR
  * and traps until its page is placed and CONTINUEd to it.
  * Same results as on_channel. */
+static int direct_done(struct pch_dest *d, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    r->direct = 0;
+    int rc = place_frame(d, r->dfirst, r->dcount, d->ram + (r->dfirst << d->shift), r->durgent);
+    if (rc)
+        return rc;
+    d->st.frames++;
+    if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
+        return rc;
+    return 1;
+}
+
 static int on_direct(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
@@ -612,16 +638,7 @@ static int on_direct(struct pch_dest *d, int fd, int ch)
         return PCH_RUN_EOF;
     r->dgot += (uint64_t)got;
     r->drained = (uint64_t)got < want;
-    if (r->dgot < r->dlen)
-        return 1;
-    r->direct = 0;
-    int rc = place_frame(d, r->dfirst, r->dcount, d->ram + (r->dfirst << d->shift), r->durgent);
-    if (rc)
-        return rc;
-    d->st.frames++;
-    if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
-        return rc;
-    return 1;
+    return r->dgot < r->dlen ? 1 : direct_done(d, ch);
 }
 
 /* After a read: if what is left is the start of a big PAGES frame, take its payload so far to its
@@ -630,11 +647,8 @@ static int go_direct(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
     struct partial *f = &d->part[ch];
-    if (!f->valid || f->plen < DIRECT_MIN)
+    if (!direct_ok(d, ch))
         return 0;
-    for (uint64_t k = 0; k < f->count; k++)
-        if (d->received[f->first + k])
-            return 0;
     uint64_t have = r->end - r->start - PCH_HDR_SIZE;
     memcpy(d->ram + (f->first << d->shift), r->buf + r->start + PCH_HDR_SIZE, have);
     r->start = r->end = 0;
@@ -648,6 +662,42 @@ static int go_direct(struct pch_dest *d, int fd, int ch)
     return on_direct(d, fd, ch);
 }
 
+/* At a frame boundary of a channel whose frames are big (the stream, or huge pages): look at the
+ * next header without taking it (MSG_PEEK); for a big PAGES frame, one recvmsg then takes the
+ * header and puts the payload straight into place, no byte of it through the receive buffer.
+ * 0 when that does not apply (the caller reads as usual, and sees any EOF or error there). */
+static int peek_direct(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    uint8_t h[PCH_HDR_SIZE];
+    ssize_t got = recv(fd, h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+    if (got != PCH_HDR_SIZE || h[0] != PCH_MSG_PAGES || be32(h + 4) < DIRECT_MIN)
+        return 0;
+    /* the checks every frame gets: pch_dest_on_data stops at the missing payload, noting the frame */
+    int64_t used = pch_dest_on_data(d, h, sizeof h, ch);
+    if (used < 0)
+        return (int)used;
+    if (used || !direct_ok(d, ch))
+        return 0;
+    struct partial *f = &d->part[ch];
+    uint64_t want = f->plen < RX_TURN ? f->plen : RX_TURN;
+    struct iovec iov[2] = { { h, sizeof h }, { d->ram + (f->first << d->shift), want } };
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
+    got = recvmsg(fd, &m, MSG_DONTWAIT);
+    if (got < PCH_HDR_SIZE) /* the peeked header is there: a stream socket gives at least that */
+        return fail(d, got < 0 ? -errno : -EPROTO, "recvmsg(page channel): %s",
+                    got < 0 ? strerror(errno) : "fewer bytes than peeked");
+    r->dfirst = f->first;
+    r->dcount = f->count;
+    r->dlen = f->plen;
+    r->dgot = (uint64_t)got - PCH_HDR_SIZE;
+    r->durgent = f->urgent;
+    r->direct = 1;
+    r->drained = r->dgot < want;
+    f->valid = 0;
+    return r->dgot < r->dlen ? 1 : direct_done(d, ch);
+}
+
 /* Receive once from a channel (at most RX_TURN bytes) and place every complete frame: 1 if it read
  * something, 0 if nothing was there, PCH_RUN_EOF at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
  * the urgent channel and the uffds (epoll is level-triggered, so the rest comes next turn). */
@@ -656,6 +706,11 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
     struct rxbuf *r = &d->rx[ch];
     if (r->direct)
         return on_direct(d, fd, ch);
+    if (d->ram && r->start == r->end && (ch == 0 || d->ps >= DIRECT_MIN)) {
+        int rc = peek_direct(d, fd, ch);
+        if (rc)
+            return rc;
+    }
     if (!r->buf) {
         if (!(r->buf = malloc(PCH_RX_CAP)))
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
