@@ -15,6 +15,10 @@ Placement (QEMU's postcopy_place_page + postcopy_notify_shared_wake), ``pch_dest
 
 Pages without a waiter go in through the destination's own mapping and uffd (the "carrier"), so
 placement never depends on a worker still being alive.
+
+``--place continue`` (PLACE_CONTINUE): the workers register MINOR faults too, our mapping stays
+unregistered and is populated with zeroed pages at start; a page is written into the page cache
+through it (big frames received straight into place) and each waiter gets UFFDIO_CONTINUE.
 """
 
 from __future__ import annotations
