@@ -107,6 +107,7 @@ def worker_main(vcpu: int, plan: WorkerPlan, t_forked: int) -> int:
     t.verified = verified
     t.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb and not minor else 0
     t.first_touch = int(minor)
+    t.yield_check = 1  # this process: nice 19 for the after-loop check (see pch.h)
     t.lat_ns, t.lat_page, t.lat_start = slot.lat_ns, slot.lat_page, slot.lat_start
     t.board = board
     rc = lib.pch_touch_run(t)

@@ -72,6 +72,8 @@ struct pch_touch {
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
     uint32_t first_touch;     /* 1: registered MINOR too (run --place continue), where every first
                                * touch of a page in this process traps: that is the faulting test */
+    uint32_t yield_check;     /* 1: the after-loop check of every page runs at nice 19 (a worker
+                               * process: vCPUs still faulting come first) */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
