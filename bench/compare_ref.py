@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pin", action="store_true",
                     help="reference -A; the harness runs with its --pin, the same placement (fault handler "
                          f"and source on CPU {SERVICE_CPU}, vCPU workers on CPU {VCPU_CPU})")
+    ap.add_argument("--place", default="copy", metavar="LIST",
+                    help="the harness's run --place, a comma list (copy,continue): each is one more side, "
+                         "alternated with the others in the same run (default copy)")
     ap.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per side and size; medians (default 3)")
     ap.add_argument("--rounds", type=int, default=3, metavar="R",
                     help="reference rounds; its WARM line (rounds 2..R) is used (default 3, at least 2)")
@@ -100,6 +103,9 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], int, Path]:
         raise BenchError(f"--rounds {args.rounds}: at least 2 (round 1 is the cold one, left out)")
     if args.repeat < 1:
         raise BenchError(f"--repeat {args.repeat}: at least 1")
+    places = args.place.split(",")
+    if not places or len(set(places)) != len(places) or not set(places) <= {"copy", "continue"}:
+        raise BenchError(f"--place {args.place!r}: a comma list of copy and continue, each once")
     for n in vcpus:
         try:
             cfg = harness_config(args, n, ram).validate()
@@ -133,11 +139,13 @@ def reference_limits(src: Path) -> dict[str, int]:
     return limits
 
 
-def harness_config(args: argparse.Namespace, vcpus: int, ram: int) -> RunConfig:
+def harness_config(args: argparse.Namespace, vcpus: int, ram: int, place: str = "copy") -> RunConfig:
     """The harness side of one point: demand paging only, like the reference, pinned like it if asked."""
     pin = {"pin": True} if args.pin else {}
     if pin and "pin" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise BenchError("--pin: this harness has no pin option (RunConfig.pin); run without --pin")
+    if place != "copy":
+        pin["place"] = place
     return RunConfig(vcpus=vcpus, ram=ram, workload=args.workload, backing=args.backing,
                      background=False, seed=args.seed, timeout=args.timeout, **pin)
 
@@ -230,14 +238,14 @@ def _killpg_quietly(pgid: int) -> None:
 # ------------------------------------------------------------------ the harness
 
 
-def run_harness(args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:
+def run_harness(args: argparse.Namespace, n: int, ram: int, place: str = "copy") -> dict[str, Any]:
     """One harness run -> faults/s (pages resolved on demand / workload s), p50, p99 (µs)."""
     from harness.report import build_report
     from harness.run import execute
     from harness.supervise import RunFailed
     from postcopy_core.kernel import KernelError
 
-    cfg = harness_config(args, n, ram)
+    cfg = harness_config(args, n, ram, place)
     try:
         raw = execute(cfg)
     except (RunFailed, KernelError, OSError, ValueError) as e:
@@ -312,6 +320,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
         argv.append("--reserve-hugepages")
     if args.pin:
         argv.append("--pin")
+    if args.place != "copy":
+        argv += ["--place", args.place]
     if args.shared:
         argv += ["--shared", args.shared]
     return shlex.join(argv)
@@ -324,14 +334,19 @@ def render(points: list[dict[str, Any]], args: argparse.Namespace, ram: int) -> 
                     f"median of {args.repeat}", header_style="bold",
               caption=f"pinned as the reference's -A: fault handler and source on CPU {SERVICE_CPU}, "
                       f"vCPUs on CPU {VCPU_CPU}" if args.pin else None)
-    for name in ("N", "ref faults/s", "harness faults/s", "ratio", "ref p50/p99 µs", "harness p50/p99 µs",
-                 "p50 ratio"):
+    places = args.place.split(",")
+    names = ["N"] + (["place"] if len(places) > 1 else []) + [
+        "ref faults/s", "harness faults/s", "ratio", "ref p50/p99 µs", "harness p50/p99 µs", "p50 ratio"]
+    for name in names:
         t.add_column(name, justify="right", no_wrap=True)
     for p in points:
-        r, h = p["ref"]["median"], p["harness"]["median"]
-        t.add_row(str(p["vcpus"]), f"{r['faults-per-s']:,.0f}", f"{h['faults-per-s']:,.0f}",
-                  f"{p['ratio']:.2f}x", f"{r['p50-us']:.1f} / {r['p99-us']:.1f}",
-                  f"{h['p50-us']:.1f} / {h['p99-us']:.1f}", f"{p['p50-ratio']:.2f}x")
+        r = p["ref"]["median"]
+        for place in places:
+            side = p["by-place"][place]
+            h = side["median"]
+            t.add_row(str(p["vcpus"]), *([place] if len(places) > 1 else []), f"{r['faults-per-s']:,.0f}",
+                      f"{h['faults-per-s']:,.0f}", f"{side['ratio']:.2f}x", f"{r['p50-us']:.1f} / {r['p99-us']:.1f}",
+                      f"{h['p50-us']:.1f} / {h['p99-us']:.1f}", f"{side['p50-ratio']:.2f}x")
     return t
 
 
@@ -341,7 +356,8 @@ def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     vcpus, ram, src = check_args(args)
     started = provenance()  # tool-version, started-at, host, argv, units, as in every report
-    points = {n: {"vcpus": n, "ref": {"runs": []}, "harness": {"runs": []}} for n in vcpus}
+    places = args.place.split(",")
+    points = {n: {"vcpus": n, "ref": {"runs": []}, "by-place": {pl: {"runs": []} for pl in places}} for n in vcpus}
     with tempfile.TemporaryDirectory(prefix="pch-compare-") as tmp:
         binary = build_reference(src, tmp)
         with huge_pages(args, ram):
@@ -349,25 +365,29 @@ def compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             done = 0
             for i in range(args.repeat):
                 for n in vcpus:
-                    sides: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-                        ("ref", lambda n=n: run_reference(binary, args, n, ram)),
-                        ("harness", lambda n=n: run_harness(args, n, ram)),
-                    ]
-                    if i % 2:  # alternate who goes first: neither side always gets the warmer machine
-                        sides.reverse()
-                    for side, fn in sides:
-                        points[n][side]["runs"].append(fn())
+                    sides: list[tuple[dict, Callable[[], dict[str, Any]]]] = [
+                        (points[n]["ref"], lambda n=n: run_reference(binary, args, n, ram))] + [
+                        (points[n]["by-place"][pl], lambda n=n, pl=pl: run_harness(args, n, ram, pl))
+                        for pl in places]
+                    # rotate who goes first: no side always gets the warmer machine
+                    k = i % len(sides)
+                    for side, fn in sides[k:] + sides[:k]:
+                        side["runs"].append(fn())
                     done += 1
                     console.print(f"[dim]run {done}/{total}: {n} vCPUs done[/]")
     for p in points.values():
-        for side in ("ref", "harness"):
-            p[side]["median"] = median_of(p[side]["runs"])
-        r, h = p["ref"]["median"], p["harness"]["median"]
-        p["ratio"] = h["faults-per-s"] / r["faults-per-s"] if r["faults-per-s"] else float("nan")
-        p["p50-ratio"] = h["p50-us"] / r["p50-us"] if r["p50-us"] else float("nan")
+        p["ref"]["median"] = r = median_of(p["ref"]["runs"])
+        for side in p["by-place"].values():
+            side["median"] = h = median_of(side["runs"])
+            side["ratio"] = h["faults-per-s"] / r["faults-per-s"] if r["faults-per-s"] else float("nan")
+            side["p50-ratio"] = h["p50-us"] / r["p50-us"] if r["p50-us"] else float("nan")
+        first = p["by-place"][places[0]]  # "harness", "ratio": the first --place, as before --place existed
+        p["harness"] = {"runs": first["runs"], "median": first["median"]}
+        p["ratio"], p["p50-ratio"] = first["ratio"], first["p50-ratio"]
     return {
         **started,
         "params": {"vcpus": vcpus, "ram-bytes": ram, "workload": args.workload, "backing": args.backing,
+                   "place": places,
                    "pin": args.pin, "repeat": args.repeat, "rounds": args.rounds, "seed": args.seed},
         "reference-command": shlex.join(reference_argv("uffd_ref", args, "N", ram)),
         "reproduce": reproduce_command(args),
@@ -398,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                   "(faults/s: higher is better for the harness, p50: lower is)", style="dim", soft_wrap=True)
     pinned = " --pin" if args.pin else ""
     console.print(f"reference: {doc['reference-command']}   harness: postcopy-harness run --vcpus N "
-                  f"--ram {args.ram} --workload {args.workload} --backing {args.backing} --no-background{pinned}",
+                  f"--ram {args.ram} --workload {args.workload} --backing {args.backing} --no-background{pinned}"
+                  f" --place {args.place.replace(',', '|')}",
                   style="dim", soft_wrap=True)
     console.print(f"Reproduce: {doc['reproduce']}", soft_wrap=True)
     if args.json:

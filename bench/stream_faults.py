@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hugetlb", action="store_true", help="table 2 on hugetlbfs too (uffd_ref -m raw -H)")
     ap.add_argument("--reserve-hugepages", action="store_true",
                     help="as root: raise vm.nr_hugepages for the hugetlbfs runs, restore it after")
+    ap.add_argument("--place", default="copy", metavar="LIST",
+                    help="the harness's run --place, a comma list (copy,continue): one row per mode, the modes "
+                         "alternated with the reference in the same run (default copy)")
+    ap.add_argument("--no-latency", action="store_true", help="table 2 only (the stream's speed)")
     ap.add_argument("--repeat", type=int, default=3, metavar="N", help="runs per side; medians (default 3)")
     ap.add_argument("--rounds", type=int, default=3, metavar="R", help="reference rounds (WARM = 2..R; default 3)")
     ap.add_argument("--seed", type=int, default=1)
@@ -89,62 +93,76 @@ def raw_reference(binary: Path, mib: int, rounds: int, hugetlb: bool, timeout: f
 
 def latency_table(args: argparse.Namespace, vcpus: list[int], ram: int, runs: list) -> list[dict]:
     rows = []
+    places = args.place.split(",")
     for n in vcpus:
-        got: dict[bool, list[dict]] = {True: [], False: []}
+        got: dict[tuple[str, bool], list[dict]] = {(pl, bg): [] for pl in places for bg in (True, False)}
+        keys = list(got)
         for i in range(args.repeat):
-            for background in ((True, False) if i % 2 == 0 else (False, True)):
+            k = i % len(keys)  # rotate who goes first
+            for place, background in keys[k:] + keys[:k]:
                 cfg = RunConfig(vcpus=n, ram=ram, workload=args.workload, background=background, seed=args.seed,
-                                timeout=args.timeout)
+                                timeout=args.timeout, place=place)
                 lat = harness(cfg)["latency-us"]
-                got[background].append(lat)
-                runs.append({"table": "latency", "vcpus": n, "background": background, **lat})
-        med = {bg: {q: statistics.median(r[q] for r in got[bg]) for q in ("p50", "p99")} for bg in got}
-        rows.append({"vcpus": n, "stream": med[True], "demand": med[False],
-                     "p50-ratio": med[True]["p50"] / max(med[False]["p50"], 1e-9)})
+                got[place, background].append(lat)
+                runs.append({"table": "latency", "vcpus": n, "place": place, "background": background, **lat})
+        med = {key: {q: statistics.median(r[q] for r in got[key]) for q in ("p50", "p99")} for key in got}
+        for place in places:
+            rows.append({"vcpus": n, "place": place, "stream": med[place, True], "demand": med[place, False],
+                         "p50-ratio": med[place, True]["p50"] / max(med[place, False]["p50"], 1e-9)})
     return rows
 
 
 def stream_table(args: argparse.Namespace, binary: Path, mib: int, runs: list) -> list[dict]:
     rows = []
+    places = args.place.split(",")
     for backing in ["shmem"] + (["hugetlb"] if args.hugetlb else []):
-        cfg = RunConfig(vcpus=1, ram=mib << 20, workload="sequential", backing=backing, seed=args.seed,
-                        timeout=args.timeout)
-        hs, ref = [], []
+        cfgs = {pl: RunConfig(vcpus=1, ram=mib << 20, workload="sequential", backing=backing, seed=args.seed,
+                              timeout=args.timeout, place=pl) for pl in places}
+        hs: dict[str, list[float]] = {pl: [] for pl in places}
+        ref: list[float] = []
         hp_args = argparse.Namespace(backing=backing, reserve_hugepages=args.reserve_hugepages)
+        sides = ["ref"] + places
         with cr.huge_pages(hp_args, mib << 20):
             for i in range(args.repeat):
-                for side in (("harness", "ref") if i % 2 == 0 else ("ref", "harness")):
-                    if side == "harness":
-                        rep = harness(cfg)
-                        hs.append(rep["pages"]["per-second"])
-                        runs.append({"table": "stream", "backing": backing, "side": side, "pages-per-s": hs[-1],
-                                     "requested": rep["pages"]["requested"]})
+                k = i % len(sides)  # rotate who goes first
+                for side in sides[k:] + sides[:k]:
+                    if side != "ref":
+                        rep = harness(cfgs[side])
+                        hs[side].append(rep["pages"]["per-second"])
+                        runs.append({"table": "stream", "backing": backing, "side": "harness", "place": side,
+                                     "pages-per-s": hs[side][-1], "requested": rep["pages"]["requested"]})
                     else:
                         ref.append(raw_reference(binary, mib, args.rounds, backing == "hugetlb", args.timeout))
                         runs.append({"table": "stream", "backing": backing, "side": side, "pages-per-s": ref[-1]})
-        h, r = statistics.median(hs), statistics.median(ref)
-        page = cfg.page_size
-        rows.append({"backing": backing, "harness-pages-per-s": h, "raw-pages-per-s": r, "ratio": h / r,
-                     "harness-mib-per-s": h * page / 2**20, "raw-mib-per-s": r * page / 2**20})
+        r = statistics.median(ref)
+        page = cfgs[places[0]].page_size
+        for place in places:
+            h = statistics.median(hs[place])
+            rows.append({"backing": backing, "place": place, "harness-pages-per-s": h, "raw-pages-per-s": r,
+                         "ratio": h / r, "harness-mib-per-s": h * page / 2**20, "raw-mib-per-s": r * page / 2**20})
     return rows
 
 
 def render(lat_rows: list[dict], stream_rows: list[dict], args: argparse.Namespace) -> list[Table]:
     t1 = Table(title=f"fault latency (µs) with and without the stream: {args.ram} {args.workload}, "
                      f"median of {args.repeat}")
-    for c in ("vCPUs", "stream p50", "stream p99", "demand p50", "demand p99", "p50 stream/demand"):
+    many = "," in args.place  # a place column only when there is a choice to show
+    for c in ("vCPUs", *(["place"] if many else []), "stream p50", "stream p99", "demand p50", "demand p99",
+              "p50 stream/demand"):
         t1.add_column(c, justify="right")
     for r in lat_rows:
-        t1.add_row(str(r["vcpus"]), f"{r['stream']['p50']:.1f}", f"{r['stream']['p99']:.1f}",
+        t1.add_row(str(r["vcpus"]), *([r["place"]] if many else []), f"{r['stream']['p50']:.1f}",
+                   f"{r['stream']['p99']:.1f}",
                    f"{r['demand']['p50']:.1f}", f"{r['demand']['p99']:.1f}", f"{r['p50-ratio']:.2f}x")
     t2 = Table(title=f"stream speed, 1 vCPU sequential, {args.stream_ram}: harness postcopy phase vs "
                      f"uffd_ref -m raw (WARM), median of {args.repeat}")
-    for c in ("backing", "harness pages/s", "MiB/s", "raw pages/s", "MiB/s ", "ratio"):
+    for c in ("backing", *(["place"] if many else []), "harness pages/s", "MiB/s", "raw pages/s", "MiB/s ", "ratio"):
         t2.add_column(c, justify="right")
     for r in stream_rows:
-        t2.add_row(r["backing"], f"{r['harness-pages-per-s']:,.0f}", f"{r['harness-mib-per-s']:,.0f}",
+        t2.add_row(r["backing"], *([r["place"]] if many else []), f"{r['harness-pages-per-s']:,.0f}",
+                   f"{r['harness-mib-per-s']:,.0f}",
                    f"{r['raw-pages-per-s']:,.0f}", f"{r['raw-mib-per-s']:,.0f}", f"{r['ratio']:.2f}x")
-    return [t1, t2]
+    return ([t1] if lat_rows else []) + [t2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             raise cr.BenchError(f"bad option: {e}") from None
         if stream_ram % (1 << 20) or args.repeat < 1 or args.rounds < 2 or not vcpus:
             raise cr.BenchError("--stream-ram takes whole MiB, --repeat >= 1, --rounds >= 2, --vcpus a list")
+        places = args.place.split(",")
+        if len(set(places)) != len(places) or not set(places) <= {"copy", "continue"}:
+            raise cr.BenchError(f"--place {args.place!r}: a comma list of copy and continue, each once")
         shared = Path(args.shared) if args.shared else cr.REPO.parent / "shared"
         src = shared / "bench" / "uffd_ref.c"
         if not src.is_file():
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: list[dict] = []
         with tempfile.TemporaryDirectory(prefix="pch-bench-") as tmp:
             binary = cr.build_reference(src, tmp)
-            lat_rows = latency_table(args, vcpus, ram, runs)
+            lat_rows = [] if args.no_latency else latency_table(args, vcpus, ram, runs)
             stream_rows = stream_table(args, binary, stream_ram >> 20, runs)
     except cr.BenchError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ def _add_run(sub) -> None:
 def add_run_flags(p, many_strategies: bool = False) -> None:
     """Every flag of ``run`` on parser ``p`` (``compare`` takes them too, with a list of strategies)."""
     from harness.config import LINK_MODES, RunConfig, parse_size
-    from postcopy_core.handler import WAKE_POLICIES
+    from postcopy_core.handler import PLACE_MODES, WAKE_POLICIES
     from postcopy_core.link import LINK_UNITS
     from vcpu_workers.workloads import WORKLOADS
 
@@ -76,6 +76,10 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
                    help="share of accesses that are stores, 0..1 (default %(default)s)")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
                    help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
+    p.add_argument("--place", choices=PLACE_MODES, default=d.place,
+                   help="how a page goes into guest RAM: copy = UFFDIO_COPY through a uffd; continue = written "
+                        "into the page cache through the handler's own mapping, then UFFDIO_CONTINUE to the "
+                        "vCPUs that wait (they register MINOR faults too) (default %(default)s)")
     p.add_argument("--no-background", dest="background", action="store_false",
                    help="the source sends only requested pages until the workload ends (pure demand paging; "
                         "the same as --strategy demand; default: a background stream too)")

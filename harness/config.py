@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from postcopy_core.auth import AuthError, key_from_file
 from postcopy_core.content import image_size_check
-from postcopy_core.handler import WAKE_POLICIES, WAKE_WAITERS
+from postcopy_core.handler import PLACE_COPY, PLACE_MODES, WAKE_POLICIES, WAKE_WAITERS
 from postcopy_core.link import Link, parse_link
 from postcopy_core.strategies import DEFAULT_PREPAGE_WINDOW, DEFAULT_STRATEGY, STRATEGIES, read_working_set
 from vcpu_workers.workloads import WORKLOADS
@@ -81,6 +81,7 @@ class RunConfig:
     source: str | None = None  # HOST:PORT of a `postcopy-harness source --listen` to migrate from (no fork)
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
+    place: str = PLACE_COPY  # how pages go in: UFFDIO_COPY, or the page cache + UFFDIO_CONTINUE
     pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
@@ -128,6 +129,11 @@ class RunConfig:
                 raise ConfigError(str(e)) from None
         if self.wake_policy not in WAKE_POLICIES:
             raise ConfigError(f"--wake-policy {self.wake_policy!r}: choose from {', '.join(WAKE_POLICIES)}")
+        if self.place not in PLACE_MODES:
+            raise ConfigError(f"--place {self.place!r}: choose from {', '.join(PLACE_MODES)}")
+        if self.place != PLACE_COPY and self.precopy:
+            raise ConfigError(f"--place {self.place} and --precopy: discarded pages would fault as missing, which "
+                              "that placement does not serve; use --place copy")
         if not 0 <= self.zero_share <= 1:
             raise ConfigError(f"--zero-share {self.zero_share}: must be between 0 and 1")
         if not 0 <= self.write_ratio <= 1:

@@ -136,7 +136,7 @@ class Run:
         started_at = time.time()
         sweep_stale_segments()
         sweep_stale_netns()
-        preflight(cfg.backing == "hugetlb")
+        preflight(cfg.backing == "hugetlb", minor=cfg.place == "continue")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
         for c in limit_checks(nworkers):  # the same limits `check --vcpus N` shows
             if not c.ok:
@@ -249,7 +249,8 @@ class Run:
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
-                reconnect=dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens))
+                reconnect=dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens,
+                place=cfg.place))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             if role == "source" and remote:
@@ -268,7 +269,7 @@ class Run:
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
                           handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1),
-                          cfg.non_vcpu, self.gens.fd if self.gens is not None else -1)
+                          cfg.non_vcpu, self.gens.fd if self.gens is not None else -1, cfg.place)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process

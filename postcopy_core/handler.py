@@ -24,6 +24,10 @@ orchestrator answers with a new source's channels (``resume``); the destination 
 source half sent, sends its received map and asks again for every page a fault waits for
 (``pch_dest_reconnect``, ``postcopy-recover``), and is ``postcopy-active`` again once the new source
 said HELLO on both channels.
+
+``--place continue`` (PLACE_CONTINUE): the workers register MINOR faults too, our mapping stays
+unregistered and is populated with zeroed pages at start; a page is written into the page cache
+through it (big frames received straight into place) and each waiter gets UFFDIO_CONTINUE.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ if TYPE_CHECKING:
 WAKE_WAITERS = "waiters"  # wake only uffds whose fault we have read for that page
 WAKE_ALL = "all"  # wake every uffd for every placed page (QEMU's shared-wake behaviour)
 WAKE_POLICIES = (WAKE_WAITERS, WAKE_ALL)
+
+PLACE_COPY = "copy"  # UFFDIO_COPY / ZEROPAGE through a uffd: the kernel copies the page into place
+PLACE_CONTINUE = "continue"  # write the page cache through our own mapping, UFFDIO_CONTINUE the waiters
+PLACE_MODES = (PLACE_COPY, PLACE_CONTINUE)
 
 # One event record for the accounting engines (csrc/dest.h, struct pch_event): t_ns, RAM offset,
 # vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already received),
@@ -97,15 +105,22 @@ class Destination:
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
                  board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
                  reconnect: Reconnect | None = None, share_channels: bool = False,
-                 gens: GenerationMap | None = None) -> None:
+                 gens: GenerationMap | None = None, place: str = PLACE_COPY) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
         # the carrier: our own view of guest RAM, through which pages nobody waits for go in
         self.mapping = kernel.mmap_fd(memfd, geo.ram_size)
         self.carrier_uffd = Uffd.open(features)
-        self.carrier_uffd.register(self.mapping.addr, geo.ram_size)
-        self.zero_page = kernel.mmap_anon(geo.page_size) if hugetlb else None
+        self.zero_page = None
+        if place == PLACE_CONTINUE:
+            # pages are written through this mapping, so it stays unregistered; every page is put in
+            # the page cache now, zeroed, so that placing one later is one copy and no allocation (the
+            # workers registered MINOR as well: they trap on every page until it is CONTINUEd to them)
+            kernel.populate_write(self.mapping)
+        else:
+            self.carrier_uffd.register(self.mapping.addr, geo.ram_size)
+            self.zero_page = kernel.mmap_anon(geo.page_size) if hugetlb else None
 
         self.c_ports = ffi.new("struct pch_port[]", max(1, len(ports)))
         for i, p in enumerate(ports):
@@ -126,6 +141,8 @@ class Destination:
         if d == ffi.NULL:
             raise HandlerError("out of memory for the destination's page tables")
         self.d = ffi.gc(d, lib.pch_dest_free)
+        if place == PLACE_CONTINUE:
+            lib.pch_dest_set_continue(self.d, self.mapping.addr)
         self.stats_c = lib.pch_dest_stats(self.d)
         self.stream, self.urgent = stream, urgent  # the return path rides the stream socket backwards
         self._len = ffi.new("uint64_t *")

@@ -18,6 +18,12 @@ HUGE_PAGE_SIZE = 2 << 20
 FEATURE_THREAD_ID = lib.UFFD_FEATURE_THREAD_ID
 FEATURE_MISSING_SHMEM = lib.UFFD_FEATURE_MISSING_SHMEM
 FEATURE_MISSING_HUGETLBFS = lib.UFFD_FEATURE_MISSING_HUGETLBFS
+FEATURE_MINOR_SHMEM = lib.UFFD_FEATURE_MINOR_SHMEM
+FEATURE_MINOR_HUGETLBFS = lib.UFFD_FEATURE_MINOR_HUGETLBFS
+REGISTER_MISSING = lib.UFFDIO_REGISTER_MODE_MISSING
+REGISTER_MINOR = lib.UFFDIO_REGISTER_MODE_MINOR
+PAGEFAULT_FLAG_MINOR = lib.UFFD_PAGEFAULT_FLAG_MINOR
+IOCTL_CONTINUE = 1 << lib._UFFDIO_CONTINUE
 PAGEFAULT_FLAG_WRITE = lib.UFFD_PAGEFAULT_FLAG_WRITE
 IOCTL_COPY = 1 << lib._UFFDIO_COPY
 IOCTL_ZEROPAGE = 1 << lib._UFFDIO_ZEROPAGE
@@ -27,6 +33,8 @@ FEATURE_NAMES = {
     "THREAD_ID": FEATURE_THREAD_ID,
     "MISSING_SHMEM": FEATURE_MISSING_SHMEM,
     "MISSING_HUGETLBFS": FEATURE_MISSING_HUGETLBFS,
+    "MINOR_SHMEM": FEATURE_MINOR_SHMEM,
+    "MINOR_HUGETLBFS": FEATURE_MINOR_HUGETLBFS,
 }
 
 
@@ -98,11 +106,11 @@ class Uffd:
         """Wrap a uffd received from another process (its API was negotiated there)."""
         return cls(fd)
 
-    def register(self, addr: int, length: int) -> int:
-        """Register [addr, addr+length) in MISSING mode; returns the ioctls the range supports."""
+    def register(self, addr: int, length: int, mode: int = REGISTER_MISSING) -> int:
+        """Register [addr, addr+length) in ``mode`` (default MISSING); returns the ioctls the range supports."""
         out = ffi.new("uint64_t *")
         _check(
-            lib.pch_uffd_register(self.fd, addr, length, lib.UFFDIO_REGISTER_MODE_MISSING, out),
+            lib.pch_uffd_register(self.fd, addr, length, mode, out),
             "UFFDIO_REGISTER",
             f"range {addr:#x}+{length:#x}",
         )
@@ -121,6 +129,11 @@ class Uffd:
     def zeropage(self, dst: int, length: int, wake: bool = True) -> None:
         mode = 0 if wake else lib.UFFDIO_ZEROPAGE_MODE_DONTWAKE
         _check(lib.pch_uffd_zeropage(self.fd, dst, length, mode), "UFFDIO_ZEROPAGE", f"dst {dst:#x}")
+
+    def continue_(self, addr: int, length: int) -> None:
+        """UFFDIO_CONTINUE: map [addr, addr+length), already in the page cache, and wake its waiters."""
+        _check(lib.pch_uffd_continue_upto(self.fd, addr, length, 0, ffi.NULL), "UFFDIO_CONTINUE",
+               f"range {addr:#x}+{length:#x}")
 
     def wake(self, addr: int, length: int) -> None:
         _check(lib.pch_uffd_wake(self.fd, addr, length), "UFFDIO_WAKE", f"range {addr:#x}+{length:#x}")
@@ -185,6 +198,12 @@ def mmap_fd(fd: int, length: int, writable: bool = True, private: bool = False) 
     out = ffi.new("uint64_t *")
     _check(lib.pch_mmap(length, prot, flags, fd, 0, out), "mmap", f"{length} bytes")
     return Mapping(out[0], length)
+
+
+def populate_write(m: Mapping) -> None:
+    """Fault every page of a shared mapping in, writable (MADV_POPULATE_WRITE): zeroed pages in the page cache."""
+    _check(lib.pch_madvise(m.addr, m.length, lib.MADV_POPULATE_WRITE), "madvise(MADV_POPULATE_WRITE)",
+           f"{m.length} bytes")
 
 
 def mmap_anon(length: int, shared: bool = False, populate: bool = False) -> Mapping:

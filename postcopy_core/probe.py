@@ -78,13 +78,22 @@ def available_memory() -> int:
     return -1
 
 
-def preflight(hugetlb: bool) -> None:
-    """Fail fast, in one line, when this host cannot run postcopy at all (before any process starts)."""
+def preflight(hugetlb: bool, minor: bool = False) -> None:
+    """Fail fast, in one line, when this host cannot run postcopy at all (before any process starts);
+    ``minor``: also the MINOR faults that ``run --place continue`` needs."""
     feats = kernel.FEATURE_THREAD_ID | (kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM)
     try:
         kernel.Uffd.open(feats).close()
     except kernel.KernelError as e:
         raise RuntimeError(f"this host cannot run postcopy: {e} (see: postcopy-harness check)") from None
+    if minor:
+        feats |= kernel.FEATURE_MINOR_HUGETLBFS if hugetlb else kernel.FEATURE_MINOR_SHMEM
+        try:
+            kernel.Uffd.open(feats).close()
+        except kernel.KernelError as e:
+            kind = "MINOR_HUGETLBFS" if hugetlb else "MINOR_SHMEM"
+            raise RuntimeError(f"--place continue needs userfaultfd {kind} (Linux 5.13+): {e}; "
+                               "use --place copy") from None
 
 
 def _try_register(hugetlb: bool) -> tuple[bool, str]:
@@ -134,7 +143,7 @@ def probe(vcpus: int = 4) -> list[Check]:
     checks.append(uffd)
     skip = "skipped: no userfaultfd"
     for name, bit in kernel.FEATURE_NAMES.items():
-        required = name != "MISSING_HUGETLBFS"
+        required = name in ("THREAD_ID", "MISSING_SHMEM")  # hugetlbfs and MINOR (--place continue): optional
         if not uffd.ok:
             checks.append(Check(f"feature {name}", False, skip, required, skipped=True))
             continue

@@ -82,6 +82,23 @@ def test_tiny_compare_prints_table_ratios_and_command(tmp_path, clean_machine):
 @pytest.mark.kernel
 @requires_uffd
 @can_build
+def test_both_placements_are_sides_of_one_run(tmp_path, clean_machine):
+    out = tmp_path / "c.json"
+    p = compare("--vcpus", "2", "--ram", "2M", "--repeat", "3", "--rounds", "2", "--place", "copy,continue",
+                "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "continue" in p.stdout and "--place copy,continue" in p.stdout
+    (pt,) = json.loads(out.read_text())["points"]
+    assert len(pt["ref"]["runs"]) == 3
+    for place in ("copy", "continue"):
+        side = pt["by-place"][place]
+        assert len(side["runs"]) == 3 and side["ratio"] > 0 and side["p50-ratio"] > 0
+    assert pt["harness"]["runs"] == pt["by-place"]["copy"]["runs"]  # the first --place, as before
+
+
+@pytest.mark.kernel
+@requires_uffd
+@can_build
 def test_pinned_and_shared_workload(clean_machine):
     if not {0, 1} <= os.sched_getaffinity(0):
         pytest.skip("--pin needs CPUs 0 and 1")
@@ -115,6 +132,7 @@ def test_hugetlb_reserves_and_restores_the_pool(clean_machine):
     (["--repeat", "0"], "--repeat"),
     (["--shared", "/nonexistent/shared"], "--shared"),
     (["--reserve-hugepages"], "--backing hugetlb"),
+    (["--place", "copy,copy"], "--place"),
     pytest.param(["--rounds", "100", "--workload", "shared"], "at most", marks=can_build),  # read from the source
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, words):

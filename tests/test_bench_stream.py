@@ -49,8 +49,23 @@ def test_tiny_run_prints_both_tables_and_json(tmp_path, clean_machine):
     assert {r["side"] for r in doc["runs"] if r["table"] == "stream"} == {"harness", "ref"}
 
 
+@pytest.mark.kernel
+@requires_uffd
+@can_build
+def test_both_placements_one_row_each(tmp_path, clean_machine):
+    out = tmp_path / "b.json"
+    p = bench("--no-latency", "--stream-ram", "4M", "--repeat", "2", "--rounds", "2", "--place", "copy,continue",
+              "--json", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["latency"] == [] and "with and without the stream" not in p.stdout
+    assert [r["place"] for r in doc["stream"]] == ["copy", "continue"]
+    assert all(r["harness-pages-per-s"] > 0 and r["ratio"] > 0 for r in doc["stream"])
+    assert sorted(r.get("place", "ref") for r in doc["runs"]) == ["continue"] * 2 + ["copy"] * 2 + ["ref"] * 2
+
+
 @pytest.mark.parametrize("argv", [["--ram", "lots"], ["--stream-ram", "1500K"], ["--repeat", "0"],
-                                  ["--shared", "/nonexistent"]])
+                                  ["--shared", "/nonexistent"], ["--place", "copy,move"]])
 def test_bad_input_is_one_line(argv):
     p = bench(*argv)
     assert p.returncode == 2

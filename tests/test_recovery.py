@@ -340,3 +340,12 @@ def test_source_crash_after_precopy_resends_final_content(tmp_path, clean_machin
     assert rep["pages"]["discarded"] > 0 and rep["precopy"]["pages-dirtied"] > 0
     assert (rep["recovery"]["pauses"], rep["recovery"]["resumes"]) == (1, 1)
     assert_clean()
+
+
+def test_source_crash_with_place_continue(tmp_path, clean_machine):
+    """--place continue receives big frames straight into guest RAM: a frame cut off by the crash is
+    half written there, never CONTINUEd, and asked for again from the new source."""
+    code, err, rep = _run(tmp_path, "source-crash@0.3", extra=("--place", "continue"))
+    _assert_complete(code, err, rep)
+    assert (rep["recovery"]["pauses"], rep["recovery"]["resumes"]) == (1, 1)
+    assert_clean()

@@ -54,6 +54,7 @@ class WorkerPlan:
     cpus: tuple[int, ...] = ()  # CPUs the worker may run on (empty: any)
     ndevices: int = 0  # non-vCPU faulting processes, in the slots after the vCPUs
     gens_fd: int = -1  # run --precopy: each page's final generation (postcopy_core/precopy.py), else -1
+    place: str = "copy"  # run --place: "continue" registers MINOR too (the handler writes the page cache)
 
 
 # A non-vCPU process walks one vCPU's slice in a random order of its own (its seed: the run's seed
@@ -78,10 +79,17 @@ def c_plan(plan: WorkerPlan):
     c.write_ratio = plan.write_ratio
     c.features = kernel.FEATURE_THREAD_ID | (
         kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM)
-    c.register_mode, c.need_ioctls = lib.UFFDIO_REGISTER_MODE_MISSING, kernel.IOCTL_COPY
-    keep.append(ffi.new("char[]", b"UFFDIO_COPY"))
+    minor = plan.place == "continue"
+    c.register_mode, c.need_ioctls = kernel.REGISTER_MISSING, kernel.IOCTL_COPY
+    need = b"UFFDIO_COPY"
+    if minor:  # a page in the page cache but not mapped here traps too: it may be half written
+        c.features |= kernel.FEATURE_MINOR_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MINOR_SHMEM
+        c.register_mode |= kernel.REGISTER_MINOR
+        c.need_ioctls, need = kernel.IOCTL_CONTINUE, b"UFFDIO_CONTINUE"
+    keep.append(ffi.new("char[]", need))
     c.need_what = keep[-1]
-    c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb else 0
+    c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb and not minor else 0
+    c.first_touch = int(minor)  # every first touch traps: that is the faulting test (see pch.h)
     address = plan.handoff_address.encode()
     keep.append(ffi.new("char[]", address))
     c.handoff, c.handoff_len = keep[-1], len(address)

@@ -14,13 +14,26 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 struct waiter { int32_t port, next; };
 
 /* a page channel's receive buffer: unread bytes in [start, end) */
-struct rxbuf { uint8_t *buf; uint64_t cap, start, end; };
+struct rxbuf {
+    uint8_t *buf;
+    uint64_t cap, start, end;
+    int drained; /* the last recv took less than it could */
+    /* --place continue: a PAGES frame whose payload is being received straight into guest RAM */
+    uint64_t dfirst, dcount, dlen, dgot;
+    int durgent, direct;
+};
+
+/* a PAGES frame that pch_dest_on_data found valid but incomplete (its header read, not all its payload) */
+struct partial { uint64_t first, count, plen; int urgent, valid; };
+
+#define DIRECT_MIN (64u << 10) /* frames at least this big are received straight into place (continue) */
 
 #define RX_TURN (1u << 20)     /* bytes read from a channel per loop turn (faults are served between frames) */
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
@@ -63,6 +76,8 @@ struct pch_dest {
      * few vCPUs: a scan per page, as cheap as it is prompt) and at the end of every receive. */
     uint32_t *board_mark, board_gen, board_first_wake, board_batch, board_pending;
     struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
+    uint8_t *ram;               /* --place continue: guest RAM through our own, unregistered mapping */
+    struct partial part[2];     /* per channel, where the last pch_dest_on_data stopped */
     int loop_result;
     int link_down; /* a page channel failed: requests wait for the next source (pch_dest_reconnect) */
     char err[256];
@@ -260,6 +275,31 @@ static int wake(struct pch_dest *d, struct pch_port *p, uint64_t addr, uint64_t 
     return 0;
 }
 
+/* Let a vCPU blocked on [addr, addr+len) of port p go on.  Placed by UFFDIO_COPY, the page is in its
+ * page tables' reach: a wake is enough.  Placed by writing the page cache (--place continue), p's
+ * uffd is registered MINOR and the page is mapped in that process only by UFFDIO_CONTINUE (which
+ * wakes too); EEXIST means it is mapped there already, so only a wake may be missing. */
+static int release(struct pch_dest *d, struct pch_port *p, uint64_t addr, uint64_t len)
+{
+    if (!d->ram)
+        return wake(d, p, addr, len);
+    if (!p->alive)
+        return 0;
+    int rc = pch_uffd_continue_upto(p->fd, addr, len, 0, NULL);
+    if (rc == -EEXIST)
+        return wake(d, p, addr, len);
+    if (rc == -ESRCH || rc == -ENOENT) {
+        port_dead(d, p);
+        return 0;
+    }
+    if (rc)
+        return fail(d, rc, "UFFDIO_CONTINUE failed: %s (vCPU %d)", strerror(-rc), p->vcpu);
+    d->st.wakes++;
+    return 0;
+}
+
+void pch_dest_set_continue(struct pch_dest *d, uint64_t ram) { d->ram = (uint8_t *)(uintptr_t)ram; }
+
 /* Remember that `port` waits for `page`; returns 1 if the page must be requested now. */
 static int add_waiter(struct pch_dest *d, uint64_t page, int32_t port)
 {
@@ -326,7 +366,7 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
         if (already) {
             /* placed after the kernel queued this fault: the waiter only needs a wake */
             d->st.faults_already_received++;
-            int rc = wake(d, port, port->base + off, d->ps);
+            int rc = release(d, port, port->base + off, d->ps);
             if (rc && !err)
                 err = rc;
             continue;
@@ -358,6 +398,15 @@ static int put_pages(struct pch_dest *d, struct pch_port *p, uint64_t page, uint
  * received. */
 static int install(struct pch_dest *d, struct pch_port **via, uint64_t page, uint64_t count, const uint8_t *src)
 {
+    if (d->ram) { /* --place continue: the page cache is written directly (see install_cache) */
+        if (src && src != d->ram + (page << d->shift))
+            memcpy(d->ram + (page << d->shift), src, count << d->shift);
+        /* a zero page is there already: our mapping was populated with zeroed pages, and nobody
+         * writes a page before it is placed */
+        if (*via == d->carrier)
+            return 0; /* nobody waits: whoever touches it later takes a MINOR fault, answered at once */
+        return release(d, *via, (*via)->base + (page << d->shift), count << d->shift);
+    }
     int one_by_one = d->hugetlb && !src;
     if (!(*via)->alive)
         *via = d->carrier; /* a lost vCPU's uffd: known dead, no ESRCH to learn it again */
@@ -390,7 +439,7 @@ static int wake_once(struct pch_dest *d, int32_t pi, const struct pch_port *via,
     if (p == via || d->woken[pi] == d->wake_gen)
         return 0;
     d->woken[pi] = d->wake_gen;
-    return wake(d, p, p->base + off, len);
+    return release(d, p, p->base + off, len);
 }
 
 /* Wake every vCPU that may sleep on the pages just placed: the copy woke only the waiters of the
@@ -605,6 +654,7 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
     static const char *names[] = { "?", "HELLO", "PAGES", "ZERO", "EOS", "DISCARD", "POSTCOPY_START" };
     uint64_t pos = 0;
     ch = ch ? 1 : 0;
+    d->part[ch].valid = 0;
     while (len - pos >= PCH_HDR_SIZE) {
         const uint8_t *h = buf + pos;
         uint8_t type = h[0], flags = h[1];
@@ -655,8 +705,11 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
             if (plen > PCH_RX_CAP - PCH_HDR_SIZE)
                 return fail(d, -EPROTO, "%s: %u bytes do not fit the receive buffer", name, plen);
         }
-        if (len - pos - PCH_HDR_SIZE < plen)
-            break; /* incomplete: the caller keeps the rest for the next read */
+        if (len - pos - PCH_HDR_SIZE < plen) { /* incomplete: the caller keeps the rest for the next read */
+            if (type == PCH_MSG_PAGES)
+                d->part[ch] = (struct partial){ off >> d->shift, count, plen, flags & PCH_FLAG_URGENT, 1 };
+            break;
+        }
         const uint8_t *payload = h + PCH_HDR_SIZE;
         int rc = 0;
         if (type == PCH_MSG_HELLO)
@@ -691,12 +744,131 @@ void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
 const char *pch_dest_error(struct pch_dest *d) { return d->err; }
 
+/* The frame that pch_dest_on_data noted as incomplete is big and none of its pages is in. */
+static int direct_ok(struct pch_dest *d, int ch)
+{
+    struct partial *f = &d->part[ch];
+    if (!f->valid || f->plen < DIRECT_MIN)
+        return 0;
+    for (uint64_t k = 0; k < f->count; k++)
+        if (d->received[f->first + k])
+            return 0;
+    return 1;
+}
+
+/* --place continue: receive the rest of a big PAGES frame straight into guest RAM (one copy, from the
+ * socket into the page cache: no receive buffer in between), then place it there.  Only frames none
+ * of whose pages is in yet go this way (one answered urgently meanwhile gets the same bytes again:
+ * the source's image does not change).  No vCPU sees a page half written: each is registered MINOR
+ * and traps until its page is placed and CONTINUEd to it.
+ * Same results as on_channel. */
+static int direct_done(struct pch_dest *d, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    r->direct = 0;
+    int rc = place_frame(d, r->dfirst, r->dcount, d->ram + (r->dfirst << d->shift), r->durgent);
+    if (rc)
+        return rc;
+    d->st.frames++;
+    if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
+        return rc;
+    return 1;
+}
+
+static int on_direct(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    uint64_t want = r->dlen - r->dgot;
+    if (want > RX_TURN)
+        want = RX_TURN;
+    ssize_t got = recv(fd, d->ram + (r->dfirst << d->shift) + r->dgot, want, MSG_DONTWAIT);
+    if (got < 0 && link_lost(errno))
+        got = 0; /* a reset is an EOF: the destination pauses (the half-received frame is asked again) */
+    if (got < 0)
+        return errno == EAGAIN || errno == EINTR ? 0 : fail(d, -errno, "recv(page channel): %s", strerror(errno));
+    if (got == 0) {
+        d->link_down = 1;
+        return PCH_RUN_EOF;
+    }
+    r->dgot += (uint64_t)got;
+    r->drained = (uint64_t)got < want;
+    return r->dgot < r->dlen ? 1 : direct_done(d, ch);
+}
+
+/* After a read: if what is left is the start of a big PAGES frame, take its payload so far to its
+ * place and go on there (on_direct). */
+static int go_direct(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    struct partial *f = &d->part[ch];
+    if (!direct_ok(d, ch))
+        return 0;
+    uint64_t have = r->end - r->start - PCH_HDR_SIZE;
+    memcpy(d->ram + (f->first << d->shift), r->buf + r->start + PCH_HDR_SIZE, have);
+    r->start = r->end = 0;
+    r->dfirst = f->first;
+    r->dcount = f->count;
+    r->dlen = f->plen;
+    r->dgot = have;
+    r->durgent = f->urgent;
+    r->direct = 1;
+    f->valid = 0;
+    return on_direct(d, fd, ch);
+}
+
+/* At a frame boundary of a channel whose frames are big (the stream, or huge pages): look at the
+ * next header without taking it (MSG_PEEK); for a big PAGES frame, one recvmsg then takes the
+ * header and puts the payload straight into place, no byte of it through the receive buffer.
+ * 0 when that does not apply (the caller reads as usual, and sees any EOF or error there). */
+static int peek_direct(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    uint8_t h[PCH_HDR_SIZE];
+    ssize_t got = recv(fd, h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+    if (got != PCH_HDR_SIZE || h[0] != PCH_MSG_PAGES || be32(h + 4) < DIRECT_MIN)
+        return 0;
+    /* the checks every frame gets: pch_dest_on_data stops at the missing payload, noting the frame */
+    int64_t used = pch_dest_on_data(d, h, sizeof h, ch);
+    if (used < 0)
+        return (int)used;
+    if (used || !direct_ok(d, ch))
+        return 0;
+    struct partial *f = &d->part[ch];
+    uint64_t want = f->plen < RX_TURN ? f->plen : RX_TURN;
+    struct iovec iov[2] = { { h, sizeof h }, { d->ram + (f->first << d->shift), want } };
+    struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
+    got = recvmsg(fd, &m, MSG_DONTWAIT);
+    if (got < 0 && link_lost(errno)) {
+        d->link_down = 1;
+        return PCH_RUN_EOF;
+    }
+    if (got < PCH_HDR_SIZE) /* the peeked header is there: a stream socket gives at least that */
+        return fail(d, got < 0 ? -errno : -EPROTO, "recvmsg(page channel): %s",
+                    got < 0 ? strerror(errno) : "fewer bytes than peeked");
+    r->dfirst = f->first;
+    r->dcount = f->count;
+    r->dlen = f->plen;
+    r->dgot = (uint64_t)got - PCH_HDR_SIZE;
+    r->durgent = f->urgent;
+    r->direct = 1;
+    r->drained = r->dgot < want;
+    f->valid = 0;
+    return r->dgot < r->dlen ? 1 : direct_done(d, ch);
+}
+
 /* Receive once from a channel (at most RX_TURN bytes) and place every complete frame: 1 if it read
  * something, 0 if nothing was there, PCH_RUN_EOF at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
  * the urgent channel and the uffds (epoll is level-triggered, so the rest comes next turn). */
 static int on_channel(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
+    if (r->direct)
+        return on_direct(d, fd, ch);
+    if (d->ram && r->start == r->end && (ch == 0 || d->ps >= DIRECT_MIN)) {
+        int rc = peek_direct(d, fd, ch);
+        if (rc)
+            return rc;
+    }
     if (!r->buf) {
         if (!(r->buf = malloc(PCH_RX_CAP)))
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
@@ -720,12 +892,18 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
         return PCH_RUN_EOF;
     }
     r->end += (uint64_t)got;
+    r->drained = (uint64_t)got < room;
     int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
     if (used < 0)
         return (int)used;
     r->start += (uint64_t)used;
     if (r->start == r->end)
         r->start = r->end = 0;
+    else if (d->ram && !d->eos[ch]) {
+        int rc = go_direct(d, fd, ch);
+        if (rc < 0 || rc == PCH_RUN_EOF)
+            return rc;
+    }
     return 1;
 }
 
@@ -783,7 +961,9 @@ static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
                 }
             } else if (fd == l->urgent_fd) {
                 /* answers first, whole: a huge page must not come in at the stream's pace */
-                for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1; n++)
+                /* until a read comes short: the socket is empty then (saves a recv that says EAGAIN;
+                 * epoll is level-triggered, so whatever comes next is seen next turn) */
+                for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1 && !d->rx[1].drained; n++)
                     ;
                 if (rc == 1)
                     rc = 0;
@@ -897,6 +1077,8 @@ int pch_dest_reconnect(struct pch_dest *d, int stream_fd)
     /* a frame the old source half sent is dropped: its pages are not received, so asked again */
     for (int ch = 0; ch < 2; ch++) {
         d->rx[ch].start = d->rx[ch].end = 0;
+        d->rx[ch].direct = 0; /* --place continue: a frame half received into place is not placed */
+        d->part[ch].valid = 0;
         d->hello[ch] = d->eos[ch] = 0;
     }
     d->sent_id = 0; /* a new source learns the RAM block's id from the first request again */

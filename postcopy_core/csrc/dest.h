@@ -92,6 +92,9 @@ struct pch_dest_loop {
 };
 int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms);
 const char *pch_dest_error(struct pch_dest *d);
+/* --place continue: pages go into the page cache through `ram`, the destination's own mapping of
+ * guest RAM (not registered, populated with zeroed pages), and waiters get UFFDIO_CONTINUE */
+void pch_dest_set_continue(struct pch_dest *d, uint64_t ram);
 
 /* Postcopy recovery (QEMU's postcopy-paused -> recover -> active).  After PCH_RUN_EOF the caller
  * takes the dead channels out of the loop (stream_fd/urgent_fd = -1): pch_dest_run goes on serving

@@ -23,6 +23,8 @@ int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode);
 int pch_uffd_copy_upto(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_zeropage_upto(int fd, uint64_t dst, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_wake(int fd, uint64_t start, uint64_t len);
+/* UFFDIO_CONTINUE: map pages already in the page cache (a MINOR fault's answer), *done as above */
+int pch_uffd_continue_upto(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done);
 int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
                          uint32_t *other_events);
 
@@ -31,6 +33,7 @@ int pch_memfd_create(const char *name, unsigned int flags);
 int pch_eventfd(unsigned int initval, int flags);
 int pch_mmap(uint64_t len, int prot, int flags, int fd, uint64_t off, uint64_t *addr_out);
 int pch_munmap(uint64_t addr, uint64_t len);
+int pch_madvise(uint64_t addr, uint64_t len, int advice);
 
 /* ---- guest RAM content: deterministic per page from a seed ---- */
 int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille);
@@ -74,6 +77,10 @@ struct pch_touch {
     uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
     const uint32_t *gens;     /* per page: its final generation (run --precopy), or NULL: all 0 */
+    uint32_t first_touch;     /* 1: registered MINOR too (run --place continue), where every first
+                               * touch of a page in this process traps: that is the faulting test */
+    uint32_t yield_check;     /* 1: the after-loop check of every page runs at nice 19 (a worker
+                               * process: vCPUs still faulting come first) */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -167,6 +174,7 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint32_t nvcpus, ndevices;     /* workers 0..nvcpus-1 are vCPUs, the next ndevices non-vCPU processes */
     int memfd, start_fd, results_fd, board_fd;
     int gens_fd;                   /* run --precopy: each page's final generation (uint32), or -1 */
+    uint32_t first_touch;          /* run --place continue: registered MINOR too (struct pch_touch) */
     uint64_t page_size, npages, seed;
     uint32_t zero_permille;
     const char *image;             /* --image path, or NULL: the seed generator */

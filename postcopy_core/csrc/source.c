@@ -9,6 +9,7 @@
 #include "pch.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,68 @@ static int send_all(int fd, struct iovec *iov, int n)
     return 0;
 }
 
+#define SPLICE_MIN (1u << 20) /* pages this big are handed to the socket by reference, not copied */
+
+/* Send [p, p+len) of the image without copying it: vmsplice puts references to its pages in a pipe,
+ * splice moves them into the socket (whose buffers then point at our pages; the receiver's recv is
+ * the one copy).  Safe because the image does not change during postcopy.  -EOPNOTSUPP when this
+ * kernel or socket cannot (nothing was sent: the caller copies); another -errno once bytes went out. */
+static int splice_out(int fd, const uint8_t *p, uint64_t len)
+{
+    static int pipefd[2] = { -1, -1 }, broken;
+    static uint64_t chunk;
+    if (broken)
+        return -EOPNOTSUPP;
+    if (pipefd[0] < 0) {
+        if (pipe2(pipefd, O_CLOEXEC)) {
+            broken = 1;
+            return -EOPNOTSUPP;
+        }
+        fcntl(pipefd[1], F_SETPIPE_SZ, 1 << 20); /* best effort: the default 64 KiB works too */
+        int sz = fcntl(pipefd[1], F_GETPIPE_SZ);
+        chunk = sz > 0 ? (uint64_t)sz : 65536;
+    }
+    int sent = 0;
+    while (len) {
+        struct iovec v = { (void *)p, len < chunk ? len : chunk };
+        ssize_t in = vmsplice(pipefd[1], &v, 1, 0);
+        if (in < 0) {
+            if (errno == EINTR)
+                continue;
+            if (!sent) {
+                broken = 1;
+                return -EOPNOTSUPP;
+            }
+            return -errno;
+        }
+        while (in > 0) {
+            ssize_t out = splice(pipefd[0], NULL, fd, NULL, (size_t)in, SPLICE_F_MOVE | SPLICE_F_MORE);
+            if (out < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN) {
+                    struct pollfd w = { fd, POLLOUT, 0 };
+                    poll(&w, 1, -1);
+                    continue;
+                }
+                if (!sent) { /* the pages still sit in the pipe: drop them, the caller copies */
+                    close(pipefd[0]);
+                    close(pipefd[1]);
+                    pipefd[0] = pipefd[1] = -1;
+                    broken = 1;
+                    return -EOPNOTSUPP;
+                }
+                return -errno;
+            }
+            sent = 1;
+            in -= out;
+            p += out;
+            len -= (uint64_t)out;
+        }
+    }
+    return 0;
+}
+
 /* One sendmsg's worth of one-page frames (header + data iovecs), sent when full or at the end. */
 struct frames {
     uint8_t hdr[BATCH][PCH_HDR_SIZE];
@@ -90,6 +153,19 @@ static int add_page(struct pch_source *s, struct frames *f, uint64_t p, uint8_t 
     s->bytes_sent += PCH_HDR_SIZE;
     if (zero) {
         s->pages_zero++;
+    } else if (s->page_size >= SPLICE_MIN) { /* a huge page: the frames so far, then its bytes by reference */
+        int rc = send_frames(s, f);
+        if (rc)
+            return rc;
+        rc = splice_out(s->fd, s->image + p * s->page_size, s->page_size);
+        if (rc == -EOPNOTSUPP) {
+            struct iovec one = { (void *)(s->image + p * s->page_size), s->page_size };
+            rc = send_all(s->fd, &one, 1);
+        }
+        if (rc)
+            return rc;
+        s->bytes_sent += s->page_size;
+        return 0;
     } else {
         f->iov[f->ni++] = (struct iovec){ (void *)(s->image + p * s->page_size), s->page_size };
         s->bytes_sent += s->page_size;
@@ -206,10 +282,78 @@ static int next_frame(struct pch_source *s, struct pch_pump *p)
     return 1;
 }
 
+/* The stream's big payloads by reference too (see splice_out), without blocking: bytes taken into
+ * the pipe but not yet into the socket wait there for the next call (the frame is not done, so no
+ * other frame starts).  1 when the payload is all in the socket, 0 when the socket is full,
+ * -EOPNOTSUPP (nothing of it taken) to copy instead. */
+static struct { int fd[2], broken, worked; uint64_t in_pipe, chunk; } stream_pipe = { { -1, -1 }, 0, 0, 0, 0 };
+
+static int splice_part(struct pch_pump *p)
+{
+    typeof(stream_pipe) *sp = &stream_pipe;
+    if (sp->broken)
+        return -EOPNOTSUPP;
+    if (sp->fd[0] < 0) {
+        if (pipe2(sp->fd, O_CLOEXEC)) {
+            sp->broken = 1;
+            return -EOPNOTSUPP;
+        }
+        fcntl(sp->fd[1], F_SETPIPE_SZ, 1 << 20);
+        int sz = fcntl(sp->fd[1], F_GETPIPE_SZ);
+        sp->chunk = sz > 0 ? (uint64_t)sz : 65536;
+    }
+    for (;;) {
+        if (sp->in_pipe) {
+            ssize_t out = splice(sp->fd[0], NULL, p->stream_fd, NULL, (size_t)sp->in_pipe,
+                                 SPLICE_F_MOVE | SPLICE_F_MORE | SPLICE_F_NONBLOCK);
+            if (out < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN)
+                    return 0;
+                if (sp->worked)
+                    return -errno;
+                /* never worked here: take the bytes back from the pipe's count, copy instead */
+                p->part[1] -= sp->in_pipe;
+                p->part_len[1] += sp->in_pipe;
+                sp->in_pipe = 0;
+                close(sp->fd[0]);
+                close(sp->fd[1]);
+                sp->fd[0] = sp->fd[1] = -1;
+                sp->broken = 1;
+                return -EOPNOTSUPP;
+            }
+            sp->worked = 1;
+            sp->in_pipe -= (uint64_t)out;
+            continue;
+        }
+        if (!p->part_len[1])
+            return 1;
+        struct iovec v = { (void *)p->part[1], p->part_len[1] < sp->chunk ? p->part_len[1] : sp->chunk };
+        ssize_t in = vmsplice(sp->fd[1], &v, 1, 0);
+        if (in < 0) {
+            if (errno == EINTR)
+                continue;
+            if (sp->worked)
+                return -errno;
+            sp->broken = 1;
+            return -EOPNOTSUPP;
+        }
+        p->part[1] += in;
+        p->part_len[1] -= (uint64_t)in;
+        sp->in_pipe += (uint64_t)in;
+    }
+}
+
 /* Write as much of the current frame as the stream socket takes; 1 when it went whole. */
 static int write_part(struct pch_pump *p)
 {
-    while (p->part_len[0] + p->part_len[1]) {
+    while (p->part_len[0] + p->part_len[1] + stream_pipe.in_pipe) {
+        if (!p->part_len[0] && (stream_pipe.in_pipe || p->part_len[1] >= SPLICE_MIN)) {
+            int rc = splice_part(p);
+            if (rc != -EOPNOTSUPP)
+                return rc;
+        }
         struct iovec iov[2];
         int n = 0;
         for (int i = 0; i < 2; i++)
@@ -249,7 +393,7 @@ int pch_source_pump(struct pch_source *s, struct pch_pump *p)
     if (p->cap < (1 << 16))
         return -EINVAL;
     for (;;) {
-        int pending = p->part_len[0] + p->part_len[1] > 0;
+        int pending = p->part_len[0] + p->part_len[1] + stream_pipe.in_pipe > 0;
         if (!pending && p->order && p->pos >= p->norder)
             return PCH_SERVE_MORE;
         int streaming = p->order != NULL;

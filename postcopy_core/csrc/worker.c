@@ -251,6 +251,8 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.min_fault_ns = p->min_fault_ns;
     t.board = board;
     t.gens = gens;
+    t.first_touch = p->first_touch;
+    t.yield_check = 1; /* this process: nice 19 for the after-loop check (see pch.h) */
     t.lat_ns = (uint32_t *)(area + p->lat_off) + p->capacity * w;
     t.lat_page = (uint32_t *)(area + p->pages_off) + p->capacity * w;
     t.lat_start = (uint64_t *)(area + p->starts_off) + p->capacity * w;
