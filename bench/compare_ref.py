@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ try:  # the installed package (plain or editable), not this checkout's files by 
     from rich.console import Console
     from rich.table import Table
 
+    from harness import reference
     from harness.config import ConfigError, RunConfig, parse_size
     from harness.report import output_console
     from postcopy_core.probe import free_huge_pages
@@ -46,7 +46,7 @@ except ImportError as e:
 REPO = Path(__file__).resolve().parent.parent  # ../shared (the C reference) is found beside it
 
 PROG = "compare_ref"
-PATTERN = {"sequential": "seq", "shared": "same"}  # harness workload -> reference -p
+PATTERN = reference.PATTERN  # harness workload -> reference -p
 HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 SERVICE_CPU, VCPU_CPU = 0, 1  # what the reference's -A pins: handler to CPU 0, workers to CPU 1
 
@@ -155,15 +155,10 @@ def harness_config(args: argparse.Namespace, vcpus: int, ram: int, place: str = 
 
 def build_reference(src: Path, out_dir: str) -> Path:
     """``make -C <shared>/bench OUT=<tmp>/uffd_ref``: shared/ may be read-only, the binary goes to tmp."""
-    for tool in ("make", os.environ.get("CC", "cc")):
-        if not shutil.which(tool):
-            raise BenchError(f"building the reference needs {tool!r}, not found on PATH")
-    out = Path(out_dir) / "uffd_ref"
-    p = subprocess.run(["make", "-s", "-C", str(src.parent), f"OUT={out}"], capture_output=True, text=True)
-    if p.returncode or not out.is_file():
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BenchError(f"building {src} failed: {last}")
-    return out
+    try:
+        return reference.build(src, out_dir)
+    except reference.ReferenceError as e:
+        raise BenchError(str(e)) from None
 
 
 def reference_argv(binary: str, args: argparse.Namespace, n: int | str, ram: int) -> list[str]:
@@ -179,24 +174,10 @@ def reference_argv(binary: str, args: argparse.Namespace, n: int | str, ram: int
 
 def parse_reference(text: str) -> dict[str, Any]:
     """The WARM line's ``key=value`` fields (numbers as floats) plus the totals line's verify_err."""
-    def fields(line: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for tok in line.split():
-            k, sep, v = tok.partition("=")
-            if sep:
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    out[k] = v
-        return out
-
-    warm = [ln for ln in text.splitlines() if ln.split()[1:2] == ["WARM"]]
-    totals = [ln for ln in text.splitlines() if ln.startswith("# totals:")]
-    if not warm or not totals:
-        raise BenchError("the reference printed no WARM or totals line (rounds < 2, or it failed)")
-    row = fields(warm[-1])
-    row["verify_err"] = fields(totals[-1]).get("verify_err", 0.0)
-    return row
+    try:
+        return reference.parse_warm(text)
+    except reference.ReferenceError as e:
+        raise BenchError(f"{e} (rounds < 2, or it failed)") from None
 
 
 def run_reference(binary: Path, args: argparse.Namespace, n: int, ram: int) -> dict[str, Any]:

@@ -39,18 +39,14 @@ class Reference:
         src = Path(shared or default_shared()) / "bench" / "uffd_ref.c"
         if not src.is_file():
             raise ReferenceError(f"no {src}: pass --shared DIR (the directory holding bench/uffd_ref.c)")
-        for tool in ("make", os.environ.get("CC", "cc")):
-            if not shutil.which(tool):
-                raise ReferenceError(f"building the reference needs {tool!r}, not found on PATH")
         self.src = src
         self.max_workers = _limit(src, "MAXN")
         self._tmp = tempfile.TemporaryDirectory(prefix="pch-ref-")
-        self.binary = Path(self._tmp.name) / "uffd_ref"
-        p = subprocess.run(["make", "-s", "-C", str(src.parent), f"OUT={self.binary}"], capture_output=True,
-                           text=True)
-        if p.returncode or not self.binary.is_file():
+        try:
+            self.binary = build(src, self._tmp.name)
+        except ReferenceError:
             self.close()
-            raise ReferenceError(f"building {src} failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+            raise
 
     def supports(self, workload: str, vcpus: int, npages: int) -> str | None:
         """Why the reference cannot run this point (None: it can)."""
@@ -95,6 +91,18 @@ class Reference:
 
     def close(self) -> None:
         self._tmp.cleanup()
+
+
+def build(src: Path, out_dir: str) -> Path:
+    """``make -C <shared>/bench OUT=<out_dir>/uffd_ref`` (shared/ may be read-only); the binary's path."""
+    for tool in ("make", os.environ.get("CC", "cc")):
+        if not shutil.which(tool):
+            raise ReferenceError(f"building the reference needs {tool!r}, not found on PATH")
+    out = Path(out_dir) / "uffd_ref"
+    p = subprocess.run(["make", "-s", "-C", str(src.parent), f"OUT={out}"], capture_output=True, text=True)
+    if p.returncode or not out.is_file():
+        raise ReferenceError(f"building {src} failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return out
 
 
 def parse_warm(text: str) -> dict:
