@@ -2,7 +2,7 @@
 
 The destination says when it pauses (``postcopy-paused``: a page channel ended before every page
 was in) and when it is active again (``resumed``: a new source said HELLO on both channels); the
-orchestrator starts the new sources (harness/run.py, ``Run._start_source``).  This log counts what
+orchestrator starts the new sources (harness/source_restart.py, ``_start_source``).  This log counts what
 happened for the report's ``recovery`` section and decides when to give up: after
 ``RESTART_LIMIT`` replacements in a row that died before the destination resumed, or when a pause
 lasts longer than the stall timeout.

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from postcopy_core.child import run_child
 
+STARTUP_TIMEOUT = 120.0  # seconds a process of the run may take to come up (sources, handler, workers)
+
 
 class RunFailed(RuntimeError):
     """The run cannot complete; the message is one line for the user."""
