@@ -11,6 +11,7 @@
 #include <string.h>
 #include <poll.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -1016,7 +1017,8 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
          * source may need this very CPU (--pin puts both here). */
         if (d->waited <= 0 && !d->precopy)
             for (int64_t until = t0 + (SPIN_NS < left ? SPIN_NS : left); !k && now_ns() < until;)
-                k = epoll_wait(l->epfd, evs, 256, 0);
+                if (!(k = epoll_wait(l->epfd, evs, 256, 0)))
+                    sched_yield(); /* unpinned, the vCPU just woken may be queued on this CPU: let it run */
         if (!k) {
             int64_t rest = end - now_ns();
             k = epoll_wait(l->epfd, evs, 256, rest > 0 ? (int)((rest + 999999) / 1000000) : 0);
