@@ -39,7 +39,7 @@ struct partial { uint64_t first, count, plen; int urgent, valid; };
 #define RX_TURN (1u << 20)     /* bytes read from a channel per loop turn (faults are served between frames) */
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
-#define SPIN_NS 20000          /* with nothing asked for, poll this long before sleeping in epoll_wait */
+#define SPIN_NS 20000          /* poll this long (yielding) before sleeping in epoll_wait */
 
 struct pch_dest {
     uint64_t ps, npages;
@@ -82,7 +82,6 @@ struct pch_dest {
     struct partial part[2];     /* per channel, where the last pch_dest_on_data stopped */
     int loop_result;
     int link_down; /* a page channel failed: requests wait for the next source (pch_dest_reconnect) */
-    int64_t waited; /* pages asked for and not placed yet (a hint for pch_dest_run's spin) */
     char err[256];
 };
 
@@ -327,7 +326,6 @@ static int add_waiter(struct pch_dest *d, uint64_t page, int32_t port)
     d->pool[w].next = -1;
     if (h < 0) {
         d->head[page] = w;
-        d->waited++;
         return 1;
     }
     /* append, so the first waiter stays first: the copy goes through its uffd */
@@ -549,7 +547,6 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
             x = next;
         }
         d->head[page] = -1;
-        d->waited--;
     }
     return 0;
 }
@@ -1011,11 +1008,11 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
             break;
         int64_t t0 = now_ns();
         int k = 0;
-        /* Nothing asked for: the next event is a fault, soon when the vCPUs run.  Looking for it a
-         * while without sleeping spares the faulting vCPU the wake-up of this CPU (an IPI, and a
-         * halt exit in a VM) and us the way back from idle.  Never while an answer is awaited: the
-         * source may need this very CPU (--pin puts both here). */
-        if (d->waited <= 0 && !d->precopy)
+        /* The next event (a fault, an answer) is usually a few microseconds away.  Looking for it a
+         * while without sleeping spares its sender the wake-up of this CPU (an IPI, and a halt exit
+         * in a VM) and us the way back from idle.  sched_yield between the looks: the source (on
+         * this CPU with --pin) or a vCPU just woken may need this very CPU to produce it. */
+        if (!d->precopy)
             for (int64_t until = t0 + (SPIN_NS < left ? SPIN_NS : left); !k && now_ns() < until;)
                 if (!(k = epoll_wait(l->epfd, evs, 256, 0)))
                     sched_yield(); /* unpinned, the vCPU just woken may be queued on this CPU: let it run */
