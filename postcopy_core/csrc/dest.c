@@ -998,7 +998,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
 {
     struct epoll_event evs[256];
     int64_t end = now_ns() + (int64_t)budget_ms * 1000000;
-    int rc = 0;
+    int rc = 0, streamed = 0; /* streamed: the last turn read the stream */
     l->idle_ns = 0;
     d->loop = l;
     d->loop_result = 0;
@@ -1011,8 +1011,9 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         /* The next event (a fault, an answer) is usually a few microseconds away.  Looking for it a
          * while without sleeping spares its sender the wake-up of this CPU (an IPI, and a halt exit
          * in a VM) and us the way back from idle.  sched_yield between the looks: the source (on
-         * this CPU with --pin) or a vCPU just woken may need this very CPU to produce it. */
-        if (!d->precopy)
+         * this CPU with --pin) or a vCPU just woken may need this very CPU to produce it.  Not
+         * while the stream flows: its data comes in big reads, and the spin only took CPU from it. */
+        if (!d->precopy && !streamed)
             for (int64_t until = t0 + (SPIN_NS < left ? SPIN_NS : left); !k && now_ns() < until;)
                 if (!(k = epoll_wait(l->epfd, evs, 256, 0)))
                     sched_yield(); /* unpinned, the vCPU just woken may be queued on this CPU: let it run */
@@ -1029,6 +1030,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         if (k == 0)
             l->idle_ns += now_ns() - t0;
         int stream_ready = 0, nested = 0;
+        streamed = 0;
         for (int i = 0; i < k; i++) {
             int fd = evs[i].data.fd;
             uint64_t v;
@@ -1049,6 +1051,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         if (!nested && d->req_len && (rc = send_requests(d, l->stream_fd)) < 0)
             break;
         if (stream_ready) {
+            streamed = 1;
             rc = on_channel(d, l->stream_fd, 0);
             if (rc == 1)
                 rc = 0;
