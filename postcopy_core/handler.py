@@ -190,7 +190,7 @@ class Destination:
 
     def run(self) -> dict:
         """Serve faults and place pages until told to quit and every page is in."""
-        # two epoll sets (see dest.h): faults and urgent pages in `pri`, which `ep` holds with the rest
+        # two epoll sets (see dest.h): faults and urgent pages in `pri`, and again in `ep` with the rest
         pri, ep = select.epoll(), select.epoll()
         fds = [p.uffd.fd for p in self.ports] + [self.stream.fileno(), self.urgent.fileno(), self.quit_fd]
         port_of_fd = ffi.new("int32_t[]", [-1] * (max(fds + [pri.fileno()]) + 1))
@@ -198,7 +198,8 @@ class Destination:
             port_of_fd[port.uffd.fd] = i
         for fd in [p.uffd.fd for p in self.ports] + [self.urgent.fileno()]:
             pri.register(fd, select.EPOLLIN)  # data.fd = fd, which the C loop dispatches on
-        for fd in (pri.fileno(), self.stream.fileno(), self.quit_fd):
+            ep.register(fd, select.EPOLLIN)  # flat: one epoll_wait per wake-up (dest.h)
+        for fd in (self.stream.fileno(), self.quit_fd):
             ep.register(fd, select.EPOLLIN)
         loop = ffi.new("struct pch_dest_loop *", dict(
             epfd=ep.fileno(), pri_epfd=pri.fileno(), quit_fd=self.quit_fd, stream_fd=self.stream.fileno(),
@@ -246,7 +247,7 @@ class Destination:
 
     def _pause(self, loop, ep: select.epoll, pri: select.epoll, why: str) -> None:
         """postcopy-paused: drop the dead channels, keep serving faults, tell the orchestrator."""
-        for sock, epset in ((self.stream, ep), (self.urgent, pri)):
+        for sock, epset in ((self.stream, ep), (self.urgent, pri), (self.urgent, ep)):
             try:
                 epset.unregister(sock.fileno())
             except (OSError, ValueError):
@@ -288,6 +289,7 @@ class Destination:
         loop.stream_fd, loop.urgent_fd = self.stream.fileno(), self.urgent.fileno()
         ep.register(loop.stream_fd, select.EPOLLIN)
         pri.register(loop.urgent_fd, select.EPOLLIN)
+        ep.register(loop.urgent_fd, select.EPOLLIN)
         self.state = RECOVER
         rc = lib.pch_dest_reconnect(self.d, loop.stream_fd)
         if rc == -errno.EPIPE or rc < 0 and -rc in (errno.ECONNRESET, errno.ENOTCONN):

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <poll.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -38,6 +39,7 @@ struct partial { uint64_t first, count, plen; int urgent, valid; };
 #define RX_TURN (1u << 20)     /* bytes read from a channel per loop turn (faults are served between frames) */
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
+#define SPIN_NS 20000          /* poll this long (yielding) before sleeping in epoll_wait */
 
 struct pch_dest {
     uint64_t ps, npages;
@@ -936,6 +938,42 @@ static int send_requests(struct pch_dest *d, int fd)
     return 0;
 }
 
+/* Serve the ready uffds and urgent channel among evs[0..k) (other fds are left to the caller).  A
+ * dead one is taken out of both sets (the main set holds them too when it is flat, see dest.h). */
+static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct epoll_event *evs, int k)
+{
+    for (int i = 0; i < k; i++) {
+        int fd = evs[i].data.fd, rc = 0;
+        int32_t port = fd >= 0 && fd < l->nfds ? l->port_of_fd[fd] : -1;
+        if (port >= 0) {
+            if (evs[i].events & (EPOLLERR | EPOLLHUP)) {
+                epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL); /* nothing more will come */
+                epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
+                port_dead(d, &d->ports[port]);
+            } else {
+                rc = pch_dest_on_uffd(d, port);
+            }
+        } else if (fd == l->urgent_fd) {
+            /* answers first, whole: a huge page must not come in at the stream's pace */
+            /* until a read comes short: the socket is empty then (saves a recv that says EAGAIN;
+             * epoll is level-triggered, so whatever comes next is seen next turn) */
+            for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1 && !d->rx[1].drained; n++)
+                ;
+            if (rc == 1)
+                rc = 0;
+            if (rc == PCH_RUN_EOF) {
+                epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL);
+                epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
+                d->loop_result = PCH_RUN_EOF;
+                rc = 0;
+            }
+        }
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 /* Serve what is ready in the priority set (every uffd, the urgent channel) without blocking, then
  * send the requests that made.  A quit or EOF seen here is kept in d->loop_result. */
 static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
@@ -949,42 +987,18 @@ static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
                 continue;
             return fail(d, -errno, "epoll_wait: %s", strerror(errno));
         }
-        for (int i = 0; i < k; i++) {
-            int fd = evs[i].data.fd, rc = 0;
-            int32_t port = fd >= 0 && fd < l->nfds ? l->port_of_fd[fd] : -1;
-            if (port >= 0) {
-                if (evs[i].events & (EPOLLERR | EPOLLHUP)) {
-                    epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL); /* nothing more will come */
-                    port_dead(d, &d->ports[port]);
-                } else {
-                    rc = pch_dest_on_uffd(d, port);
-                }
-            } else if (fd == l->urgent_fd) {
-                /* answers first, whole: a huge page must not come in at the stream's pace */
-                /* until a read comes short: the socket is empty then (saves a recv that says EAGAIN;
-                 * epoll is level-triggered, so whatever comes next is seen next turn) */
-                for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1 && !d->rx[1].drained; n++)
-                    ;
-                if (rc == 1)
-                    rc = 0;
-                if (rc == PCH_RUN_EOF) {
-                    epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL);
-                    d->loop_result = PCH_RUN_EOF;
-                    rc = 0;
-                }
-            }
-            if (rc < 0)
-                return rc;
-        }
+        int rc = serve_ready(d, l, evs, k);
+        if (rc < 0)
+            return rc;
     } while (k == 256); /* more may be ready than one call returns */
     return d->req_len ? send_requests(d, l->stream_fd) : 0;
 }
 
 int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
 {
-    struct epoll_event evs[8];
+    struct epoll_event evs[256];
     int64_t end = now_ns() + (int64_t)budget_ms * 1000000;
-    int rc = 0;
+    int rc = 0, streamed = 0; /* streamed: the last turn read the stream */
     l->idle_ns = 0;
     d->loop = l;
     d->loop_result = 0;
@@ -993,7 +1007,20 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         if (left <= 0 || d->ev_len >= EVENTS_SHIP)
             break;
         int64_t t0 = now_ns();
-        int k = epoll_wait(l->epfd, evs, 8, (int)((left + 999999) / 1000000));
+        int k = 0;
+        /* The next event (a fault, an answer) is usually a few microseconds away.  Looking for it a
+         * while without sleeping spares its sender the wake-up of this CPU (an IPI, and a halt exit
+         * in a VM) and us the way back from idle.  sched_yield between the looks: the source (on
+         * this CPU with --pin) or a vCPU just woken may need this very CPU to produce it.  Not
+         * while the stream flows: its data comes in big reads, and the spin only took CPU from it. */
+        if (!d->precopy && !streamed)
+            for (int64_t until = t0 + (SPIN_NS < left ? SPIN_NS : left); !k && now_ns() < until;)
+                if (!(k = epoll_wait(l->epfd, evs, 256, 0)))
+                    sched_yield(); /* unpinned, the vCPU just woken may be queued on this CPU: let it run */
+        if (!k) {
+            int64_t rest = end - now_ns();
+            k = epoll_wait(l->epfd, evs, 256, rest > 0 ? (int)((rest + 999999) / 1000000) : 0);
+        }
         if (k < 0) {
             if (errno == EINTR)
                 continue;
@@ -1002,21 +1029,29 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         }
         if (k == 0)
             l->idle_ns += now_ns() - t0;
-        int stream_ready = 0;
+        int stream_ready = 0, nested = 0;
+        streamed = 0;
         for (int i = 0; i < k; i++) {
             int fd = evs[i].data.fd;
             uint64_t v;
             if (fd == l->stream_fd)
                 stream_ready = 1;
+            else if (fd == l->pri_epfd)
+                nested = 1;
             else if (fd == l->quit_fd && read(fd, &v, sizeof v) == sizeof v) {
                 l->quit_seen = 1;
                 if (!d->loop_result)
                     d->loop_result = PCH_RUN_QUIT;
             }
         }
-        if ((rc = serve_priority(d, l)) < 0)
+        /* a flat main set brings the uffds and the urgent channel in this same wait (one syscall per
+         * wake-up instead of two); a nested one says only that the priority set has something */
+        if ((rc = nested ? serve_priority(d, l) : serve_ready(d, l, evs, k)) < 0)
+            break;
+        if (!nested && d->req_len && (rc = send_requests(d, l->stream_fd)) < 0)
             break;
         if (stream_ready) {
+            streamed = 1;
             rc = on_channel(d, l->stream_fd, 0);
             if (rc == 1)
                 rc = 0;

@@ -74,8 +74,9 @@ void pch_dest_clear_events(struct pch_dest *d);
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d);
 
 /* The whole loop turn in C.  Two epoll sets, registered by the caller with data.fd = the fd:
- * `pri_epfd` holds every uffd and the urgent channel, `epfd` holds pri_epfd, the stream channel and
- * the quit eventfd.  Faults and urgent pages are served first, and again between the stream's
+ * `pri_epfd` holds every uffd and the urgent channel, `epfd` holds the stream channel, the quit
+ * eventfd and either pri_epfd (nested) or every fd of pri_epfd again (flat: one epoll_wait per
+ * wake-up; what is ready in epfd is served in the same order, priority fds before the stream).  Faults and urgent pages are served first, and again between the stream's
  * frames, so a fault never waits for more than one stream frame.  Returns after `budget_ms`, or
  * sooner when events pile up or on quit/EOF, so the caller can ship events and watch the clock.
  * Result: PCH_RUN_* or -errno (error text in pch_dest_error). */
