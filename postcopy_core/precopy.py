@@ -103,8 +103,7 @@ class Dirtier:
         for page in self.rng.integers(0, spec.npages, due).tolist():
             gen = int(self.gens.array[page]) + 1
             self.gens.array[page] = gen
-            lib.pch_fill_page_gen(src.image.pointer(page), spec.seed, page, gen, spec.page_size, spec.zero_permille)
-            src.zero[page] = 0  # a rewritten page is never all zeros
+            write_generation(src, page, gen)
             if src.sent[page]:
                 src.sent[page] = 0  # to send again: in the next round, or after a discard
                 self.stale[page] = 1
@@ -225,18 +224,22 @@ class Precopy:
                     discard_commands=commands, pages_stale_kept=sum(n for _, n in kept))
 
 
+def write_generation(src, page: int, gen: int) -> None:
+    """Make ``page`` of the source's image its content at generation ``gen`` (never all zeros)."""
+    spec = src.spec
+    lib.pch_fill_page_gen(src.image.pointer(page), spec.seed, page, gen, spec.page_size, spec.zero_permille)
+    src.zero[page] = 0
+
+
 def adopt_generations(src, gens_fd: int) -> int:
     """A replacement source after precopy (postcopy recovery): rewrite its fresh image to the final
     generations the first source published, so that what it sends is what the workers check against.
     Returns the number of pages rewritten."""
     gens = GenerationMap(src.spec.npages, fd=gens_fd)
     try:
-        spec = src.spec
         pages = np.flatnonzero(gens.array).tolist()
         for page in pages:
-            lib.pch_fill_page_gen(src.image.pointer(page), spec.seed, page, int(gens.array[page]), spec.page_size,
-                                  spec.zero_permille)
-            src.zero[page] = 0
+            write_generation(src, page, int(gens.array[page]))
         return len(pages)
     finally:
         gens.close()

@@ -3,7 +3,8 @@
 What a worker does, step by step (the code is C, csrc/worker.c, forked by the zygote,
 vcpu_workers/zygote.py, and never returning to Python):
   1. die with the zygote (PR_SET_PDEATHSIG), ignore Ctrl-C, take the name ``pch-vcpu-N``, keep only
-     its four fds (guest RAM, start pipe, results area, access board), run on its CPUs;
+     its fds (guest RAM, start pipe, results area, access board; with --precopy the generation map),
+     run on its CPUs;
   2. map guest RAM and *then* create and register its uffd: a uffd belongs to the address space
      that created it, and the handler's ioctls through it must act on this process's mapping;
   3. hand the uffd to the handler with a hello (postcopy_core/handoff.py) and close its own copy;
