@@ -362,14 +362,14 @@ class Run(SourceRestarts):
         except OSError as e:  # AuthError (wrong key) is an OSError too
             raise RunFailed(f"--source {where}: {e.strerror or e}") from None
         sock.setblocking(True)
-        self.socks.append(sock)
         control = ControlLine(sock)
-        msg = control.recv(STARTUP_TIMEOUT)
-        if not msg or msg.get("event") != "hello":
-            raise RunFailed(f"--source {where}: no hello from the source")
-        problem = check_hello(msg, self.cfg)
+        # while paused this runs in the supervision loop: wait no longer than the pause may last
+        msg = control.recv(min(STARTUP_TIMEOUT, self._stall_timeout()) if resume else STARTUP_TIMEOUT)
+        problem = "no hello from the source" if not msg or msg.get("event") != "hello" else check_hello(msg, self.cfg)
         if problem:
+            sock.close()  # a paused run retries: each failed attempt gives its socket back
             raise RunFailed(f"--source {where}: {problem}")
+        self.socks.append(sock)
         control.send(cmd="attach", resume=resume)
         return control
 
