@@ -53,16 +53,33 @@ def links(text: str) -> list[str | None]:
     return out
 
 
-def shares(rep: dict) -> dict[str, dict[str, float]]:
-    truth = rep["engines"]["truth"]
-    t_vcpu = sum(truth["postcopy-vcpu-blocktime"]) or 1e-9
-    t_all = truth["postcopy-blocktime"]
+def shares(rep: dict) -> dict[str, dict[str, float | None]]:
+    """Each engine's share of truth; None where truth saw no stall at all (the stream won every race),
+    since a share of nothing means nothing."""
+    t_vcpu, t_all = stall_ns(rep["engines"]["truth"])
     out = {}
     for name in ENGINES:
-        e = rep["engines"][name]
-        out[name] = {"vcpu": sum(e["postcopy-vcpu-blocktime"]) / t_vcpu,
-                     "all": e["postcopy-blocktime"] / t_all if t_all else float("nan")}
+        e_vcpu, e_all = stall_ns(rep["engines"][name])
+        out[name] = {"vcpu": e_vcpu / t_vcpu if t_vcpu else None, "all": e_all / t_all if t_all else None}
     return out
+
+
+def stall_ns(engine: dict) -> tuple[int, int]:
+    """(sum of per-vCPU blocktime, all-blocked blocktime) in ns: the engine's ns fields where it has
+    them, since the QEMU-style ms figures round a short run's stalls to 0; seed has only ms."""
+    if "vcpu-blocktime-ns" in engine:
+        return sum(engine["vcpu-blocktime-ns"]), engine["blocktime-ns"]
+    return sum(engine["postcopy-vcpu-blocktime"]) * 10**6, engine["postcopy-blocktime"] * 10**6
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    """Median of the runs that have a share; None when none has."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def percent(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
 
 
 def cell(args: argparse.Namespace, ram: int, workload: str, link: str | None, background: bool) -> dict[str, Any]:
@@ -76,8 +93,8 @@ def cell(args: argparse.Namespace, ram: int, workload: str, link: str | None, ba
         rep = build_report(cfg, execute(cfg))
         if rep["status"] != "completed":
             raise RuntimeError(f"{workload} {link or 'unlimited'}: {rep['error']}")
-        runs.append(shares(rep) | {"truth-ms": rep["engines"]["truth"]["postcopy-blocktime"]})
-    med = {n: {k: statistics.median(r[n][k] for r in runs) for k in ("vcpu", "all")} for n in ENGINES}
+        runs.append(shares(rep) | {"truth-ms": rep["engines"]["truth"]["blocktime-ns"] / 1e6})
+    med = {n: {k: median_or_none([r[n][k] for r in runs]) for k in ("vcpu", "all")} for n in ENGINES}
     return {"workload": workload, "link": link or "unlimited", "stream": background, "shares": med,
             "truth-all-ms": statistics.median(r["truth-ms"] for r in runs)}
 
@@ -111,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(r["link"], r["workload"], "stream + demand" if r["stream"] else "demand only",
-                  *[f"{r['shares'][n]['vcpu']:.0%} / {r['shares'][n]['all']:.0%}" for n in ENGINES],
-                  f"{r['truth-all-ms']:.1f}")
+                  *[f"{percent(r['shares'][n]['vcpu'])} / {percent(r['shares'][n]['all'])}" for n in ENGINES],
+                  f"{r['truth-all-ms']:.2f}")
     console = output_console()  # no wrapped numbers when piped
     console.print(t)
     cmd = "python bench/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv)

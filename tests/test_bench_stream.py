@@ -87,4 +87,8 @@ def test_accuracy_tiny_run_has_every_cell(tmp_path, clean_machine):
     assert {(c["link"], c["stream"]) for c in cells} == {("unlimited", False), ("unlimited", True),
                                                          ("1gbit,2ms", False), ("1gbit,2ms", True)}
     for c in cells:  # a handler-side engine sees no more per-vCPU stall than the vCPUs lived (but for
-        assert 0 < c["shares"]["exact"]["vcpu"] <= 1.05  # the handler's clock read after a copy)
+        share = c["shares"]["exact"]["vcpu"]  # the handler's clock read after a copy)
+        if c["stream"] and share is None:  # the stream placed every page before a vCPU touched it
+            assert c["truth-all-ms"] == 0
+            continue
+        assert 0 < share <= 1.05  # demand only: every page is a fault, truth must see a stall
