@@ -436,6 +436,7 @@ class Run(SourceRestarts):
         os.set_blocking(r, False)
         self.worker_status = r
         self._status_buf = b""
+        self._status_eof = False  # the zygote and every worker are gone: nothing more to watch for
         self.workers_done: set[int] = set()
         self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
@@ -458,6 +459,7 @@ class Run(SourceRestarts):
             data = os.read(self.worker_status, 65536)
         except BlockingIOError:
             return
+        self._status_eof |= not data
         self._status_buf += data
         *lines, self._status_buf = self._status_buf.split(b"\n")
         for line in lines:
@@ -473,6 +475,8 @@ class Run(SourceRestarts):
                 self.workers_lost[vcpu] = dict(vcpu=vcpu, pid=pid, how=describe_status(status).removeprefix("was "))
                 if vcpu < self.cfg.vcpus:
                     self.board.slots[vcpu] = 0  # it touches nothing now: placements stop waking its uffd
+                    if not self.area.summary[vcpu]["t_end"]:  # it wrote its times after its finish line
+                        self.board.count_lost()
             else:
                 why = self.stderr.reason("zygote", f"vcpu {vcpu}")
                 raise RunFailed(f"{self._who(vcpu, 'vcpu')} (pid {pid}) {describe_status(status)}{why}")
@@ -601,7 +605,12 @@ class Run(SourceRestarts):
         self._inject()
         # the handler exits once it sent its stats: its EOF after that is no news
         lines = [c for c in (self.ctl_src, self.ctl_dst if self.dst_stats is None else None) if c is not None]
-        r, _, _ = select.select(lines + [self.worker_status], [], [], 0.05)
+        # the workers' pipe only until its EOF: a readable EOF would turn this wait into a busy loop
+        # (it did, taking a CPU from the stream and the handler for the rest of the run)
+        if not self._status_eof:
+            self._worker_exits()
+        status = [] if self._status_eof else [self.worker_status]
+        r, _, _ = select.select(lines + status, [], [], 0.05)
         for ctl in r:
             if ctl is self.worker_status:
                 continue

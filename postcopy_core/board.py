@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 
 from postcopy_core import kernel
-from postcopy_core._uffd import ffi
+from postcopy_core._uffd import ffi, lib
 
 SLOT = 8
 
 
 def board_size(nvcpus: int) -> int:
-    """Bytes of a board for ``nvcpus`` vCPUs, whole pages."""
-    return -(-max(1, nvcpus) * SLOT // 4096) * 4096
+    """Bytes of a board for ``nvcpus`` vCPUs and its finish line, whole pages."""
+    return -(-(max(1, nvcpus) + 1) * SLOT // 4096) * 4096
 
 
 class AccessBoard:
@@ -39,6 +39,14 @@ class AccessBoard:
         os.ftruncate(self.fd, size)
         self.mapping = kernel.mmap_fd(self.fd, size)
         self.slots = ffi.cast("uint64_t *", self.mapping.addr)
+        # the slot after the vCPUs': how many vCPUs are past their timed loop (see pch.h); each
+        # checks its pages once all are, so no check takes the CPU from a vCPU still faulting
+        self.finish_line = ffi.cast("uint32_t *", self.slots + nvcpus)
+
+    def count_lost(self) -> None:
+        """A vCPU died before its finish line: cross it on its behalf, or the others would wait for
+        it (one crossing too many, for a vCPU that died after its own, only starts a check early)."""
+        lib.pch_finish_line_cross(self.finish_line, self.nvcpus)
 
     def close(self) -> None:
         self.mapping.close()

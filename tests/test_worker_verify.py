@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
 
@@ -64,3 +66,32 @@ def test_one_flipped_byte_is_caught(ram):
     b[:] = bytes([b[:][0] ^ 0xFF])
     t = touch(m, spec)
     assert t.first_bad_page == 9 and t.mismatches == 1
+
+
+def test_finish_line_holds_the_check_until_every_vcpu_is_past(tmp_path):
+    """A vCPU's after-loop check waits (futex, across processes) until every vCPU crossed the line;
+    the orchestrator's crossing for a lost vCPU counts the same."""
+    from postcopy_core.board import AccessBoard
+
+    board = AccessBoard(3)
+    lib.pch_finish_line_cross(board.finish_line, 3)  # vCPU 0 is past its loop
+    pid = os.fork()
+    if pid == 0:  # vCPU 1: crosses, then waits for the last one
+        lib.pch_finish_line_cross(board.finish_line, 3)
+        lib.pch_finish_line_wait(board.finish_line, 3)
+        os._exit(0)
+    try:
+        time.sleep(0.3)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # still waiting: vCPU 2 has not crossed
+        assert board.finish_line[0] == 2
+        t0 = time.monotonic()
+        board.count_lost()  # vCPU 2 died in its loop: crossed on its behalf
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert time.monotonic() - t0 < 0.5  # woken, not left to its one-second timeout
+        pid = 0
+    finally:
+        if pid:  # a failed assertion: the child would wait forever
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        board.close()

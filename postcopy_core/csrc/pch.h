@@ -81,6 +81,9 @@ struct pch_touch {
                                * touch of a page in this process traps: that is the faulting test */
     uint32_t yield_check;     /* 1: the after-loop check of every page runs at nice 19 (a worker
                                * process: vCPUs still faulting come first) */
+    uint32_t *finish_line;    /* shared count of vCPUs past their timed loop, or NULL: the check
+                               * waits until it reaches finish_count (pch_finish_line_cross) */
+    uint32_t finish_count;
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -97,6 +100,10 @@ struct pch_touch {
     uint64_t t_start, t_end;  /* CLOCK_MONOTONIC ns */
 };
 int pch_touch_run(struct pch_touch *t);
+/* The finish line: every vCPU adds one once its timed loop is over (the orchestrator adds one for a
+ * vCPU lost before it); the last one wakes those waiting.  Returns the count after the add. */
+uint32_t pch_finish_line_cross(uint32_t *line, uint32_t count);
+void pch_finish_line_wait(uint32_t *line, uint32_t count);
 uint64_t pch_now_ns(void);
 
 /* ---- the source's byte lane (source.c): policy (what to stream, in which order) is Python's ---- */

@@ -253,6 +253,10 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.gens = gens;
     t.first_touch = p->first_touch;
     t.yield_check = 1; /* this process: nice 19 for the after-loop check (see pch.h) */
+    if (board) { /* vCPUs check their pages once every vCPU's timed loop is over */
+        t.finish_line = (uint32_t *)(board - w + p->nvcpus); /* the slot after the last vCPU's */
+        t.finish_count = p->nvcpus;
+    }
     t.lat_ns = (uint32_t *)(area + p->lat_off) + p->capacity * w;
     t.lat_page = (uint32_t *)(area + p->pages_off) + p->capacity * w;
     t.lat_start = (uint64_t *)(area + p->starts_off) + p->capacity * w;
@@ -287,7 +291,7 @@ static int child_setup(const struct pch_worker_plan *p, uint32_t w, pid_t parent
     if (getppid() != parent)
         _exit(PCH_WORKER_FAILED); /* the zygote died between fork and prctl: nobody to report to */
     if (w < p->nvcpus)
-        snprintf(name, sizeof name, "pch-vcpu-%u", w);
+        snprintf(name, sizeof name, "pch-vcpu-%u", w % 100000u); /* comm holds 15 characters */
     else
         snprintf(name, sizeof name, "pch-dev-%u", w - p->nvcpus);
     prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0);
