@@ -206,6 +206,12 @@ def populate_write(m: Mapping) -> None:
            f"{m.length} bytes")
 
 
+def prefer_huge_pages(m: Mapping) -> bool:
+    """Ask for transparent huge pages behind an anonymous mapping (MADV_HUGEPAGE, as QEMU asks for
+    guest RAM); False where the kernel says no (THP off or absent): a hint, not a need."""
+    return lib.pch_madvise(m.addr, m.length, lib.MADV_HUGEPAGE) == 0
+
+
 def mmap_anon(length: int, shared: bool = False, populate: bool = False) -> Mapping:
     flags = lib.MAP_ANONYMOUS | (lib.MAP_SHARED if shared else lib.MAP_PRIVATE)
     if populate:

@@ -551,6 +551,8 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     return 0;
 }
 
+static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l);
+
 /* Place the pages of one PAGES/ZERO frame: pages with waiters one by one (through the first
  * waiter's uffd), runs nobody waits for with one ioctl through the carrier. */
 static int place_frame(struct pch_dest *d, uint64_t first, uint64_t count, const uint8_t *data, int urgent)
@@ -583,6 +585,11 @@ static int place_frame(struct pch_dest *d, uint64_t first, uint64_t count, const
             return rc;
         p = q;
     }
+    /* A big frame (a huge page) took long to come in and to place: read the faults of the vCPUs it
+     * woke and ask for their pages now, so the source prepares the next page while we take the rest
+     * of the channel (asked only at the end of the turn, it idled and the faults waited ~1 ms). */
+    if ((count << d->shift) >= DIRECT_MIN && d->loop && !d->precopy)
+        return serve_faults(d, d->loop);
     return 0;
 }
 
@@ -940,7 +947,8 @@ static int send_requests(struct pch_dest *d, int fd)
 
 /* Serve the ready uffds and urgent channel among evs[0..k) (other fds are left to the caller).  A
  * dead one is taken out of both sets (the main set holds them too when it is flat, see dest.h). */
-static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct epoll_event *evs, int k)
+static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct epoll_event *evs, int k,
+                       int faults_only)
 {
     for (int i = 0; i < k; i++) {
         int fd = evs[i].data.fd, rc = 0;
@@ -953,7 +961,7 @@ static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct
             } else {
                 rc = pch_dest_on_uffd(d, port);
             }
-        } else if (fd == l->urgent_fd) {
+        } else if (fd == l->urgent_fd && !faults_only) {
             /* answers first, whole: a huge page must not come in at the stream's pace */
             /* until a read comes short: the socket is empty then (saves a recv that says EAGAIN;
              * epoll is level-triggered, so whatever comes next is seen next turn) */
@@ -987,10 +995,29 @@ static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
                 continue;
             return fail(d, -errno, "epoll_wait: %s", strerror(errno));
         }
-        int rc = serve_ready(d, l, evs, k);
+        int rc = serve_ready(d, l, evs, k, 0);
         if (rc < 0)
             return rc;
     } while (k == 256); /* more may be ready than one call returns */
+    return d->req_len ? send_requests(d, l->stream_fd) : 0;
+}
+
+/* The same for the uffds alone (from inside a channel's receive: the channels wait for the caller). */
+static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l)
+{
+    struct epoll_event evs[256];
+    int k;
+    do {
+        k = epoll_wait(l->pri_epfd, evs, 256, 0);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(d, -errno, "epoll_wait: %s", strerror(errno));
+        }
+        int rc = serve_ready(d, l, evs, k, 1);
+        if (rc < 0)
+            return rc;
+    } while (k == 256);
     return d->req_len ? send_requests(d, l->stream_fd) : 0;
 }
 
@@ -1046,7 +1073,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         }
         /* a flat main set brings the uffds and the urgent channel in this same wait (one syscall per
          * wake-up instead of two); a nested one says only that the priority set has something */
-        if ((rc = nested ? serve_priority(d, l) : serve_ready(d, l, evs, k)) < 0)
+        if ((rc = nested ? serve_priority(d, l) : serve_ready(d, l, evs, k, 0)) < 0)
             break;
         if (!nested && d->req_len && (rc = send_requests(d, l->stream_fd)) < 0)
             break;
