@@ -83,7 +83,7 @@ class Source:
             sent=ffi.from_buffer(self.sent), page_size=spec.page_size, ram_size=spec.size))
         self.pump = ffi.new("struct pch_pump *", dict(
             rp_fd=stream.fileno(), ctl_fd=control.fileno(), stream_fd=stream.fileno(),
-            rest=self._rest, cap=len(self._rest)))
+            rest=self._rest, cap=len(self._rest), spin=int(self.strategy.name == "demand")))
         self._batch = None  # the batch of page numbers the C lane is streaming (kept alive here)
         # see pch.h, pch_source_answer; one channel: the streamed copy is ahead of any answer anyway
         self.resend_streamed = spec.page_size < BACKGROUND_CHUNK and not self.one_channel

@@ -93,9 +93,10 @@ def test_prepage_pushes_neighbours(link, clean_machine):
     pages have to be asked of the source (and answered urgently) than under preempt.  The fault
     count itself is not asserted: a vCPU often walks faster than the pushes arrive and still faults
     on them, briefly (fewer faults at 128 MiB on an unlimited link, not reliably at this size).
-    Medians of 3, alternated: the machine is shared."""
+    Medians of 5, alternated: the machine is shared, and how far the stream runs ahead of the vCPUs
+    (so how many pages preempt must ask for) varies from run to run: 29 to 146 at this size."""
     got: dict[str, list[dict]] = {"preempt": [], "prepage": []}
-    for _ in range(3):
+    for _ in range(5):
         for name in got:
             got[name].append(run(strategy=name, link=link, workload="sequential", prepage_window=32))
     assert all(r["pages"]["prepaged"] > 0 for r in got["prepage"])

@@ -151,6 +151,8 @@ struct pch_pump {
     uint64_t part_len[2];
     uint8_t *rest;               /* bytes for the Python parser (PCH_SERVE_REST) */
     uint64_t cap, rest_len;
+    uint32_t spin;               /* 1: no stream is due while vCPUs run (demand paging): poll a
+                                  * while for the next request before sleeping (source.c) */
 };
 #define PCH_SERVE_CONTROL 0   /* the control socket is readable */
 #define PCH_SERVE_REST 1      /* rest[0..rest_len) holds a message the lane does not take */

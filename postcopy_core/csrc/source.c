@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -20,6 +21,7 @@
 #include "wire.h"
 
 #define BATCH 256 /* pages per sendmsg: 2 iovecs each, under IOV_MAX */
+#define SPIN_NS 20000u /* poll this long (yielding) for the next request before sleeping in poll */
 
 static uint64_t be(const uint8_t *p, int n)
 {
@@ -399,7 +401,16 @@ int pch_source_pump(struct pch_source *s, struct pch_pump *p)
             return PCH_SERVE_MORE;
         int streaming = p->order != NULL;
         struct pollfd fds[3] = { { p->rp_fd, POLLIN, 0 }, { p->ctl_fd, POLLIN, 0 }, { p->stream_fd, POLLOUT, 0 } };
-        if (poll(fds, streaming ? 3 : 2, -1) < 0) {
+        /* Demand paging, the next request is usually a few microseconds away: look for it a while
+         * before sleeping, as the handler does for faults, so that neither waits for the other's
+         * CPU to wake from idle (unpinned, 1 vCPU: p50 25 -> 18 us).  sched_yield between looks:
+         * a vCPU or the handler on this CPU goes first.  Not with a stream due: the spin took CPU
+         * from the vCPUs and the stream (prepage/preempt tests saw the difference). */
+        int ready = 0;
+        if (p->spin && !streaming)
+            for (uint64_t until = pch_now_ns() + SPIN_NS; !(ready = poll(fds, 2, 0)) && pch_now_ns() < until;)
+                sched_yield();
+        if (!ready && poll(fds, streaming ? 3 : 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
