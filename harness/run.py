@@ -268,7 +268,8 @@ class Run(SourceRestarts):
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
                           handoff_addr, start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1),
-                          cfg.non_vcpu, self.gens.fd if self.gens is not None else -1, cfg.place)
+                          cfg.non_vcpu, self.gens.fd if self.gens is not None else -1, cfg.place,
+                          self.received.fd)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         # the parent's copies of the child ends: closed so EOFs reach the right process
@@ -440,7 +441,7 @@ class Run(SourceRestarts):
         self.workers_done: set[int] = set()
         self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
-        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
+        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, plan.received_fd, w)
         keep += (plan.gens_fd,) if plan.gens_fd >= 0 else ()  # run --precopy
         err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "
         proc = subprocess.Popen(zygote_command(), stdin=subprocess.PIPE, stderr=err_w, pass_fds=keep,

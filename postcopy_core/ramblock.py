@@ -61,7 +61,9 @@ class ReceivedMap:
 
     Only the placement side writes it.  Bytes rather than bits so the hot path tests a page with a
     single index and no shifting.  The name lives only between its exclusive creation and the
-    mapping (microseconds); processes forked later share the mapping, not the name.
+    mapping (microseconds); processes forked later share the mapping, not the name.  ``fd`` stays
+    open for the vCPU workers, which map it read-only: "not placed yet" is how an access knows it
+    will fault (vcpu_workers/worker.py).
     """
 
     def __init__(self, npages: int, name: str | None = None) -> None:
@@ -72,11 +74,13 @@ class ReceivedMap:
             raise SharedMemoryClash(f"/dev/shm{self.name} already exists (made by another process?): "
                                     "refusing to share guest state through it") from None
         try:
-            # mapped through the kernel module so no fd stays open behind the mapping
             self._mapping = kernel.mmap_fd(shm.fd, npages)
-        finally:
+        except BaseException:
             shm.close_fd()
+            raise
+        finally:
             unlink_quietly(self.name)
+        self.fd = shm.fd  # closed by close()
         self.view = memoryview(self._mapping.buffer())
         self.npages = npages
 
@@ -84,9 +88,12 @@ class ReceivedMap:
         return self.view[page]
 
     def close(self) -> None:
-        """Unmap (the name is gone already)."""
+        """Unmap and close (the name is gone already)."""
         self.view.release()
         self._mapping.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def unlink_quietly(name: str) -> None:

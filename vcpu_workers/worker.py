@@ -56,6 +56,7 @@ class WorkerPlan:
     ndevices: int = 0  # non-vCPU faulting processes, in the slots after the vCPUs
     gens_fd: int = -1  # run --precopy: each page's final generation (postcopy_core/precopy.py), else -1
     place: str = "copy"  # run --place: "continue" registers MINOR too (the handler writes the page cache)
+    received_fd: int = -1  # the received map (postcopy_core/ramblock.py), read-only here; -1: mincore
 
 
 # A non-vCPU process walks one vCPU's slice in a random order of its own (its seed: the run's seed
@@ -89,7 +90,10 @@ def c_plan(plan: WorkerPlan):
         c.need_ioctls, need = kernel.IOCTL_CONTINUE, b"UFFDIO_CONTINUE"
     keep.append(ffi.new("char[]", need))
     c.need_what = keep[-1]
-    c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb and not minor else 0
+    c.received_fd = plan.received_fd
+    # without the received map, mincore on hugetlbfs sees only this process's page tables: a page
+    # another process mapped looks absent, so there an access must also be slow to count
+    c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb and not minor and plan.received_fd < 0 else 0
     c.first_touch = int(minor)  # every first touch traps: that is the faulting test (see pch.h)
     address = plan.handoff_address.encode()
     keep.append(ffi.new("char[]", address))

@@ -380,8 +380,12 @@ int pch_touch_run(struct pch_touch *t)
             return -EINVAL;
         uint64_t addr = t->base + page * t->page_size;
         volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)addr;
-        /* registered MINOR too, every page not yet mapped here traps, in the page cache or not */
-        int missing = t->first_touch ? !t->verified[page] : !resident(addr);
+        /* registered MINOR too, every page not yet mapped here traps, in the page cache or not;
+         * registered MISSING only, a page not placed yet does (the received map says so without a
+         * syscall: placed means in the page cache) */
+        int missing = t->first_touch ? !t->verified[page]
+                      : t->received ? !__atomic_load_n(&t->received[page], __ATOMIC_ACQUIRE)
+                                    : !resident(addr);
         uint32_t gen = t->gens ? t->gens[page] : 0;
         uint64_t want = gen ? page_word(gen_key(t->seed, page, gen), 0)
                             : expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);

@@ -79,6 +79,7 @@ struct pch_touch {
     const uint32_t *gens;     /* per page: its final generation (run --precopy), or NULL: all 0 */
     uint32_t first_touch;     /* 1: registered MINOR too (run --place continue), where every first
                                * touch of a page in this process traps: that is the faulting test */
+    const uint8_t *received;  /* else the received map, or NULL: mincore (see pch_touch_run) */
     uint32_t yield_check;     /* 1: the after-loop check of every page runs at nice 19 (a worker
                                * process: vCPUs still faulting come first) */
     uint32_t *finish_line;    /* shared count of vCPUs past their timed loop, or NULL: the check
@@ -183,6 +184,7 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint32_t nvcpus, ndevices;     /* workers 0..nvcpus-1 are vCPUs, the next ndevices non-vCPU processes */
     int memfd, start_fd, results_fd, board_fd;
     int gens_fd;                   /* run --precopy: each page's final generation (uint32), or -1 */
+    int received_fd;               /* the received map (one byte per page, 1 = placed), or -1 */
     uint32_t first_touch;          /* run --place continue: registered MINOR too (struct pch_touch) */
     uint64_t page_size, npages, seed;
     uint32_t zero_permille;

@@ -227,6 +227,12 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
         if (!gens)
             return fail(p, w, "KernelError", "mmap(generation map)", errno);
     }
+    const uint8_t *received = NULL;
+    if (p->received_fd >= 0) {
+        received = map((p->npages + 4095) / 4096 * 4096, PROT_READ, MAP_SHARED, p->received_fd);
+        if (!received)
+            return fail(p, w, "KernelError", "mmap(received map)", errno);
+    }
     rec->accesses = (uint64_t)count;
     rec->t_ready = pch_now_ns();
     __atomic_store_n(&rec->state, PCH_STATE_READY, __ATOMIC_RELEASE);
@@ -252,6 +258,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.board = board;
     t.gens = gens;
     t.first_touch = p->first_touch;
+    t.received = received;
     t.yield_check = 1; /* this process: nice 19 for the after-loop check (see pch.h) */
     if (board) { /* vCPUs check their pages once every vCPU's timed loop is over */
         t.finish_line = (uint32_t *)(board - w + p->nvcpus); /* the slot after the last vCPU's */
@@ -295,8 +302,8 @@ static int child_setup(const struct pch_worker_plan *p, uint32_t w, pid_t parent
     else
         snprintf(name, sizeof name, "pch-dev-%u", w - p->nvcpus);
     prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0);
-    int keep[5] = {p->memfd, p->start_fd, p->results_fd, p->board_fd, p->gens_fd};
-    close_other_fds(keep, p->gens_fd >= 0 ? 5 : 4);
+    int keep[6] = {p->memfd, p->start_fd, p->results_fd, p->board_fd, p->gens_fd, p->received_fd};
+    close_other_fds(keep, 6); /* an fd of -1 (no precopy, no received map) keeps nothing */
     if (p->ncpus > 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
