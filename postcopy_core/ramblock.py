@@ -62,8 +62,8 @@ class ReceivedMap:
     Only the placement side writes it.  Bytes rather than bits so the hot path tests a page with a
     single index and no shifting.  The name lives only between its exclusive creation and the
     mapping (microseconds); processes forked later share the mapping, not the name.  ``fd`` stays
-    open for the vCPU workers, which map it read-only: "not placed yet" is how an access knows it
-    will fault (vcpu_workers/worker.py).
+    open for the vCPU workers, which on hugetlbfs map it read-only: "not placed yet" is how an
+    access knows it will fault (vcpu_workers/worker.py).
     """
 
     def __init__(self, npages: int, name: str | None = None) -> None:
