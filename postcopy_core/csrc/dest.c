@@ -982,9 +982,10 @@ static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct
     return 0;
 }
 
-/* Serve what is ready in the priority set (every uffd, the urgent channel) without blocking, then
- * send the requests that made.  A quit or EOF seen here is kept in d->loop_result. */
-static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
+/* Serve what is ready in the priority set (every uffd, the urgent channel; the uffds alone with
+ * faults_only, from inside a channel's receive, where the channels wait for the caller) without
+ * blocking, then send the requests that made.  A quit or EOF seen here is kept in d->loop_result. */
+static int serve_ready_set(struct pch_dest *d, struct pch_dest_loop *l, int faults_only)
 {
     struct epoll_event evs[256];
     int k;
@@ -995,31 +996,15 @@ static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l)
                 continue;
             return fail(d, -errno, "epoll_wait: %s", strerror(errno));
         }
-        int rc = serve_ready(d, l, evs, k, 0);
+        int rc = serve_ready(d, l, evs, k, faults_only);
         if (rc < 0)
             return rc;
     } while (k == 256); /* more may be ready than one call returns */
     return d->req_len ? send_requests(d, l->stream_fd) : 0;
 }
 
-/* The same for the uffds alone (from inside a channel's receive: the channels wait for the caller). */
-static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l)
-{
-    struct epoll_event evs[256];
-    int k;
-    do {
-        k = epoll_wait(l->pri_epfd, evs, 256, 0);
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return fail(d, -errno, "epoll_wait: %s", strerror(errno));
-        }
-        int rc = serve_ready(d, l, evs, k, 1);
-        if (rc < 0)
-            return rc;
-    } while (k == 256);
-    return d->req_len ? send_requests(d, l->stream_fd) : 0;
-}
+static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l) { return serve_ready_set(d, l, 0); }
+static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l) { return serve_ready_set(d, l, 1); }
 
 int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
 {
