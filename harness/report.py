@@ -15,6 +15,7 @@ from rich.table import Table
 
 from harness.accounting import accuracy
 from harness.config import RunConfig
+from vcpu_workers.stores import KINDS, Finding, RamVerdict
 
 # Units of the report's fields whose names cannot carry one (QEMU's query-migrate names) or do not.
 # Every other number is a count, or says its unit in its name (-bytes, -s, -ms, -us, -ns, per-second).
@@ -114,13 +115,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     if pre is not None:  # run --precopy: pages kept from precopy, and those dropped at the switchover
         rep["pages"]["precopy"] = hs["placed_precopy"]
         rep["pages"]["discarded"] = hs["discarded"]
-    rep["verification"] = {
-        "pages-checked": int(checked["pages_checked"].sum()),
-        "words-checked": int(checked["words_checked"].sum()),
-        "mismatches": mismatches,
-        "ram-pages-verified": hs["ram_pages_verified"],
-        "ram-bad-pages": hs["ram_bad_pages"],
-    }
+    rep["verification"] = verification(checked, raw["ram_check"])
     rep["faults"] = {
         "total": hs["faults"],
         "per-second": round(hs["faults"] / workload_s, 1),
@@ -185,11 +180,43 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         rep["netns"] = raw["netns"]
     if rep["workers"]["lost"]:
         rep["status"] = "completed-degraded"  # error stays None: the run did complete, without them
-    if mismatches or hs["ram_bad_pages"] or hs["placed"] != cfg.npages:
+    v = rep["verification"]
+    if mismatches or v["ram-bad-pages"] or v["lost-writes"] or hs["placed"] != cfg.npages:
         rep["status"] = "failed"
-        rep["error"] = (f"verification failed: {mismatches} mismatching words read by vCPUs, "
-                        f"{hs['ram_bad_pages']} bad pages in RAM, {hs['placed']}/{cfg.npages} pages placed")
+        kinds = ", ".join(f"{k} {n}" for k, n in v["by-kind"].items() if n)
+        first = first_bad(checked, raw["ram_check"])
+        rep["error"] = (f"verification failed: {v['lost-writes']} lost writes, {mismatches} wrong reads by vCPUs, "
+                        f"{v['ram-bad-pages']} bad pages in RAM ({kinds or 'none'}), "
+                        f"{hs['placed']}/{cfg.npages} pages placed" + (f"; first: {first.words()}" if first else ""))
     return rep
+
+
+def verification(checked: np.ndarray, ram: RamVerdict) -> dict:
+    """The report's verification section: what the vCPUs checked as they ran and after, and the
+    orchestrator's final check of all RAM (vcpu_workers/stores.py); wrong pages by kind, from the
+    final check where it found any, else from the vCPUs' own checks."""
+    live_kinds = checked["by_kind"].sum(axis=0) if len(checked) else np.zeros(len(KINDS), np.uint64)
+    by_kind = ram.by_kind if ram.bad_pages else {k: int(n) for k, n in zip(KINDS, live_kinds, strict=True)}
+    first = first_bad(checked, ram)
+    return {
+        "pages-checked": int(checked["pages_checked"].sum()),
+        "words-checked": int(checked["words_checked"].sum()),
+        "mismatches": int(checked["mismatches"].sum()),
+        "ram-pages-verified": ram.pages_checked,
+        "ram-bad-pages": ram.bad_pages,
+        "writes": int(checked["stores"].sum()),
+        "writes-checked": int(checked["writes_checked"].sum()) + ram.writes_checked,
+        "lost-writes": ram.lost_writes or int(checked["lost_writes"].sum()),
+        "by-kind": by_kind,
+        "first-bad": first.as_dict() if first else None,
+    }
+
+
+def first_bad(checked: np.ndarray, ram: RamVerdict) -> Finding | None:
+    """The first wrong thing found: the final check's, else the first a worker read."""
+    if ram.first is not None:
+        return ram.first
+    return next((f for f in map(Finding.from_c, checked["bad"]) if f is not None), None)
 
 
 def lost_words(rep: dict) -> str:

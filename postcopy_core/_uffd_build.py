@@ -75,7 +75,8 @@ ffibuilder.cdef(
 )
 
 # csrc/*.h: our own declarations, read from the headers so they are written once.
-ffibuilder.cdef(header_declarations(CSRC / "wire.h") + header_declarations(CSRC / "pch.h")
+ffibuilder.cdef(header_declarations(CSRC / "wire.h") + header_declarations(CSRC / "verify.h")
+               + header_declarations(CSRC / "pch.h")
                 + header_declarations(CSRC / "dest.h"))
 
 ffibuilder.set_source(
@@ -87,10 +88,11 @@ ffibuilder.set_source(
     #include <sys/eventfd.h>
     #include <linux/userfaultfd.h>
     #include "wire.h"
+    #include "verify.h"
     #include "pch.h"
     #include "dest.h"
     """,
-    sources=[str(CSRC / "pch.c"), str(CSRC / "dest.c"), str(CSRC / "workloads.c"),
+    sources=[str(CSRC / "pch.c"), str(CSRC / "verify.c"), str(CSRC / "dest.c"), str(CSRC / "workloads.c"),
              str(CSRC / "source.c"), str(CSRC / "worker.c")],
     libraries=["m"],
     include_dirs=[str(CSRC)],

@@ -18,9 +18,27 @@ from postcopy_core._uffd import ffi
 
 RESULT = ffi.sizeof("struct pch_worker_result")
 STATE_NONE, STATE_READY, STATE_DONE, STATE_FAILED = 0, 1, 2, 3
-FIELDS = ("vcpu", "pid", "state", "accesses", "faulting", "stall_ns", "max_ns", "all_ns", "pages_checked",
-          "words_checked", "mismatches", "first_bad_page", "t_start", "t_end", "t_forked", "t_ready")
-_SIGNED = {"vcpu", "pid", "state", "first_bad_page"}
+
+
+def numpy_dtype(ctype: str):
+    """The numpy dtype of a C struct, field by field at the offsets cffi reads from the header: the
+    layout is written once (csrc/pch.h), and a field added there shows up here by itself."""
+    import numpy as np
+
+    t = ffi.typeof(ctype)
+    names, formats, offsets = [], [], []
+    for name, f in t.fields:
+        ft = f.type
+        if ft.kind == "struct":
+            fmt = numpy_dtype(ft.cname)
+        elif ft.kind == "array":
+            fmt = (np.dtype(ft.item.cname.replace("_t", "")), ft.length)
+        else:
+            fmt = np.dtype(ft.cname.replace("_t", ""))
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(f.offset)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": ffi.sizeof(t)})
 
 
 def layout(nvcpus: int, capacity: int) -> tuple[int, int, int, int]:
@@ -55,8 +73,7 @@ class ResultsArea:
         os.ftruncate(self.fd, size)
         self.mapping = kernel.mmap_fd(self.fd, size)
         buf = self.mapping.buffer()
-        dtype = np.dtype([(f, "<i8" if f in _SIGNED else "<u8") for f in FIELDS])
-        assert dtype.itemsize == RESULT
+        dtype = numpy_dtype("struct pch_worker_result")
         self.summary = np.frombuffer(buf, dtype=dtype, count=nvcpus)
         self.lat_ns = np.frombuffer(buf, dtype=np.uint32, count=nvcpus * capacity, offset=lat).reshape(nvcpus, -1)
         self.lat_page = np.frombuffer(buf, dtype=np.uint32, count=nvcpus * capacity, offset=pages).reshape(nvcpus, -1)

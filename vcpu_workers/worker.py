@@ -9,8 +9,9 @@ vcpu_workers/zygote.py, and never returning to Python):
      that created it, and the handler's ioctls through it must act on this process's mapping;
   3. hand the uffd to the handler with a hello (postcopy_core/handoff.py) and close its own copy;
   4. build its access order (csrc/workloads.c), report ready in the results area, wait for EOF on
-     the start pipe, run the timed touch loop (pch_touch_run), write its results, exit 0 (4 = wrong
-     content read, 5 = a step failed, after one line ``vcpu N: ...`` on stderr).
+     the start pipe, run the timed touch loop (pch_touch_run): every read checked, every store one
+     that only it could have made (vcpu_workers/stores.py), write its results, exit 0 (4 = wrong
+     content read or a store of its own lost, 5 = a step failed, after one line ``vcpu N: ...``).
 Why C: a Python child dirties ~1.4 MiB of the zygote's pages (reference counts, allocator pools)
 and at 4096 workers that copying was most of the start-up; a C child touches only its own stack
 and buffers.
@@ -30,7 +31,7 @@ from postcopy_core._uffd import ffi, lib
 from postcopy_core.board import board_size
 from postcopy_core.content import ContentSpec
 from vcpu_workers import results as R
-from vcpu_workers.workloads import WORKLOADS
+from vcpu_workers.workloads import WORKLOADS, write_mode
 
 # On hugetlbfs an unmapped page may already be in the page cache (a minor fault, a few µs);
 # a userfault round trip through the handler takes tens of µs.  See pch.c, resident().
@@ -57,6 +58,7 @@ class WorkerPlan:
     gens_fd: int = -1  # run --precopy: each page's final generation (postcopy_core/precopy.py), else -1
     place: str = "copy"  # run --place: "continue" registers MINOR too (the handler writes the page cache)
     received_fd: int = -1  # the received map (postcopy_core/ramblock.py), read-only here; -1: mincore
+    ledger_fd: int = -1  # the store ledger (vcpu_workers/stores.py), or -1: no stores
 
 
 # A non-vCPU process walks one vCPU's slice in a random order of its own (its seed: the run's seed
@@ -79,6 +81,8 @@ def c_plan(plan: WorkerPlan):
         c.image = keep[-1]
     c.kind, c.device_kind, c.device_seed = WORKLOADS.index(plan.workload), WORKLOADS.index("random"), DEVICE_SEED
     c.write_ratio = plan.write_ratio
+    c.write_mode = write_mode(plan.workload, plan.write_ratio) if plan.ledger_fd >= 0 else lib.PCH_WRITES_NONE
+    c.ledger_fd = plan.ledger_fd
     c.features = kernel.FEATURE_THREAD_ID | (
         kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM)
     minor = plan.place == "continue"

@@ -25,6 +25,14 @@ WORKLOADS = ("sequential", "random", "stride", "hotset", "shared")  # index = C 
 STRIDE = 16
 HOTSET_ACCESSES = 2  # hotset: draws per vCPU, as a multiple of its share of pages
 HOTSET_SKEW = 1.1
+COUNTER_WORKLOADS = ("hotset", "shared")  # pages that several vCPUs write: stores are increments
+
+
+def write_mode(workload: str, write_ratio: float) -> int:
+    """How a run's stores are made (vcpu_workers/stores.py): PCH_WRITES_NONE, _OWN or _COUNT."""
+    if write_ratio <= 0:
+        return lib.PCH_WRITES_NONE
+    return lib.PCH_WRITES_COUNT if workload in COUNTER_WORKLOADS else lib.PCH_WRITES_OWN
 
 
 def _kind(workload: str) -> int:

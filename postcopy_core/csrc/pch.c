@@ -1,6 +1,7 @@
 /* pch.c - see pch.h.  Every wrapper returns -errno on failure; Python turns that into an error. */
 #define _GNU_SOURCE
 #include "pch.h"
+#include "content.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -228,32 +229,9 @@ int pch_madvise(uint64_t addr, uint64_t len, int advice)
 
 /* ---- content ---- */
 
-/* splitmix64's finaliser: a cheap, well-mixed bijection on 64-bit words. */
-static inline uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return x;
-}
-
-static inline uint64_t page_key(uint64_t seed, uint64_t page)
-{
-    return mix64(mix64(seed + 0x9e3779b97f4a7c15ull) ^ (page * 0xd6e8feb86659fd93ull));
-}
-
 int pch_page_is_zero(uint64_t seed, uint64_t page, uint32_t zero_permille)
 {
-    return zero_permille && (mix64(page_key(seed, page) ^ 0x5a5a5a5aull) % 1000) < zero_permille;
-}
-
-/* word k of a non-zero page: never 0 for k == 0, so a zero-filled page always mismatches */
-static inline uint64_t page_word(uint64_t key, uint64_t k)
-{
-    uint64_t w = mix64(key + k * 0x9e3779b97f4a7c15ull);
-    return k == 0 && w == 0 ? 1 : w;
+    return zero_permille && (pch_mix64(pch_page_key(seed, page) ^ 0x5a5a5a5aull) % 1000) < zero_permille;
 }
 
 void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t npages,
@@ -267,17 +245,10 @@ void pch_fill_pages(uint8_t *dst, uint64_t seed, uint64_t first_page, uint64_t n
             memset(w, 0, page_size);
             continue;
         }
-        uint64_t key = page_key(seed, page);
+        uint64_t key = pch_page_key(seed, page);
         for (uint64_t k = 0; k < words; k++)
-            w[k] = page_word(key, k);
+            w[k] = pch_page_word(key, k);
     }
-}
-
-/* a rewritten page's key: another bijection of the page's own key, one per generation */
-static inline uint64_t gen_key(uint64_t seed, uint64_t page, uint32_t gen)
-{
-    uint64_t key = page_key(seed, page);
-    return gen ? mix64(key ^ ((uint64_t)gen * 0xa0761d6478bd642full)) : key;
 }
 
 void pch_fill_page_gen(uint8_t *dst, uint64_t seed, uint64_t page, uint32_t gen, uint64_t page_size,
@@ -287,9 +258,9 @@ void pch_fill_page_gen(uint8_t *dst, uint64_t seed, uint64_t page, uint32_t gen,
         pch_fill_pages(dst, seed, page, 1, page_size, zero_permille);
         return;
     }
-    uint64_t *w = (uint64_t *)dst, key = gen_key(seed, page, gen);
+    uint64_t *w = (uint64_t *)dst, key = pch_gen_key(seed, page, gen);
     for (uint64_t k = 0; k < page_size / 8; k++)
-        w[k] = page_word(key, k);
+        w[k] = pch_page_word(key, k);
 }
 
 uint64_t pch_check_page_gen(const uint8_t *p, uint64_t seed, uint64_t page, uint32_t gen, uint64_t page_size,
@@ -298,20 +269,10 @@ uint64_t pch_check_page_gen(const uint8_t *p, uint64_t seed, uint64_t page, uint
     if (!gen)
         return pch_check_page(p, seed, page, page_size, zero_permille, ref);
     const uint64_t *w = (const uint64_t *)p;
-    uint64_t key = gen_key(seed, page, gen), bad = 0;
+    uint64_t key = pch_gen_key(seed, page, gen), bad = 0;
     for (uint64_t k = 0; k < page_size / 8; k++)
-        bad += w[k] != page_word(key, k);
+        bad += w[k] != pch_page_word(key, k);
     return bad;
-}
-
-static inline uint64_t expected_word(uint64_t seed, uint64_t page, uint64_t k, uint64_t page_size,
-                                     uint32_t zp, const uint8_t *ref)
-{
-    if (ref)
-        return ((const uint64_t *)(ref + page * page_size))[k];
-    if (pch_page_is_zero(seed, page, zp))
-        return 0;
-    return page_word(page_key(seed, page), k);
 }
 
 /* Returns the number of 64-bit words of the page that differ from the expected content. */
@@ -328,9 +289,9 @@ uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t
         for (uint64_t k = 0; k < words; k++)
             bad += w[k] != 0;
     } else {
-        uint64_t key = page_key(seed, page);
+        uint64_t key = pch_page_key(seed, page);
         for (uint64_t k = 0; k < words; k++)
-            bad += w[k] != page_word(key, k);
+            bad += w[k] != pch_page_word(key, k);
     }
     return bad;
 }
@@ -369,10 +330,97 @@ void pch_finish_line_wait(uint32_t *line, uint32_t count)
         syscall(SYS_futex, line, FUTEX_WAIT, seen, &second, NULL, 0);
 }
 
+/* Note a wrong page or word: counted by kind, the first one kept for the error line. */
+static void found_bad(struct pch_touch *t, const struct pch_finding *f, uint64_t words_bad, int lost)
+{
+    t->mismatches += words_bad;
+    t->lost_writes += (uint64_t)lost;
+    t->by_kind[f->kind]++;
+    if (t->first_bad_page < 0)
+        t->first_bad_page = f->page;
+    if (t->bad.page < 0)
+        t->bad = *f;
+}
+
+/* A store (run --write-ratio) to `page` at q, as verify.h describes: the ledger first, then the page
+ * (the ledger is never behind the page); pending brackets the two for a worker killed between. */
+static void store(struct pch_touch *t, uint64_t page, volatile uint64_t *q, const struct pch_content *c)
+{
+    __atomic_store_n(t->pending, page + 1, __ATOMIC_RELAXED);
+    if (t->write_mode == PCH_WRITES_OWN) {
+        uint64_t v = pch_store_value(t->seed, page, t->vcpu, t->stores);
+        __atomic_store_n(&t->ledger[page], v, __ATOMIC_RELEASE);
+        q[pch_store_word(t->page_size, t->vcpu)] = v;
+        t->mine[page] = (uint32_t)(t->stores + 1);
+    } else {
+        __atomic_add_fetch(&t->ledger[page], 1, __ATOMIC_SEQ_CST);
+        uint64_t now = __atomic_add_fetch(&q[PCH_COUNTER_WORD], 1, __ATOMIC_SEQ_CST);
+        t->mine[page]++;
+        /* read-your-writes on a counter: at least our own increments, at most all that were made */
+        uint64_t n = now - pch_source_word(c, page, PCH_COUNTER_WORD);
+        uint64_t all = __atomic_load_n(&t->ledger[page], __ATOMIC_SEQ_CST);
+        t->writes_checked++;
+        if (n < t->mine[page] || n > all) {
+            struct pch_finding f = { (int64_t)page, pch_judge_page(c, page, (const uint8_t *)q, PCH_WRITES_COUNT, 0,
+                                                               t->mine[page], all, NULL),
+                                     (int32_t)t->vcpu, t->mine[page], PCH_COUNTER_WORD, 0, now };
+            f.expected = now - n + t->mine[page];
+            found_bad(t, &f, 1, 1);
+        }
+    }
+    t->stores++;
+    __atomic_store_n(t->pending, 0, __ATOMIC_RELEASE);
+}
+
+/* Read-your-writes: a page this vCPU stored to must still hold its latest store. */
+static void check_own_store(struct pch_touch *t, uint64_t page, volatile uint64_t *q, const struct pch_content *c)
+{
+    t->writes_checked++;
+    if (t->write_mode == PCH_WRITES_OWN) {
+        uint64_t k = pch_store_word(t->page_size, t->vcpu);
+        uint64_t want = pch_store_value(t->seed, page, t->vcpu, t->mine[page] - 1), got = q[k];
+        if (got != want) {
+            struct pch_finding f = { (int64_t)page, pch_judge_word(c, page, k, want, got), (int32_t)t->vcpu,
+                                     t->mine[page] - 1, k, want, got };
+            found_bad(t, &f, 1, 1);
+        }
+        return;
+    }
+    uint64_t got = q[PCH_COUNTER_WORD], src = pch_source_word(c, page, PCH_COUNTER_WORD);
+    uint64_t all = __atomic_load_n(&t->ledger[page], __ATOMIC_SEQ_CST); /* after the page: never behind it */
+    if (got - src < t->mine[page] || got - src > all) {
+        struct pch_finding f = { (int64_t)page, got == src ? PCH_BAD_REVERTED : got == 0 ? PCH_BAD_ZEROED
+                                 : got - src < t->mine[page] ? PCH_BAD_STALE : PCH_BAD_FOREIGN,
+                                 (int32_t)t->vcpu, t->mine[page], PCH_COUNTER_WORD, src + t->mine[page], got };
+        found_bad(t, &f, 1, 1);
+    }
+}
+
+/* What the after-loop check expects of a page this worker touched: judged as verify.h says. */
+static int judge_touched(struct pch_touch *t, uint64_t page, const struct pch_content *c, struct pch_finding *f)
+{
+    const uint8_t *p = (const uint8_t *)(uintptr_t)(t->base + page * t->page_size);
+    uint32_t mine = t->mine ? t->mine[page] : 0;
+    if (t->write_mode == PCH_WRITES_OWN) {
+        if (mine) /* its own page: its latest store, exactly */
+            return pch_judge_page(c, page, p, PCH_WRITES_OWN, pch_store_value(t->seed, page, t->vcpu, mine - 1), 0,
+                                  0, f);
+        /* a vCPU's page it did not store to has no writer; another process reads pages vCPUs write */
+        return pch_judge_page(c, page, p, t->owner ? PCH_WRITES_NONE : PCH_WRITES_OWN, 0, 0, 0, f);
+    }
+    if (t->write_mode == PCH_WRITES_COUNT) /* past the finish line every vCPU's increments are made */
+        return pch_judge_page(c, page, p, PCH_WRITES_COUNT, 0, mine,
+                              t->owner ? __atomic_load_n(&t->ledger[page], __ATOMIC_SEQ_CST) : UINT64_MAX / 2, f);
+    return pch_judge_page(c, page, p, PCH_WRITES_NONE, 0, 0, 0, f);
+}
+
 int pch_touch_run(struct pch_touch *t)
 {
     uint64_t words = t->page_size / 8;
+    struct pch_content c = { t->seed, t->page_size, t->zero_permille, t->ref, t->gens };
+    int writes = t->is_write && t->write_mode != PCH_WRITES_NONE && t->ledger && t->mine && t->pending;
     t->first_bad_page = -1;
+    t->bad.page = -1;
     t->t_start = pch_now_ns();
     for (uint64_t i = 0; i < t->count; i++) {
         uint64_t page = t->order[i];
@@ -386,21 +434,16 @@ int pch_touch_run(struct pch_touch *t)
         int missing = t->first_touch ? !t->verified[page]
                       : t->received ? !__atomic_load_n(&t->received[page], __ATOMIC_ACQUIRE)
                                     : !resident(addr);
-        uint32_t gen = t->gens ? t->gens[page] : 0;
-        uint64_t want = gen ? page_word(gen_key(t->seed, page, gen), 0)
-                            : expected_word(t->seed, page, 0, t->page_size, t->zero_permille, t->ref);
+        uint64_t want = pch_source_word(&c, page, 0);
         uint64_t got;
+        int is_store = writes && t->is_write[i];
         /* tell the handler which page we may block on; ordered before the access itself */
         if (t->board)
             __atomic_store_n(t->board, page + 1, __ATOMIC_SEQ_CST);
         uint64_t s = pch_now_ns();
-        if (t->is_write && t->is_write[i]) {
-            /* a store of the value the page must hold: a real write fault, content unchanged */
-            *q = want;
-            got = *q;
-        } else {
-            got = *q;
-        }
+        if (is_store) /* a real write fault, and a value that only this store could have written */
+            store(t, page, q, &c);
+        got = *q;
         uint64_t e = pch_now_ns();
         uint64_t d = e - s;
         t->all_ns += d;
@@ -418,44 +461,43 @@ int pch_touch_run(struct pch_touch *t)
         /* the word just read is checked now; the rest of the page once, after the timed loop */
         t->words_checked++;
         if (got != want) {
-            t->mismatches++;
-            if (t->first_bad_page < 0)
-                t->first_bad_page = (int64_t)page;
+            struct pch_finding f = { (int64_t)page, pch_judge_word(&c, page, 0, want, got), -1, 0, 0, want, got };
+            found_bad(t, &f, 1, 0);
         }
+        if (writes && !is_store && t->mine[page])
+            check_own_store(t, page, q, &c);
         t->verified[page] = 1;
     }
     t->t_end = pch_now_ns();
     if (t->board)
         __atomic_store_n(t->board, 0, __ATOMIC_RELEASE);
     /* The check below is the harness's, not the guest's: it must not take the CPU from vCPUs still
-     * in their timed loop (a 2 MiB page takes ~1 ms to check; the C reference checks after its
+     * in their timed loop (a 2 MiB page takes ~1 ms to check; a C reference checks after its
      * round, outside its clock).  Nice 19, not SCHED_IDLE: on a busy host it still finishes. */
     if (t->yield_check)
         setpriority(PRIO_PROCESS, 0, 19);
-    /* and it waits for the last vCPU's loop, as the reference does (its check follows the round):
-     * checking while others still fault took ~9 % of their faults/s at 8 pinned vCPUs */
+    /* and it waits for the last vCPU's loop (its check follows the round, as a reference's does):
+     * checking while others still fault took ~9 % of their faults/s at 8 pinned vCPUs; past that
+     * line every vCPU's stores are made, so a counter page's count is final */
     if (t->finish_line) {
         pch_finish_line_cross(t->finish_line, t->finish_count);
         pch_finish_line_wait(t->finish_line, t->finish_count);
     }
-    /* Every byte of every page this vCPU read, checked once, outside the timed loop (as
-     * ../shared/bench does): a page torn, misplaced or zero-filled by a lost handler shows here. */
-    /* Walked in access order, not over all of RAM: with 4096 vCPUs each touching a small slice,
+    /* Every byte of every page this vCPU read, checked once, outside the timed loop: a page torn,
+     * misplaced, zero-filled by a lost handler, or a store of ours undone, shows here.
+     * Walked in access order, not over all of RAM: with 4096 vCPUs each touching a small slice,
      * a pass over every page per worker was 4096 x npages reads.  verified: 2 once checked. */
     for (uint64_t i = 0; i < t->count; i++) {
         uint64_t page = t->order[i];
         if (t->verified[page] != 1)
             continue;
         t->verified[page] = 2;
-        uint64_t bad = pch_check_page_gen((const uint8_t *)(uintptr_t)(t->base + page * t->page_size), t->seed,
-                                          page, t->gens ? t->gens[page] : 0, t->page_size, t->zero_permille, t->ref);
+        struct pch_finding f = { .page = -1 };
+        int kind = judge_touched(t, page, &c, &f);
         t->pages_checked++;
         t->words_checked += words;
-        if (bad) {
-            t->mismatches += bad;
-            if (t->first_bad_page < 0)
-                t->first_bad_page = (int64_t)page;
-        }
+        if (kind >= 0)
+            found_bad(t, &f, 1, f.vcpu >= 0 || (t->mine && t->mine[page]));
     }
     return 0;
 }

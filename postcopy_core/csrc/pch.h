@@ -12,6 +12,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "verify.h"
+
 /* ---- userfaultfd ---- */
 int pch_userfaultfd(int flags);
 int pch_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
@@ -59,6 +61,11 @@ struct pch_worker_result {
     uint64_t accesses, faulting, stall_ns, max_ns, all_ns, pages_checked, words_checked, mismatches;
     int64_t first_bad_page;
     uint64_t t_start, t_end, t_forked, t_ready;
+    /* stores (verify.h): made, checked by a later read, found lost; wrong pages and words by kind */
+    uint64_t stores, writes_checked, lost_writes;
+    uint64_t by_kind[PCH_BAD_KINDS];
+    uint64_t pending;            /* page + 1 while a store is under way: a worker killed mid-store leaves it */
+    struct pch_finding bad;      /* the first wrong thing this worker read */
 };
 
 /* ---- the vCPU worker's timed touch loop ---- */
@@ -85,6 +92,15 @@ struct pch_touch {
     uint32_t *finish_line;    /* shared count of vCPUs past their timed loop, or NULL: the check
                                * waits until it reaches finish_count (pch_finish_line_cross) */
     uint32_t finish_count;
+    /* stores (run --write-ratio, verify.h) */
+    int write_mode;           /* PCH_WRITES_* */
+    uint32_t vcpu;            /* whose stores these are */
+    uint32_t owner;           /* 1: a vCPU (a page it never wrote has no other writer in OWN mode); 0: a
+                               * non-vCPU process, which reads pages that vCPUs write */
+    uint64_t *ledger;         /* shared, per page: the last value stored (OWN) or the increments made (COUNT) */
+    uint32_t *mine;           /* per page: OWN 1 + the number of this vCPU's last store there (0: none);
+                               * COUNT its increments there */
+    uint64_t *pending;        /* this worker's result slot's `pending` */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -99,6 +115,9 @@ struct pch_touch {
     uint64_t mismatches;      /* mismatching 64-bit words */
     int64_t first_bad_page;   /* -1 when none */
     uint64_t t_start, t_end;  /* CLOCK_MONOTONIC ns */
+    uint64_t stores, writes_checked, lost_writes;
+    uint64_t by_kind[PCH_BAD_KINDS];
+    struct pch_finding bad;   /* the first wrong page or word read */
 };
 int pch_touch_run(struct pch_touch *t);
 /* The finish line: every vCPU adds one once its timed loop is over (the orchestrator adds one for a
@@ -193,6 +212,8 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     int device_kind;               /* the non-vCPU processes' walk, and their seed offset */
     uint64_t device_seed;
     double write_ratio;
+    int write_mode;                /* PCH_WRITES_* (verify.h) */
+    int ledger_fd;                 /* the store ledger (one uint64 per page), or -1 without stores */
     uint64_t features;             /* uffd features to negotiate */
     uint64_t register_mode;        /* UFFDIO_REGISTER_MODE_* of the guest-RAM range */
     uint64_t need_ioctls;          /* ioctls the registered range must support (1 << _UFFDIO_*) */

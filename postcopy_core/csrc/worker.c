@@ -193,11 +193,19 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     int64_t count = pch_make_order(kind, owner, p->nvcpus, p->npages, seed, order);
     if (count < 0)
         return fail(p, w, "MemoryError", "no memory for the hotset permutation", 0);
-    uint8_t *writes = NULL;
-    if (p->write_ratio > 0) {
+    uint8_t *writes = NULL; /* only vCPUs store: a non-vCPU process reads what they write */
+    uint64_t *ledger = NULL;
+    uint32_t *mine = NULL;
+    if (p->write_ratio > 0 && w < p->nvcpus && p->write_mode != PCH_WRITES_NONE) {
         if (!(writes = malloc(count ? (size_t)count : 1)))
             return fail(p, w, "MemoryError", "no memory for the store pattern", 0);
         pch_make_writes(writes, (uint64_t)count, p->write_ratio, p->seed, w);
+        if (!(mine = calloc(p->npages ? p->npages : 1, sizeof *mine))) /* zero pages until touched */
+            return fail(p, w, "MemoryError", "no memory for the store record", 0);
+    }
+    if (p->ledger_fd >= 0 && p->write_mode != PCH_WRITES_NONE) { /* a non-vCPU process reads it too */
+        if (!(ledger = map(p->npages * 8, PROT_READ | PROT_WRITE, MAP_SHARED, p->ledger_fd)))
+            return fail(p, w, "KernelError", "mmap(store ledger)", errno);
     }
     const uint8_t *ref = NULL;
     if (p->image) {
@@ -259,6 +267,12 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.gens = gens;
     t.first_touch = p->first_touch;
     t.received = received;
+    t.write_mode = p->write_mode;
+    t.vcpu = w;
+    t.owner = w < p->nvcpus;
+    t.ledger = ledger;
+    t.mine = mine;
+    t.pending = &rec->pending;
     t.yield_check = 1; /* this process: nice 19 for the after-loop check (see pch.h) */
     if (board) { /* vCPUs check their pages once every vCPU's timed loop is over */
         t.finish_line = (uint32_t *)(board - w + p->nvcpus); /* the slot after the last vCPU's */
@@ -280,6 +294,11 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     rec->t_start = t.t_start;
     rec->t_end = t.t_end;
     rec->faulting = t.n_faulting;
+    rec->stores = t.stores;
+    rec->writes_checked = t.writes_checked;
+    rec->lost_writes = t.lost_writes;
+    memcpy(rec->by_kind, t.by_kind, sizeof rec->by_kind);
+    rec->bad = t.bad;
     (void)nworkers;
     __atomic_store_n(&rec->state, t.mismatches ? PCH_STATE_FAILED : PCH_STATE_DONE, __ATOMIC_RELEASE);
     return t.mismatches ? PCH_WORKER_BAD_CONTENT : 0;
@@ -302,8 +321,8 @@ static int child_setup(const struct pch_worker_plan *p, uint32_t w, pid_t parent
     else
         snprintf(name, sizeof name, "pch-dev-%u", w - p->nvcpus);
     prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0);
-    int keep[6] = {p->memfd, p->start_fd, p->results_fd, p->board_fd, p->gens_fd, p->received_fd};
-    close_other_fds(keep, 6); /* an fd of -1 (no precopy, no received map) keeps nothing */
+    int keep[7] = {p->memfd, p->start_fd, p->results_fd, p->board_fd, p->gens_fd, p->received_fd, p->ledger_fd};
+    close_other_fds(keep, 7); /* an fd of -1 (no precopy, no received map) keeps nothing */
     if (p->ncpus > 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
