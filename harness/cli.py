@@ -28,6 +28,7 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
     from harness.config import LINK_MODES, RunConfig, parse_size
     from postcopy_core.handler import PLACE_MODES, WAKE_POLICIES
     from postcopy_core.link import LINK_UNITS
+    from postcopy_core.plant import PLANTED_BUGS
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
@@ -73,7 +74,10 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
                    help="TCP: authenticate the page channels with the key in FILE (mode 600, >= 16 bytes) "
                         "instead of a fresh random key per run (default: a fresh key)")
     p.add_argument("--write-ratio", type=float, metavar="F", default=d.write_ratio,
-                   help="share of accesses that are stores, 0..1 (default %(default)s)")
+                   help="share of the vCPUs' accesses that are stores, 0..1; each store writes a value only it "
+                        "could have written (an atomic increment on pages several vCPUs write: hotset, shared) and "
+                        "is checked by later reads and in the final check of all RAM; 0: a read-only guest "
+                        "(default %(default)s)")
     p.add_argument("--wake-policy", choices=WAKE_POLICIES, default=d.wake_policy,
                    help="after placing a page, wake only known waiters or every uffd (default %(default)s)")
     p.add_argument("--place", choices=PLACE_MODES, default=d.place,
@@ -105,6 +109,10 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
                         "postcopy recovery: the destination pauses, a new source starts (after HOLD s if given) "
                         "and the run resumes; recovery-crash kills the next new source as it starts. The "
                         "report's recovery section says what happened (default: none)")
+    p.add_argument("--plant-bug", metavar="KIND", choices=sorted(PLANTED_BUGS),
+                   help="make the destination or source misbehave on purpose, to see the checks catch it: "
+                        + "; ".join(f"{k}: {b.does} (caught as {b.caught_as})" for k, b in PLANTED_BUGS.items())
+                        + " (default: none)")
     p.add_argument("--stall-timeout", type=float, metavar="SECONDS", default=d.stall_timeout,
                    help="fail the run, naming who, when a vCPU, the source or the handler makes no progress "
                         "for this long (at least 3 page times of --link) (default %(default)g)")

@@ -79,7 +79,7 @@ class RunConfig:
     auth_key_file: str | None = None  # TCP: the page channels' key from this file (default: a fresh one)
     link_mode: str = "model"  # model: the source's in-process link model; netns: a namespace + veth shaped by tc
     source: str | None = None  # HOST:PORT of a `postcopy-harness source --listen` to migrate from (no fork)
-    write_ratio: float = 0.0
+    write_ratio: float = 0.3  # a guest stores too: every store is checked (vcpu_workers/stores.py)
     wake_policy: str = WAKE_WAITERS
     place: str = PLACE_COPY  # how pages go in: UFFDIO_COPY, or the page cache + UFFDIO_CONTINUE
     pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
@@ -95,6 +95,7 @@ class RunConfig:
     # verification must catch
     precopy_skip_discards: int = field(default=0, repr=False)
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
+    plant_bug: str | None = None  # run --plant-bug KIND: misbehave on purpose (postcopy_core/plant.py)
     stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
     json: str | None = None
     trace: str | None = None
@@ -163,12 +164,31 @@ class RunConfig:
             raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
         self._validate_strategy()
         self._validate_precopy()
+        self._validate_plant()
         if self.image is not None:
             size = image_bytes(self.image)
             if size != self.ram:
                 raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
                                   "(leave --ram out to take the image's size)")
         return self
+
+    def _validate_plant(self) -> None:
+        """--plant-bug: a known kind, in a run where it can act (else it would prove nothing)."""
+        from postcopy_core.plant import PLANTED_BUGS
+
+        if self.plant_bug is None:
+            return
+        if self.plant_bug not in PLANTED_BUGS:
+            raise ConfigError(f"--plant-bug {self.plant_bug!r}: choose from {', '.join(PLANTED_BUGS)}")
+        recovers = any(t.strip().startswith(("source-crash", "link-drop")) for t in self.inject)
+        can = {"revert-after-write": self.write_ratio > 0,
+               "stale-generation": self.precopy > 0 and self.dirty_rate > 0,
+               "resend-overwrite": recovers and self.write_ratio > 0}.get(self.plant_bug, True)
+        if self.source is not None:
+            raise ConfigError("--plant-bug: not with --source (the source is not a process of this run)")
+        if not can:
+            raise ConfigError(f"--plant-bug {self.plant_bug} needs {PLANTED_BUGS[self.plant_bug].needs}: "
+                              "without it the bug cannot act")
 
     def _validate_remote_source(self) -> None:
         """run --source HOST:PORT: a key file is needed, and nothing that acts on a forked source."""

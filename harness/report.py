@@ -88,6 +88,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     if raw is None:
         if recovery is not None:  # a failed run with --inject: what was injected and what happened
             rep["recovery"] = recovery
+        if cfg.plant_bug:
+            rep["plant-bug"] = planted_verdict(cfg.plant_bug, rep, None)
         return rep
     summ, hs, ss = raw["summary"], raw["handler"], raw["source"]
     lat = np.concatenate(raw["latencies"]) if raw["latencies"] else np.zeros(0)
@@ -188,7 +190,25 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         rep["error"] = (f"verification failed: {v['lost-writes']} lost writes, {mismatches} wrong reads by vCPUs, "
                         f"{v['ram-bad-pages']} bad pages in RAM ({kinds or 'none'}), "
                         f"{hs['placed']}/{cfg.npages} pages placed" + (f"; first: {first.words()}" if first else ""))
+    if cfg.plant_bug:
+        rep["plant-bug"] = planted_verdict(cfg.plant_bug, rep, hs["planted"])
     return rep
+
+
+def planted_verdict(kind: str, rep: dict, acted: int | None) -> dict:
+    """The report's plant-bug section: did the checks catch the bug planted on purpose, as what."""
+    from postcopy_core.plant import PLANTED_BUGS
+
+    bug = PLANTED_BUGS[kind]
+    by_kind = rep.get("verification", {}).get("by-kind", {})
+    if bug.caught_as == "hung":  # the stall watch names a vCPU that waits on a page already placed
+        caught = "lost wake-up" in (rep["error"] or "")
+        seen = ["hung"] if caught else []
+    else:
+        seen = [k for k, n in by_kind.items() if n]
+        caught = bug.caught_as in seen
+    return {"kind": kind, "where": bug.where, "does": bug.does, "acted": acted, "caught-as": bug.caught_as,
+            "caught": caught, "classes-seen": seen}
 
 
 def verification(checked: np.ndarray, ram: RamVerdict) -> dict:

@@ -197,7 +197,8 @@ class Run(SourceRestarts):
                 if self.netns is not None:
                     self.netns.enter()  # the source process itself lives in the namespace
                 stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
-                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child), strategy)
+                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child), strategy,
+                                   plant=cfg.plant_bug)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tcp_connect(port, CHANNEL_STREAM, key, host), tcp_connect(port, CHANNEL_URGENT, key, host)
@@ -214,7 +215,7 @@ class Run(SourceRestarts):
 
             def source_body() -> int:
                 return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child),
-                                   strategy)
+                                   strategy, plant=cfg.plant_bug)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
                 return tune(s_dst), tune(u_dst)
@@ -254,7 +255,7 @@ class Run(SourceRestarts):
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
                 reconnect=dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens,
-                place=cfg.place))
+                place=cfg.place, plant=cfg.plant_bug))
 
         for role, body in (("source", source_body), ("fault", dest_body)):
             if role == "source" and remote:

@@ -151,7 +151,7 @@ class SourceRestarts:
                     self.netns.enter()
                 stream, urgent = tcp_accept_channels(ls, a["key"], timeout=STARTUP_TIMEOUT)
                 return source_main(a["spec"], a["geo"], stream, urgent, a["link"], ControlLine(ctl_child),
-                                   a["strategy"], resume=True, gens_fd=gens_fd)
+                                   a["strategy"], resume=True, gens_fd=gens_fd, plant=cfg.plant_bug)
             mine = [ls]
         else:
             s_src, s_dst = self._pair()
@@ -160,7 +160,8 @@ class SourceRestarts:
 
             def body() -> int:
                 return source_main(a["spec"], a["geo"], tune(s_src), tune(u_src), a["link"],
-                                   ControlLine(ctl_child), a["strategy"], resume=True, gens_fd=gens_fd)
+                                   ControlLine(ctl_child), a["strategy"], resume=True, gens_fd=gens_fd,
+                                   plant=cfg.plant_bug)
             mine = [s_src, u_src]
         if gens_fd is not None:
             keep.add(gens_fd)

@@ -108,7 +108,7 @@ class StallWatch:
         candidates = {int(v) for v in np.flatnonzero((now - self._moved >= self.timeout) & waits_for_nothing)}
         self._cpu = {v: t for v, t in self._cpu.items() if v in candidates}
         for v in sorted(candidates):
-            self._check_vcpu(v, ended, now)
+            self._check_vcpu(v, ended, now, int(slots[v]) - 1)
         source = self.services.get("the source")
         mark = (placed, self._events(), len(ended), _written(source) if source else None)
         # every page in: what is left (the handler checking all of RAM) moves nothing we see
@@ -117,7 +117,7 @@ class StallWatch:
         elif now - self._global_at >= self.timeout and not self._cpu:  # a still vCPU is the likelier culprit:
             self._fail_global(ended)                                      # its verdict comes first
 
-    def _check_vcpu(self, v: int, ended: set[int], now: float) -> None:
+    def _check_vcpu(self, v: int, ended: set[int], now: float, page: int) -> None:
         if v in ended:
             return
         pid = self.worker_pids[v]
@@ -129,7 +129,11 @@ class StallWatch:
             self._moved[v] = now  # it runs: it moves, whatever its board slot says
             self._cpu.pop(v)
             return
-        raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", process_state(pid)))
+        state = process_state(pid)
+        what = "made no progress"
+        if state in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP):  # asleep on a page that is in
+            what = f"waited on page {page}, which was placed, without being woken: a lost wake-up (hung),"
+        raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", state, what))
 
     def _fail_global(self, ended: set[int]) -> None:
         for who, pid in self.services.items():  # a stopped service first: everything waits on it

@@ -48,6 +48,7 @@ from postcopy_core.board import AccessBoard
 from postcopy_core.channel import ControlLine
 from postcopy_core.content import ContentSpec
 from postcopy_core.kernel import KernelError, Uffd
+from postcopy_core.plant import plant_code
 from postcopy_core.protocol import Geometry, ProtocolError, encode_shut
 from postcopy_core.ramblock import ReceivedMap
 
@@ -77,7 +78,7 @@ STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "
                "placed_urgent", "placed_background", "placed_zero", "duplicates", "wakes", "copy_eexist",
                "dead_ports", "eos", "frames", "board_wakes", "t_last_place", "reconnects", "re_requested",
                "placed_precopy", "discarded", "precopy_rewrites", "discard_msgs", "faults_discarded",
-               "requests_discarded", "t_postcopy_start")
+               "requests_discarded", "t_postcopy_start", "planted")
 
 # how the destination gets a new source's channels from the orchestrator's ``resume`` message (and
 # the fds it carried): a pair of connected page-channel sockets (stream, urgent)
@@ -105,7 +106,7 @@ class Destination:
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
                  board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
                  reconnect: Reconnect | None = None, share_channels: bool = False,
-                 gens: GenerationMap | None = None, place: str = PLACE_COPY) -> None:
+                 gens: GenerationMap | None = None, place: str = PLACE_COPY, plant: str | None = None) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
@@ -143,6 +144,8 @@ class Destination:
         self.d = ffi.gc(d, lib.pch_dest_free)
         if place == PLACE_CONTINUE:
             lib.pch_dest_set_continue(self.d, self.mapping.addr)
+        if plant:  # run --plant-bug: misbehave on purpose (postcopy_core/plant.py)
+            lib.pch_dest_set_plant(self.d, plant_code(plant))
         self.stats_c = lib.pch_dest_stats(self.d)
         self.stream, self.urgent = stream, urgent  # the return path rides the stream socket backwards
         self._len = ffi.new("uint64_t *")

@@ -64,8 +64,9 @@ class Source:
 
     def __init__(self, spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
                  link: Link, control: ControlLine, strategy: Strategy | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, plant: str | None = None) -> None:
         self.spec, self.geo, self.link, self.control = spec, geo, link, control
+        self.plant = plant  # run --plant-bug (harness/plant.py): misbehave on purpose
         self.resuming = resume  # postcopy recovery: the destination's received map comes first
         self.stream, self.urgent = stream, urgent
         self.strategy = strategy or Preempt()
@@ -289,6 +290,8 @@ class Source:
         """A replacement source: every page the destination holds (its received map, one byte per
         page) counts as sent, so neither the stream nor an answer sends it again."""
         have = np.frombuffer(bytes(received), np.uint8) != 0
+        if self.plant == "resend-overwrite":  # planted: ignore the map, stream every page again
+            have[:] = False
         sent = np.frombuffer(self.sent, np.uint8)  # the bytes the C lane reads too
         sent[have & (sent == 0)] = SENT_STREAM
         self.stats["pages_skipped_resume"] = int(have.sum())
@@ -480,11 +483,11 @@ class Source:
 
 def source_main(spec: ContentSpec, geo: Geometry, stream: socket.socket, urgent: socket.socket,
                 link: Link, control: ControlLine, strategy: Strategy | None = None, resume: bool = False,
-                gens_fd: int | None = None) -> int:
+                gens_fd: int | None = None, plant: str | None = None) -> int:
     """Entry point of the source process (after fork); ``strategy`` defaults to preempt; ``resume``: a
     new source for a paused destination (postcopy recovery), ``gens_fd`` the generations a precopy left."""
     try:
-        src = Source(spec, geo, stream, urgent, link, control, strategy, resume)
+        src = Source(spec, geo, stream, urgent, link, control, strategy, resume, plant)
         if gens_fd is not None:
             from postcopy_core.precopy import adopt_generations
 

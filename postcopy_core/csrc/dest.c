@@ -5,6 +5,7 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <linux/userfaultfd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +41,7 @@ struct partial { uint64_t first, count, plen; int urgent, valid; };
 #define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
 #define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
 #define SPIN_NS 20000          /* poll this long (yielding) before sleeping in epoll_wait */
+#define PLANT_SLOTS 16         /* run --plant-bug: pages copied aside at most */
 
 struct pch_dest {
     uint64_t ps, npages;
@@ -82,6 +84,13 @@ struct pch_dest {
     struct partial part[2];     /* per channel, where the last pch_dest_on_data stopped */
     int loop_result;
     int link_down; /* a page channel failed: requests wait for the next source (pch_dest_reconnect) */
+    /* run --plant-bug (dest.h): the kind, pages copied aside (revert: as placed; stale: as they were
+     * before a DISCARD), and lost-wake's page */
+    int plant, dontwake; /* dontwake: the placement under way must wake nobody (lost-wake) */
+    uint8_t *saved;
+    int64_t saved_page[PLANT_SLOTS];
+    int nsaved;
+    int64_t unwoken;
     char err[256];
 };
 
@@ -145,6 +154,7 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
     d->board_port = malloc(((size_t)d->nboard + 1) * sizeof *d->board_port);
     d->board_mark = d->nboard ? calloc(npages, sizeof *d->board_mark) : NULL;
     d->board_gen = d->board_first_wake = 1;
+    d->unwoken = -1;
     d->board_batch = d->nboard / 64 > 1 ? (uint32_t)(d->nboard / 64) : 1; /* scan cost <= 64 slots per page */
     if (!d->head || !d->pool || !d->woken || !d->board_port || (d->nboard && !d->board_mark)) {
         pch_dest_free(d);
@@ -182,6 +192,7 @@ void pch_dest_free(struct pch_dest *d)
     free(d->rx[0].buf);
     free(d->rx[1].buf);
     free(d->dropped);
+    free(d->saved);
     free(d);
 }
 
@@ -287,9 +298,9 @@ static int release(struct pch_dest *d, struct pch_port *p, uint64_t addr, uint64
         return wake(d, p, addr, len);
     if (!p->alive)
         return 0;
-    int rc = pch_uffd_continue_upto(p->fd, addr, len, 0, NULL);
+    int rc = pch_uffd_continue_upto(p->fd, addr, len, d->dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0, NULL);
     if (rc == -EEXIST)
-        return wake(d, p, addr, len);
+        return d->dontwake ? 0 : wake(d, p, addr, len);
     if (rc == -ESRCH || rc == -ENOENT) {
         port_dead(d, p);
         return 0;
@@ -368,7 +379,7 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
         if (already) {
             /* placed after the kernel queued this fault: the waiter only needs a wake */
             d->st.faults_already_received++;
-            int rc = release(d, port, port->base + off, d->ps);
+            int rc = d->unwoken == (int64_t)page ? 0 : release(d, port, port->base + off, d->ps);
             if (rc && !err)
                 err = rc;
             continue;
@@ -387,11 +398,12 @@ static int put_pages(struct pch_dest *d, struct pch_port *p, uint64_t page, uint
                      uint64_t *done)
 {
     uint64_t addr = p->base + (page << d->shift), len = count << d->shift;
+    uint64_t mode = d->dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0; /* == UFFDIO_ZEROPAGE_MODE_DONTWAKE */
     if (src)
-        return pch_uffd_copy_upto(p->fd, addr, src, len, 0, done);
+        return pch_uffd_copy_upto(p->fd, addr, src, len, mode, done);
     if (!d->hugetlb)
-        return pch_uffd_zeropage_upto(p->fd, addr, len, 0, done);
-    return pch_uffd_copy_upto(p->fd, addr, (const void *)(uintptr_t)d->zero_page, len, 0, done);
+        return pch_uffd_zeropage_upto(p->fd, addr, len, mode, done);
+    return pch_uffd_copy_upto(p->fd, addr, (const void *)(uintptr_t)d->zero_page, len, mode, done);
 }
 
 /* Install [page, page+count) through `via`; on a dead waiter fall back to the carrier.  EEXIST
@@ -515,11 +527,122 @@ static int board_note(struct pch_dest *d, const struct pch_port *via, uint64_t p
     return ++d->board_pending >= d->board_batch ? board_flush(d) : 0;
 }
 
+/* ---- run --plant-bug: the bugs planted on purpose (dest.h); nothing here runs without one ---- */
+
+void pch_dest_set_plant(struct pch_dest *d, int kind)
+{
+    d->plant = kind;
+    if (kind == PCH_PLANT_REVERT || kind == PCH_PLANT_STALE)
+        d->saved = malloc(PLANT_SLOTS * d->ps);
+    if (!d->saved)
+        d->plant = kind == PCH_PLANT_REVERT || kind == PCH_PLANT_STALE ? PCH_PLANT_NONE : kind;
+}
+
+/* guest RAM through the destination's own mapping (registered or not, a placed page is just memory) */
+static uint8_t *our_view(struct pch_dest *d, uint64_t page)
+{
+    return d->ram ? d->ram + (page << d->shift) : (uint8_t *)(uintptr_t)(d->carrier->base + (page << d->shift));
+}
+
+/* keep a copy of page's bytes (src, or zeros) in a free slot (revert: the oldest is given up) */
+static void plant_save(struct pch_dest *d, uint64_t page, const uint8_t *src)
+{
+    int i = d->nsaved < PLANT_SLOTS ? d->nsaved++ : (int)(page % PLANT_SLOTS);
+    d->saved_page[i] = (int64_t)page;
+    if (src)
+        memcpy(d->saved + (uint64_t)i * d->ps, src, d->ps);
+    else
+        memset(d->saved + (uint64_t)i * d->ps, 0, d->ps);
+}
+
+static int plant_slot(const struct pch_dest *d, uint64_t page)
+{
+    for (int i = 0; i < d->nsaved; i++)
+        if (d->saved_page[i] == (int64_t)page)
+            return i;
+    return -1;
+}
+
+/* revert-after-write, once per loop turn: a saved page that a vCPU changed gets its source bytes back */
+static void plant_revert(struct pch_dest *d)
+{
+    for (int i = 0; i < d->nsaved; i++) {
+        if (d->saved_page[i] < 0)
+            continue;
+        uint8_t *now = our_view(d, (uint64_t)d->saved_page[i]), *old = d->saved + (uint64_t)i * d->ps;
+        if (!memcmp(now, old, d->ps))
+            continue;
+        memcpy(now, old, d->ps);
+        d->saved_page[i] = -1;
+        d->st.planted++;
+    }
+}
+
+/* what a planted bug makes of a placement of `page` (a waiter's if w >= 0): maybe other bytes */
+static const uint8_t *plant_place(struct pch_dest *d, uint64_t page, int32_t w, const uint8_t *src)
+{
+    int i;
+    switch (d->plant) {
+    case PCH_PLANT_REVERT:
+        if (w >= 0 && !d->precopy)
+            plant_save(d, page, src);
+        return src;
+    case PCH_PLANT_ZERO:
+        if (w < 0 || !src || page % 4)
+            return src;
+        d->st.planted++;
+        if (d->ram) /* continue: the page cache may hold the bytes already (received into place) */
+            memset(d->ram + (page << d->shift), 0, d->ps);
+        return NULL;
+    case PCH_PLANT_STALE:
+        if ((i = plant_slot(d, page)) < 0 || d->precopy)
+            return src;
+        d->saved_page[i] = -1;
+        d->st.planted++;
+        return d->saved + (uint64_t)i * d->ps;
+    case PCH_PLANT_LOST_WAKE:
+        if (w >= 0 && src && d->unwoken < 0 && !d->precopy) {
+            d->unwoken = (int64_t)page;
+            d->st.planted++;
+        }
+        return src;
+    }
+    return src;
+}
+
+static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent);
+
+/* wrong-page: after a waited-for page went in, its bytes go in at another offset too (if free) */
+static int plant_wrong(struct pch_dest *d, uint64_t page, int32_t w, const uint8_t *src, int urgent)
+{
+    uint64_t other = page ^ 2;
+    if (d->plant != PCH_PLANT_WRONG || w < 0 || !src || page % 4 != 1 || other >= d->npages ||
+        d->received[other] || d->head[other] >= 0 || d->precopy)
+        return 0;
+    d->st.planted++;
+    if (d->ram) { /* continue: a copy aside, as the source's bytes may be received into place */
+        uint8_t *copy = malloc(d->ps);
+        if (!copy)
+            return fail(d, -ENOMEM, "out of memory");
+        memcpy(copy, src, d->ps);
+        int rc = place(d, other, 1, copy, urgent);
+        free(copy);
+        return rc;
+    }
+    return place(d, other, 1, src, urgent);
+}
+
 static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent)
 {
     int32_t w = d->head[page];
     struct pch_port *via = w >= 0 ? &d->ports[d->pool[w].port] : d->carrier;
+    const uint8_t *given = src;
+    if (d->plant) /* a planted bug places pages one at a time (place_frame) */
+        src = plant_place(d, page, w, src);
+    int unwoken = d->unwoken == (int64_t)page; /* lost-wake: no wake for it, not even the copy's own */
+    d->dontwake = unwoken;
     int rc = install(d, &via, page, count, src);
+    d->dontwake = 0;
     if (rc)
         return rc;
     int64_t t = now_ns(); /* placement time: right after the copy, as QEMU takes it */
@@ -537,7 +660,7 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     for (uint64_t k = 0; k < count && !d->precopy; k++)
         if (add_event(d, t, (page + k) << d->shift, -1, 0, 'P', !src))
             return fail(d, -ENOMEM, "out of memory for events");
-    if ((rc = wake_sharers(d, via, w, page, count)) || (rc = board_note(d, via, page, count)))
+    if (!unwoken && ((rc = wake_sharers(d, via, w, page, count)) || (rc = board_note(d, via, page, count))))
         return rc;
     if (w >= 0) { /* a page with waiters is placed alone (count == 1): free its list */
         for (int32_t x = w; x >= 0;) {
@@ -548,7 +671,7 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
         }
         d->head[page] = -1;
     }
-    return 0;
+    return d->plant ? plant_wrong(d, page, w, given, urgent) : 0;
 }
 
 static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l);
@@ -573,11 +696,15 @@ static int place_frame(struct pch_dest *d, uint64_t first, uint64_t count, const
         }
         if (d->received[p]) {
             d->st.duplicates++; /* a background copy of a page that came urgently */
+            if (d->plant == PCH_PLANT_RESEND && d->st.reconnects && data) { /* planted: overwrite it */
+                memcpy(our_view(d, p), data + ((p - first) << d->shift), d->ps);
+                d->st.planted++;
+            }
             p++;
             continue;
         }
         uint64_t q = p + 1;
-        if (d->head[p] < 0)
+        if (d->head[p] < 0 && !d->plant)
             while (q < end && !d->received[q] && d->head[q] < 0)
                 q++;
         int rc = place(d, p, q - p, data ? data + ((p - first) << d->shift) : NULL, urgent);
@@ -638,6 +765,9 @@ static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count)
         return fail(d, -ENOMEM, "out of memory for the discard map");
     for (uint16_t i = 0; i < count; i++) {
         uint64_t off = be64(p + i * PCH_DISCARD_RANGE_SIZE), len = be64(p + i * PCH_DISCARD_RANGE_SIZE + 8);
+        for (uint64_t pg = off >> d->shift; d->plant == PCH_PLANT_STALE && pg < (off + len) >> d->shift; pg++)
+            if (d->received[pg] && d->nsaved < PLANT_SLOTS) /* planted: keep the old generation's bytes */
+                plant_save(d, pg, our_view(d, pg));
         if (fallocate(d->memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len)) {
             int e = errno;
             if (madvise((void *)(uintptr_t)(d->carrier->base + off), len, MADV_REMOVE))
@@ -1018,6 +1148,8 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         int64_t left = end - now_ns();
         if (left <= 0 || d->ev_len >= EVENTS_SHIP)
             break;
+        if (d->plant == PCH_PLANT_REVERT)
+            plant_revert(d);
         int64_t t0 = now_ns();
         int k = 0;
         /* The next event (a fault, an answer) is usually a few microseconds away.  Looking for it a

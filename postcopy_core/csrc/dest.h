@@ -50,6 +50,7 @@ struct pch_dest_stats {
      * requests for dropped pages, and when POSTCOPY_START came (0: not yet) */
     uint64_t placed_precopy, discarded, precopy_rewrites, discard_msgs, faults_discarded, requests_discarded;
     uint64_t t_postcopy_start;
+    uint64_t planted; /* run --plant-bug: how many times the planted bug acted */
 };
 
 struct pch_dest;
@@ -106,6 +107,17 @@ void pch_dest_set_continue(struct pch_dest *d, uint64_t ram);
  * and the like: this source is gone too).  pch_dest_hellos: how many of the two channels of the
  * current source said HELLO (2: the new source is live). */
 int pch_dest_reconnect(struct pch_dest *d, int stream_fd);
+
+/* run --plant-bug (harness/plant.py): misbehave on purpose, so that the write checker
+ * (vcpu_workers/stores.py) is credited only with bugs it has been seen to catch */
+#define PCH_PLANT_NONE 0
+#define PCH_PLANT_REVERT 1     /* revert-after-write: put a faulted page's source bytes back once a vCPU wrote it */
+#define PCH_PLANT_ZERO 2       /* zero-page: place zeros for one in four non-zero pages a vCPU waits for */
+#define PCH_PLANT_WRONG 3      /* wrong-page: one in four waited-for pages also goes in at another offset */
+#define PCH_PLANT_STALE 4      /* stale-generation: a page dropped by DISCARD gets its old bytes when placed */
+#define PCH_PLANT_LOST_WAKE 5  /* lost-wake: the first waited-for page is placed and its waiter never woken */
+#define PCH_PLANT_RESEND 6     /* resend-overwrite: after a recovery, pages sent again overwrite what we had */
+void pch_dest_set_plant(struct pch_dest *d, int kind);
 int pch_dest_hellos(const struct pch_dest *d);
 
 #endif

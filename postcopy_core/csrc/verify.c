@@ -108,8 +108,10 @@ int pch_judge_page(const struct pch_content *c, uint64_t page, const uint8_t *p,
     uint64_t base_bad = 0, first_bad = words, nonzero = 0;
     for (uint64_t k = 0; k < words; k++) {
         uint64_t found = w[k];
-        nonzero |= found;
-        if (k == wk || found == pch_source_word(c, page, k))
+        if (k == wk)
+            continue;
+        nonzero |= found; /* of the words no store of the expected writer is in */
+        if (found == pch_source_word(c, page, k))
             continue;
         if (mode == PCH_WRITES_OWN && !want && any_store(c, page, k, found))
             continue;
@@ -133,10 +135,10 @@ int pch_judge_page(const struct pch_content *c, uint64_t page, const uint8_t *p,
     if (!base_bad && wkind < 0)
         return -1;
     int kind;
-    if (!nonzero)
-        kind = PCH_BAD_ZEROED;
-    else if (!base_bad)
+    if (!base_bad)
         kind = wkind;
+    else if (!nonzero)
+        kind = PCH_BAD_ZEROED;
     else if (older_generation(c, page, w, wk))
         kind = PCH_BAD_STALE;
     else if (base_bad < words - (wk < words))
@@ -145,10 +147,11 @@ int pch_judge_page(const struct pch_content *c, uint64_t page, const uint8_t *p,
         kind = PCH_BAD_FOREIGN;
     if (f && f->page < 0) {
         uint64_t k = wkind >= 0 && !base_bad ? wk : first_bad;
+        int store_word = k == wk; /* the finding is about a store, else about the source's content */
         *f = (struct pch_finding){ .page = (int64_t)page, .kind = kind, .word = k, .found = w[k],
-                                   .vcpu = wk < words && mode == PCH_WRITES_OWN ? (int32_t)wv : -1,
-                                   .seq = mode == PCH_WRITES_OWN ? wseq : lo,
-                                   .expected = k == wk ? expected : pch_source_word(c, page, k) };
+                                   .vcpu = store_word && mode == PCH_WRITES_OWN ? (int32_t)wv : -1,
+                                   .seq = !store_word ? 0 : mode == PCH_WRITES_OWN ? wseq : lo,
+                                   .expected = store_word ? expected : pch_source_word(c, page, k) };
     }
     return kind;
 }
