@@ -11,6 +11,7 @@ carry one JSON object per line.
 from __future__ import annotations
 
 import json
+import os
 import select
 import selectors
 import socket
@@ -30,9 +31,18 @@ HANDSHAKE_TIMEOUT = 10.0  # a connection that has not proved itself by then is d
 MAX_PENDING = 64  # connections in the middle of their handshake at once; the oldest makes room
 
 
+def socket_buffer() -> int:
+    """Bytes of send and receive buffer per channel: SOCKET_BUFFER, or ``PCH_SOCKET_BUFFER`` from the
+    environment (e.g. 1: the smallest the kernel allows, where every frame crosses in many pieces and
+    every send may find the socket full; the tests of the loop that never blocks use it)."""
+    text = os.environ.get("PCH_SOCKET_BUFFER", "")
+    return int(text) if text.isdigit() and int(text) > 0 else SOCKET_BUFFER
+
+
 def tune(sock: socket.socket) -> socket.socket:
     """Non-blocking, no Nagle on TCP (a page request must not wait for more to batch with)."""
     sock.setblocking(False)
+    size = socket_buffer()
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # room for several 2 MiB huge-page frames in flight; the *FORCE options (root) go past
@@ -40,7 +50,7 @@ def tune(sock: socket.socket) -> socket.socket:
     for force, plain in ((SO_SNDBUFFORCE, socket.SO_SNDBUF), (SO_RCVBUFFORCE, socket.SO_RCVBUF)):
         for opt in (force, plain):
             try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
                 break
             except OSError:
                 continue

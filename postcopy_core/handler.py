@@ -78,7 +78,8 @@ STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "
                "placed_urgent", "placed_background", "placed_zero", "duplicates", "wakes", "copy_eexist",
                "dead_ports", "eos", "frames", "board_wakes", "t_last_place", "reconnects", "re_requested",
                "placed_precopy", "discarded", "precopy_rewrites", "discard_msgs", "faults_discarded",
-               "requests_discarded", "t_postcopy_start", "planted")
+               "requests_discarded", "t_postcopy_start", "planted",
+               "direct_skipped")
 
 # how the destination gets a new source's channels from the orchestrator's ``resume`` message (and
 # the fds it carried): a pair of connected page-channel sockets (stream, urgent)

@@ -30,6 +30,7 @@ struct rxbuf {
     /* --place continue: a PAGES frame whose payload is being received straight into guest RAM */
     uint64_t dfirst, dcount, dlen, dgot;
     int durgent, direct;
+    uint8_t *scratch; /* where the bytes of a page placed meanwhile go instead (on_direct) */
 };
 
 /* a PAGES frame that pch_dest_on_data found valid but incomplete (its header read, not all its payload) */
@@ -191,6 +192,8 @@ void pch_dest_free(struct pch_dest *d)
     free(d->ev);
     free(d->rx[0].buf);
     free(d->rx[1].buf);
+    free(d->rx[0].scratch);
+    free(d->rx[1].scratch);
     free(d->dropped);
     free(d->saved);
     free(d);
@@ -897,9 +900,9 @@ static int direct_ok(struct pch_dest *d, int ch)
 
 /* --place continue: receive the rest of a big PAGES frame straight into guest RAM (one copy, from the
  * socket into the page cache: no receive buffer in between), then place it there.  Only frames none
- * of whose pages is in yet go this way (one answered urgently meanwhile gets the same bytes again:
- * the source's image does not change).  No vCPU sees a page half written: each is registered MINOR
- * and traps until its page is placed and CONTINUEd to it.
+ * of whose pages is in yet go this way; a page of it placed meanwhile (an urgent answer) is skipped
+ * by the rest of the receive (direct_room): its vCPU may have written it since.  No vCPU sees a page
+ * half written: each is registered MINOR and traps until its page is placed and CONTINUEd to it.
  * Same results as on_channel. */
 static int direct_done(struct pch_dest *d, int ch)
 {
@@ -914,13 +917,38 @@ static int direct_done(struct pch_dest *d, int ch)
     return 1;
 }
 
+/* How much of the frame being received into place the next recv may take: the run of its pages from
+ * where it stands up to the first page placed meanwhile (an urgent answer, CONTINUEd and perhaps
+ * written by its vCPU since).  Such a page's bytes go to `scratch` instead (*aside = 1): a page in
+ * place is never written again. */
+static uint64_t direct_room(struct pch_dest *d, struct rxbuf *r, int *aside)
+{
+    uint64_t page = r->dfirst + (r->dgot >> d->shift), in_page = r->dgot & (d->ps - 1);
+    *aside = d->received[page];
+    if (*aside) {
+        d->st.direct_skipped += !in_page;
+        return d->ps - in_page;
+    }
+    uint64_t end = page + 1, last = r->dfirst + r->dcount;
+    while (end < last && !d->received[end])
+        end++;
+    return ((end - r->dfirst) << d->shift) - r->dgot;
+}
+
 static int on_direct(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
-    uint64_t want = r->dlen - r->dgot;
+    int aside;
+    uint64_t want = direct_room(d, r, &aside);
     if (want > RX_TURN)
         want = RX_TURN;
-    ssize_t got = recv(fd, d->ram + (r->dfirst << d->shift) + r->dgot, want, MSG_DONTWAIT);
+    uint8_t *to = d->ram + (r->dfirst << d->shift) + r->dgot;
+    if (aside) {
+        if (!r->scratch && !(r->scratch = malloc(d->ps < RX_TURN ? d->ps : RX_TURN)))
+            return fail(d, -ENOMEM, "out of memory for a receive buffer");
+        to = r->scratch;
+    }
+    ssize_t got = recv(fd, to, want, MSG_DONTWAIT);
     if (got < 0 && link_lost(errno))
         got = 0; /* a reset is an EOF: the destination pauses (the half-received frame is asked again) */
     if (got < 0)

@@ -51,6 +51,8 @@ struct pch_dest_stats {
     uint64_t placed_precopy, discarded, precopy_rewrites, discard_msgs, faults_discarded, requests_discarded;
     uint64_t t_postcopy_start;
     uint64_t planted; /* run --plant-bug: how many times the planted bug acted */
+    uint64_t direct_skipped; /* --place continue: pages of a frame received into place that were placed
+                              * meanwhile, so the rest of the receive left them alone */
 };
 
 struct pch_dest;
