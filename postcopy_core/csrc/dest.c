@@ -63,7 +63,8 @@ struct pch_dest {
     int32_t pool_cap, pool_free;
     /* pages to request, in fault order; flushed into req by pch_dest_on_uffd */
     uint8_t *req;
-    uint64_t req_len, req_cap;
+    uint64_t req_len, req_cap, req_sent; /* [req_sent, req_len): queued until the return path has room */
+    int out_armed;                        /* the main epoll set waits for room on the return path too */
     uint8_t *ev;
     uint64_t ev_len, ev_cap;
     struct pch_dest_stats st;
@@ -881,7 +882,7 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
 
 const uint8_t *pch_dest_requests(struct pch_dest *d, uint64_t *len) { *len = d->req_len; return d->req; }
 const uint8_t *pch_dest_events(struct pch_dest *d, uint64_t *len) { *len = d->ev_len; return d->ev; }
-void pch_dest_clear_requests(struct pch_dest *d) { d->req_len = 0; }
+void pch_dest_clear_requests(struct pch_dest *d) { d->req_len = d->req_sent = 0; }
 void pch_dest_clear_events(struct pch_dest *d) { d->ev_len = 0; }
 const struct pch_dest_stats *pch_dest_stats(struct pch_dest *d) { return &d->st; }
 const char *pch_dest_error(struct pch_dest *d) { return d->err; }
@@ -1074,21 +1075,22 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
     return 1;
 }
 
+/* Send the queued requests as far as the return path takes them, never waiting: what it does not
+ * take stays queued and goes when the socket says it has room (EPOLLOUT in the loop, arm_out).  A
+ * loop that waited here would stop reading faults, placing pages and seeing quit, while a source
+ * that waits to send pages to us stops reading requests: each would wait for the other. */
 static int send_requests(struct pch_dest *d, int fd)
 {
-    uint64_t pos = 0;
     if (d->link_down || fd < 0)
         return 0; /* no source: the faults stay waiters, asked for again by pch_dest_reconnect */
-    while (pos < d->req_len) {
-        ssize_t n = send(fd, d->req + pos, d->req_len - pos, MSG_NOSIGNAL);
+    while (d->req_sent < d->req_len) {
+        ssize_t n = send(fd, d->req + d->req_sent, d->req_len - d->req_sent, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == EAGAIN) { /* a stalled source: wait for room (the socket is non-blocking) */
-                struct pollfd pfd = { fd, POLLOUT, 0 };
-                if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
-                    return fail(d, -errno, "poll(return path): %s", strerror(errno));
-                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                d->st.rp_full++; /* full: the rest waits for room */
+                return 0;
             }
             if (link_lost(errno)) { /* the source is gone: pause (PCH_RUN_EOF), keep the waiters */
                 d->link_down = 1;
@@ -1097,10 +1099,24 @@ static int send_requests(struct pch_dest *d, int fd)
             }
             return fail(d, -errno, "send(return path): %s", strerror(errno));
         }
-        pos += (uint64_t)n;
+        d->req_sent += (uint64_t)n;
     }
-    d->req_len = 0;
+    d->req_len = d->req_sent = 0;
     return 0;
+}
+
+static int requests_queued(const struct pch_dest *d) { return d->req_sent < d->req_len; }
+
+/* Wait for room on the return path (EPOLLOUT on the stream socket) exactly while requests are queued. */
+static void arm_out(struct pch_dest *d, struct pch_dest_loop *l)
+{
+    int want = requests_queued(d) && !d->link_down && l->stream_fd >= 0;
+    if (want == d->out_armed)
+        return;
+    struct epoll_event ev = { .events = EPOLLIN | (want ? EPOLLOUT : 0), .data.fd = l->stream_fd };
+    if (l->stream_fd >= 0)
+        epoll_ctl(l->epfd, EPOLL_CTL_MOD, l->stream_fd, &ev);
+    d->out_armed = want;
 }
 
 /* Serve the ready uffds and urgent channel among evs[0..k) (other fds are left to the caller).  A
@@ -1158,7 +1174,7 @@ static int serve_ready_set(struct pch_dest *d, struct pch_dest_loop *l, int faul
         if (rc < 0)
             return rc;
     } while (k == 256); /* more may be ready than one call returns */
-    return d->req_len ? send_requests(d, l->stream_fd) : 0;
+    return requests_queued(d) ? send_requests(d, l->stream_fd) : 0;
 }
 
 static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l) { return serve_ready_set(d, l, 0); }
@@ -1178,6 +1194,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
             break;
         if (d->plant == PCH_PLANT_REVERT)
             plant_revert(d);
+        arm_out(d, l);
         int64_t t0 = now_ns();
         int k = 0;
         /* The next event (a fault, an answer) is usually a few microseconds away.  Looking for it a
@@ -1201,14 +1218,15 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
         }
         if (k == 0)
             l->idle_ns += now_ns() - t0;
-        int stream_ready = 0, nested = 0;
+        int stream_ready = 0, nested = 0, room = 0;
         streamed = 0;
         for (int i = 0; i < k; i++) {
             int fd = evs[i].data.fd;
             uint64_t v;
-            if (fd == l->stream_fd)
-                stream_ready = 1;
-            else if (fd == l->pri_epfd)
+            if (fd == l->stream_fd) {
+                stream_ready = (evs[i].events & ~(uint32_t)EPOLLOUT) != 0; /* data, EOF or an error */
+                room = (evs[i].events & EPOLLOUT) != 0;
+            } else if (fd == l->pri_epfd)
                 nested = 1;
             else if (fd == l->quit_fd && read(fd, &v, sizeof v) == sizeof v) {
                 l->quit_seen = 1;
@@ -1220,7 +1238,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
          * wake-up instead of two); a nested one says only that the priority set has something */
         if ((rc = nested ? serve_priority(d, l) : serve_ready(d, l, evs, k, 0)) < 0)
             break;
-        if (!nested && d->req_len && (rc = send_requests(d, l->stream_fd)) < 0)
+        if ((room || !nested) && requests_queued(d) && (rc = send_requests(d, l->stream_fd)) < 0)
             break;
         if (stream_ready) {
             streamed = 1;
@@ -1234,7 +1252,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
             }
             if (rc < 0)
                 break;
-            if (d->req_len && (rc = send_requests(d, l->stream_fd)) < 0)
+            if (requests_queued(d) && (rc = send_requests(d, l->stream_fd)) < 0)
                 break;
         }
         if (d->loop_result) {
@@ -1289,7 +1307,8 @@ int pch_dest_reconnect(struct pch_dest *d, int stream_fd)
         d->hello[ch] = d->eos[ch] = 0;
     }
     d->sent_id = 0; /* a new source learns the RAM block's id from the first request again */
-    d->req_len = 0; /* requests meant for the old source: every waiter is asked for below */
+    d->req_len = d->req_sent = 0; /* requests meant for the old source: every waiter is asked for below */
+    d->out_armed = 0;             /* the new channels are registered afresh, for reading */
     d->link_down = 0;
     d->st.reconnects++;
     if (append_bitmap(d))

@@ -53,6 +53,7 @@ struct pch_dest_stats {
     uint64_t planted; /* run --plant-bug: how many times the planted bug acted */
     uint64_t direct_skipped; /* --place continue: pages of a frame received into place that were placed
                               * meanwhile, so the rest of the receive left them alone */
+    uint64_t rp_full;        /* sends of requests that found the return path full (the rest was queued) */
 };
 
 struct pch_dest;

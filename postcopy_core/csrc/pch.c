@@ -72,14 +72,32 @@ int pch_uffd_unregister(int fd, uint64_t start, uint64_t len)
     return ioctl(fd, UFFDIO_UNREGISTER, &r) ? -errno : 0;
 }
 
-/* COPY and ZEROPAGE may stop part-way with EAGAIN (the mm is changing under them); the kernel
- * reports how much it did, so carry on from there until the whole range is in. */
-/* The kernel answers a partial copy with EAGAIN and the bytes done: go on from there.  On any
- * other error *done (when given) says how many bytes went in before it. */
+/* COPY, ZEROPAGE and CONTINUE may stop part-way with EAGAIN (the mm is changing under them, e.g. a
+ * UFFD_EVENT_REMOVE not read yet); the kernel reports how much it did, so carry on from there.  An
+ * EAGAIN that made no progress is retried with a backoff (yield, then sleeps of 10 us, then 1 ms)
+ * and given up after EAGAIN_TRIES in a row (about 2 s), returning -EAGAIN: never a spin without
+ * end.  On any error *done (when given) says how many bytes went in before it. */
+#define EAGAIN_TRIES 2000
+
+/* one more EAGAIN without progress: back off, or say to give up (-EAGAIN) */
+static int eagain_backoff(unsigned *tries)
+{
+    if (++*tries > EAGAIN_TRIES)
+        return -EAGAIN;
+    if (*tries <= 16) {
+        sched_yield();
+        return 0;
+    }
+    struct timespec ts = { 0, *tries <= 64 ? 10000 : 1000000 };
+    nanosleep(&ts, NULL);
+    return 0;
+}
+
 int pch_uffd_copy_upto(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode, uint64_t *done)
 {
     const char *s = src;
     uint64_t total = 0;
+    unsigned tries = 0;
     int rc = 0;
     while (len) {
         struct uffdio_copy c = { .dst = dst, .src = (uint64_t)(uintptr_t)s, .len = len, .mode = mode };
@@ -96,6 +114,9 @@ int pch_uffd_copy_upto(int fd, uint64_t dst, const void *src, uint64_t len, uint
             s += c.copy;
             len -= (uint64_t)c.copy;
             total += (uint64_t)c.copy;
+            tries = 0;
+        } else if ((rc = eagain_backoff(&tries))) {
+            break;
         }
     }
     if (done)
@@ -111,6 +132,7 @@ int pch_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t 
 int pch_uffd_zeropage_upto(int fd, uint64_t dst, uint64_t len, uint64_t mode, uint64_t *done)
 {
     uint64_t total = 0;
+    unsigned tries = 0;
     int rc = 0;
     while (len) {
         struct uffdio_zeropage z = { .range = { dst, len }, .mode = mode };
@@ -126,6 +148,9 @@ int pch_uffd_zeropage_upto(int fd, uint64_t dst, uint64_t len, uint64_t mode, ui
             dst += (uint64_t)z.zeropage;
             len -= (uint64_t)z.zeropage;
             total += (uint64_t)z.zeropage;
+            tries = 0;
+        } else if ((rc = eagain_backoff(&tries))) {
+            break;
         }
     }
     if (done)
@@ -141,6 +166,7 @@ int pch_uffd_zeropage(int fd, uint64_t dst, uint64_t len, uint64_t mode)
 int pch_uffd_continue_upto(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done)
 {
     uint64_t total = 0;
+    unsigned tries = 0;
     int rc = 0;
     while (len) {
         struct uffdio_continue c = { .range = { start, len }, .mode = mode };
@@ -156,6 +182,9 @@ int pch_uffd_continue_upto(int fd, uint64_t start, uint64_t len, uint64_t mode, 
             start += (uint64_t)c.mapped;
             len -= (uint64_t)c.mapped;
             total += (uint64_t)c.mapped;
+            tries = 0;
+        } else if ((rc = eagain_backoff(&tries))) {
+            break;
         }
     }
     if (done)
