@@ -23,8 +23,11 @@ def run(**kw) -> dict:
     rep = build_report(cfg, execute(cfg))
     assert rep["status"] == "completed", rep.get("error")
     v = rep["verification"]
-    assert v["mismatches"] == 0 and v["ram-bad-pages"] == 0
+    assert v["mismatches"] == 0 and v["ram-bad-pages"] == 0 and v["lost-writes"] == 0
+    assert not any(v["by-kind"].values()) and v["first-bad"] is None
     assert v["ram-pages-verified"] == cfg.npages
+    assert (v["writes"] > 0) == (cfg.write_ratio > 0)  # a run that stores has its stores checked
+    assert v["writes-checked"] >= (v["writes"] if cfg.workload in ("hotset", "shared") else 0)
     assert rep["pages"]["placed"] == cfg.npages
     assert rep["pages"]["requested"] + rep["pages"]["background"] == cfg.npages
     assert len(rep["workers"]["vcpu-stall-ms"]) == cfg.vcpus
