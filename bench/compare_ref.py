@@ -140,14 +140,15 @@ def reference_limits(src: Path) -> dict[str, int]:
 
 
 def harness_config(args: argparse.Namespace, vcpus: int, ram: int, place: str = "copy") -> RunConfig:
-    """The harness side of one point: demand paging only, like the reference, pinned like it if asked."""
+    """The harness side of one point: demand paging only and read-only (write_ratio 0), like the
+    reference, pinned like it if asked."""
     pin = {"pin": True} if args.pin else {}
     if pin and "pin" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise BenchError("--pin: this harness has no pin option (RunConfig.pin); run without --pin")
     if place != "copy":
         pin["place"] = place
     return RunConfig(vcpus=vcpus, ram=ram, workload=args.workload, backing=args.backing,
-                     background=False, seed=args.seed, timeout=args.timeout, **pin)
+                     background=False, seed=args.seed, timeout=args.timeout, write_ratio=0.0, **pin)
 
 
 # ------------------------------------------------------------------ the reference

@@ -130,10 +130,9 @@ class StallWatch:
             self._cpu.pop(v)
             return
         state = process_state(pid)
-        what = "made no progress"
-        if state in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP):  # asleep on a page that is in
-            what = f"waited on page {page}, which was placed, without being woken: a lost wake-up (hung),"
-        raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", state, what))
+        asleep = state in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP)  # on a page that is in
+        detail = f", asleep on page {page}, which was placed: a lost wake-up (hung)" if asleep else ""
+        raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", state, detail=detail))
 
     def _fail_global(self, ended: set[int]) -> None:
         for who, pid in self.services.items():  # a stopped service first: everything waits on it
@@ -149,5 +148,5 @@ class StallWatch:
         raise RunFailed(self._words(f"{who} (pid {pid})" if pid else who,
                                     process_state(pid) if pid else "unknown", "sent no page while vCPUs wait"))
 
-    def _words(self, who: str, state: str, what: str = "made no progress") -> str:
-        return f"{who} {what} for {self.timeout:g} s (state: {state}) (--stall-timeout)"
+    def _words(self, who: str, state: str, what: str = "made no progress", detail: str = "") -> str:
+        return f"{who} {what} for {self.timeout:g} s{detail} (state: {state}) (--stall-timeout)"

@@ -531,7 +531,7 @@ def test_a_squatted_name_changes_nothing(clean_machine):
         if os.geteuid() == 0:
             os.chown(squat, NOBODY, NOBODY)
         raw = execute(RunConfig(vcpus=2, ram=4 << 20, background=False).validate())
-        assert raw["handler"]["ram_bad_pages"] == 0 and raw["handler"]["placed"] == (4 << 20) // kernel.PAGE_SIZE
+        assert raw["ram_check"].bad_pages == 0 and raw["handler"]["placed"] == (4 << 20) // kernel.PAGE_SIZE
         with open(squat, "rb") as f:
             assert f.read() == b"\1" * 4096  # untouched
     finally:

@@ -392,7 +392,7 @@ static void store(struct pch_touch *t, uint64_t page, volatile uint64_t *q, cons
         if (n < t->mine[page] || n > all) {
             struct pch_finding f = { (int64_t)page, pch_judge_page(c, page, (const uint8_t *)q, PCH_WRITES_COUNT, 0,
                                                                t->mine[page], all, NULL),
-                                     (int32_t)t->vcpu, t->mine[page], PCH_COUNTER_WORD, 0, now };
+                                     (int32_t)t->vcpu, t->mine[page], PCH_COUNTER_WORD, 0, now, 1 };
             f.expected = now - n + t->mine[page];
             found_bad(t, &f, 1, 1);
         }
@@ -410,7 +410,7 @@ static void check_own_store(struct pch_touch *t, uint64_t page, volatile uint64_
         uint64_t want = pch_store_value(t->seed, page, t->vcpu, t->mine[page] - 1), got = q[k];
         if (got != want) {
             struct pch_finding f = { (int64_t)page, pch_judge_word(c, page, k, want, got), (int32_t)t->vcpu,
-                                     t->mine[page] - 1, k, want, got };
+                                     t->mine[page] - 1, k, want, got, 1 };
             found_bad(t, &f, 1, 1);
         }
         return;
@@ -420,7 +420,7 @@ static void check_own_store(struct pch_touch *t, uint64_t page, volatile uint64_
     if (got - src < t->mine[page] || got - src > all) {
         struct pch_finding f = { (int64_t)page, got == src ? PCH_BAD_REVERTED : got == 0 ? PCH_BAD_ZEROED
                                  : got - src < t->mine[page] ? PCH_BAD_STALE : PCH_BAD_FOREIGN,
-                                 (int32_t)t->vcpu, t->mine[page], PCH_COUNTER_WORD, src + t->mine[page], got };
+                                 (int32_t)t->vcpu, t->mine[page], PCH_COUNTER_WORD, src + t->mine[page], got, 1 };
         found_bad(t, &f, 1, 1);
     }
 }
@@ -490,7 +490,7 @@ int pch_touch_run(struct pch_touch *t)
         /* the word just read is checked now; the rest of the page once, after the timed loop */
         t->words_checked++;
         if (got != want) {
-            struct pch_finding f = { (int64_t)page, pch_judge_word(&c, page, 0, want, got), -1, 0, 0, want, got };
+            struct pch_finding f = { (int64_t)page, pch_judge_word(&c, page, 0, want, got), -1, 0, 0, want, got, 1 };
             found_bad(t, &f, 1, 0);
         }
         if (writes && !is_store && t->mine[page])
@@ -526,7 +526,7 @@ int pch_touch_run(struct pch_touch *t)
         t->pages_checked++;
         t->words_checked += words;
         if (kind >= 0)
-            found_bad(t, &f, 1, f.vcpu >= 0 || (t->mine && t->mine[page]));
+            found_bad(t, &f, f.words_bad, f.vcpu >= 0 || (t->mine && t->mine[page]));
     }
     return 0;
 }

@@ -151,7 +151,8 @@ int pch_judge_page(const struct pch_content *c, uint64_t page, const uint8_t *p,
         *f = (struct pch_finding){ .page = (int64_t)page, .kind = kind, .word = k, .found = w[k],
                                    .vcpu = store_word && mode == PCH_WRITES_OWN ? (int32_t)wv : -1,
                                    .seq = !store_word ? 0 : mode == PCH_WRITES_OWN ? wseq : lo,
-                                   .expected = store_word ? expected : pch_source_word(c, page, k) };
+                                   .expected = store_word ? expected : pch_source_word(c, page, k),
+                                   .words_bad = base_bad + (wkind >= 0) };
     }
     return kind;
 }

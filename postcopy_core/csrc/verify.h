@@ -44,6 +44,7 @@ struct pch_finding {        /* the first wrong page or word found: what the erro
     int32_t vcpu;           /* the writer whose store was expected there, or -1 (the source's content was) */
     uint64_t seq;           /* OWN: that store's number; COUNT: the increments expected (at least) */
     uint64_t word, expected, found;
+    uint64_t words_bad;     /* wrong 64-bit words in that page (1 for a single word's check) */
 };
 
 /* the word of a page that vCPU `vcpu`'s stores go to (OWN); never word 0, the one every access reads */
