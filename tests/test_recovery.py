@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import psutil
@@ -102,6 +103,45 @@ def test_crash_during_recovery(tmp_path, clean_machine):
     assert during["outcome"] == "killed the replacement source as it started, before the resume completed"
     started = [e["pid"] for e in rec["events"] if e["event"] == "source-started"]
     assert started[0] == during["pid"] and len(started) == 2
+    assert_clean()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_stopped_source_is_replaced_and_the_run_completes(tmp_path, transport, clean_machine):
+    """The issue: a source stopped from outside (SIGSTOP: its sockets stay open, the destination sees
+    no EOF) failed the run after --stall-timeout, where a killed one is replaced.  Now it is treated
+    like a lost one: killed and reaped, the destination pauses, a new source resumes it."""
+    out = tmp_path / "r.json"
+    proc = start_cli([*DEMAND, "--stall-timeout", "1.5", "--transport", transport, "--json", str(out)])
+    [source] = wait_for_children(proc, "pch-source")
+    t0 = time.monotonic()
+    source.send_signal(signal.SIGSTOP)
+    code, err = finish(proc, 90)
+    rep = json.loads(out.read_text())
+    _assert_complete(code, err, rep)
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["source-restarts"]) == (1, 1, 1), rec
+    [stalled] = [e for e in rec["events"] if e["event"] == "source-stalled"]
+    assert stalled["why"] == f"the source (pid {source.pid}) made no progress for 1.5 s (state: stopped) " \
+                             "(--stall-timeout)", stalled
+    [lost] = [e["cause"] for e in rec["events"] if e["event"] == "source-lost"]
+    assert lost.startswith(f"the source (pid {source.pid}) was killed by SIGKILL (replaced: the source"), lost
+    started = [e["pid"] for e in rec["events"] if e["event"] == "source-started"]
+    assert len(started) == 1 and started[0] != source.pid
+    assert stalled["at-s"] < [e["at-s"] for e in rec["events"] if e["event"] == "resumed"][0]
+    assert time.monotonic() - t0 < 60
+    assert not psutil.pid_exists(source.pid)  # killed and reaped: no stopped process, no zombie
+    assert_clean()
+
+
+def test_injected_source_stall_past_the_stall_timeout_is_replaced(tmp_path, clean_machine):
+    code, err, rep = _run(tmp_path, "source-stall@0.3:30", extra=("--stall-timeout", "1.5"))
+    _assert_complete(code, err, rep)
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["source-restarts"]) == (1, 1, 1), rec
+    [inj] = rec["injected"]
+    assert inj["outcome"] == "stopped; past --stall-timeout it was killed and replaced by a new source", inj
+    assert not psutil.pid_exists(inj["pid"])
     assert_clean()
 
 
