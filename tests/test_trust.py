@@ -585,8 +585,8 @@ def test_squatted_handoff_names_do_not_stop_the_run(monkeypatch, capsys, clean_m
 
     me = os.getpid()
     drawn = ["0" * 16, "1" * 16]
-    squatters = [squat(f"\0pch-{me}-uffd")] + [squat(f"\0pch-{me}-{t}-uffd") for t in drawn]
     monkeypatch.setattr(handoff, "secrets", FixedSecrets(drawn))
+    squatters = [squat(f"\0pch-{me}-uffd")] + [squat(f"\0pch-{me}-{t}-uffd") for t in drawn]
     try:
         code = cli.main(["run", "--vcpus", "2", "--ram", "4M", "--quiet"])
     finally:
@@ -602,8 +602,8 @@ def test_a_taken_handoff_name_every_time_is_one_line_naming_it(monkeypatch, caps
     from postcopy_core import handoff
 
     name = f"pch-{os.getpid()}-{'2' * 16}-uffd"
-    squatter = squat("\0" + name)
     monkeypatch.setattr(handoff, "secrets", FixedSecrets(["2" * 16], forever=True))
+    squatter = squat("\0" + name)
     try:
         code = cli.main(["run", "--vcpus", "1", "--ram", "1M", "--quiet"])
     finally:
