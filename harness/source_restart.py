@@ -86,12 +86,14 @@ class SourceRestarts:
             os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too: its sockets close, EOF
             if self.injector is not None:
                 self.injector.replaced(pid)
-        else:  # run --source: not ours to kill; shutting our page channels down ends its migration too
-            for sock in self._link:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        # and the destination's ends shut down: a source hung in the kernel (uninterruptible, frozen)
+        # dies only later, and a remote one (run --source) is not ours to kill; either way the
+        # destination sees its channels end, pauses, and a new source takes over
+        for sock in self._link:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.stall.reset()  # the pause follows within moments; until then this is no new stall
 
     def _source_lost(self, pid: int, status: int) -> None:

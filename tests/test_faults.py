@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from harness.stall import StallWatch
+from harness.stall import SourceStalled, StallWatch
 from harness.supervise import RunFailed
 from tests.conftest import requires_uffd
 from tests.test_teardown import SLOW_RUN, assert_clean, finish, start_cli, wait_for_children
@@ -236,17 +236,20 @@ def test_stall_watch_rules():
     vcpu = subprocess.Popen(["sleep", "60"])
     try:
         _poll(_watch(np.ones(8, np.uint8), src.pid, vcpu.pid), 1.0)  # all in: never a stall
-        with pytest.raises(RunFailed, match=rf"the source \(pid {src.pid}\) sent no page while vCPUs wait "
-                                            r"for 0.3 s \(state: sleeping\)"):
+        # a still source (hung, or stopped) is a SourceStalled: the run replaces it like a lost one
+        with pytest.raises(SourceStalled, match=rf"the source \(pid {src.pid}\) sent no page while vCPUs wait "
+                                                r"for 0.3 s \(state: sleeping\)") as hung:
             _poll(_watch(np.zeros(8, np.uint8), src.pid, vcpu.pid), 3.0)
+        assert hung.value.pid == src.pid
         src.send_signal(signal.SIGSTOP)
-        with pytest.raises(RunFailed, match=rf"the source \(pid {src.pid}\) made no progress .*state: stopped"):
+        with pytest.raises(SourceStalled, match=rf"the source \(pid {src.pid}\) made no progress .*state: stopped"):
             _poll(_watch(np.zeros(8, np.uint8), src.pid, vcpu.pid), 3.0)
         src.send_signal(signal.SIGCONT)
         received = np.zeros(8, np.uint8)
         received[3] = 1  # vCPU 0 sits on page 3, which is in: it waits for nothing
-        with pytest.raises(RunFailed, match=rf"vCPU 0 \(pid {vcpu.pid}\) made no progress for 0.3 s"):
+        with pytest.raises(RunFailed, match=rf"vCPU 0 \(pid {vcpu.pid}\) made no progress for 0.3 s") as still:
             _poll(_watch(received, src.pid, vcpu.pid, board=np.array([4], np.uint64)), 3.0)
+        assert not isinstance(still.value, SourceStalled)  # a vCPU cannot be replaced: the run fails
     finally:
         for p in (src, vcpu):
             p.kill()

@@ -134,6 +134,81 @@ def test_stopped_source_is_replaced_and_the_run_completes(tmp_path, transport, c
     assert_clean()
 
 
+class Freezer:
+    """A cgroup (v1 freezer) of its own for one process: frozen, it sits in the kernel with its
+    sockets open (``disk-sleep``), deaf even to SIGKILL until thawed: a hung process, not a stopped one."""
+
+    ROOT = "/sys/fs/cgroup/freezer"
+
+    def __init__(self) -> None:
+        self.path = os.path.join(self.ROOT, f"pch-test-{os.getpid()}-{os.urandom(4).hex()}")
+        os.mkdir(self.path)
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def freeze(self, pid: int) -> None:
+        self._write("tasks", str(pid))
+        self._write("freezer.state", "FROZEN")
+
+    def thaw(self) -> None:
+        self._write("freezer.state", "THAWED")
+
+    def remove(self) -> None:
+        self.thaw()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # its process dies of the SIGKILL it was sent, then the group is empty
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"{self.path} still holds a process")
+
+
+@pytest.fixture
+def freezer():
+    if os.geteuid() != 0 or not os.path.isfile(os.path.join(Freezer.ROOT, "tasks")):
+        pytest.skip("needs root and the cgroup v1 freezer")
+    try:
+        fz = Freezer()
+    except OSError as e:
+        pytest.skip(f"cannot make a freezer cgroup: {e.strerror}")
+    yield fz
+    fz.remove()
+
+
+def test_hung_source_is_replaced_and_the_run_completes(tmp_path, freezer, clean_machine):
+    """A source hung with its sockets open (frozen in the kernel, so even SIGKILL waits): after
+    --stall-timeout the destination's page channels are shut down and a new source resumes the run;
+    the hung one dies of its pending SIGKILL once it thaws, and is reaped."""
+    out = tmp_path / "r.json"
+    proc = start_cli([*DEMAND, "--stall-timeout", "1.5", "--json", str(out)])
+    [source] = wait_for_children(proc, "pch-source")
+    freezer.freeze(source.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:  # until the replacement is up
+        kids = psutil.Process(proc.pid).children()
+        if any(k.pid != source.pid and k.name() == "pch-source" for k in kids):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    freezer.thaw()
+    code, err = finish(proc, 90)
+    rep = json.loads(out.read_text())
+    _assert_complete(code, err, rep)
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["source-restarts"]) == (1, 1, 1), rec
+    [stalled] = [e for e in rec["events"] if e["event"] == "source-stalled"]
+    assert f"the source (pid {source.pid}) sent no page while vCPUs wait for 1.5 s (state: disk-sleep)" \
+        in stalled["why"], stalled
+    lost = [e["cause"] for e in rec["events"] if e["event"] == "source-lost"]
+    assert lost == [f"the source (pid {source.pid}) was killed by SIGKILL (replaced: {stalled['why']})"], lost
+    assert not psutil.pid_exists(source.pid)
+    assert_clean()
+
+
 def test_injected_source_stall_past_the_stall_timeout_is_replaced(tmp_path, clean_machine):
     code, err, rep = _run(tmp_path, "source-stall@0.3:30", extra=("--stall-timeout", "1.5"))
     _assert_complete(code, err, rep)
