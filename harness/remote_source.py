@@ -71,7 +71,7 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
     try:
         ls = tcp_listener(host, port)
     except OSError as e:
-        raise OSError(e.errno, f"--listen {listen}: {e.strerror}") from None
+        raise OSError(e.errno, f"--listen {listen}: {os.strerror(e.errno) if e.errno else e}") from None
     bound = ls.getsockname()
     if not quiet:  # the port is what a test (or a person) needs when asking for port 0
         print(f"postcopy-harness source: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)

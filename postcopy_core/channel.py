@@ -49,13 +49,26 @@ def tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
+class ListenError(OSError):
+    """A listener could not be made; ``str()`` is one line that names the address."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def tcp_listener(host: str = LOOPBACK, port: int = 0) -> socket.socket:
-    """A listening socket on ``host`` (loopback by default), port kernel-chosen unless given."""
+    """A listening socket on ``host`` (loopback by default), port kernel-chosen unless given;
+    :class:`ListenError` naming the address if it cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ls = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((host, port))
-    ls.listen(16)
+    try:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((host, port))
+        ls.listen(16)
+    except OSError as e:
+        ls.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise ListenError(e.errno, f"cannot listen on TCP {where}: {e.strerror}") from None
     return ls
 
 

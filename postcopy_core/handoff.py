@@ -26,6 +26,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from postcopy_core.channel import ListenError
 from postcopy_core.refusals import Refusals
 
 HELLO = struct.Struct("<4sIiiQQ")  # magic, version, vcpu, pid, base, length
@@ -78,14 +79,14 @@ def shown(address: str) -> str:
 
 
 def listen(address: str, backlog: int = 1024) -> socket.socket:
-    """Listen on ``address``; OSError (one line, naming the address) if it cannot be bound."""
+    """Listen on ``address``; ListenError (one line, naming the address) if it cannot be bound."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         s.bind(address)
         s.listen(backlog)
     except OSError as e:
         s.close()
-        raise OSError(e.errno, f"cannot listen on the Unix socket {shown(address)}: {e.strerror}") from None
+        raise ListenError(e.errno, f"cannot listen on the Unix socket {shown(address)}: {e.strerror}") from None
     return s
 
 

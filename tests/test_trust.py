@@ -614,6 +614,33 @@ def test_a_taken_handoff_name_every_time_is_one_line_naming_it(monkeypatch, caps
     assert f"@{name}: Address already in use" in err and "the vCPU hand-off socket" in err, err
 
 
+def test_refusals_are_summed_up_at_most_once_an_interval(capfd):
+    from postcopy_core.refusals import Refusals
+
+    r = Refusals("test connection", summary_every_s=0.3)
+    for i in range(50):
+        r.refuse(f"peer {i}", "odd" if i % 10 else "even")
+    time.sleep(0.35)
+    r.refuse("peer 50", "late")  # the interval has passed: this one brings the summary
+    r.refuse("peer 51", "later")
+    r.flush()
+    r.flush()  # nothing new: no line
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert "refused a test connection from peer 0: even" in lines[0]
+    assert "refused 50 more test connections" in lines[1] and "odd: 45, even: 4, late: 1" in lines[1]
+    assert "51 refused in all" in lines[1]
+    assert "refused 1 more test connection in" in lines[2] and "52 refused in all" in lines[2]
+
+
+def test_a_taken_tcp_address_is_one_line_naming_it():
+    with tcp_listener() as first:
+        port = first.getsockname()[1]
+        with pytest.raises(OSError) as e:
+            tcp_listener(port=port)
+    assert str(e.value) == f"cannot listen on TCP 127.0.0.1:{port}: Address already in use"
+
+
 def test_strangers_on_the_handoff_socket_are_counted_not_listed(handoff_run, capfd):
     """A flood of connections from a process that is no worker of the run: each refused at once
     (EOF before any byte), one warning line for the first and one count line, not one line each."""
