@@ -105,7 +105,8 @@ class Run(SourceRestarts):
         self._source_args: dict = {}  # what _start_source needs: spec, geometry, key (TCP)
         self._replaced: set[int] = set()  # sources we killed because their destination had paused
         self._stalled: dict[int, str] = {}  # sources we killed for --stall-timeout: pid -> the stall's words
-        self._stalled_gen: int | None = None  # the source generation last replaced for a stall
+        self._stalled_gen: int | None = None  # the source generation last cut off for a stall, and why
+        self._stall_words = ""
 
     # ------------------------------------------------------------ setup helpers
 

@@ -21,7 +21,7 @@ import time
 
 from harness.config import parse_endpoint
 from harness.recovery import RESTART_LIMIT
-from harness.stall import SourceStalled
+from harness.stall import SourceStalled, process_state
 from harness.supervise import STARTUP_TIMEOUT, RunFailed, describe_status
 from postcopy_core.channel import ControlLine, tcp_accept_channels, tcp_listener, tune
 from postcopy_core.source import source_main
@@ -76,9 +76,11 @@ class SourceRestarts:
         """The source made no progress for the stall timeout: cut it off like a lost one, so the
         destination pauses and :meth:`_on_paused` starts a new one.  A second stall of the same
         source (the destination never paused: the stall was not the source's doing) fails the run."""
-        if self._stalled_gen == self.src_gen:
-            raise RunFailed(str(stall))
-        self._stalled_gen = self.src_gen
+        if self._stalled_gen == self.src_gen:  # cut off, yet the destination never paused
+            handler = self._pid_of("fault")
+            raise RunFailed(f"the fault handler (pid {handler}) did not pause when its source was cut off "
+                            f"(state: {process_state(handler) if handler else 'gone'}); before: {self._stall_words}")
+        self._stalled_gen, self._stall_words = self.src_gen, str(stall)
         self.log.source_stalled(str(stall))
         pid = stall.pid if stall.pid is not None else self._pid_of("source")
         if pid is not None and self.cfg.source is None and pid in self.children.alive():

@@ -156,8 +156,8 @@ class StallWatch:
         # no source among our processes: run --source, a remote one, is the one that sends no page
         who = "the source" if "the source" in self.services or "the fault handler" in self.services else "the run"
         pid = self.services.get(who)
-        words = self._words(f"{who} (pid {pid})" if pid else who, process_state(pid) if pid else "unknown",
-                            "sent no page while vCPUs wait")
+        state = process_state(pid) if pid else "not a process of this run" if who == "the source" else "unknown"
+        words = self._words(f"{who} (pid {pid})" if pid else who, state, "sent no page while vCPUs wait")
         raise SourceStalled(words, pid) if who == "the source" else RunFailed(words)
 
     def _words(self, who: str, state: str, what: str = "made no progress") -> str:

@@ -239,3 +239,38 @@ def test_strangers_on_a_listening_source_are_refused_at_once_and_counted(key, tm
             run.kill()
             run.wait()
         src.stop()
+
+
+def test_a_stalled_remote_source_is_cut_off_and_resumes_the_run_once_it_moves(key, tmp_path, clean_machine):
+    """A `source --listen` stopped mid-migration is not the run's to kill: past --stall-timeout the run
+    shuts its page channels down (postcopy-paused) and tries the address again; once the source moves
+    (SIGCONT) it sees the channels gone, waits for the destination, and resumes it."""
+    src = Source(key, "--ram", "8M", "--link", "200mbit,1ms")
+    out = tmp_path / "r.json"
+    run = subprocess.Popen([*CLI, "run", "--quiet", "--vcpus", "2", "--ram", "8M", "--workload", "sequential",
+                            "--no-background", "--source", src.where, "--auth-key-file", key, "--stall-timeout", "4",
+                            "--json", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.2)  # mid-migration
+        assert run.poll() is None
+        src.p.send_signal(signal.SIGSTOP)
+        time.sleep(5.5)  # the stall is seen at 4 s; the run pauses and knocks on the stopped source
+        src.p.send_signal(signal.SIGCONT)
+        _, err = run.communicate(timeout=90)
+        assert run.returncode == 0, err
+        rep = json.loads(out.read_text())
+        assert rep["verification"]["mismatches"] == 0 and rep["verification"]["ram-bad-pages"] == 0
+        rec = rep["recovery"]
+        assert (rec["pauses"], rec["resumes"]) == (1, 1), rec
+        [stalled] = [e for e in rec["events"] if e["event"] == "source-stalled"]
+        assert stalled["why"] == ("the source sent no page while vCPUs wait for 4 s (state: not a process of this "
+                                  "run) (--stall-timeout)"), stalled
+        code, serr = src.finish()
+        assert code == 0, serr
+        assert "waiting for it to resume" in serr and "1 resume(s)" in serr
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        src.p.send_signal(signal.SIGCONT)
+        src.stop()
