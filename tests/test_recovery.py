@@ -209,6 +209,23 @@ def test_hung_source_is_replaced_and_the_run_completes(tmp_path, freezer, clean_
     assert_clean()
 
 
+def test_hung_handler_is_named_not_blamed_on_the_source(tmp_path, freezer, clean_machine):
+    """A handler hung in the kernel looks, from outside, like a source that sends nothing: the source is
+    cut off first, and when the destination does not pause after that, the run fails naming the handler."""
+    proc = start_cli([*DEMAND, "--stall-timeout", "1.5"])
+    wait_for_children(proc, "pch-source")
+    [handler] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-fault"]
+    freezer.freeze(handler.pid)
+    time.sleep(6)  # two stall timeouts and some: the run has failed and waits to reap the frozen handler
+    freezer.thaw()
+    code, err = finish(proc, 60)
+    assert code == 1, err
+    assert f"the fault handler (pid {handler.pid}) did not pause when its source was cut off (state: disk-sleep); " \
+           "before: the source (pid" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert_clean()
+
+
 def test_injected_source_stall_past_the_stall_timeout_is_replaced(tmp_path, clean_machine):
     code, err, rep = _run(tmp_path, "source-stall@0.3:30", extra=("--stall-timeout", "1.5"))
     _assert_complete(code, err, rep)
