@@ -4,9 +4,10 @@ The orchestrator owns every resource of the run (memfd, named shared memory, soc
 and releases all of them in one place, :meth:`Run.teardown`, whatever ends the run: success, a
 dead child, a timeout, Ctrl-C or SIGTERM.
 
-A lost source (killed, or its link dropped) is survived by postcopy recovery: the destination
-pauses and says so, the orchestrator starts a new source (:meth:`Run._start_source`) and hands the
-destination its channels, the destination resumes (harness/recovery.py keeps the count).
+A lost source (killed, its link dropped, or still past --stall-timeout) is survived by postcopy
+recovery: the destination pauses and says so, the orchestrator starts a new source
+(:meth:`Run._start_source`) and hands the destination its channels, the destination resumes
+(harness/recovery.py keeps the count).
 """
 
 from __future__ import annotations
