@@ -113,7 +113,8 @@ def test_stopped_source_is_replaced_and_the_run_completes(tmp_path, transport, c
     like a lost one: killed and reaped, the destination pauses, a new source resumes it."""
     out = tmp_path / "r.json"
     proc = start_cli([*DEMAND, "--stall-timeout", "1.5", "--transport", transport, "--json", str(out)])
-    [source] = wait_for_children(proc, "pch-source")
+    wait_for_children(proc, "pch-vcpu", 2)  # and the workload has begun
+    [source] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-source"]
     t0 = time.monotonic()
     source.send_signal(signal.SIGSTOP)
     code, err = finish(proc, 90)
@@ -185,7 +186,8 @@ def test_hung_source_is_replaced_and_the_run_completes(tmp_path, freezer, clean_
     the hung one dies of its pending SIGKILL once it thaws, and is reaped."""
     out = tmp_path / "r.json"
     proc = start_cli([*DEMAND, "--stall-timeout", "1.5", "--json", str(out)])
-    [source] = wait_for_children(proc, "pch-source")
+    wait_for_children(proc, "pch-vcpu", 2)  # and the workload has begun
+    [source] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-source"]
     freezer.freeze(source.pid)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:  # until the replacement is up
@@ -213,7 +215,7 @@ def test_hung_handler_is_named_not_blamed_on_the_source(tmp_path, freezer, clean
     """A handler hung in the kernel looks, from outside, like a source that sends nothing: the source is
     cut off first, and when the destination does not pause after that, the run fails naming the handler."""
     proc = start_cli([*DEMAND, "--stall-timeout", "1.5"])
-    wait_for_children(proc, "pch-source")
+    wait_for_children(proc, "pch-vcpu", 2)
     [handler] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-fault"]
     freezer.freeze(handler.pid)
     time.sleep(6)  # two stall timeouts and some: the run has failed and waits to reap the frozen handler

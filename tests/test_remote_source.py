@@ -195,6 +195,21 @@ def test_a_dropped_link_to_a_remote_source_resumes_with_the_same_source(key, tmp
         src.stop()
 
 
+def _wait_migrating(src: Source, run: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the source holds its three channels (control, stream, urgent): it is migrating."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()
+        conns = psutil.Process(src.p.pid).net_connections("tcp")
+        if sum(c.status == psutil.CONN_ESTABLISHED for c in conns) >= 3:
+            time.sleep(0.2)
+            return
+        time.sleep(0.02)
+    raise AssertionError("the migration never started")
+
+
 def test_strangers_on_a_listening_source_are_refused_at_once_and_counted(key, tmp_path, clean_machine):
     """The issue: 945 stderr lines in 40 s from hostile connections, and connections made during a
     migration waited in the listen queue.  Now each is refused at once (before and during the
@@ -217,8 +232,7 @@ def test_strangers_on_a_listening_source_are_refused_at_once_and_counted(key, tm
         run = subprocess.Popen([*CLI, "run", "--quiet", "--vcpus", "2", "--ram", "8M", "--workload", "sequential",
                                 "--no-background", "--source", src.where, "--auth-key-file", key, "--json",
                                 str(out)], stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)  # mid-migration: about 2.5 s of demand paging over the 1 ms link
-        assert run.poll() is None
+        _wait_migrating(src, run)  # mid-migration: about 2.5 s of demand paging over the 1 ms link
         t0 = time.monotonic()
         for _ in range(20):
             with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -251,8 +265,7 @@ def test_a_stalled_remote_source_is_cut_off_and_resumes_the_run_once_it_moves(ke
                             "--no-background", "--source", src.where, "--auth-key-file", key, "--stall-timeout", "4",
                             "--json", str(out)], stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.2)  # mid-migration
-        assert run.poll() is None
+        _wait_migrating(src, run)
         src.p.send_signal(signal.SIGSTOP)
         time.sleep(5.5)  # the stall is seen at 4 s; the run pauses and knocks on the stopped source
         src.p.send_signal(signal.SIGCONT)
