@@ -16,9 +16,10 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one postcopy migration end to end and report",
                        description="Start a source, a fault handler and N vCPU worker processes on the real "
                                    "userfaultfd, run a workload to completion, verify every page, tear down.",
-                       epilog="exit status: 0 completed; 1 failed; 2 bad input; 3 completed-degraded (a vCPU "
-                              "worker was killed mid-run: the others finished and every page they read was "
-                              "verified, the report's workers.lost says which); 130 Ctrl-C; 143 SIGTERM")
+                       epilog="exit status: 0 completed; 1 failed (also when every vCPU was killed); 2 bad input; "
+                              "3 completed-degraded (some vCPU workers were killed mid-run: the others finished and "
+                              "every page they read was verified, the report's workers.lost says which); 130 Ctrl-C; "
+                              "143 SIGTERM")
     add_run_flags(p)
     p.set_defaults(func=_run)
 

@@ -158,6 +158,13 @@ class Injector:
             rec["_t"] = now
             self.down_until = max(self.down_until, now + (inj.hold_s or 0.0))
 
+    def replaced(self, pid: int) -> None:
+        """The run killed ``pid`` (a source stopped past --stall-timeout) and replaces it: no SIGCONT
+        is owed to it any more."""
+        for held in [h for h in self.held if h[1] == pid]:
+            self.held.remove(held)
+            held[2]["outcome"] = "stopped; past --stall-timeout it was killed and replaced by a new source"
+
     def source_started(self, pid: int) -> bool:
         """A replacement source was just started: kill it at once if a recovery-crash is armed
         (True then)."""

@@ -69,6 +69,11 @@ class RecoveryLog:
         self.last_cause = cause
         self.events.append({"event": "source-lost", "at-s": self._at(now), "cause": cause})
 
+    def source_stalled(self, words: str, now: float | None = None) -> None:
+        """The source made no progress for --stall-timeout: it is cut off and replaced like a lost one."""
+        now = time.monotonic() if now is None else now
+        self.events.append({"event": "source-stalled", "at-s": self._at(now), "why": words})
+
     def paused_for(self, now: float | None = None) -> float:
         """How long the open pause has lasted (0 when active)."""
         if self.paused_since is None:

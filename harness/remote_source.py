@@ -14,7 +14,8 @@ A destination that hangs up before its page channels connect leaves the source w
 next one.  One that is lost mid-migration (a dropped link) is waited for, like QEMU's source in
 postcopy-paused: it comes back with ``attach`` + ``resume`` and its received map, and this source
 (a fresh Source for it) sends only what is missing.  The first migration that completes (or
-Ctrl-C) ends the command.
+Ctrl-C) ends the command.  While a migration runs, every other connection is refused at once (none
+waits in the listen queue); refusals are counted into one line (postcopy_core/refusals.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from postcopy_core.auth import key_from_file, warn
 from postcopy_core.channel import CHANNEL_CONTROL, ControlLine, tcp_accept_channels, tcp_listener
 from postcopy_core.content import ContentSpec
 from postcopy_core.protocol import Geometry, ProtocolError
+from postcopy_core.refusals import Refusals, TurnAway
 from postcopy_core.source import Source
 
 WAIT_FOREVER = 7 * 86400.0  # "no timeout": a week (epoll takes at most ~24 days)
@@ -69,16 +71,18 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
     try:
         ls = tcp_listener(host, port)
     except OSError as e:
-        raise OSError(e.errno, f"--listen {listen}: {e.strerror}") from None
+        raise OSError(e.errno, f"--listen {listen}: {os.strerror(e.errno) if e.errno else e}") from None
     bound = ls.getsockname()
     if not quiet:  # the port is what a test (or a person) needs when asking for port 0
         print(f"postcopy-harness source: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+    refusals = Refusals("page-channel connection")  # one count for the whole command
     try:
         resumes = 0
         while True:
-            control, stream, urgent, resume = _next_destination(ls, key, hello(cfg), timeout)
+            control, stream, urgent, resume = _next_destination(ls, key, hello(cfg), timeout, refusals)
             try:
-                stats = Source(spec, geo, stream, urgent, cfg.link_model, control, resume=resume).run()
+                with TurnAway(ls, refusals, "a migration is in progress"):
+                    stats = Source(spec, geo, stream, urgent, cfg.link_model, control, resume=resume).run()
             except ProtocolError as e:
                 raise OSError(0, f"bad message from the destination: {e}") from None
             try:
@@ -95,6 +99,7 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
                 sock.close()
     finally:
         ls.close()
+        refusals.flush()
     if not quiet:
         again = f", {resumes} resume(s)" if resumes else ""
         print(f"postcopy-harness source: migrated {cfg.npages} pages ({stats['requests']} requests{again})",
@@ -102,11 +107,12 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
     return 0
 
 
-def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None):
+def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None, refusals: Refusals):
     """Wait for a destination: its control channel, our hello, its ``attach`` (fresh or resume), then
     its page channels.  One that hangs up midway leaves us waiting for the next."""
     while True:
-        (ctl,) = tcp_accept_channels(ls, key, timeout or WAIT_FOREVER, wanted=(CHANNEL_CONTROL,), close=False)
+        (ctl,) = tcp_accept_channels(ls, key, timeout or WAIT_FOREVER, wanted=(CHANNEL_CONTROL,), close=False,
+                                     refusals=refusals)
         ctl.setblocking(True)
         control = ControlLine(ctl)
         try:
@@ -114,7 +120,8 @@ def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None):
             msg = control.recv(PAGE_CHANNELS_TIMEOUT)
             if not msg or msg.get("cmd") != "attach":
                 raise ConnectionError("the destination hung up before it attached")
-            stream, urgent = tcp_accept_channels(ls, key, PAGE_CHANNELS_TIMEOUT, close=False, watch=ctl)
+            stream, urgent = tcp_accept_channels(ls, key, PAGE_CHANNELS_TIMEOUT, close=False, watch=ctl,
+                                                 refusals=refusals)
         except (ConnectionError, OSError) as e:
             warn(f"{e}; waiting for the next one")
             ctl.close()

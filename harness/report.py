@@ -183,6 +183,10 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         rep["netns"] = raw["netns"]
     if rep["workers"]["lost"]:
         rep["status"] = "completed-degraded"  # error stays None: the run did complete, without them
+        if sum(w.get("vcpu") is not None for w in rep["workers"]["lost"]) >= cfg.vcpus:
+            # no vCPU left to have finished anything: not a degraded run but a failed one
+            rep["status"] = "failed"
+            rep["error"] = f"every vCPU was lost, none finished its workload: {lost_words(rep)}"
     v = rep["verification"]
     if mismatches or v["ram-bad-pages"] or v["lost-writes"] or hs["placed"] != cfg.npages:
         rep["status"] = "failed"

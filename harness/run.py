@@ -4,9 +4,10 @@ The orchestrator owns every resource of the run (memfd, named shared memory, soc
 and releases all of them in one place, :meth:`Run.teardown`, whatever ends the run: success, a
 dead child, a timeout, Ctrl-C or SIGTERM.
 
-A lost source (killed, or its link dropped) is survived by postcopy recovery: the destination
-pauses and says so, the orchestrator starts a new source (:meth:`Run._start_source`) and hands the
-destination its channels, the destination resumes (harness/recovery.py keeps the count).
+A lost source (killed, its link dropped, or still past --stall-timeout) is survived by postcopy
+recovery: the destination pauses and says so, the orchestrator starts a new source
+(:meth:`Run._start_source`) and hands the destination its channels, the destination resumes
+(harness/recovery.py keeps the count).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from harness.netns import NetnsError, NetnsLink, sweep_stale_netns
 from harness.progress import RunProgress
 from harness.recovery import RecoveryLog
 from harness.source_restart import SourceRestarts
-from harness.stall import StallWatch, effective_timeout
+from harness.stall import SourceStalled, StallWatch, effective_timeout
 from harness.supervise import STARTUP_TIMEOUT, Children, ChildStderr, RunFailed, describe_status, reap_workers
 from postcopy_core import kernel
 from postcopy_core.auth import run_key
@@ -49,7 +50,7 @@ from postcopy_core.channel import (
 )
 from postcopy_core.content import ContentSpec, image_size_check
 from postcopy_core.handler import Port, destination_main
-from postcopy_core.handoff import Expected, HandoffError, abstract_address, collect_uffds, listen
+from postcopy_core.handoff import Expected, HandoffError, collect_uffds, listen_fresh
 from postcopy_core.link import Link
 from postcopy_core.precopy import GenerationMap
 from postcopy_core.probe import available_memory, free_huge_pages, limit_checks, preflight, raise_fd_limit
@@ -107,6 +108,9 @@ class Run(SourceRestarts):
         self.dst_stats: dict | None = None
         self._source_args: dict = {}  # what _start_source needs: spec, geometry, key (TCP)
         self._replaced: set[int] = set()  # sources we killed because their destination had paused
+        self._stalled: dict[int, str] = {}  # sources we killed for --stall-timeout: pid -> the stall's words
+        self._stalled_gen: int | None = None  # the source generation last cut off for a stall, and why
+        self._stall_words = ""
 
     # ------------------------------------------------------------ setup helpers
 
@@ -166,8 +170,10 @@ class Run(SourceRestarts):
         ev_parent, ev_child = self._pair()
         quit_fd = kernel.eventfd(0)
         self.fds.append(quit_fd)
-        handoff_addr = abstract_address("uffd")
-        handoff = listen(handoff_addr, backlog=min(nworkers, 4096))
+        try:  # a fresh, unguessable name (retried if taken): no local user can hold it first
+            handoff, handoff_addr = listen_fresh("uffd", backlog=min(nworkers, 4096))
+        except HandoffError as e:
+            raise RunFailed(f"the vCPU hand-off socket: {e}") from None
         self.socks.append(handoff)
         start_r, start_w = os.pipe()
         self.fds += [start_r, start_w]
@@ -270,6 +276,9 @@ class Run(SourceRestarts):
                 for sock in (s_src, u_src):
                     self.socks.remove(sock)
                     sock.close()
+            if role == "fault":  # only the handler listens for hand-offs: once it has them all (and closed
+                self.socks.remove(handoff)  # its listener), a stranger's connect is refused, never queued
+                handoff.close()
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
@@ -624,7 +633,10 @@ class Run(SourceRestarts):
         """One supervision turn after go: stalls, injections, recovery, the services' messages."""
         self._recovery_turn()
         if not self.log.paused:  # paused, nothing is expected to move: the pause has its own deadline
-            self.stall.check()
+            try:
+                self.stall.check()
+            except SourceStalled as e:  # treated like a lost source: replaced (harness/source_restart.py)
+                self._source_stalled(e)
         self._inject()
         # the handler exits once it sent its stats: its EOF after that is no news
         lines = [c for c in (self.ctl_src, self.ctl_dst if self.dst_stats is None else None) if c is not None]

@@ -6,6 +6,10 @@ this part kills what is left of the old source, starts a replacement on new chan
 transport (or, for ``run --source``, reattaches to the remote address) and hands the destination
 its ends in a ``resume`` message; ``resumed`` closes the pause.  RecoveryLog (harness/recovery.py)
 counts it all for the report and says when to give up.
+
+A source that makes no progress for ``--stall-timeout`` (stopped, or hung with its sockets open:
+harness/stall.py) is treated the same way, beyond what QEMU does: killed (or, a remote one, cut off
+by shutting down the page channels), so the destination pauses and a new source resumes it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 
 from harness.config import parse_endpoint
 from harness.recovery import RESTART_LIMIT
+from harness.stall import SourceStalled, process_state
 from harness.supervise import STARTUP_TIMEOUT, RunFailed, describe_status
 from postcopy_core.channel import ControlLine, tcp_accept_channels, tcp_listener, tune
 from postcopy_core.source import source_main
@@ -67,9 +72,38 @@ class SourceRestarts:
         self._keep_link(ctl, msg)
         self.stall.reset()
 
+    def _source_stalled(self, stall: SourceStalled) -> None:
+        """The source made no progress for the stall timeout: cut it off like a lost one, so the
+        destination pauses and :meth:`_on_paused` starts a new one.  A second stall of the same
+        source (the destination never paused: the stall was not the source's doing) fails the run."""
+        if self._stalled_gen == self.src_gen:  # cut off, yet the destination never paused
+            handler = self._pid_of("fault")
+            raise RunFailed(f"the fault handler (pid {handler}) did not pause when its source was cut off "
+                            f"(state: {process_state(handler) if handler else 'gone'}); before: {self._stall_words}")
+        self._stalled_gen, self._stall_words = self.src_gen, str(stall)
+        self.log.source_stalled(str(stall))
+        pid = stall.pid if stall.pid is not None else self._pid_of("source")
+        if pid is not None and self.cfg.source is None and pid in self.children.alive():
+            self._stalled[pid] = str(stall)
+            os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too: its sockets close, EOF
+            if self.injector is not None:
+                self.injector.replaced(pid)
+        # and the destination's ends shut down: a source hung in the kernel (uninterruptible, frozen)
+        # dies only later, and a remote one (run --source) is not ours to kill; either way the
+        # destination sees its channels end, pauses, and a new source takes over
+        for sock in self._link:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.stall.reset()  # the pause follows within moments; until then this is no new stall
+
     def _source_lost(self, pid: int, status: int) -> None:
         """A source process ended mid-run: not fatal, the destination pauses and a new one starts."""
-        if pid in self._replaced:
+        if pid in self._stalled:
+            self.log.source_lost(f"the source (pid {pid}) {describe_status(status)} (replaced: "
+                                 f"{self._stalled.pop(pid)})")
+        elif pid in self._replaced:
             self.log.source_lost(f"the source (pid {pid}) {describe_status(status)} (replaced: its destination "
                                  "had paused)")
         else:

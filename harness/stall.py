@@ -13,6 +13,10 @@ fault path:
   of these moves for ``--stall-timeout``, the stopped process is named (a service first, then a
   vCPU), else the source: the vCPUs wait for pages it does not send.
 
+A still source (stopped, or hung with its sockets open) raises :class:`SourceStalled`: the run
+treats it like a lost one (kills it; the destination pauses and a new source resumes it).  A still
+handler or vCPU cannot be replaced and fails the run.
+
 A slow ``--link`` still moves (pages arrive, the source writes), so it is never failed; the
 timeout is also raised to at least three times what one page takes on the modelled link.
 """
@@ -28,6 +32,14 @@ import psutil
 from harness.supervise import RunFailed
 
 CHECK_EVERY_S = 0.25
+
+
+class SourceStalled(RunFailed):
+    """The source made no progress for the stall timeout; ``pid`` is the source's (None if unknown)."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
 
 
 def effective_timeout(stall_timeout: float, page_wire_s: float) -> float:
@@ -138,15 +150,18 @@ class StallWatch:
         for who, pid in self.services.items():  # a stopped service first: everything waits on it
             state = process_state(pid)
             if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
-                raise RunFailed(self._words(f"{who} (pid {pid})", state))
+                words = self._words(f"{who} (pid {pid})", state)
+                raise SourceStalled(words, pid) if who == "the source" else RunFailed(words)
         for v, pid in enumerate(self.worker_pids):
             state = process_state(pid)
             if v not in ended and state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
                 raise RunFailed(self._words(f"{self.worker_name(v)} (pid {pid})", state))
-        who = next(iter(self.services), "the run")
+        # no source among our processes: run --source, a remote one, is the one that sends no page
+        who = "the source" if "the source" in self.services or "the fault handler" in self.services else "the run"
         pid = self.services.get(who)
-        raise RunFailed(self._words(f"{who} (pid {pid})" if pid else who,
-                                    process_state(pid) if pid else "unknown", "sent no page while vCPUs wait"))
+        state = process_state(pid) if pid else "not a process of this run" if who == "the source" else "unknown"
+        words = self._words(f"{who} (pid {pid})" if pid else who, state, "sent no page while vCPUs wait")
+        raise SourceStalled(words, pid) if who == "the source" else RunFailed(words)
 
     def _words(self, who: str, state: str, what: str = "made no progress", detail: str = "") -> str:
         return f"{who} {what} for {self.timeout:g} s{detail} (state: {state}) (--stall-timeout)"

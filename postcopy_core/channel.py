@@ -3,7 +3,8 @@
 Page channels are a Unix socketpair by default, or TCP (on loopback unless told otherwise) when
 asked; either way each end is a connected, non-blocking stream socket.  A TCP connection carries no
 page before the peer has proved it knows the run's key (postcopy_core/auth.py); strangers are
-refused and logged while the source keeps waiting for the real destination.  Control channels
+refused (the first told, the rest counted: postcopy_core/refusals.py) while the source keeps
+waiting for the real destination.  Control channels
 (orchestrator <-> source / destination) are socketpairs, which no other process can connect to, and
 carry one JSON object per line.
 """
@@ -18,7 +19,8 @@ import socket
 import time
 from collections import deque
 
-from postcopy_core.auth import AuthError, ServerHandshake, client_handshake, warn
+from postcopy_core.auth import AuthError, ServerHandshake, client_handshake
+from postcopy_core.refusals import Refusals
 
 CHANNEL_STREAM = b"S"
 CHANNEL_URGENT = b"U"
@@ -57,13 +59,26 @@ def tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
+class ListenError(OSError):
+    """A listener could not be made; ``str()`` is one line that names the address."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def tcp_listener(host: str = LOOPBACK, port: int = 0) -> socket.socket:
-    """A listening socket on ``host`` (loopback by default), port kernel-chosen unless given."""
+    """A listening socket on ``host`` (loopback by default), port kernel-chosen unless given;
+    :class:`ListenError` naming the address if it cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ls = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((host, port))
-    ls.listen(16)
+    try:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((host, port))
+        ls.listen(16)
+    except OSError as e:
+        ls.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise ListenError(e.errno, f"cannot listen on TCP {where}: {e.strerror}") from None
     return ls
 
 
@@ -82,13 +97,16 @@ def tcp_connect(port: int, channel: bytes, key: bytes, host: str = LOOPBACK,
 def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
                         handshake_timeout: float = HANDSHAKE_TIMEOUT,
                         wanted: tuple[bytes, ...] = (CHANNEL_STREAM, CHANNEL_URGENT), close: bool = True,
-                        watch: socket.socket | None = None) -> tuple[socket.socket, ...]:
+                        watch: socket.socket | None = None,
+                        refusals: Refusals | None = None) -> tuple[socket.socket, ...]:
     """Source side: accept until each channel of ``wanted`` (the stream and the urgent channel) has
     proved it knows ``key``; returns them in that order.
 
     Connections are served side by side, so a silent or slow stranger delays nobody; one that fails
-    its handshake, times out or claims a channel already taken is closed and logged.  Closes ``ls``
-    unless ``close`` is False; gives up (ConnectionError) if ``watch`` becomes readable (its peer hung up).
+    its handshake, times out or claims a channel already taken is closed and counted in
+    ``refusals`` (one of its own, summed up on return, when none is given: a caller that accepts
+    again and again on one listener passes its own).  Closes ``ls`` unless ``close`` is False;
+    gives up (ConnectionError) if ``watch`` becomes readable (its peer hung up).
     """
     got: dict[bytes, socket.socket] = {}
     pending: dict[socket.socket, tuple[ServerHandshake, float, str]] = {}
@@ -98,9 +116,11 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
     if watch is not None:
         sel.register(watch, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
+    own = refusals is None
+    refusals = refusals or Refusals("page-channel connection")
 
     def drop(s: socket.socket, why: str) -> None:
-        warn(f"refused a page-channel connection from {pending[s][2]}: {why}")
+        refusals.refuse(pending[s][2], why)
         sel.unregister(s)
         del pending[s]
         s.close()
@@ -115,7 +135,7 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
             wake = min([deadline] + [t for _, t, _ in pending.values()])
             for sk, _ in sel.select(max(0.0, wake - now)):
                 if sk.fileobj is ls:
-                    _accept_pending(ls, sel, pending, key, wanted, time.monotonic() + handshake_timeout)
+                    _accept_pending(ls, sel, pending, key, wanted, time.monotonic() + handshake_timeout, refusals)
                     continue
                 if sk.fileobj is watch:
                     raise ConnectionError("the destination hung up before connecting its page channels")
@@ -149,11 +169,13 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
         sel.close()
         if close:
             ls.close()
+        if own:
+            refusals.flush()
     return tuple(got[c] for c in wanted)
 
 
 def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dict, key: bytes,
-                    wanted: tuple[bytes, ...], until: float) -> None:
+                    wanted: tuple[bytes, ...], until: float, refusals: Refusals) -> None:
     """Take every queued connection into the handshake (evicting the oldest when too many are pending)."""
     while True:
         try:
@@ -165,8 +187,7 @@ def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dic
             # a flood of silent connections must not lock the real destination out: it proves itself
             # within a round trip, so dropping the oldest (not the newcomer) keeps room for it
             oldest = min(pending, key=lambda c: pending[c][1])
-            warn(f"refused a page-channel connection from {pending[oldest][2]}: "
-                 f"{MAX_PENDING} handshakes pending at once")
+            refusals.refuse(pending[oldest][2], f"{MAX_PENDING} handshakes pending at once")
             sel.unregister(oldest)
             del pending[oldest]
             oldest.close()

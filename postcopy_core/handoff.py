@@ -6,8 +6,12 @@ process can connect.  So the handler trusts nothing it is told: the kernel's wor
 (SO_PEERCRED) must name a worker of this run (a child of the run's zygote, same uid), the fd must be
 a userfaultfd, and every hello field must fit the run's geometry: a vCPU index of this run not
 registered yet, the RAM size, and a base where /proc/<pid>/maps shows that very process mapping this
-run's guest-RAM memfd.  Anything else is dropped with one warning line and the collection goes on;
+run's guest-RAM memfd.  Anything else is dropped at once and the collection goes on (the first
+refusal is told in a warning line, later ones counted into one line: postcopy_core/refusals.py);
 connections are served side by side, so a silent one delays nobody.
+
+The name carries a random part: a predictable one (``pch-<pid>-uffd``) let any local user bind it
+first and stop the run at start.  A name that is taken anyway is retried under a new one.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import secrets
 import selectors
 import socket
 import struct
 import time
 from dataclasses import dataclass
 
-from postcopy_core.auth import warn
+from postcopy_core.channel import ListenError
+from postcopy_core.refusals import Refusals
 
 HELLO = struct.Struct("<4sIiiQQ")  # magic, version, vcpu, pid, base, length
 MAGIC = b"PCHW"
@@ -30,6 +36,7 @@ ACK = b"k"
 _CRED = struct.Struct("3i")
 HELLO_TIMEOUT = 10.0  # from connect to hello; a worker sends it at once
 SEND_TIMEOUT = 30.0  # a worker waits this long to connect, send and get the ack
+BIND_TRIES = 8  # names tried before giving up: each is fresh, so a clash twice is already a squatter
 
 
 class HandoffError(ConnectionError):
@@ -61,15 +68,41 @@ class Expected:
 
 
 def abstract_address(tag: str) -> str:
-    """A per-run abstract socket name (leading NUL: lives in the kernel only)."""
-    return f"\0pch-{os.getpid()}-{tag}"
+    """A fresh abstract socket name for this process (leading NUL: lives in the kernel only), with
+    an unguessable part: ``pch-<pid>-<16 hex digits>-<tag>`` (the pid first, for leftover checks)."""
+    return f"\0pch-{os.getpid()}-{secrets.token_hex(8)}-{tag}"
+
+
+def shown(address: str) -> str:
+    """An abstract address as ``ss`` and /proc/net/unix show it: '@' for the leading NUL."""
+    return "@" + address[1:] if address.startswith("\0") else address
 
 
 def listen(address: str, backlog: int = 1024) -> socket.socket:
+    """Listen on ``address``; ListenError (one line, naming the address) if it cannot be bound."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.bind(address)
-    s.listen(backlog)
+    try:
+        s.bind(address)
+        s.listen(backlog)
+    except OSError as e:
+        s.close()
+        raise ListenError(e.errno, f"cannot listen on the Unix socket {shown(address)}: {e.strerror}") from None
     return s
+
+
+def listen_fresh(tag: str, backlog: int = 1024, tries: int = BIND_TRIES) -> tuple[socket.socket, str]:
+    """Listen on a fresh :func:`abstract_address`, trying new names while one is taken; the
+    listener and its address.  HandoffError (one line, the last address tried) when none binds."""
+    last = "no name tried"
+    for _ in range(max(1, tries)):
+        address = abstract_address(tag)
+        try:
+            return listen(address, backlog), address
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise HandoffError(e.strerror) from None
+            last = e.strerror
+    raise HandoffError(f"{last} ({tries} fresh names were all taken: someone binds them as they are made)")
 
 
 def send_uffd(address: str, hello: WorkerHello, uffd: int, timeout: float = SEND_TIMEOUT) -> None:
@@ -178,8 +211,9 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
                   hello_timeout: float = HELLO_TIMEOUT) -> list[tuple[WorkerHello, int]]:
     """Handler side: accept until every vCPU of the run has handed in its uffd; [(hello, uffd)].
 
-    Strangers, malformed hellos, second registrations and silent connections are refused with a
-    warning, never fatal; only the overall ``timeout`` ends the collection with an error.
+    Strangers, malformed hellos, second registrations and silent connections are refused at once
+    (the first told in a warning, the rest counted into one line), never fatal; only the overall
+    ``timeout`` ends the collection with an error.
     """
     got: dict[int, tuple[WorkerHello, int]] = {}
     taken: dict[int, int] = {}
@@ -189,9 +223,10 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
+    refusals = Refusals("uffd hand-off")
 
     def drop(conn: socket.socket, pid: int, why: str) -> None:
-        warn(f"refused a uffd hand-off from pid {pid}: {why}")
+        refusals.refuse(f"pid {pid}", why)
         if conn in pending:
             sel.unregister(conn)
             del pending[conn]
@@ -254,6 +289,7 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
         for conn in pending:
             conn.close()
         sel.close()
+        refusals.flush()
     return [got[v] for v in sorted(got)]
 
 

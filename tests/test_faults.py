@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from harness.stall import StallWatch
+from harness.stall import SourceStalled, StallWatch
 from harness.supervise import RunFailed
 from tests.conftest import requires_uffd
 from tests.test_teardown import SLOW_RUN, assert_clean, finish, start_cli, wait_for_children
@@ -52,10 +52,10 @@ def test_lost_vcpu_degrades_the_run(tmp_path, wake, clean_machine):
 
 
 @pytest.mark.parametrize(("name", "words"), [("pch-vcpu-2", "vCPU 2 (pid {pid}) made no progress for 2 s"),
-                                             ("pch-source", "the source (pid {pid}) made no progress for 2 s"),
                                              ("pch-fault", "the fault handler (pid {pid}) made no progress for 2 s")])
 def test_stopped_process_fails_the_run_named(name, words, clean_machine):
-    """SIGSTOP of a vCPU, the source or the handler: failed after --stall-timeout, not --timeout."""
+    """SIGSTOP of a vCPU or the handler: failed after --stall-timeout, not --timeout.  (A stopped
+    source is replaced like a lost one: tests/test_recovery.py.)"""
     proc = start_cli([*SLOW_RUN, "--stall-timeout", "2", "--timeout", "120"])
     wait_for_children(proc, "pch-vcpu", 4)
     [victim] = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == name]
@@ -66,6 +66,26 @@ def test_stopped_process_fails_the_run_named(name, words, clean_machine):
     assert words.format(pid=victim.pid) in err and "(state: stopped)" in err, err
     assert time.monotonic() - t0 < 30
     assert "Traceback" not in err
+    assert_clean()
+
+
+def test_every_vcpu_lost_fails_the_run(tmp_path, clean_machine):
+    """The issue: with every vCPU SIGKILLed the run said completed-degraded, "the others finished"
+    (exit 3), with no other left.  Nothing ran the workload: failed, exit 1, both named."""
+    out = tmp_path / "r.json"
+    proc = start_cli([*SLOW_RUN, "--vcpus", "2", "--json", str(out)])
+    kids = sorted(wait_for_children(proc, "pch-vcpu", 2), key=lambda k: k.name())
+    for k in kids:
+        k.kill()
+    code, err = finish(proc, 60)
+    assert code == 1, err
+    assert "degraded" not in err and "the others finished" not in err, err
+    words = (f"every vCPU was lost, none finished its workload: vCPU 0 (pid {kids[0].pid}, killed by SIGKILL), "
+             f"vCPU 1 (pid {kids[1].pid}, killed by SIGKILL)")
+    assert f"failed: {words}" in err and len(err.strip().splitlines()) == 1, err
+    rep = json.loads(out.read_text())
+    assert rep["status"] == "failed" and rep["error"] == words
+    assert [w["vcpu"] for w in rep["workers"]["lost"]] == [0, 1]
     assert_clean()
 
 
@@ -216,17 +236,20 @@ def test_stall_watch_rules():
     vcpu = subprocess.Popen(["sleep", "60"])
     try:
         _poll(_watch(np.ones(8, np.uint8), src.pid, vcpu.pid), 1.0)  # all in: never a stall
-        with pytest.raises(RunFailed, match=rf"the source \(pid {src.pid}\) sent no page while vCPUs wait "
-                                            r"for 0.3 s \(state: sleeping\)"):
+        # a still source (hung, or stopped) is a SourceStalled: the run replaces it like a lost one
+        with pytest.raises(SourceStalled, match=rf"the source \(pid {src.pid}\) sent no page while vCPUs wait "
+                                                r"for 0.3 s \(state: sleeping\)") as hung:
             _poll(_watch(np.zeros(8, np.uint8), src.pid, vcpu.pid), 3.0)
+        assert hung.value.pid == src.pid
         src.send_signal(signal.SIGSTOP)
-        with pytest.raises(RunFailed, match=rf"the source \(pid {src.pid}\) made no progress .*state: stopped"):
+        with pytest.raises(SourceStalled, match=rf"the source \(pid {src.pid}\) made no progress .*state: stopped"):
             _poll(_watch(np.zeros(8, np.uint8), src.pid, vcpu.pid), 3.0)
         src.send_signal(signal.SIGCONT)
         received = np.zeros(8, np.uint8)
         received[3] = 1  # vCPU 0 sits on page 3, which is in: it waits for nothing
-        with pytest.raises(RunFailed, match=rf"vCPU 0 \(pid {vcpu.pid}\) made no progress for 0.3 s"):
+        with pytest.raises(RunFailed, match=rf"vCPU 0 \(pid {vcpu.pid}\) made no progress for 0.3 s") as still:
             _poll(_watch(received, src.pid, vcpu.pid, board=np.array([4], np.uint64)), 3.0)
+        assert not isinstance(still.value, SourceStalled)  # a vCPU cannot be replaced: the run fails
     finally:
         for p in (src, vcpu):
             p.kill()

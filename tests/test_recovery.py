@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import psutil
@@ -102,6 +103,139 @@ def test_crash_during_recovery(tmp_path, clean_machine):
     assert during["outcome"] == "killed the replacement source as it started, before the resume completed"
     started = [e["pid"] for e in rec["events"] if e["event"] == "source-started"]
     assert started[0] == during["pid"] and len(started) == 2
+    assert_clean()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_stopped_source_is_replaced_and_the_run_completes(tmp_path, transport, clean_machine):
+    """The issue: a source stopped from outside (SIGSTOP: its sockets stay open, the destination sees
+    no EOF) failed the run after --stall-timeout, where a killed one is replaced.  Now it is treated
+    like a lost one: killed and reaped, the destination pauses, a new source resumes it."""
+    out = tmp_path / "r.json"
+    proc = start_cli([*DEMAND, "--stall-timeout", "1.5", "--transport", transport, "--json", str(out)])
+    wait_for_children(proc, "pch-vcpu", 2)  # and the workload has begun
+    [source] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-source"]
+    t0 = time.monotonic()
+    source.send_signal(signal.SIGSTOP)
+    code, err = finish(proc, 90)
+    rep = json.loads(out.read_text())
+    _assert_complete(code, err, rep)
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["source-restarts"]) == (1, 1, 1), rec
+    [stalled] = [e for e in rec["events"] if e["event"] == "source-stalled"]
+    assert stalled["why"] == f"the source (pid {source.pid}) made no progress for 1.5 s (state: stopped) " \
+                             "(--stall-timeout)", stalled
+    [lost] = [e["cause"] for e in rec["events"] if e["event"] == "source-lost"]
+    assert lost.startswith(f"the source (pid {source.pid}) was killed by SIGKILL (replaced: the source"), lost
+    started = [e["pid"] for e in rec["events"] if e["event"] == "source-started"]
+    assert len(started) == 1 and started[0] != source.pid
+    assert stalled["at-s"] < [e["at-s"] for e in rec["events"] if e["event"] == "resumed"][0]
+    assert time.monotonic() - t0 < 60
+    assert not psutil.pid_exists(source.pid)  # killed and reaped: no stopped process, no zombie
+    assert_clean()
+
+
+class Freezer:
+    """A cgroup (v1 freezer) of its own for one process: frozen, it sits in the kernel with its
+    sockets open (``disk-sleep``), deaf even to SIGKILL until thawed: a hung process, not a stopped one."""
+
+    ROOT = "/sys/fs/cgroup/freezer"
+
+    def __init__(self) -> None:
+        self.path = os.path.join(self.ROOT, f"pch-test-{os.getpid()}-{os.urandom(4).hex()}")
+        os.mkdir(self.path)
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def freeze(self, pid: int) -> None:
+        self._write("tasks", str(pid))
+        self._write("freezer.state", "FROZEN")
+
+    def thaw(self) -> None:
+        self._write("freezer.state", "THAWED")
+
+    def remove(self) -> None:
+        self.thaw()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # its process dies of the SIGKILL it was sent, then the group is empty
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"{self.path} still holds a process")
+
+
+@pytest.fixture
+def freezer():
+    if os.geteuid() != 0 or not os.path.isfile(os.path.join(Freezer.ROOT, "tasks")):
+        pytest.skip("needs root and the cgroup v1 freezer")
+    try:
+        fz = Freezer()
+    except OSError as e:
+        pytest.skip(f"cannot make a freezer cgroup: {e.strerror}")
+    yield fz
+    fz.remove()
+
+
+def test_hung_source_is_replaced_and_the_run_completes(tmp_path, freezer, clean_machine):
+    """A source hung with its sockets open (frozen in the kernel, so even SIGKILL waits): after
+    --stall-timeout the destination's page channels are shut down and a new source resumes the run;
+    the hung one dies of its pending SIGKILL once it thaws, and is reaped."""
+    out = tmp_path / "r.json"
+    proc = start_cli([*DEMAND, "--stall-timeout", "1.5", "--json", str(out)])
+    wait_for_children(proc, "pch-vcpu", 2)  # and the workload has begun
+    [source] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-source"]
+    freezer.freeze(source.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:  # until the replacement is up
+        kids = psutil.Process(proc.pid).children()
+        if any(k.pid != source.pid and k.name() == "pch-source" for k in kids):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    freezer.thaw()
+    code, err = finish(proc, 90)
+    rep = json.loads(out.read_text())
+    _assert_complete(code, err, rep)
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["source-restarts"]) == (1, 1, 1), rec
+    [stalled] = [e for e in rec["events"] if e["event"] == "source-stalled"]
+    assert f"the source (pid {source.pid}) sent no page while vCPUs wait for 1.5 s (state: disk-sleep)" \
+        in stalled["why"], stalled
+    lost = [e["cause"] for e in rec["events"] if e["event"] == "source-lost"]
+    assert lost == [f"the source (pid {source.pid}) was killed by SIGKILL (replaced: {stalled['why']})"], lost
+    assert not psutil.pid_exists(source.pid)
+    assert_clean()
+
+
+def test_hung_handler_is_named_not_blamed_on_the_source(tmp_path, freezer, clean_machine):
+    """A handler hung in the kernel looks, from outside, like a source that sends nothing: the source is
+    cut off first, and when the destination does not pause after that, the run fails naming the handler."""
+    proc = start_cli([*DEMAND, "--stall-timeout", "1.5"])
+    wait_for_children(proc, "pch-vcpu", 2)
+    [handler] = [c for c in psutil.Process(proc.pid).children() if c.name() == "pch-fault"]
+    freezer.freeze(handler.pid)
+    time.sleep(6)  # two stall timeouts and some: the run has failed and waits to reap the frozen handler
+    freezer.thaw()
+    code, err = finish(proc, 60)
+    assert code == 1, err
+    assert f"the fault handler (pid {handler.pid}) did not pause when its source was cut off (state: disk-sleep); " \
+           "before: the source (pid" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert_clean()
+
+
+def test_injected_source_stall_past_the_stall_timeout_is_replaced(tmp_path, clean_machine):
+    code, err, rep = _run(tmp_path, "source-stall@0.3:30", extra=("--stall-timeout", "1.5"))
+    _assert_complete(code, err, rep)
+    rec = rep["recovery"]
+    assert (rec["pauses"], rec["resumes"], rec["source-restarts"]) == (1, 1, 1), rec
+    [inj] = rec["injected"]
+    assert inj["outcome"] == "stopped; past --stall-timeout it was killed and replaced by a new source", inj
+    assert not psutil.pid_exists(inj["pid"])
     assert_clean()
 
 

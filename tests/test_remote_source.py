@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,4 +192,98 @@ def test_a_dropped_link_to_a_remote_source_resumes_with_the_same_source(key, tmp
         assert code == 0, err
         assert "waiting for it to resume" in err and "1 resume(s)" in err
     finally:
+        src.stop()
+
+
+def _wait_migrating(src: Source, run: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the source holds its three channels (control, stream, urgent): it is migrating."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()
+        conns = psutil.Process(src.p.pid).net_connections("tcp")
+        if sum(c.status == psutil.CONN_ESTABLISHED for c in conns) >= 3:
+            time.sleep(0.2)
+            return
+        time.sleep(0.02)
+    raise AssertionError("the migration never started")
+
+
+def test_strangers_on_a_listening_source_are_refused_at_once_and_counted(key, tmp_path, clean_machine):
+    """The issue: 945 stderr lines in 40 s from hostile connections, and connections made during a
+    migration waited in the listen queue.  Now each is refused at once (before and during the
+    migration), and the source tells the first and counts the rest into one line."""
+    from tests.test_trust import recv_all
+
+    flags = ("--ram", "8M", "--link", "200mbit,1ms")
+    src = Source(key, *flags)
+    host, port = src.where.rsplit(":", 1)
+    run = None
+    try:
+        for _ in range(100):  # before any destination: garbage, refused after its opening
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                try:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
+                except OSError:
+                    pass
+                assert recv_all(s) == b""
+        out = tmp_path / "r.json"
+        run = subprocess.Popen([*CLI, "run", "--quiet", "--vcpus", "2", "--ram", "8M", "--workload", "sequential",
+                                "--no-background", "--source", src.where, "--auth-key-file", key, "--json",
+                                str(out)], stderr=subprocess.PIPE, text=True)
+        _wait_migrating(src, run)  # mid-migration: about 2.5 s of demand paging over the 1 ms link
+        t0 = time.monotonic()
+        for _ in range(20):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                assert recv_all(s) == b""  # closed by the source, not left in its queue
+        assert time.monotonic() - t0 < 5
+        _, rerr = run.communicate(timeout=90)
+        assert run.returncode == 0, rerr
+        code, err = src.finish()
+        assert code == 0, err
+        lines = [line for line in err.splitlines() if "refused" in line]
+        assert len(lines) == 2, err
+        assert "refused a page-channel connection" in lines[0] and "not a postcopy-harness page channel" in lines[0]
+        assert "refused 119 more page-channel connections" in lines[1] and "120 refused in all" in lines[1]
+        assert "not a postcopy-harness page channel (bad opening): 99" in lines[1]
+        assert "a migration is in progress: 20" in lines[1]
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+            run.wait()
+        src.stop()
+
+
+def test_a_stalled_remote_source_is_cut_off_and_resumes_the_run_once_it_moves(key, tmp_path, clean_machine):
+    """A `source --listen` stopped mid-migration is not the run's to kill: past --stall-timeout the run
+    shuts its page channels down (postcopy-paused) and tries the address again; once the source moves
+    (SIGCONT) it sees the channels gone, waits for the destination, and resumes it."""
+    src = Source(key, "--ram", "8M", "--link", "200mbit,1ms")
+    out = tmp_path / "r.json"
+    run = subprocess.Popen([*CLI, "run", "--quiet", "--vcpus", "2", "--ram", "8M", "--workload", "sequential",
+                            "--no-background", "--source", src.where, "--auth-key-file", key, "--stall-timeout", "4",
+                            "--json", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_migrating(src, run)
+        src.p.send_signal(signal.SIGSTOP)
+        time.sleep(5.5)  # the stall is seen at 4 s; the run pauses and knocks on the stopped source
+        src.p.send_signal(signal.SIGCONT)
+        _, err = run.communicate(timeout=90)
+        assert run.returncode == 0, err
+        rep = json.loads(out.read_text())
+        assert rep["verification"]["mismatches"] == 0 and rep["verification"]["ram-bad-pages"] == 0
+        rec = rep["recovery"]
+        assert (rec["pauses"], rec["resumes"]) == (1, 1), rec
+        [stalled] = [e for e in rec["events"] if e["event"] == "source-stalled"]
+        assert stalled["why"] == ("the source sent no page while vCPUs wait for 4 s (state: not a process of this "
+                                  "run) (--stall-timeout)"), stalled
+        code, serr = src.finish()
+        assert code == 0, serr
+        assert "waiting for it to resume" in serr and "1 resume(s)" in serr
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        src.p.send_signal(signal.SIGCONT)
         src.stop()

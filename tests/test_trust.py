@@ -3,13 +3,16 @@
 TCP page channels: a stranger connecting first (silent, garbage, wrong key, replayed proof) gets no
 page and the run completes.  The uffd hand-off socket: another uid, a process of the same uid that
 is not a worker of the run, garbage and silent connections, hellos that do not fit the geometry and
-a second registration of one vCPU are refused, never fatal.  Shared memory: a squatted name changes
-nothing, a clash is one line, and a SIGKILLed orchestrator leaves no /dev/shm entry.
+a second registration of one vCPU are refused, never fatal; its name cannot be guessed, a squatted
+one is retried under a new name, and once the workers are in it refuses every connection.  Refusals
+are told once and counted, never one line each.  Shared memory: a squatted name changes nothing, a
+clash is one line, and a SIGKILLed orchestrator leaves no /dev/shm entry.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -140,7 +143,10 @@ def test_strangers_first_get_no_page_and_the_real_destination_still_connects(cap
     assert "not a postcopy-harness page channel" in err
     assert "no valid handshake in time" in err
     assert "closed the connection during the handshake" in err  # the one with another key
-    assert err.count("refused a page-channel connection") == 4
+    # the first refusal in full, the three others counted into one line
+    assert err.count("refused a page-channel connection") == 1
+    assert err.count("refused 3 more page-channel connections") == 1 and "4 refused in all" in err
+    assert len(err.strip().splitlines()) == 2, err
     for s in (silent, garbage, guesser, stream, urgent, s_src, u_src):
         s.close()
 
@@ -377,8 +383,9 @@ def test_garbage_silent_and_strangers_do_not_stop_the_workers(handoff_run, capfd
     assert [exit_code(p) for p in workers] == [0, 0]
     err = capfd.readouterr().err
     assert "expected a 32-byte hello with one fd, got 7 bytes and 0 fds" in err
-    assert err.count("not a vCPU worker of this run") == 2  # this process and the grandchild
+    assert "not a vCPU worker of this run: 2" in err or "not a vCPU worker of this run (later" in err, err
     assert "no hello within 1 s" in err
+    assert "refused 3 more uffd hand-offs" in err and "4 refused in all" in err  # counted, not listed
 
 
 def test_a_second_registration_of_a_vcpu_is_refused(handoff_run, capfd):
@@ -434,13 +441,19 @@ def test_collection_gives_up_in_one_line_when_workers_never_come(handoff_run):
     assert "only 1 of 2 vCPU workers handed in their uffd within 3 s" in str(out["error"])
 
 
+def handoff_sockets(pid: int) -> list[str]:
+    """The hand-off socket names of the run whose orchestrator is ``pid`` (as /proc/net/unix shows them)."""
+    with open("/proc/net/unix") as f:
+        names = {line.split()[-1] for line in f if len(line.split()) >= 8}
+    return sorted(n for n in names if n.startswith(f"@pch-{pid}-") and n.endswith("-uffd"))
+
+
 def wait_handoff_socket(pid: int, timeout: float = 20.0) -> str:
-    name = f"@pch-{pid}-uffd"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with open("/proc/net/unix") as f:
-            if any(line.rstrip().endswith(name) for line in f):
-                return "\0" + name[1:]
+        names = handoff_sockets(pid)
+        if names:
+            return "\0" + names[0][1:]
         time.sleep(0.002)
     raise AssertionError("the hand-off socket never appeared")
 
@@ -461,34 +474,194 @@ def test_strangers_on_the_handoff_socket_of_a_real_run_change_nothing(clean_mach
             os.setuid(NOBODY)
             address = os.read(go_r, 256).decode()
             with socket.socket(socket.AF_UNIX) as s:
-                s.connect(address)
-                socket.send_fds(s, [HELLO.pack(MAGIC, VERSION, 1, os.getpid(), 1 << 30, 16 << 20)], [w])
+                try:
+                    s.connect(address)
+                except ConnectionRefusedError:
+                    return 4  # the run had every uffd already: the socket was gone, refused at once
+                try:
+                    socket.send_fds(s, [HELLO.pack(MAGIC, VERSION, 1, os.getpid(), 1 << 30, 16 << 20)], [w])
+                except OSError:
+                    pass  # refused before the hello went out: the kernel's word on who we are sufficed
                 return 3 if recv_all(s) == b"" else 0
 
         intruders.append(fork_child(other_uid))
     proc = start_cli(["run", "--vcpus", "16", "--ram", "16M", "--quiet"])
     address = wait_handoff_socket(proc.pid)
     os.write(go_w, address.encode())
-    silent = socket.socket(socket.AF_UNIX)
-    silent.connect(address)
-    garbage = socket.socket(socket.AF_UNIX)
-    garbage.connect(address)
-    garbage.sendall(b"PCHW" + b"\0" * 100)
-    forged = socket.socket(socket.AF_UNIX)
-    forged.connect(address)
-    socket.send_fds(forged, [HELLO.pack(MAGIC, VERSION, 0, os.getpid(), 1 << 30, 16 << 20)], [r])
+    silent = stranger_connect(address)
+    garbage = stranger_connect(address, b"PCHW" + b"\0" * 100)
+    forged = stranger_connect(address, HELLO.pack(MAGIC, VERSION, 0, os.getpid(), 1 << 30, 16 << 20), [r])
     code, err = finish(proc)
     assert code == 0, err
-    assert [exit_code(p) for p in intruders] == [3] * len(intruders)
-    for s in (silent, garbage, forged):
+    codes = [exit_code(p) for p in intruders]
+    assert set(codes) <= {3, 4}
+    connected = [s for s in (silent, garbage, forged) if s is not None]
+    assert connected, "every stranger came after the collection: nothing was tried"
+    for s in connected:
         assert recv_all(s) == b""  # dropped, never acknowledged
         s.close()
     for fd in (r, w, go_r, go_w):
         os.close(fd)
-    assert err.count("refused a uffd hand-off") >= 3 + len(intruders)
-    assert "not a vCPU worker of this run" in err
-    if intruders:
+    refused = len(connected) + codes.count(3)
+    assert refused_in_all(err, "uffd hand-off") == refused, err
+    assert err.count("refused a uffd hand-off") == (1 if refused else 0)  # the first in full, the rest counted
+    if connected:
+        assert "not a vCPU worker of this run" in err
+    if codes.count(3):
         assert f"runs as uid {NOBODY}" in err
+
+
+def stranger_connect(address: str, data: bytes = b"", fds: list[int] = ()) -> socket.socket | None:
+    """Connect to ``address`` (and send ``data`` with ``fds``); None when refused at connect (the
+    socket is gone).  Refused right after the connect, a send may meet a closed socket: fine too."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(address)
+    except ConnectionRefusedError:
+        s.close()
+        return None
+    try:
+        if data:
+            socket.send_fds(s, [data], list(fds))
+    except OSError:
+        pass
+    return s
+
+
+def refused_in_all(err: str, what: str) -> int:
+    """How many connections a process said it refused: its count line, else its one refusal line."""
+    m = re.findall(r"(\d+) refused in all", err)
+    return int(m[-1]) if m else err.count(f"refused a {what}")
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_handoff_socket_refuses_at_once_once_the_workers_are_in(clean_machine):
+    """The issue: strangers' connections hung in the queue of the orchestrator's copy of the
+    listener for the whole run.  Once every worker handed in its uffd no copy is left: refused."""
+    proc = start_cli(SLOW_RUN)
+    address = wait_handoff_socket(proc.pid)
+    assert re.fullmatch(rf"\0pch-{proc.pid}-[0-9a-f]{{16}}-uffd", address), address  # unguessable
+    wait_child(proc, "pch-vcpu", 4)
+    deadline = time.monotonic() + 20
+    while (s := stranger_connect(address)) is not None and time.monotonic() < deadline:  # still collecting
+        s.close()
+        time.sleep(0.01)
+    assert s is None, "the hand-off socket still takes connections while the workload runs"
+    assert handoff_sockets(proc.pid) == []
+    assert proc.poll() is None  # mid-run
+    os.killpg(proc.pid, signal.SIGINT)
+    finish(proc)
+
+
+class FixedSecrets:
+    """Stands in for the secrets module inside postcopy_core.handoff: the names it hands out are
+    known in advance (``first`` values, then the real random ones, or ``first`` forever)."""
+
+    def __init__(self, first: list[str], forever: bool = False) -> None:
+        self.first, self.forever = list(first), forever
+
+    def token_hex(self, n: int) -> str:
+        import secrets
+
+        if self.first:
+            return self.first[0] if self.forever else self.first.pop(0)
+        return secrets.token_hex(n)
+
+
+def squat(address: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(address)
+    s.listen(1)
+    return s
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_squatted_handoff_names_do_not_stop_the_run(monkeypatch, capsys, clean_machine):
+    """A local user binds the names a run would take (the old predictable one, and the first two
+    fresh ones it will draw): the run takes the next fresh name and completes."""
+    from harness import cli
+    from postcopy_core import handoff
+
+    me = os.getpid()
+    drawn = ["0" * 16, "1" * 16]
+    monkeypatch.setattr(handoff, "secrets", FixedSecrets(drawn))
+    squatters = [squat(f"\0pch-{me}-uffd")] + [squat(f"\0pch-{me}-{t}-uffd") for t in drawn]
+    try:
+        code = cli.main(["run", "--vcpus", "2", "--ram", "4M", "--quiet"])
+    finally:
+        for s in squatters:
+            s.close()
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "Address already in use" not in err
+
+
+def test_a_taken_handoff_name_every_time_is_one_line_naming_it(monkeypatch, capsys, clean_machine):
+    from harness import cli
+    from postcopy_core import handoff
+
+    name = f"pch-{os.getpid()}-{'2' * 16}-uffd"
+    monkeypatch.setattr(handoff, "secrets", FixedSecrets(["2" * 16], forever=True))
+    squatter = squat("\0" + name)
+    try:
+        code = cli.main(["run", "--vcpus", "1", "--ram", "1M", "--quiet"])
+    finally:
+        squatter.close()
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"@{name}: Address already in use" in err and "the vCPU hand-off socket" in err, err
+
+
+def test_refusals_are_summed_up_at_most_once_an_interval(capfd):
+    from postcopy_core.refusals import Refusals
+
+    r = Refusals("test connection", summary_every_s=0.3)
+    for i in range(50):
+        r.refuse(f"peer {i}", "odd" if i % 10 else "even")
+    time.sleep(0.35)
+    r.refuse("peer 50", "late")  # the interval has passed: this one brings the summary
+    r.refuse("peer 51", "later")
+    r.flush()
+    r.flush()  # nothing new: no line
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert "refused a test connection from peer 0: even" in lines[0]
+    assert "refused 50 more test connections" in lines[1] and "odd: 45, even: 4, late: 1" in lines[1]
+    assert "51 refused in all" in lines[1]
+    assert "refused 1 more test connection in" in lines[2] and "52 refused in all" in lines[2]
+
+
+def test_a_taken_tcp_address_is_one_line_naming_it():
+    with tcp_listener() as first:
+        port = first.getsockname()[1]
+        with pytest.raises(OSError) as e:
+            tcp_listener(port=port)
+    assert str(e.value) == f"cannot listen on TCP 127.0.0.1:{port}: Address already in use"
+
+
+def test_strangers_on_the_handoff_socket_are_counted_not_listed(handoff_run, capfd):
+    """A flood of connections from a process that is no worker of the run: each refused at once
+    (EOF before any byte), one warning line for the first and one count line, not one line each."""
+    address, listener, memfd, expect, got = handoff_run
+    t, out = collect_in_thread(listener, expect, timeout=30)
+    t0 = time.monotonic()
+    for _ in range(200):
+        s = stranger_connect(address)
+        assert recv_all(s) == b""
+        s.close()
+    assert time.monotonic() - t0 < 10  # refused at once, not after a hello timeout
+    workers = [fork_child(worker(address, memfd, v)) for v in (0, 1)]
+    assert sorted(h.pid for h in joined(t, out, got)) == sorted(workers)
+    assert [exit_code(p) for p in workers] == [0, 0]
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert "refused a uffd hand-off from pid" in lines[0] and "not a vCPU worker of this run" in lines[0]
+    assert "refused 199 more uffd hand-offs" in lines[1] and "not a vCPU worker of this run: 199" in lines[1]
+    assert "200 refused in all" in lines[1]
 
 
 # ---------------------------------------------------------------- shared memory
