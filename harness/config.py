@@ -82,7 +82,7 @@ class RunConfig:
     write_ratio: float = 0.0
     wake_policy: str = WAKE_WAITERS
     place: str = PLACE_COPY  # how pages go in: UFFDIO_COPY, or the page cache + UFFDIO_CONTINUE
-    pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
+    pin: bool = False  # as bench/uffd_ref.c -A: handler and source on CPU 0, vCPU workers on CPU 1
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     strategy: str | None = None  # the source policy (postcopy_core/strategies.py); None: preempt, or demand
