@@ -77,6 +77,7 @@ class RunConfig:
     image: str | None = None
     transport: str = "unix"
     auth_key_file: str | None = None  # TCP: the page channels' key from this file (default: a fresh one)
+    tls_creds: str | None = None  # run --source: TLS with the x509 files in this folder (postcopy_core/tls.py)
     link_mode: str = "model"  # model: the source's in-process link model; netns: a namespace + veth shaped by tc
     source: str | None = None  # HOST:PORT of a `postcopy-harness source --listen` to migrate from (no fork)
     write_ratio: float = 0.0
@@ -120,6 +121,15 @@ class RunConfig:
             self.transport = "tcp"  # both imply TCP page channels (with the HMAC handshake)
         if self.source is not None:
             self._validate_remote_source()
+        if self.tls_creds is not None:
+            if self.source is None:
+                raise ConfigError("--tls-creds is for --source HOST:PORT (the channels between two machines)")
+            from postcopy_core.tls import TlsError, client_context
+
+            try:
+                client_context(self.tls_creds)
+            except TlsError as e:
+                raise ConfigError(str(e)) from None
         if self.auth_key_file is not None:
             if self.transport != "tcp":
                 raise ConfigError("--auth-key-file needs --transport tcp")

@@ -57,6 +57,7 @@ from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
 from postcopy_core.strategies import make_strategy
+from postcopy_core.tls import client_context
 from vcpu_workers import results as R
 from vcpu_workers.worker import WorkerPlan
 from vcpu_workers.workloads import accesses_per_vcpu
@@ -104,6 +105,7 @@ class Run(SourceRestarts):
         self.dst_stats: dict | None = None
         self._source_args: dict = {}  # what _start_source needs: spec, geometry, key (TCP)
         self._replaced: set[int] = set()  # sources we killed because their destination had paused
+        self._tls = None  # run --source --tls-creds: the client context of every channel (postcopy_core/tls.py)
 
     # ------------------------------------------------------------ setup helpers
 
@@ -171,6 +173,7 @@ class Run(SourceRestarts):
         strategy = make_strategy(cfg)  # what the source sends next (postcopy_core/strategies.py)
         if cfg.transport == "tcp":
             key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
+            tls = self._tls = client_context(cfg.tls_creds) if cfg.tls_creds else None  # run --source only
             host = LOOPBACK
             src_link = cfg.link_model
             if remote:
@@ -195,11 +198,12 @@ class Run(SourceRestarts):
                 return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child), strategy)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
-                return tcp_connect(port, CHANNEL_STREAM, key, host), tcp_connect(port, CHANNEL_URGENT, key, host)
+                return (tcp_connect(port, CHANNEL_STREAM, key, host, tls=tls),
+                        tcp_connect(port, CHANNEL_URGENT, key, host, tls=tls))
 
             def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
-                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host),
-                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host))
+                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host, tls=tls),
+                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host, tls=tls))
         else:
             key = None
             s_src, s_dst = self._pair()
@@ -359,9 +363,11 @@ class Run(SourceRestarts):
 
         where = f"{host}:{port}"
         try:
-            sock = tcp_connect(port, CHANNEL_CONTROL, key, host)
+            sock = tcp_connect(port, CHANNEL_CONTROL, key, host, tls=self._tls)
         except OSError as e:  # AuthError (wrong key) is an OSError too
-            raise RunFailed(f"--source {where}: {e.strerror or e}") from None
+            hint = " (a source started with --tls-creds takes only TLS)" \
+                if isinstance(e, ConnectionResetError) and self._tls is None else ""
+            raise RunFailed(f"--source {where}: {e.strerror or e}{hint}") from None
         sock.setblocking(True)
         control = ControlLine(sock)
         # while paused this runs in the supervision loop: wait no longer than the pause may last
