@@ -153,20 +153,25 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
     try:
         while True:
             moved = False
-            if not tls_eof and len(down) < RELAY_BACKLOG:
+            # every record that is in (a record is at most 16 KiB): fewer, bigger writes to the C side
+            while not tls_eof and len(down) < RELAY_BACKLOG:
                 try:
                     n = tls.recv_into(view)
-                    if n:
-                        down += view[:n]
-                        moved = True
-                    else:
-                        tls_eof = True
                 except ssl.SSLWantReadError:
                     tls_wants = select.POLLIN
+                    break
                 except ssl.SSLWantWriteError:
                     tls_wants = select.POLLOUT
+                    break
                 except (ssl.SSLError, OSError):
                     return  # the network side broke: closing ours tells the C side
+                if not n:
+                    tls_eof = True
+                    break
+                down += view[:n]
+                moved = True
+                if len(down) >= RELAY_CHUNK:
+                    break
             if down:
                 try:
                     n = plain.send(down)
