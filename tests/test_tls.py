@@ -247,3 +247,25 @@ def test_bench_tls_cost_runs_tiny(tmp_path, clean_machine):
     assert "TLS / plain postcopy time" in p.stdout and "reproduce: python bench/tls_cost.py" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["median"]["tls"]["postcopy-s"] > 0 and doc["median"]["plain"]["postcopy-s"] > 0
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_a_dropped_tls_link_resumes_with_the_same_source(tmp_path, creds, key, clean_machine):
+    """Postcopy recovery over TLS: --inject link-drop cuts the destination's page channels (the plain
+    ends of its relays); the relays pass the end on, the same source waits, and the run resumes through
+    new TLS sessions, every page verified."""
+    src = Source(key, "--link", "200mbit,1ms", "--tls-creds", str(creds))
+    try:
+        out = tmp_path / "r.json"
+        r = run_cli("--workload", "sequential", "--no-background", "--source", src.where, "--auth-key-file", key,
+                    "--tls-creds", str(creds), "--inject", "link-drop@0.5", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(out.read_text())
+        assert rep["verification"]["mismatches"] == 0 and rep["verification"]["ram-bad-pages"] == 0
+        assert (rep["recovery"]["pauses"], rep["recovery"]["resumes"]) == (1, 1), rep["recovery"]
+        code, err = src.finish()
+        assert code == 0, err
+        assert "waiting for it to resume" in err and "1 resume(s)" in err
+    finally:
+        src.stop()

@@ -438,8 +438,8 @@ int pch_touch_run(struct pch_touch *t)
         pch_finish_line_cross(t->finish_line, t->finish_count);
         pch_finish_line_wait(t->finish_line, t->finish_count);
     }
-    /* Every byte of every page this vCPU read, checked once, outside the timed loop (as
-     * ../shared/bench does): a page torn, misplaced or zero-filled by a lost handler shows here. */
+    /* Every byte of every page this vCPU read, checked once, outside the timed loop: a page
+     * torn, misplaced or zero-filled by a lost handler shows here. */
     /* Walked in access order, not over all of RAM: with 4096 vCPUs each touching a small slice,
      * a pass over every page per worker was 4096 x npages reads.  verified: 2 once checked. */
     for (uint64_t i = 0; i < t->count; i++) {
