@@ -269,3 +269,74 @@ def test_a_dropped_tls_link_resumes_with_the_same_source(tmp_path, creds, key, c
         assert "waiting for it to resume" in err and "1 resume(s)" in err
     finally:
         src.stop()
+
+
+def _tls_pair_through(creds: Path, middle) -> tuple:
+    """(client TLS socket, server TLS socket) connected through ``middle(client_side, server_side)``,
+    a function run in a thread that carries the bytes between the two TCP connections."""
+    server, client = tls.server_context(str(creds)), tls.client_context(str(creds))
+    front, back = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
+    with front, back:
+        c = socket.create_connection(front.getsockname(), timeout=10)
+        c_side, _ = front.accept()
+        s_out = socket.create_connection(back.getsockname(), timeout=10)
+        s, _ = back.accept()
+    threading.Thread(target=middle, args=(c_side, s_out), daemon=True).start()
+    s.settimeout(10)
+    done = {}
+    t = threading.Thread(target=lambda: done.setdefault("s", server.wrap_socket(s, server_side=True)))
+    t.start()
+    tc = tls.client_wrap(client, c, "127.0.0.1")
+    t.join(10)
+    return tc, done["s"]
+
+
+def test_a_tampered_record_ends_the_channel_and_never_reaches_the_c_side(creds):
+    """Someone on the path flips one bit of the page stream: the relay passes on only what checked
+    (a prefix of what was sent) and then the end of the channel, never the forged bytes."""
+    sent = os.urandom(1 << 20)
+    flipped = {}
+
+    def flip_one_bit(a: socket.socket, b: socket.socket) -> None:
+        total = 0
+        threading.Thread(target=lambda: _pipe(b, a), daemon=True).start()  # the way back, untouched
+        try:
+            while chunk := a.recv(65536):
+                chunk = bytearray(chunk)
+                if total < 200_000 <= total + len(chunk) and "at" not in flipped:  # well after the handshake
+                    flipped["at"] = total
+                    chunk[200_000 - total] ^= 0x10
+                total += len(chunk)
+                b.sendall(chunk)
+        except OSError:
+            pass  # the receiver dropped the connection at the forged record: as it should
+        finally:
+            a.close()
+            b.close()
+
+    tc, ts = _tls_pair_through(creds, flip_one_bit)
+    plain = tls.tunnel(ts, "tampered")
+    plain.settimeout(10)
+    threading.Thread(target=lambda: _send_quietly(tc, sent), daemon=True).start()
+    got = bytearray()
+    while chunk := plain.recv(1 << 20):
+        got += chunk
+    assert "at" in flipped
+    assert len(got) < len(sent) and bytes(got) == sent[: len(got)]  # what came is what was sent, then EOF
+    tc.close()
+    plain.close()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while chunk := a.recv(65536):
+            b.sendall(chunk)
+    except OSError:
+        pass
+
+
+def _send_quietly(s, data: bytes) -> None:
+    try:
+        s.sendall(data)
+    except OSError:
+        pass
