@@ -412,18 +412,23 @@ static void report_rounds(const char *tag, int r0, int r1)
 	free(all);
 }
 
+static pid_t *kids; /* the handler, then the workers forked so far */
+static volatile int nkids;
+
 /* a worker or the handler that fails leaves the others waiting at a barrier or for a uffd: end the
- * whole run (its process group) at once, with the reason it printed, instead of hanging */
+ * run at once (the reason is what the dead one printed) instead of hanging */
 static void on_child(int sig)
 {
 	siginfo_t si = { 0 };
 	(void)sig;
 	if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid &&
 	    !(si.si_code == CLD_EXITED && si.si_status == 0)) {
-		static const char msg[] = "uffd_ref: a worker or the handler died; stopping\n";
+		static const char msg[] = "uffd_ref: a worker or the handler died; stopping the others\n";
+		for (int i = 0; i < nkids; i++)
+			kill(kids[i], SIGKILL);
 		if (write(2, msg, sizeof msg - 1) < 0) {
 		}
-		kill(0, SIGKILL);
+		_exit(1);
 	}
 }
 
@@ -444,30 +449,40 @@ static void run_mp(void)
 	int hand[2], quit[2];
 	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, hand) || pipe2(quit, O_CLOEXEC))
 		fail("socketpair/pipe");
+	kids = calloc((size_t)opt.n + 1, sizeof *kids);
+	if (!kids)
+		fail("out of memory");
+	signal(SIGCHLD, on_child);
 	pid_t h = fork();
 	if (h < 0)
 		fail("fork the handler");
 	if (h == 0) {
+		signal(SIGCHLD, SIG_DFL);
 		close(hand[1]);
 		close(quit[1]);
 		handler(hand[0], quit[0]);
 	}
+	kids[nkids++] = h;
 	close(hand[0]);
 	close(quit[0]);
-	pid_t *pids = calloc((size_t)opt.n, sizeof *pids);
-	if (!pids)
-		fail("out of memory");
+	pid_t *pids = kids + 1;
 	for (int w = 0; w < opt.n; w++) {
 		pids[w] = fork();
-		if (pids[w] < 0)
+		if (pids[w] < 0) {
+			int e = errno;
+			for (int i = 0; i < nkids; i++)
+				kill(kids[i], SIGKILL);
+			errno = e;
 			fail("fork worker %d", w);
+		}
 		if (pids[w] == 0) {
+			signal(SIGCHLD, SIG_DFL);
 			close(quit[1]);
 			worker(w, memfd, hand[1]);
 		}
+		nkids++;
 	}
 	close(hand[1]);
-	signal(SIGCHLD, on_child);
 	for (int r = 0; r < opt.rounds; r++) {
 		punch(memfd);
 		memset(placed, 0, opt.npages);
@@ -477,6 +492,7 @@ static void run_mp(void)
 		pthread_barrier_wait(&sh->done);
 		sh->t1[r] = now_ns();
 	}
+	signal(SIGCHLD, SIG_DFL); /* every round is done: from here on, exits are counted below */
 	int failed = 0, st;
 	for (int w = 0; w < opt.n; w++)
 		if (waitpid(pids[w], &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st))
