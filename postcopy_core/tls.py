@@ -29,6 +29,8 @@ import ssl
 import stat
 import threading
 
+from postcopy_core.auth import warn
+
 CA_CERT = "ca-cert.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
@@ -140,7 +142,20 @@ def tunnel(tls_sock: ssl.SSLSocket, name: str) -> socket.socket:
 
 
 def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
-    """Copy both ways between ``tls`` and ``plain`` until both have ended (or one broke)."""
+    """Copy both ways between ``tls`` and ``plain`` until both have ended (or one broke); whatever
+    ends it, both sockets close, which the C side and the peer see as the channel's end."""
+    try:
+        _copy_both_ways(tls, plain)
+    except OSError:
+        pass  # a side that broke: its end is all there is to pass on
+    except Exception as e:  # a bug here must not print a traceback over the run's output
+        warn(f"TLS relay {threading.current_thread().name} stopped: {type(e).__name__}: {e}")
+    finally:
+        _close_tls(tls)
+        plain.close()
+
+
+def _copy_both_ways(tls: ssl.SSLSocket, plain: socket.socket) -> None:
     tls.setblocking(False)
     plain.setblocking(False)
     down = bytearray()  # from the network, for the C side
@@ -150,80 +165,76 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
     tls_eof = plain_eof = plain_shut = False
     tls_wants = select.POLLIN
     poller = select.poll()
-    try:
-        while True:
-            moved = False
-            # every record that is in (a record is at most 16 KiB): fewer, bigger writes to the C side
-            while not tls_eof and len(down) < RELAY_BACKLOG:
-                try:
-                    n = tls.recv_into(view)
-                except ssl.SSLWantReadError:
-                    tls_wants = select.POLLIN
-                    break
-                except ssl.SSLWantWriteError:
-                    tls_wants = select.POLLOUT
-                    break
-                except (ssl.SSLError, OSError):
-                    return  # the network side broke: closing ours tells the C side
-                if not n:
-                    tls_eof = True
-                    break
-                down += view[:n]
+    while True:
+        moved = False
+        # every record that is in (a record is at most 16 KiB): fewer, bigger writes to the C side
+        while not tls_eof and len(down) < RELAY_BACKLOG:
+            try:
+                n = tls.recv_into(view)
+            except ssl.SSLWantReadError:
+                tls_wants = select.POLLIN
+                break
+            except ssl.SSLWantWriteError:
+                tls_wants = select.POLLOUT
+                break
+            except (ssl.SSLError, OSError):
+                return  # the network side broke: closing ours tells the C side
+            if not n:
+                tls_eof = True
+                break
+            down += view[:n]
+            moved = True
+            if len(down) >= RELAY_CHUNK:
+                break
+        if down:
+            try:
+                n = plain.send(down)
+                del down[:n]
                 moved = True
-                if len(down) >= RELAY_CHUNK:
-                    break
-            if down:
-                try:
-                    n = plain.send(down)
-                    del down[:n]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # the C side is gone
+        if tls_eof and not down and not plain_shut:
+            plain.shutdown(socket.SHUT_WR)  # the peer's end of stream, passed on
+            plain_shut = True
+        if not plain_eof and len(up) < RELAY_BACKLOG:
+            try:
+                n = plain.recv_into(view)
+                if n:
+                    up += view[:n]
                     moved = True
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    return  # the C side is gone
-            if tls_eof and not down and not plain_shut:
-                plain.shutdown(socket.SHUT_WR)  # the peer's end of stream, passed on
-                plain_shut = True
-            if not plain_eof and len(up) < RELAY_BACKLOG:
-                try:
-                    n = plain.recv_into(view)
-                    if n:
-                        up += view[:n]
-                        moved = True
-                    else:
-                        plain_eof = True
-                except BlockingIOError:
-                    pass
-                except OSError:
+                else:
                     plain_eof = True
-            if up:
-                try:
-                    n = tls.send(up)
-                    del up[:n]
-                    moved = True
-                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                    pass
-                except (ssl.SSLError, OSError):
-                    return
-            if plain_eof and not up:
-                return  # the C side closed its end: nothing more will go out, the peer learns it from us
-            if moved or tls.pending():
-                continue
-            # only what we wait for: an ended side would report POLLHUP on every turn
-            want = {tls.fileno(): (tls_wants if not tls_eof and len(down) < RELAY_BACKLOG else 0)
-                    | (select.POLLOUT if up else 0),
-                    plain.fileno(): (select.POLLIN if not plain_eof and len(up) < RELAY_BACKLOG else 0)
-                    | (select.POLLOUT if down else 0)}
-            for fd, events in want.items():
-                if events:
-                    poller.register(fd, events)
-            poller.poll(1000)
-            for fd, events in want.items():
-                if events:
-                    poller.unregister(fd)
-    finally:
-        _close_tls(tls)
-        plain.close()
+            except BlockingIOError:
+                pass
+            except OSError:
+                plain_eof = True
+        if up:
+            try:
+                n = tls.send(up)
+                del up[:n]
+                moved = True
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass
+            except (ssl.SSLError, OSError):
+                return
+        if plain_eof and not up:
+            return  # the C side closed its end: nothing more will go out, the peer learns it from us
+        if moved or tls.pending():
+            continue
+        # only what we wait for: an ended side would report POLLHUP on every turn
+        want = {tls.fileno(): (tls_wants if not tls_eof and len(down) < RELAY_BACKLOG else 0)
+                | (select.POLLOUT if up else 0),
+                plain.fileno(): (select.POLLIN if not plain_eof and len(up) < RELAY_BACKLOG else 0)
+                | (select.POLLOUT if down else 0)}
+        for fd, events in want.items():
+            if events:
+                poller.register(fd, events)
+        poller.poll(1000)
+        for fd, events in want.items():
+            if events:
+                poller.unregister(fd)
 
 
 def _close_tls(tls: ssl.SSLSocket) -> None:
