@@ -340,3 +340,25 @@ def _send_quietly(s, data: bytes) -> None:
         s.sendall(data)
     except OSError:
         pass
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_huge_pages_over_tls(tmp_path, creds, key, hugepages, clean_machine):
+    """2 MiB pages: the source's splice path writes into the relay's socket pair (or copies when it
+    cannot), the destination receives whole huge pages through its relay."""
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        hugepages(int(f.read()) + 4)
+    src = Source(key, "--backing", "hugetlb", "--tls-creds", str(creds))
+    try:
+        out = tmp_path / "r.json"
+        p = run_cli("--backing", "hugetlb", "--source", src.where, "--auth-key-file", key, "--tls-creds", str(creds),
+                    "--json", str(out))
+        code, err = src.finish()
+    finally:
+        src.stop()
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["status"] == "completed" and rep["page-size"] == 2 << 20
+    assert rep["verification"]["ram-pages-verified"] == 4 and rep["verification"]["ram-bad-pages"] == 0
+    assert code == 0 and "migrated 4 pages" in err
