@@ -365,8 +365,8 @@ class Run(SourceRestarts):
         try:
             sock = tcp_connect(port, CHANNEL_CONTROL, key, host, tls=self._tls)
         except OSError as e:  # AuthError (wrong key) is an OSError too
-            hint = " (a source started with --tls-creds takes only TLS)" \
-                if isinstance(e, ConnectionResetError) and self._tls is None else ""
+            cut = isinstance(e, ConnectionResetError) or "closed the connection" in str(e)
+            hint = " (a source started with --tls-creds takes only TLS)" if cut and self._tls is None else ""
             raise RunFailed(f"--source {where}: {e.strerror or e}{hint}") from None
         sock.setblocking(True)
         control = ControlLine(sock)
