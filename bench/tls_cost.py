@@ -27,8 +27,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+try:  # the installed package (plain or editable), not this checkout's files by path
+    import harness.cli  # noqa: F401
+except ImportError as e:
+    sys.exit(f"bench/tls_cost.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
+
 PROG = "tls_cost"
-CLI = [sys.executable, "-m", "harness.cli"]
+# the installed CLI, whatever the current folder: without the folder on sys.path, a checkout's
+# harness/ (whose _uffd a plain install did not build there) is never imported instead
+CLI = [sys.executable, "-c", "import sys; del sys.path[0]; from harness.cli import main; sys.exit(main())"]
 DAYS = "2"  # the throw-away certificates expire soon after the run
 
 

@@ -87,7 +87,8 @@ def test_run_from_inside_the_checkout(plain_install, clean_machine):
 
 
 # the scripts that import the package at start (soak.py imports it only once it runs)
-BENCHES = ["bench/compare_ref.py", "bench/bench_replay.py", "bench/stream_faults.py", "bench/accuracy.py"]
+BENCHES = ["bench/compare_ref.py", "bench/bench_replay.py", "bench/stream_faults.py", "bench/accuracy.py",
+           "bench/tls_cost.py"]
 
 
 @pytest.mark.parametrize("script", BENCHES + ["bench/soak.py"])
