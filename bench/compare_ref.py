@@ -1,4 +1,4 @@
-"""The harness against the C reference (../shared/bench/uffd_ref.c), same parameters, same run.
+"""The harness against the project's C reference (bench/uffd_ref.c), same parameters, same run.
 
 Builds the reference into a temporary directory, then for every vCPU count runs the reference
 (``-m mp``, WARM line = rounds 2..R) and the harness (``--no-background``: pure demand paging, as
@@ -43,7 +43,7 @@ try:  # the installed package (plain or editable), not this checkout's files by 
 except ImportError as e:
     sys.exit(f"bench/compare_ref.py needs postcopy-harness installed (pip install . or pip install -e .): {e}")
 
-REPO = Path(__file__).resolve().parent.parent  # ../shared (the C reference) is found beside it
+REPO = Path(__file__).resolve().parent.parent
 
 PROG = "compare_ref"
 PATTERN = reference.PATTERN  # harness workload -> reference -p
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
     ap = argparse.ArgumentParser(
         prog="compare_ref.py", description=__doc__.split("\n\n")[0],
-        epilog="Needs make and a C compiler, and userfaultfd (root or vm.unprivileged_userfaultfd=1).")
+        epilog="Needs a C compiler (cc, gcc or $CC) and userfaultfd (root or vm.unprivileged_userfaultfd=1).")
     ap.add_argument("--vcpus", default="1,8,32", metavar="LIST", help="comma list of vCPU counts (default 1,8,32)")
     ap.add_argument("--ram", default="256M", help="RAM size, a whole number of MiB (default 256M)")
     ap.add_argument("--workload", default="sequential", choices=sorted(PATTERN),
@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="reference rounds; its WARM line (rounds 2..R) is used (default 3, at least 2)")
     ap.add_argument("--seed", type=int, default=1, help="harness RAM content and access order seed")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run (default 600)")
-    ap.add_argument("--shared", metavar="DIR", help="the shared/ directory (default: ../shared beside the repo)")
+    ap.add_argument("--reference-source", metavar="FILE",
+                    help="another C file with the reference's command line and output (default: the project's, "
+                         "shipped with the package)")
     ap.add_argument("--json", metavar="FILE", help="write every run and the medians here")
     return ap.parse_args(argv)
 
@@ -119,16 +121,21 @@ def check_args(args: argparse.Namespace) -> tuple[list[int], int, Path]:
             raise BenchError(f"--pin needs CPUs {SERVICE_CPU} and {VCPU_CPU}; this process may use {sorted(have)}")
     if args.reserve_hugepages and args.backing != "hugetlb":
         raise BenchError("--reserve-hugepages is for --backing hugetlb")
-    shared = Path(args.shared) if args.shared else REPO.parent / "shared"
-    src = shared / "bench" / "uffd_ref.c"
-    if not src.is_file():
-        raise BenchError(f"no {src}: pass --shared DIR (the directory holding bench/uffd_ref.c)")
+    src = reference_source(args)
     limits = reference_limits(src)
     if max(vcpus) > limits.get("MAXN", max(vcpus)):
         raise BenchError(f"--vcpus {max(vcpus)}: the reference takes at most {limits['MAXN']} workers")
     if args.rounds > limits.get("MAXR", args.rounds):
         raise BenchError(f"--rounds {args.rounds}: the reference takes at most {limits['MAXR']}")
     return vcpus, ram, src
+
+
+def reference_source(args: argparse.Namespace) -> Path:
+    """The reference's C file: --reference-source, else the one shipped with the package."""
+    src = Path(args.reference_source) if args.reference_source else reference.default_source()
+    if not src.is_file():
+        raise BenchError(f"--reference-source {src}: no such file")
+    return src
 
 
 def reference_limits(src: Path) -> dict[str, int]:
@@ -155,7 +162,7 @@ def harness_config(args: argparse.Namespace, vcpus: int, ram: int, place: str = 
 
 
 def build_reference(src: Path, out_dir: str) -> Path:
-    """``make -C <shared>/bench OUT=<tmp>/uffd_ref``: shared/ may be read-only, the binary goes to tmp."""
+    """``cc -o <tmp>/uffd_ref <src>``: the source's folder may be read-only, the binary goes to tmp."""
     try:
         return reference.build(src, out_dir)
     except reference.ReferenceError as e:
@@ -304,8 +311,8 @@ def reproduce_command(args: argparse.Namespace) -> str:
         argv.append("--pin")
     if args.place != "copy":
         argv += ["--place", args.place]
-    if args.shared:
-        argv += ["--shared", args.shared]
+    if args.reference_source:
+        argv += ["--reference-source", args.reference_source]
     return shlex.join(argv)
 
 

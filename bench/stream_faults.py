@@ -1,5 +1,5 @@
 """Pages that stream and pages that fault: fault latency with and without the background stream,
-and the stream's speed against raw UFFDIO_COPY (../shared/bench/uffd_ref.c ``-m raw``), one run.
+and the stream's speed against raw UFFDIO_COPY (the project's bench/uffd_ref.c ``-m raw``), one run.
 
 Table 1, for every vCPU count: the same run (RAM, workload, seed) with the default background
 stream and with ``--no-background`` (demand paging only), alternating which goes first; medians of
@@ -39,7 +39,7 @@ PROG = "stream_faults"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="stream_faults.py", description=__doc__.split("\n\n")[0],
-                                 epilog="Needs make and a C compiler, and userfaultfd (root or "
+                                 epilog="Needs a C compiler (cc, gcc or $CC) and userfaultfd (root or "
                                         "vm.unprivileged_userfaultfd=1).")
     ap.add_argument("--vcpus", default="1,4,32", metavar="LIST", help="vCPU counts for table 1 (default 1,4,32)")
     ap.add_argument("--ram", default="256M", help="RAM of the latency runs (default 256M)")
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, metavar="R", help="reference rounds (WARM = 2..R; default 3)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per run (default 600)")
-    ap.add_argument("--shared", metavar="DIR", help="the shared/ directory (default: ../shared beside the repo)")
+    ap.add_argument("--reference-source", metavar="FILE",
+                    help="another C file with the reference's command line and output (default: the project's)")
     ap.add_argument("--json", metavar="FILE", help="write every run and the medians here")
     return ap.parse_args(argv)
 
@@ -179,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         places = args.place.split(",")
         if len(set(places)) != len(places) or not set(places) <= {"copy", "continue"}:
             raise cr.BenchError(f"--place {args.place!r}: a comma list of copy and continue, each once")
-        shared = Path(args.shared) if args.shared else cr.REPO.parent / "shared"
-        src = shared / "bench" / "uffd_ref.c"
-        if not src.is_file():
-            raise cr.BenchError(f"no {src}: pass --shared DIR (the directory holding bench/uffd_ref.c)")
+        src = cr.reference_source(args)
         runs: list[dict] = []
         with tempfile.TemporaryDirectory(prefix="pch-bench-") as tmp:
             binary = cr.build_reference(src, tmp)

@@ -74,6 +74,10 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
     p.add_argument("--auth-key-file", metavar="FILE",
                    help="TCP: authenticate the page channels with the key in FILE (mode 600, >= 16 bytes) "
                         "instead of a fresh random key per run (default: a fresh key)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="with --source: run every channel over TLS with the x509 files in DIR, QEMU's layout "
+                        "(ca-cert.pem, client-cert.pem, client-key.pem; ours alone, mode 600); the source's "
+                        "certificate must name the --source host (default: no TLS)")
     p.add_argument("--write-ratio", type=float, metavar="F", default=d.write_ratio,
                    help="share of the vCPUs' accesses that are stores, 0..1; each store writes a value only it "
                         "could have written (an atomic increment on pages several vCPUs write: hotset, shared) and "
@@ -251,6 +255,10 @@ def _add_source(sub) -> None:
                         "when given explicitly; port 0 = any (the port is printed)")
     p.add_argument("--auth-key-file", required=True, metavar="FILE",
                    help="the key both sides prove they know (mode 600, >= 16 bytes)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="serve over TLS only, with the x509 files in DIR, QEMU's layout (ca-cert.pem, "
+                        "server-cert.pem, server-key.pem; ours alone, mode 600); a destination must show a "
+                        "client certificate from that CA (default: no TLS)")
     p.add_argument("--ram", type=size, metavar="SIZE", default=None,
                    help="RAM size, K/M/G/T = KiB..TiB (default 256M, or the size of --image)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
@@ -271,6 +279,7 @@ def _add_source(sub) -> None:
 def _source(args) -> int:
     from harness.config import ConfigError, RunConfig, image_bytes, parse_endpoint
     from harness.remote_source import serve
+    from postcopy_core.tls import TlsError, server_context
 
     try:
         ram = args.ram if args.ram is not None else image_bytes(args.image) if args.image else RunConfig().ram
@@ -279,11 +288,12 @@ def _source(args) -> int:
         parse_endpoint(args.listen, "--listen")
         if args.timeout is not None and not args.timeout > 0:
             raise ConfigError("--timeout must be positive")
-    except (ConfigError, ValueError) as e:
+        tls = server_context(args.tls_creds) if args.tls_creds is not None else None
+    except (ConfigError, ValueError, TlsError) as e:
         err.print(f"postcopy-harness source: {e}")
         return 2
     try:
-        return serve(cfg, args.listen, args.quiet, args.timeout)
+        return serve(cfg, args.listen, args.quiet, args.timeout, tls)
     except OSError as e:  # AuthError, ConnectionError, a dead destination: one line
         err.print(f"postcopy-harness source: failed: {e.strerror or e}")
         return 1

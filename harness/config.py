@@ -77,12 +77,13 @@ class RunConfig:
     image: str | None = None
     transport: str = "unix"
     auth_key_file: str | None = None  # TCP: the page channels' key from this file (default: a fresh one)
+    tls_creds: str | None = None  # run --source: TLS with the x509 files in this folder (postcopy_core/tls.py)
     link_mode: str = "model"  # model: the source's in-process link model; netns: a namespace + veth shaped by tc
     source: str | None = None  # HOST:PORT of a `postcopy-harness source --listen` to migrate from (no fork)
     write_ratio: float = 0.3  # a guest stores too: every store is checked (vcpu_workers/stores.py)
     wake_policy: str = WAKE_WAITERS
     place: str = PLACE_COPY  # how pages go in: UFFDIO_COPY, or the page cache + UFFDIO_CONTINUE
-    pin: bool = False  # like ../shared/bench -A: handler and source on CPU 0, vCPU workers on CPU 1
+    pin: bool = False  # as bench/uffd_ref.c -A: handler and source on CPU 0, vCPU workers on CPU 1
     live_engines: bool = False  # feed the engines while the run goes on (costs CPU the run shares)
     background: bool = True  # False: only requested pages move until the workload ends (pure demand paging)
     strategy: str | None = None  # the source policy (postcopy_core/strategies.py); None: preempt, or demand
@@ -121,6 +122,15 @@ class RunConfig:
             self.transport = "tcp"  # both imply TCP page channels (with the HMAC handshake)
         if self.source is not None:
             self._validate_remote_source()
+        if self.tls_creds is not None:
+            if self.source is None:
+                raise ConfigError("--tls-creds is for --source HOST:PORT (the channels between two machines)")
+            from postcopy_core.tls import TlsError, client_context
+
+            try:
+                client_context(self.tls_creds)
+            except TlsError as e:
+                raise ConfigError(str(e)) from None
         if self.auth_key_file is not None:
             if self.transport != "tcp":
                 raise ConfigError("--auth-key-file needs --transport tcp")

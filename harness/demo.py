@@ -219,8 +219,8 @@ SEED_OVER = (  # the mechanism, in the 2 vCPUs of tests/test_blocktime_engines.p
 
 
 def _captures_dir() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "tests", "data", "qemu")
+    """The QEMU captures shipped with the package (harness/data/qemu; tests/data/qemu links to them)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "qemu")
 
 
 def _running_totals(meta, cols):
@@ -316,21 +316,31 @@ def overcount(args: argparse.Namespace, console: Console) -> int:
 HUGE_FAST, HUGE_SLOW = 4 << 20, 64 << 20
 
 
-def _reserve(need: int) -> Callable[[], None]:
-    """Raise nr_hugepages by ``need``; returns the function that puts the old value back."""
-    path = "/proc/sys/vm/nr_hugepages"
-    with open(path) as f:
+HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+def _reserve(need: int, wanted: int) -> Callable[[], None]:
+    """Raise nr_hugepages by ``need`` so that ``wanted`` are free; returns the function that puts the
+    old value back (already called if the kernel could not give them)."""
+    from postcopy_core.probe import free_huge_pages
+
+    with open(HUGEPAGES) as f:
         old = f.read().strip()
-    try:
-        with open(path, "w") as f:
-            f.write(str(int(old) + need))
-    except OSError as e:
-        raise DemoError(f"cannot reserve huge pages: {e.strerror}") from None
 
     def restore() -> None:
-        with open(path, "w") as f:
+        with open(HUGEPAGES, "w") as f:
             f.write(old)
 
+    try:
+        with open(HUGEPAGES, "w") as f:
+            f.write(str(int(old) + need))
+    except OSError as e:
+        raise DemoError(f"cannot reserve huge pages in {HUGEPAGES}: {e.strerror}") from None
+    got = free_huge_pages()
+    if got < wanted:
+        restore()
+        raise DemoError(f"hugepages needs {wanted} free 2 MiB huge pages; the kernel gave only {got} "
+                        "(memory fragmented? try again after echo 3 > /proc/sys/vm/drop_caches)")
     return restore
 
 
@@ -343,10 +353,12 @@ def hugepages(args: argparse.Namespace, console: Console) -> int:
     free = free_huge_pages()
     restore = None
     if 0 <= free < need:
-        if not (args.reserve_hugepages and os.geteuid() == 0):
+        # as root the demo reserves what is missing itself and puts the setting back afterwards
+        if os.geteuid() != 0:
             raise DemoError(f"hugepages needs {need} free 2 MiB huge pages, {free} are free (reserve them: "
-                            f"echo {need} > /proc/sys/vm/nr_hugepages, or run as root with --reserve-hugepages)")
-        restore = _reserve(need - free)
+                            f"echo {need} > {HUGEPAGES} as root, or run the demo as root: it reserves and "
+                            "restores them itself)")
+        restore = _reserve(need - free, need)
     try:
         _explain(console, args, "hugepages: 4 KiB pages vs 2 MiB pages", [
             f"The same {ram >> 20} MiB of guest RAM, the same workload, twice: shmem (4 KiB pages), then",
@@ -445,9 +457,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help="as quick as possible: no pauses, small runs (for tests)")
     p.add_argument("--report", metavar="DIR", help="write the demo's pictures and reports into DIR (default: none)")
     p.add_argument("--capture", metavar="DIR",
-                   help="overcount: the QEMU capture folder (default: tests/data/qemu/smp4)")
+                   help="overcount: the QEMU capture folder (default: smp4, shipped with the package)")
     p.add_argument("--reserve-hugepages", action="store_true",
-                   help="hugepages, as root: reserve the huge pages it needs and restore the setting after")
+                   help="kept for old command lines: as root, hugepages reserves the huge pages it needs and "
+                        "restores the setting after in any case")
     p.set_defaults(func=run)
 
 

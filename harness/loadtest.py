@@ -322,13 +322,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE",
                    help="write the points, each with its full run reports, here (default: none)")
     p.add_argument("--reference", action="store_true",
-                   help="also run the C reference (uffd_ref -m mp, built from bench/uffd_ref.c of --shared) at "
+                   help="also run the project's C reference (uffd_ref -m mp, built with the system compiler) at "
                         "every point it supports (sequential/shared, up to its worker limit), alternating with "
                         "the harness; adds its faults/s and p50 to the table, CSV and plot, with the published "
                         "one-shared-uffd figures (default: off)")
-    p.add_argument("--shared", metavar="DIR",
-                   help="the directory holding bench/uffd_ref.c (default: the project's 'shared' folder next "
-                        "to the checkout this package runs from)")
+    p.add_argument("--reference-source", metavar="FILE",
+                   help="another C file with the reference's command line and output to build instead "
+                        "(default: the one shipped with the package)")
     p.add_argument("--report", metavar="DIR",
                    help="write report.json (the --json document), summary.txt and loadtest.png (faults/s, "
                         "p50/p99 and blocktime against the vCPU count) into DIR (default: none)")
@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         from harness.reference import Reference, ReferenceError
 
         try:
-            reference = Reference(args.shared)
+            reference = Reference(args.reference_source)
         except ReferenceError as e:
             err.print(f"{PROG}: --reference: {e}")
             return 2

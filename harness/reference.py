@@ -1,8 +1,10 @@
-"""The C reference (``<shared>/bench/uffd_ref.c -m mp``) as ``loadtest --reference`` runs it.
+"""The project's C reference (``bench/uffd_ref.c -m mp``) as ``loadtest --reference`` runs it.
 
 One worker process per vCPU, each with its own uffd handed to one handler process, pages copied
-from memory (no source process): what one-uffd-per-vCPU costs with nothing else in the way.  Built
-into a temporary directory (shared/ may be read-only), run with the sweep point's vCPU count, RAM
+from memory (no source process): what one-uffd-per-vCPU costs with nothing else in the way.  The
+source ships inside the package (``harness/data/uffd_ref.c`` in an install, ``bench/uffd_ref.c`` in
+a checkout); it is built with the system compiler into a temporary directory (the install may be
+read-only), run with the sweep point's vCPU count, RAM
 size, pattern (``sequential`` = ``-p seq``, ``shared`` = ``-p same``) and backing; its WARM line
 (rounds 2..R, the cold first round left out) gives faults/s and the fault p50/p99.
 bench/compare_ref.py does the same for its one-to-one table.
@@ -27,18 +29,26 @@ class ReferenceError(RuntimeError):
     """The reference cannot be built or run here; one line."""
 
 
-def default_shared() -> Path:
-    """``../shared`` beside the checkout this package runs from (where the project keeps it)."""
-    return Path(__file__).resolve().parent.parent.parent / "shared"
+def default_source() -> Path:
+    """The reference's C source: shipped in the package, or ``bench/`` of the checkout it runs from."""
+    shipped = Path(__file__).resolve().parent / "data" / "uffd_ref.c"
+    if shipped.is_file():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "bench" / "uffd_ref.c"
+
+
+def compiler() -> str | None:
+    """The system C compiler (``$CC``, else cc or gcc), or None."""
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
 
 
 class Reference:
     """A built reference binary (in a temporary directory, removed by :meth:`close`)."""
 
-    def __init__(self, shared: str | os.PathLike | None = None) -> None:
-        src = Path(shared or default_shared()) / "bench" / "uffd_ref.c"
+    def __init__(self, source: str | os.PathLike | None = None) -> None:
+        src = Path(source or default_source())
         if not src.is_file():
-            raise ReferenceError(f"no {src}: pass --shared DIR (the directory holding bench/uffd_ref.c)")
+            raise ReferenceError(f"no {src} (the reference's C source; give another with --reference-source FILE)")
         self.src = src
         self.max_workers = _limit(src, "MAXN")
         self._tmp = tempfile.TemporaryDirectory(prefix="pch-ref-")
@@ -94,12 +104,16 @@ class Reference:
 
 
 def build(src: Path, out_dir: str) -> Path:
-    """``make -C <shared>/bench OUT=<out_dir>/uffd_ref`` (shared/ may be read-only); the binary's path."""
-    for tool in ("make", os.environ.get("CC", "cc")):
-        if not shutil.which(tool):
-            raise ReferenceError(f"building the reference needs {tool!r}, not found on PATH")
+    """``cc -O2 -pthread -o <out_dir>/uffd_ref <src>`` (the source's folder may be read-only); the binary's path."""
+    cc = compiler()
+    if cc is None:
+        raise ReferenceError("building the reference needs a C compiler (cc or gcc, or $CC), none found on PATH")
     out = Path(out_dir) / "uffd_ref"
-    p = subprocess.run(["make", "-s", "-C", str(src.parent), f"OUT={out}"], capture_output=True, text=True)
+    try:
+        p = subprocess.run([cc, "-O2", "-Wall", "-pthread", "-o", str(out), str(src)], capture_output=True,
+                           text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise ReferenceError(f"building {src}: {cc} took more than 120 s") from None
     if p.returncode or not out.is_file():
         raise ReferenceError(f"building {src} failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
     return out

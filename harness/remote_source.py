@@ -16,11 +16,15 @@ postcopy-paused: it comes back with ``attach`` + ``resume`` and its received map
 (a fresh Source for it) sends only what is missing.  The first migration that completes (or
 Ctrl-C) ends the command.  While a migration runs, every other connection is refused at once (none
 waits in the listen queue); refusals are counted into one line (postcopy_core/refusals.py).
+
+With ``--tls-creds DIR`` every channel runs over TLS (postcopy_core/tls.py): a connection that does
+not complete the handshake with a client certificate from the CA is refused like a wrong key.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 
 from harness.config import RunConfig, parse_endpoint
@@ -61,8 +65,10 @@ def _size(n) -> str:
     return f"{n / 2**20:g} MiB" if isinstance(n, int) else repr(n)
 
 
-def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | None = None) -> int:
-    """Listen on ``listen`` and serve one migration; 0 when a destination got every page."""
+def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | None = None,
+          tls: ssl.SSLContext | None = None) -> int:
+    """Listen on ``listen`` and serve one migration; 0 when a destination got every page.  ``tls``:
+    the server context of ``--tls-creds`` (postcopy_core.tls.server_context)."""
     host, port = parse_endpoint(listen, "--listen")
     key = key_from_file(cfg.auth_key_file)
     spec = ContentSpec(cfg.page_size, cfg.npages, cfg.seed, round(cfg.zero_share * 1000), cfg.image)
@@ -74,12 +80,13 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
         raise OSError(e.errno, f"--listen {listen}: {os.strerror(e.errno) if e.errno else e}") from None
     bound = ls.getsockname()
     if not quiet:  # the port is what a test (or a person) needs when asking for port 0
-        print(f"postcopy-harness source: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+        over = " (TLS)" if tls is not None else ""
+        print(f"postcopy-harness source: listening on {bound[0]}:{bound[1]}{over}", file=sys.stderr, flush=True)
     refusals = Refusals("page-channel connection")  # one count for the whole command
     try:
         resumes = 0
         while True:
-            control, stream, urgent, resume = _next_destination(ls, key, hello(cfg), timeout, refusals)
+            control, stream, urgent, resume = _next_destination(ls, key, hello(cfg), timeout, refusals, tls)
             try:
                 with TurnAway(ls, refusals, "a migration is in progress"):
                     stats = Source(spec, geo, stream, urgent, cfg.link_model, control, resume=resume).run()
@@ -107,12 +114,13 @@ def serve(cfg: RunConfig, listen: str, quiet: bool = False, timeout: float | Non
     return 0
 
 
-def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None, refusals: Refusals):
+def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None, refusals: Refusals,
+                      tls: ssl.SSLContext | None = None):
     """Wait for a destination: its control channel, our hello, its ``attach`` (fresh or resume), then
     its page channels.  One that hangs up midway leaves us waiting for the next."""
     while True:
         (ctl,) = tcp_accept_channels(ls, key, timeout or WAIT_FOREVER, wanted=(CHANNEL_CONTROL,), close=False,
-                                     refusals=refusals)
+                                     refusals=refusals, tls=tls)
         ctl.setblocking(True)
         control = ControlLine(ctl)
         try:
@@ -121,7 +129,7 @@ def _next_destination(ls, key: bytes, greeting: dict, timeout: float | None, ref
             if not msg or msg.get("cmd") != "attach":
                 raise ConnectionError("the destination hung up before it attached")
             stream, urgent = tcp_accept_channels(ls, key, PAGE_CHANNELS_TIMEOUT, close=False, watch=ctl,
-                                                 refusals=refusals)
+                                                 refusals=refusals, tls=tls)
         except (ConnectionError, OSError) as e:
             warn(f"{e}; waiting for the next one")
             ctl.close()

@@ -58,6 +58,7 @@ from postcopy_core.protocol import Geometry
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from postcopy_core.source import source_main
 from postcopy_core.strategies import make_strategy
+from postcopy_core.tls import client_context
 from vcpu_workers import results as R
 from vcpu_workers.stores import RamVerdict, StoreLedger, check_ram
 from vcpu_workers.worker import WorkerPlan
@@ -111,6 +112,7 @@ class Run(SourceRestarts):
         self._stalled: dict[int, str] = {}  # sources we killed for --stall-timeout: pid -> the stall's words
         self._stalled_gen: int | None = None  # the source generation last cut off for a stall, and why
         self._stall_words = ""
+        self._tls = None  # run --source --tls-creds: the client context of every channel (postcopy_core/tls.py)
 
     # ------------------------------------------------------------ setup helpers
 
@@ -182,6 +184,7 @@ class Run(SourceRestarts):
         strategy = make_strategy(cfg)  # what the source sends next (postcopy_core/strategies.py)
         if cfg.transport == "tcp":
             key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
+            tls = self._tls = client_context(cfg.tls_creds) if cfg.tls_creds else None  # run --source only
             host = LOOPBACK
             src_link = cfg.link_model
             if remote:
@@ -207,11 +210,12 @@ class Run(SourceRestarts):
                                    plant=cfg.plant_bug)
 
             def dest_channels() -> tuple[socket.socket, socket.socket]:
-                return tcp_connect(port, CHANNEL_STREAM, key, host), tcp_connect(port, CHANNEL_URGENT, key, host)
+                return (tcp_connect(port, CHANNEL_STREAM, key, host, tls=tls),
+                        tcp_connect(port, CHANNEL_URGENT, key, host, tls=tls))
 
             def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
-                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host),
-                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host))
+                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host, tls=tls),
+                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host, tls=tls))
         else:
             key = None
             s_src, s_dst = self._pair()
@@ -387,9 +391,11 @@ class Run(SourceRestarts):
 
         where = f"{host}:{port}"
         try:
-            sock = tcp_connect(port, CHANNEL_CONTROL, key, host)
+            sock = tcp_connect(port, CHANNEL_CONTROL, key, host, tls=self._tls)
         except OSError as e:  # AuthError (wrong key) is an OSError too
-            raise RunFailed(f"--source {where}: {e.strerror or e}") from None
+            cut = isinstance(e, ConnectionResetError) or "closed the connection" in str(e)
+            hint = " (a source started with --tls-creds takes only TLS)" if cut and self._tls is None else ""
+            raise RunFailed(f"--source {where}: {e.strerror or e}{hint}") from None
         sock.setblocking(True)
         control = ControlLine(sock)
         # while paused this runs in the supervision loop: wait no longer than the pause may last

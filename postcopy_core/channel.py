@@ -7,6 +7,10 @@ refused (the first told, the rest counted: postcopy_core/refusals.py) while the 
 waiting for the real destination.  Control channels
 (orchestrator <-> source / destination) are socketpairs, which no other process can connect to, and
 carry one JSON object per line.
+
+Between machines the TCP channels may run over TLS (``--tls-creds``, postcopy_core/tls.py): the
+handshake comes first, the HMAC proof then runs inside it; a page channel comes back as the plain end
+of a relay (tls.tunnel) for the C lanes, the control channel as the TLS socket itself.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import os
 import select
 import selectors
 import socket
+import ssl
 import time
 from collections import deque
 
 from postcopy_core.auth import AuthError, ServerHandshake, client_handshake
 from postcopy_core.refusals import Refusals
+from postcopy_core.tls import TlsError, client_wrap, server_handshake_step, tunnel
 
 CHANNEL_STREAM = b"S"
 CHANNEL_URGENT = b"U"
@@ -83,14 +89,28 @@ def tcp_listener(host: str = LOOPBACK, port: int = 0) -> socket.socket:
 
 
 def tcp_connect(port: int, channel: bytes, key: bytes, host: str = LOOPBACK,
-                timeout: float = HANDSHAKE_TIMEOUT) -> socket.socket:
-    """Destination side: connect one channel and authenticate (both ways) before any page."""
+                timeout: float = HANDSHAKE_TIMEOUT, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """Destination side: connect one channel and authenticate (both ways) before any page; with
+    ``tls``, inside a TLS session that checked the source's certificate first (see the top)."""
     s = socket.create_connection((host, port), timeout=timeout)
     try:
-        client_handshake(s, key, channel)
+        if tls is not None:
+            s = client_wrap(tls, s, host)
+        try:
+            client_handshake(s, key, channel)
+        except ssl.SSLError as e:  # TLS 1.3: the source judges our certificate after our handshake ended
+            raise TlsError(f"TLS: the source refused this destination ({e.reason or e})") from None
     except (AuthError, OSError):
         s.close()
         raise
+    return _tls_channel(s, channel)
+
+
+def _tls_channel(s: socket.socket, channel: bytes) -> socket.socket:
+    """A page channel over TLS becomes the plain end of its relay; anything else stays as it is."""
+    if isinstance(s, ssl.SSLSocket) and channel != CHANNEL_CONTROL:
+        s.settimeout(None)
+        return tune(tunnel(tune(s), channel.decode()))
     return tune(s)
 
 
@@ -98,7 +118,8 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
                         handshake_timeout: float = HANDSHAKE_TIMEOUT,
                         wanted: tuple[bytes, ...] = (CHANNEL_STREAM, CHANNEL_URGENT), close: bool = True,
                         watch: socket.socket | None = None,
-                        refusals: Refusals | None = None) -> tuple[socket.socket, ...]:
+                        refusals: Refusals | None = None,
+                        tls: ssl.SSLContext | None = None) -> tuple[socket.socket, ...]:
     """Source side: accept until each channel of ``wanted`` (the stream and the urgent channel) has
     proved it knows ``key``; returns them in that order.
 
@@ -107,8 +128,10 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
     ``refusals`` (one of its own, summed up on return, when none is given: a caller that accepts
     again and again on one listener passes its own).  Closes ``ls`` unless ``close`` is False;
     gives up (ConnectionError) if ``watch`` becomes readable (its peer hung up).
+    With ``tls`` every connection completes a TLS handshake (a client certificate from our CA) first.
     """
     got: dict[bytes, socket.socket] = {}
+    handshaking: set[socket.socket] = set()  # TLS: connections whose TLS handshake is not done yet
     pending: dict[socket.socket, tuple[ServerHandshake, float, str]] = {}
     sel = selectors.DefaultSelector()
     ls.setblocking(False)
@@ -123,6 +146,7 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
         refusals.refuse(pending[s][2], why)
         sel.unregister(s)
         del pending[s]
+        handshaking.discard(s)
         s.close()
 
     try:
@@ -135,12 +159,23 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
             wake = min([deadline] + [t for _, t, _ in pending.values()])
             for sk, _ in sel.select(max(0.0, wake - now)):
                 if sk.fileobj is ls:
-                    _accept_pending(ls, sel, pending, key, wanted, time.monotonic() + handshake_timeout, refusals)
+                    _accept_pending(ls, sel, pending, key, wanted, time.monotonic() + handshake_timeout, refusals,
+                                    tls, handshaking)
                     continue
                 if sk.fileobj is watch:
                     raise ConnectionError("the destination hung up before connecting its page channels")
                 s = sk.fileobj
                 hs = pending[s][0]
+                if s in handshaking:
+                    try:
+                        wait = server_handshake_step(s)
+                    except TlsError as e:
+                        drop(s, str(e))
+                        continue
+                    sel.modify(s, wait or selectors.EVENT_READ)
+                    if wait:
+                        continue
+                    handshaking.discard(s)  # the proof may be in already: read on
                 try:
                     data = s.recv(max(1, hs.wants))
                     if not data:
@@ -148,6 +183,8 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
                     reply = hs.feed(data)
                     if reply:
                         s.sendall(reply)  # 64 bytes into a fresh socket's empty buffer: never blocks
+                except ssl.SSLWantReadError:
+                    continue  # a TLS record without data for us yet
                 except (AuthError, OSError) as e:
                     drop(s, str(e))
                     continue
@@ -158,7 +195,7 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
                     sel.unregister(s)
                     del pending[s]
                     s.setblocking(True)
-                    got[hs.channel] = tune(s)
+                    got[hs.channel] = _tls_channel(s, hs.channel)
     except BaseException:
         for s in got.values():
             s.close()
@@ -175,7 +212,8 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
 
 
 def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dict, key: bytes,
-                    wanted: tuple[bytes, ...], until: float, refusals: Refusals) -> None:
+                    wanted: tuple[bytes, ...], until: float, refusals: Refusals,
+                    tls: ssl.SSLContext | None = None, handshaking: set | None = None) -> None:
     """Take every queued connection into the handshake (evicting the oldest when too many are pending)."""
     while True:
         try:
@@ -190,8 +228,13 @@ def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dic
             refusals.refuse(pending[oldest][2], f"{MAX_PENDING} handshakes pending at once")
             sel.unregister(oldest)
             del pending[oldest]
+            if handshaking is not None:
+                handshaking.discard(oldest)
             oldest.close()
         s.setblocking(False)
+        if tls is not None:
+            s = tls.wrap_socket(s, server_side=True, do_handshake_on_connect=False)
+            handshaking.add(s)
         pending[s] = (ServerHandshake(key, wanted), until, who)
         sel.register(s, selectors.EVENT_READ)
 
@@ -262,12 +305,21 @@ class ControlLine:
 
     def recv(self, timeout: float | None = None) -> dict | None:
         """The next message, or None on EOF or when ``timeout`` passes."""
+        tls = isinstance(self.sock, ssl.SSLSocket)  # between machines (no fds there); it buffers records
         while b"\n" not in self.buf:
-            if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
+            if timeout is not None and not (tls and self.sock.pending()) \
+                    and not select.select([self.sock], [], [], timeout)[0]:
                 return None
             try:
-                chunk, fds, _, _ = socket.recv_fds(self.sock, 65536, self.MAX_FDS)
+                if tls:
+                    chunk, fds = self.sock.recv(65536), []
+                else:
+                    chunk, fds, _, _ = socket.recv_fds(self.sock, 65536, self.MAX_FDS)
             except ConnectionResetError:  # the peer exited with our last message unread: gone all the same
+                return None
+            except ssl.SSLWantReadError:
+                continue  # a record that carried no data
+            except ssl.SSLError:  # a broken or forged record: the line is as good as gone
                 return None
             self.fds += fds
             if not chunk:

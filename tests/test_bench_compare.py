@@ -9,7 +9,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,14 @@ from pathlib import Path
 import pytest
 
 from harness.config import RunConfig
+from harness.reference import compiler
 from tests.conftest import HUGEPAGES, requires_uffd
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "compare_ref.py"
-SHARED = REPO.parent / "shared"
 TINY = ["--vcpus", "1,2", "--ram", "4M", "--repeat", "1", "--rounds", "2"]
 
-can_build = pytest.mark.skipif(
-    not (SHARED / "bench" / "uffd_ref.c").is_file() or not shutil.which("make") or not shutil.which("cc"),
-    reason="needs ../shared/bench/uffd_ref.c, make and cc",
-)
+can_build = pytest.mark.skipif(compiler() is None, reason="needs a C compiler (cc, gcc or $CC)")
 
 
 def load_module():
@@ -130,7 +126,7 @@ def test_hugetlb_reserves_and_restores_the_pool(clean_machine):
     (["--vcpus", "1,a"], "--vcpus"),
     (["--ram", "1536K"], "whole MiB"),
     (["--repeat", "0"], "--repeat"),
-    (["--shared", "/nonexistent/shared"], "--shared"),
+    (["--reference-source", "/nonexistent/ref.c"], "--reference-source"),
     (["--reserve-hugepages"], "--backing hugetlb"),
     (["--place", "copy,copy"], "--place"),
     pytest.param(["--rounds", "100", "--workload", "shared"], "at most", marks=can_build),  # read from the source

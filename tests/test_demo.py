@@ -10,7 +10,7 @@ import pytest
 from harness.cli import main
 from harness.demo import DEMOS
 from postcopy_core.probe import free_huge_pages
-from tests.conftest import requires_uffd
+from tests.conftest import HUGEPAGES, requires_uffd
 from tests.test_report_dir import assert_png, check_trace
 
 
@@ -75,12 +75,29 @@ def test_overlap(tmp_path, clean_machine, capsys):
 
 @pytest.mark.kernel
 @requires_uffd
-def test_hugepages_without_free_huge_pages_says_so(tmp_path, capsys):
+def test_hugepages_without_free_huge_pages_says_so(tmp_path, capsys, monkeypatch):
     if free_huge_pages() >= 2:
         pytest.skip("huge pages are free here: the refusal cannot be shown")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: it may not reserve them itself
     assert main(["demo", "hugepages", "--fast"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "needs 2 free 2 MiB huge pages" in err[0]
+    assert len(err) == 1 and "needs 2 free 2 MiB huge pages" in err[0] and "as root" in err[0]
+
+
+@pytest.mark.kernel
+@requires_uffd
+@pytest.mark.skipif(os.geteuid() != 0, reason="reserving huge pages needs root")
+def test_hugepages_as_root_reserves_and_restores_them_itself(tmp_path, clean_machine, capsys):
+    if free_huge_pages() >= 2:
+        pytest.skip("huge pages are free here: the demo has nothing to reserve")
+    with open(HUGEPAGES) as f:
+        before = f.read()
+    # too few free: the demo raises the pool itself (no --reserve-hugepages) and puts it back
+    assert main(["demo", "hugepages", "--fast", "--report", str(tmp_path / "d")]) == 0
+    with open(HUGEPAGES) as f:
+        assert f.read() == before
+    huge = json.loads((tmp_path / "d" / "hugetlb" / "report.json").read_text())
+    assert huge["status"] == "completed" and huge["page-size"] == 2 << 20
 
 
 @pytest.mark.kernel

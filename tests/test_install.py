@@ -8,6 +8,7 @@ driven from inside the copy, where ``vcpu_workers/`` and ``postcopy_core/`` (wit
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -86,7 +87,8 @@ def test_run_from_inside_the_checkout(plain_install, clean_machine):
 
 
 # the scripts that import the package at start (soak.py imports it only once it runs)
-BENCHES = ["bench/compare_ref.py", "bench/bench_replay.py", "bench/stream_faults.py", "bench/accuracy.py"]
+BENCHES = ["bench/compare_ref.py", "bench/bench_replay.py", "bench/stream_faults.py", "bench/accuracy.py",
+           "bench/tls_cost.py"]
 
 
 @pytest.mark.parametrize("script", BENCHES + ["bench/soak.py"])
@@ -106,3 +108,27 @@ def test_benchmark_without_any_install_says_so_in_one_line(tmp_path, script):
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode != 0
     assert p.stderr.count("\n") == 1 and "needs postcopy-harness installed" in p.stderr, p.stderr
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_what_the_readme_shows_works_from_anywhere(plain_install, tmp_path, clean_machine):
+    """From a folder far from any checkout: the demo's QEMU capture and the C reference come with the
+    package (the reference is built with the system compiler), nothing is looked up beside a checkout."""
+    _, bin_dir = plain_install
+    exe = str(bin_dir / "postcopy-harness")
+    p = subprocess.run([exe, "demo", "overcount", "--fast"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert "smp4" in p.stdout and "seed (and QEMU) total" in p.stdout
+    out = tmp_path / "lt.csv"
+    p = subprocess.run([exe, "loadtest", "--vcpus", "1", "--workload", "sequential", "--ram", "4M",
+                        "--no-background", "--reference", "--csv", str(out)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    [row] = list(csv.DictReader(out.open()))
+    assert float(row["ref-faults-per-s"]) > 0 and row["ref-error"] == ""
+    shipped = subprocess.run([str(bin_dir / "python"), "-c", "from harness import reference; "
+                              "print(reference.default_source())"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60).stdout.strip()
+    assert "site-packages" in shipped and shipped.endswith("harness/data/uffd_ref.c")

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 
 import pytest
 
 from harness import loadtest
 from harness.config import RunConfig
-from harness.reference import default_shared
+from harness.reference import compiler
 from harness.report import build_report
 from tests.conftest import requires_uffd
 
@@ -214,11 +213,7 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, monkeypatch, capsys):
     assert "interrupted after 1 of 3 points" in capsys.readouterr().err
 
 
-_SHARED = default_shared()
-can_build_reference = pytest.mark.skipif(
-    not (_SHARED / "bench" / "uffd_ref.c").is_file() or not shutil.which("make") or not shutil.which("cc"),
-    reason="needs ../shared/bench/uffd_ref.c, make and cc",
-)
+can_build_reference = pytest.mark.skipif(compiler() is None, reason="needs a C compiler (cc, gcc or $CC)")
 
 
 @pytest.mark.kernel
