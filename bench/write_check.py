@@ -87,7 +87,8 @@ def one_run(**fields) -> dict:
 
 def lost_writes_table(args, runs: list) -> Table:
     t = Table(title=f"Table 1: lost writes, --write-ratio {args.write_ratio}, {args.runs} runs each")
-    for col in ("vCPUs", "place", "backing", "scenario", "completed", "stores", "lost writes", "bad pages"):
+    for col in ("vCPUs", "place", "backing", "scenario", "completed", "resumed", "stores", "lost writes",
+                "bad pages"):
         t.add_column(col, justify="right" if col not in ("place", "backing", "scenario") else "left")
     backings = ["shmem"] + (["hugetlb"] if args.hugetlb else [])
     total = lost_total = 0
@@ -96,7 +97,7 @@ def lost_writes_table(args, runs: list) -> Table:
         if scen == "precopy" and place != "copy":
             continue  # --place continue refuses --precopy
         ram = max(args.ram_bytes, vcpus * (2 << 20)) if backing == "hugetlb" else args.ram_bytes
-        done = stores = lost = bad = 0
+        done = stores = lost = bad = resumed = 0
         with cr.huge_pages(argparse.Namespace(backing=backing, reserve_hugepages=args.reserve_hugepages), ram):
             for _ in range(args.runs):
                 rep = one_run(vcpus=vcpus, place=place, backing=backing, ram=ram, write_ratio=args.write_ratio,
@@ -106,12 +107,16 @@ def lost_writes_table(args, runs: list) -> Table:
                 stores += v.get("writes", 0)
                 lost += v.get("lost-writes", 0)
                 bad += v.get("ram-bad-pages", 0)
+                resumed += rep.get("recovery", {}).get("resumes", 0) > 0  # the injection hit a running migration
                 runs.append({"table": 1, "vcpus": vcpus, "place": place, "backing": backing, "scenario": scen,
                              "status": rep["status"], "error": rep["error"], "writes": v.get("writes"),
-                             "lost-writes": v.get("lost-writes"), "by-kind": v.get("by-kind")})
+                             "lost-writes": v.get("lost-writes"), "by-kind": v.get("by-kind"),
+                             "resumes": rep.get("recovery", {}).get("resumes", 0)})
         total += args.runs
         lost_total += lost
-        t.add_row(str(vcpus), place, backing, scen, f"{done}/{args.runs}", f"{stores:,}", str(lost), str(bad))
+        t.add_row(str(vcpus), place, backing, scen, f"{done}/{args.runs}",
+                  f"{resumed}/{args.runs}" if scen in ("source-crash", "link-drop") else "-", f"{stores:,}", str(lost),
+                  str(bad))
     t.caption = f"{total} runs, {lost_total} lost writes"
     return t
 
