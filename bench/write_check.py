@@ -41,8 +41,9 @@ from postcopy_core.plant import PLANTED_BUGS  # noqa: E402
 PROG = "write_check"
 SCENARIOS = {  # name -> RunConfig fields
     "stream": {},
-    "source-crash": {"inject": ["source-crash@0.05"]},
-    "link-drop": {"inject": ["link-drop@0.05"]},
+    # a link slow enough that the migration is still under way when the source or the link goes
+    "source-crash": {"inject": ["source-crash@0.1"], "link": "200mbit"},
+    "link-drop": {"inject": ["link-drop@0.1"], "link": "200mbit"},
     "precopy": {"precopy": 0.3, "dirty_rate": 3000},
 }
 PLANT_EXTRA = {  # what each kind needs to act (postcopy_core/plant.py)

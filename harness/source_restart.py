@@ -108,6 +108,7 @@ class SourceRestarts:
                                  "had paused)")
         else:
             self.log.source_lost(f"the source (pid {pid}) {describe_status(status)}{self.stderr.reason('source')}")
+        self.stderr.forget("source")  # its last words are in the log: not a warning after the run
 
     def _recovery_turn(self) -> None:
         """Start the next source when due; give up on a pause no source ended within the stall timeout."""

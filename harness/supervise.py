@@ -145,6 +145,14 @@ class ChildStderr:
             line = line.removeprefix(prefix)
         return f": {' '.join(line.split())}"
 
+    def forget(self, role: str) -> None:
+        """Drop what ``role``'s process said so far: it was lost and replaced, and its last words are
+        in the recovery log already (a dropped link's EPIPE is no warning for a run that resumed)."""
+        self.drain()
+        if role in self.lines:
+            self.lines[role].clear()
+            self._partial[role] = b""
+
     def close(self, forward: bool) -> None:
         """Close the pipes; with ``forward`` write what the children said to our own stderr."""
         self.drain()
