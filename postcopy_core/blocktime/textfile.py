@@ -1,0 +1,110 @@
+"""Reading a trace or a log, plain or gzip, within fixed bounds.
+
+Every reader of user-supplied event files (``replay``, ``--working-set``, the Python API, the pytest
+plugin, both QEMU importers) reads through :func:`bounded_lines`, so no file can make it allocate or
+spin without bound: a line is at most ``max_line`` bytes (read with a size limit, never whole), a file
+at most ``MAX_LINES`` lines (blank lines count) and ``MAX_BYTES`` bytes once decompressed, and gzip
+data may not expand more than ``MAX_RATIO`` times (real QEMU logs and harness traces compress
+10-16x; a bomb of newlines or of one repeated byte about 1000x), checked from the first MiB on, so a
+bomb is refused after a few MiB of output.  Each refusal is one ``BlocktimeError`` line naming the
+file, the line and the limit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from typing import IO
+
+from .events import BlocktimeError
+
+MAX_LINES = 1 << 27  # 134 M lines: far above a real run's trace (4 lines per fault) yet a bound
+MAX_BYTES = 16 << 30  # decompressed bytes
+MAX_RATIO = 100  # decompressed / compressed bytes; real logs and traces: 10-16
+RATIO_FROM = 1 << 20  # judge the ratio only after this much output (tiny files compress oddly)
+MAX_RECORDS = 1 << 24  # events (or kept log lines) one file may hold: bounds the memory of a replay
+_CHECK_EVERY = 1 << 20  # bytes of output between ratio checks (keeps the per-line cost to an add)
+
+
+def open_maybe_gzip(path: str) -> tuple[IO[bytes], IO[bytes] | None]:
+    """(stream to read, the compressed file under it or None when plain); one-line error."""
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - returned, closed by the caller
+    except OSError as exc:
+        raise BlocktimeError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        if raw.peek(2)[:2] != b"\x1f\x8b":
+            return raw, None
+    except OSError as exc:
+        raw.close()
+        raise BlocktimeError(f"{path}: cannot read: {exc.strerror}") from None
+    # a buffered reader over the gzip stream: readline(limit) stays in C
+    return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 18), raw
+
+
+def bounded_lines(
+    path: str | os.PathLike,
+    max_line: int,
+    skip_blank: bool = True,
+    keep: Callable[[bytes], bool] | None = None,
+) -> Iterator[tuple[int, str]]:
+    """(line number, text without the newline) of a plain or gzip file, within the module's bounds.
+
+    ``skip_blank``: blank lines are counted but not yielded.  ``keep``: a test on the raw bytes; lines
+    it rejects are still checked (length, UTF-8) and counted, not yielded.  Raises BlocktimeError.
+    """
+    path = os.fspath(path)
+    stream, compressed = open_maybe_gzip(path)
+    n = 0
+    out_bytes = 0
+    next_check = RATIO_FROM
+    try:
+        with stream, (compressed or stream):  # GzipFile(fileobj=) leaves the file open: close it too
+            while True:
+                data = stream.readline(max_line + 2)  # +2: room for "\r\n" after a full-length line
+                if not data:
+                    return
+                n += 1
+                out_bytes += len(data)
+                if out_bytes >= next_check:
+                    next_check = out_bytes + _CHECK_EVERY
+                    _check_volume(path, n, out_bytes, compressed)
+                if n > MAX_LINES:
+                    raise BlocktimeError(f"{path}: more than {MAX_LINES:,} lines: refused (a trace or log "
+                                         "this long is not one the engines can replay in memory)")
+                if data[-1:] == b"\n":
+                    data = data[:-2] if data[-2:] == b"\r\n" else data[:-1]
+                if len(data) > max_line:
+                    raise BlocktimeError(f"{path}: line {n}: longer than {max_line:,} bytes")
+                if skip_blank and (not data or data.isspace()):
+                    continue
+                text = data.decode("utf-8")
+                if keep is None or keep(data):
+                    yield n, text
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BlocktimeError(f"{path}: line {n + 1}: gzip data truncated or corrupt ({exc})") from None
+    except UnicodeDecodeError:
+        raise BlocktimeError(f"{path}: line {n}: not text (bad UTF-8)") from None
+    except OSError as exc:
+        raise BlocktimeError(f"{path}: line {n + 1}: read error: {exc}") from None
+
+
+def _check_volume(path: str, n: int, out_bytes: int, compressed: IO[bytes] | None) -> None:
+    if out_bytes > MAX_BYTES:
+        raise BlocktimeError(f"{path}: line {n}: more than {MAX_BYTES >> 30} GiB of text: refused")
+    if compressed is None:
+        return
+    read = max(compressed.tell(), 1)
+    if out_bytes > MAX_RATIO * read:
+        raise BlocktimeError(
+            f"{path}: line {n}: gzip data expands more than {MAX_RATIO}x ({out_bytes >> 20} MiB from "
+            f"{read:,} bytes): refused as a decompression bomb (gunzip it first if it is genuine)"
+        )
+
+
+def too_many_records(path: str, n: int) -> BlocktimeError:
+    """The error for a file holding more than ``MAX_RECORDS`` events or kept lines."""
+    return BlocktimeError(f"{path}: line {n}: more than {MAX_RECORDS:,} records: refused (split the trace)")
