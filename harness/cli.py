@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from rich.console import Console
@@ -207,17 +206,10 @@ def _run(args) -> int:
 
 def unwritable(path: str | None) -> str | None:
     """Why ``path`` cannot take an output file (None if it can): found now, not after a long run.
-    Nothing is created, so a run that fails early leaves no empty file."""
-    if path is None:
-        return None
-    if os.path.isdir(path):
-        return "is a folder; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"no folder {folder}"
-    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
-        return "permission denied"
-    return None
+    Nothing is left behind, so a run that fails early leaves no empty file."""
+    from postcopy_core.outfile import output_problem
+
+    return output_problem(path)
 
 
 def _add_source(sub) -> None:

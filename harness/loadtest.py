@@ -268,7 +268,9 @@ def format_row(row: dict, reference: bool = False) -> str:
 
 def write_csv(rows: list[dict], path: str) -> None:
     """One line per point, the columns of :data:`COLUMNS` (empty cell = not measured)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    from postcopy_core.outfile import open_output
+
+    with open_output(path) as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
@@ -276,7 +278,9 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def write_json(doc: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from postcopy_core.outfile import open_output
+
+    with open_output(path) as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
 
@@ -336,13 +340,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_writable(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise SweepError(f"{flag} {path}: {e.strerror}") from None
+    from postcopy_core.outfile import output_problem
+
+    problem = output_problem(path)
+    if problem:
+        raise SweepError(f"{flag} {path}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:

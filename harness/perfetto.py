@@ -170,7 +170,9 @@ def trace_events(tl: Timeline, engines: dict, title: str, argv: Sequence[str] | 
 
 def write_trace_json(path: str, tl: Timeline, engines: dict, title: str, argv: Sequence[str] | None = None) -> str:
     """Write ``trace.json`` (compact JSON: a long run's trace stays small)."""
-    with open(path, "w", encoding="utf-8") as f:
+    from postcopy_core.outfile import open_output
+
+    with open_output(path, private=True) as f:  # page addresses: guest data
         # dumps, not dump: dump streams through the pure-Python encoder, several times slower
         f.write(json.dumps(trace_events(tl, engines, title, argv), separators=(",", ":")))
         f.write("\n")

@@ -37,8 +37,13 @@ def command_line(argv: Sequence[str] | None) -> str:
 
 def _finish(fig, path: str, argv: Sequence[str] | None) -> str:
     fig.text(0.01, 0.005, f"made by: {command_line(argv)}", fontsize=7, color="#555555", ha="left", va="bottom")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    from postcopy_core.outfile import open_output
+
+    try:
+        with open_output(path, "wb") as f:  # no symbolic link followed
+            fig.savefig(f, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -19,6 +19,7 @@ from postcopy_core.blocktime import ALL_ENGINE_NAMES, TRUTH, BlocktimeError, Eve
 from postcopy_core.blocktime.bounds import blocktime_bounds
 from postcopy_core.blocktime.qemu_log import import_qemu_migrations
 from postcopy_core.blocktime.trace import FORMATS, detect_format, read_trace_columns
+from postcopy_core.outfile import open_output, output_problem
 
 # (field, unit shown in the table)
 _ROWS = (
@@ -145,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"postcopy-harness replay: --report {args.report}: {problem}", file=sys.stderr)
         return 2
+    problem = output_problem(args.json) if args.json not in (None, "-") else None
+    if problem:
+        print(f"postcopy-harness replay: --json {args.json}: {problem}", file=sys.stderr)
+        return 2
     try:
         fmt, runs = _load(args)
         reports = []
@@ -182,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             return 0
         try:
-            with open(args.json, "w", encoding="utf-8") as fh:
+            with open_output(args.json) as fh:
                 fh.write(text)
         except OSError as exc:
             print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)

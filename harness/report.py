@@ -202,7 +202,10 @@ def lost_words(rep: dict) -> str:
 
 
 def write_json(rep: dict, path: str) -> None:
-    with open(path, "w") as f:
+    """Write the report as JSON (no symbolic link followed; see postcopy_core.outfile)."""
+    from postcopy_core.outfile import open_output
+
+    with open_output(path) as f:
         json.dump(rep, f, indent=2)
         f.write("\n")
 

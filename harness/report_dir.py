@@ -21,8 +21,12 @@ FILES = ("report.json", "summary.txt", "timeline.png", "latency.png", "placement
 
 def report_dir_problem(path: str | None) -> str | None:
     """Why ``path`` cannot become the report folder (None if it can); nothing is created."""
+    from postcopy_core.outfile import pseudo_fs
+
     if path is None:
         return None
+    if os.path.islink(path):
+        return "is a symbolic link (refused: reports are never written through one)"
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a folder"
     probe = os.path.abspath(path)
@@ -30,6 +34,9 @@ def report_dir_problem(path: str | None) -> str | None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         return f"{probe} is not a folder"
+    kind = pseudo_fs(probe)
+    if kind:
+        return f"is on {kind}, a kernel filesystem, not a place for reports"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"permission denied in {probe}"
     return None
@@ -42,8 +49,10 @@ def _text(render: Callable[[Console], None]) -> str:
 
 
 def _write(folder: str, name: str, text: str) -> str:
+    from postcopy_core.outfile import open_output
+
     path = os.path.join(folder, name)
-    with open(path, "w", encoding="utf-8") as f:
+    with open_output(path) as f:  # no symbolic link followed
         f.write(text)
     return path
 

@@ -106,7 +106,7 @@ def test_plugin_replay_fails_the_test_with_the_readers_line(pytester, bomb_files
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([f"*postcopy_replay: {path}: line *: gzip data expands more than {MAX_RATIO}x*"])
+    result.stdout.fnmatch_lines([f"E   *BlocktimeError: {path}: line *: gzip data expands more than {MAX_RATIO}x*"])
     assert "Traceback" not in result.stdout.str()
 
 

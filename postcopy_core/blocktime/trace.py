@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import gzip
+import io
 import json
 import os
 import re
@@ -63,12 +64,17 @@ class TraceWriter:
 
     def __init__(self, path: str | os.PathLike, meta: TraceMeta) -> None:
         meta.check()
+        from postcopy_core.outfile import open_output
+
         self.path = os.fspath(path)
+        # mode 0600, no symbolic link followed: the trace tells which guest pages were touched when
+        self._raw = open_output(self.path, "wb", private=True)
         if self.path.endswith(".gz"):
             # compresslevel 6: ~3x faster than the default 9 for nearly the same size on traces.
-            self._fh: IO[str] = gzip.open(self.path, "wt", encoding="ascii", compresslevel=6)
+            gz = gzip.GzipFile(filename="", fileobj=self._raw, mode="wb", compresslevel=6)
+            self._fh: IO[str] = io.TextIOWrapper(gz, encoding="ascii")
         else:
-            self._fh = open(self.path, "w", encoding="ascii")  # noqa: SIM115 - closed in close()
+            self._fh = io.TextIOWrapper(self._raw, encoding="ascii")
         self.count = 0
         self.stalls: int | None = None  # stall records written (None: this trace has no intervals)
         self._fh.write(f"{MAGIC} v{VERSION}\n")
@@ -113,6 +119,7 @@ class TraceWriter:
         tail = "" if self.stalls is None else f" stalls={self.stalls}"
         self._fh.write(f"#end events={self.count}{tail}\n")
         self._fh.close()
+        self._raw.close()  # a GzipFile leaves the file it wrote into open
 
     def __enter__(self) -> TraceWriter:
         return self
