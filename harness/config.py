@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -42,14 +43,32 @@ class ConfigError(ValueError):
     """Bad configuration; the CLI prints the message and exits 2."""
 
 
+class Size(int):
+    """A byte count that prints as it was typed (``100T``), so a message about it echoes the input;
+    arithmetic, comparisons and JSON see the plain number."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> Size:
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __reduce__(self) -> tuple:  # copy/deepcopy/pickle keep the text
+        return (Size, (int(self), self.text))
+
+
 def parse_size(text: str | int) -> int:
-    """``256M``, ``1G``, ``4096``, ``512KiB`` -> bytes."""
+    """``256M``, ``1G``, ``4096``, ``512KiB`` -> bytes (a :class:`Size`, printed as typed)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not m:
         raise ConfigError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix, e.g. 256M")
-    return int(m.group(1)) * _SIZE[m.group(2)]
+    return Size(int(m.group(1)) * _SIZE[m.group(2)], text.strip())
 
 
 def image_bytes(path: str) -> int:
@@ -95,7 +114,8 @@ class RunConfig:
     # verification must catch
     precopy_skip_discards: int = field(default=0, repr=False)
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
-    stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
+    # seconds, or "off"; a vCPU, the source or the handler that does not move this long fails the run
+    stall_timeout: float | str = 30.0
     json: str | None = None
     trace: str | None = None
     report: str | None = None  # a folder for report.json, summary.txt, plots and trace.json (harness/report_dir.py)
@@ -147,8 +167,10 @@ class RunConfig:
             self.injections = [parse_injection(text, self.vcpus) for text in self.inject]
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not self.stall_timeout > 0:
-            raise ConfigError("--stall-timeout must be positive")
+        st = self.stall_timeout
+        if st != "off" and (isinstance(st, bool) or not isinstance(st, int | float) or not math.isfinite(st)
+                            or not st > 0):  # inf would turn the watchdog off unsaid: that is "off"
+            raise ConfigError(f"--stall-timeout {st}: give a finite number of seconds > 0, or off")
         if self.seed < 0 or self.seed >= 1 << 63:
             raise ConfigError(f"--seed {self.seed}: must be 0 .. 2^63-1")
         try:

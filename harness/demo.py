@@ -489,7 +489,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.demo``, the same as the subcommand."""
-    parser = argparse.ArgumentParser(prog="postcopy-harness")
+    from harness.cliparser import OneLineParser
+
+    parser = OneLineParser(prog="postcopy-harness")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

@@ -492,10 +492,13 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
                 c.print(format_row(r, withref))
 
         try:
-            write_loadtest_dir(args.report, document(), rows, summary, reference=withref)
+            paths = write_loadtest_dir(args.report, document(), rows, summary, reference=withref)
         except OSError as e:
             err.print(f"{PROG}: cannot write --report {args.report}: {e.strerror or e}")
             return 1
+        from harness.report_dir import wrote_line
+
+        console.print(wrote_line(args.report, paths), markup=False, highlight=False, soft_wrap=True)
     written = " ".join(f"{k} {v}" for k, v in (("CSV", args.csv), ("JSON", args.json)) if v)
     console.print(f"{len(rows)} point(s) in {time.monotonic() - t0:.1f} s"
                   + (f"; wrote {written}" if written else ""))
@@ -507,7 +510,9 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m harness.loadtest``), the same as the subcommand."""
-    parser = argparse.ArgumentParser(prog="postcopy-harness")
+    from harness.cliparser import OneLineParser
+
+    parser = OneLineParser(prog="postcopy-harness")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
     args.argv = ["postcopy-harness", "loadtest", *(sys.argv[1:] if argv is None else argv)]

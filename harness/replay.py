@@ -183,15 +183,18 @@ def run(args: argparse.Namespace) -> int:
                                                      "migrations": [r for r, _, _ in reports]}
     if args.json:
         text = json.dumps(out, indent=2, sort_keys=False) + "\n"
-        if args.json == "-":
+        if args.json == "-":  # stdout is the JSON: no table; a --report is still written
             sys.stdout.write(text)
-            return 0
-        try:
-            with open_output(args.json) as fh:
-                fh.write(text)
-        except OSError as exc:
-            print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
-            return 2
+            if not getattr(args, "report", None):
+                return 0
+        else:
+            try:
+                with open_output(args.json) as fh:
+                    fh.write(text)
+            except OSError as exc:
+                print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
+                return 2
+    to_stdout = args.json != "-"
     for i, (report, meta, cols) in enumerate(reports, 1):
         extra = meta.extra
         which = ""
@@ -201,9 +204,10 @@ def run(args: argparse.Namespace) -> int:
         title = (f"{args.file}{which}: {report['events']:,} events, {report['vcpus']} vCPUs "
                  f"({report['recorded-by']})")
         notes = _notes(extra, report.get("compare")) + _bounds_notes(report.get("bounds"))
-        console.print(render_table(report["engines"], title))
-        for line in notes:
-            print(line)
+        if to_stdout:
+            console.print(render_table(report["engines"], title))
+            for line in notes:
+                print(line)
         if getattr(args, "report", None):
             from harness.report_dir import write_report_dir
 
@@ -215,11 +219,14 @@ def run(args: argparse.Namespace) -> int:
             # several migrations: one folder each inside DIR
             folder = args.report if len(reports) == 1 else os.path.join(args.report, f"migration-{i}")
             try:
-                write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
+                paths = write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
             except OSError as exc:
                 print(f"postcopy-harness replay: cannot write --report {folder}: {exc.strerror or exc}",
                       file=sys.stderr)
                 return 1
+            from harness.report_dir import wrote_line
+
+            print(wrote_line(folder, paths), file=sys.stdout if to_stdout else sys.stderr)
     return 0
 
 

@@ -19,6 +19,14 @@ from postcopy_core.blocktime import EventColumns, TraceMeta
 FILES = ("report.json", "summary.txt", "timeline.png", "latency.png", "placements.png", "trace.json")
 
 
+def wrote_line(folder: str, written: Sequence[str] | None = None) -> str:
+    """The one line a command prints after ``--report``: where, and which files."""
+    if written is None:
+        written = [os.path.join(folder, n) for n in (*FILES, "loadtest.png") if os.path.exists(os.path.join(folder, n))]
+    names = ", ".join(os.path.basename(p) for p in written)
+    return f"report written to {os.path.abspath(folder)}: {names}"
+
+
 def report_dir_problem(path: str | None) -> str | None:
     """Why ``path`` cannot become the report folder (None if it can); nothing is created."""
     from postcopy_core.outfile import pseudo_fs
