@@ -267,7 +267,7 @@ def _add_source(sub) -> None:
 
 
 def _source(args) -> int:
-    from harness.config import ConfigError, RunConfig, image_bytes, parse_endpoint
+    from harness.config import ConfigError, RunConfig, image_bytes, parse_endpoint, typed
     from harness.remote_source import serve
 
     try:
@@ -286,7 +286,7 @@ def _source(args) -> int:
         err.print(f"postcopy-harness source: failed: {e.strerror or e}")
         return 1
     except MemoryError:
-        err.print(f"postcopy-harness source: failed: not enough memory for --ram {cfg.ram}")
+        err.print(f"postcopy-harness source: failed: not enough memory for --ram {typed(cfg.ram)}")
         return 1
 
 

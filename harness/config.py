@@ -44,8 +44,8 @@ class ConfigError(ValueError):
 
 
 class Size(int):
-    """A byte count that prints as it was typed (``100T``), so a message about it echoes the input;
-    arithmetic, comparisons and JSON see the plain number."""
+    """A byte count that remembers how it was typed (``100T``), so a message about it can echo the
+    input (:func:`typed`); everything else (arithmetic, str, CSV, JSON) sees the plain number."""
 
     text: str
 
@@ -54,11 +54,13 @@ class Size(int):
         obj.text = text
         return obj
 
-    def __str__(self) -> str:
-        return self.text
-
     def __reduce__(self) -> tuple:  # copy/deepcopy/pickle keep the text
         return (Size, (int(self), self.text))
+
+
+def typed(n: int) -> str:
+    """A size as the user typed it (``100T``), or the number when it was not typed."""
+    return n.text if isinstance(n, Size) else str(n)
 
 
 def parse_size(text: str | int) -> int:
@@ -178,11 +180,11 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.ram <= 0 or self.ram % self.page_size:
-            raise ConfigError(f"--ram {self.ram}: must be a positive multiple of the page size {self.page_size}")
+            raise ConfigError(f"--ram {typed(self.ram)}: must be a positive multiple of the page size {self.page_size}")
         if self.npages < self.vcpus and self.workload in ("sequential", "random", "stride"):
             raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
         if self.npages >= 1 << 32:
-            raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
+            raise ConfigError(f"--ram {typed(self.ram)}: more than 2^32 pages")
         self._validate_strategy()
         self._validate_precopy()
         if self.image is not None:
