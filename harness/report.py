@@ -103,8 +103,11 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     rep["pages"] = {
         "total": cfg.npages,
         "placed": hs["placed"],
-        "requested": hs["placed_urgent"],
-        "background": hs["placed_background"],
+        # one word, one number: "requested" is every page the destination asked for after a fault,
+        # the same count as faults.pages-requested, the summary and placements.png
+        "requested": hs["pages_requested"],
+        "urgent": hs["placed_urgent"],  # placed from an answer to a request (urgent path)
+        "background": hs["placed_background"],  # placed from the stream (a requested page may come so too)
         "zero": hs["placed_zero"],
         "prepaged": ss.get("pages_prepaged", 0),  # pushed by the strategy next to a faulting page (in background)
         "duplicates-dropped": hs["duplicates"],
@@ -238,8 +241,10 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     t.add_row("status", f"[{color}]{status}[/]")
     if "faults" in rep:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
-        t.add_row("pages total / requested / background / zero",
-                  " / ".join(_n(p[k]) for k in ("total", "requested", "background", "zero")))
+        t.add_row("pages total / requested (after a fault) / zero",
+                  " / ".join(_n(p[k]) for k in ("total", "requested", "zero")))
+        t.add_row("pages placed from answers (urgent) / from the stream",
+                  " / ".join(_n(p.get(k)) for k in ("urgent", "background")))
         if p.get("prepaged"):
             t.add_row("pages prepaged (of background)", _n(p["prepaged"]))
         if "discarded" in p:

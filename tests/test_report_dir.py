@@ -70,13 +70,13 @@ def test_all_stalled_spans_are_where_every_vcpu_is_inside_an_interval():
 def test_placements_say_how_each_page_came():
     ps = 4096
     meta = TraceMeta(1, ps, {}, start_ns=0)
-    # page 1 faulted then placed (requested); page 2 placed with nobody waiting (streamed); page 3 zero;
-    # page 4 placed, then faulted on (already received: still streamed)
+    # page 1 faulted then placed (requested); page 2 placed with nobody waiting (sent ahead); page 3 a
+    # zero page sent ahead; page 4 placed, then faulted on (already received: still sent ahead)
     cols = EventColumns.from_lists(
         [KIND_FAULT, KIND_PLACED, KIND_PLACED, KIND_PLACED, KIND_PLACED, KIND_FAULT],
         [1, 2, 3, 4, 5, 6], [ps, ps + 8, 2 * ps, 3 * ps, 4 * ps, 4 * ps], [0] * 6, [0] * 6, [-1, 0, 0, 1, 0, -1])
     t, kind, addr, requested = placements(meta, cols)
-    assert [PLACE_KINDS[k] for k in kind] == ["requested", "streamed", "zero", "streamed"]
+    assert [PLACE_KINDS[k] for k in kind] == ["requested", "sent ahead", "sent ahead zero", "sent ahead"]
     assert requested.tolist() == [True, False, False, False]
     assert t.tolist() == [2, 3, 4, 5]
 

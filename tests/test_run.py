@@ -26,7 +26,8 @@ def run(**kw) -> dict:
     assert v["mismatches"] == 0 and v["ram-bad-pages"] == 0
     assert v["ram-pages-verified"] == cfg.npages
     assert rep["pages"]["placed"] == cfg.npages
-    assert rep["pages"]["requested"] + rep["pages"]["background"] == cfg.npages
+    assert rep["pages"]["urgent"] + rep["pages"]["background"] == cfg.npages
+    assert rep["pages"]["requested"] == rep["faults"]["pages-requested"]  # one number for the word
     assert len(rep["workers"]["vcpu-stall-ms"]) == cfg.vcpus
     return rep
 
