@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # no display, ever: reports are written on servers and in
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness.timeline import PLACE_KINDS, Timeline  # noqa: E402
 
@@ -21,7 +22,7 @@ DPI = 80
 MAX_ROWS = 32  # vCPU rows drawn in a timeline; the rest are left out (said in the figure)
 MAX_SPANS = 4000  # all-stalled spans shaded; beyond that, the longest ones
 COLORS = {"truth": "#1f77b4", "exact": "#ff7f0e", "seed": "#d62728", "modern": "#2ca02c"}
-PLACE_COLORS = {"requested": "#d62728", "sent ahead": "#1f77b4", "zero": "#7f7f7f", "all": "#000000"}
+PLACE_COLORS = {"requested": "#d62728", "sent ahead": "#1f77b4", "zero": "#555555", "all": "#c7c7c7"}
 LANE_LABEL = {
     "truth": "truth: the vCPU's own clock (access began -> returned)",
     "exact": "exact: handler read the fault -> page placed",
@@ -45,6 +46,16 @@ def _finish(fig, path: str, argv: Sequence[str] | None) -> str:
     finally:
         plt.close(fig)
     return path
+
+
+def _above(ax, top: float, room: float) -> float:
+    """The axis limit that leaves ``room`` (a share of the axis, in its own scale: linear, log,
+    symlog) above ``top``."""
+    scale = ax.yaxis.get_transform()  # one dimension: values in, scaled values out
+    lo, hi = np.ravel(scale.transform(np.array([[0.0], [float(top)]])))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # a log axis has no 0
+        return float(top) * 2
+    return float(np.ravel(scale.inverted().transform(np.array([[lo + (hi - lo) / (1 - room)]])))[0])
 
 
 def _bars(ax, row: float, height: float, start_ns: np.ndarray, end_ns: np.ndarray, color: str, label: str | None):
@@ -116,9 +127,10 @@ def plot_latency_histogram(engines: dict, path: str, argv: Sequence[str] | None,
     if tallest >= 20:  # a log scale only where counts spread
         ax.set_yscale("symlog", linthresh=1)
         ax.set_ylabel("faults (count, log scale)")
-        ax.set_ylim(0, tallest * 2.2)  # headroom: the tallest bar stays clear of the frame (and the legend)
-    elif tallest:
-        ax.set_ylim(0, tallest * 1.25)
+    if tallest:
+        ax.set_ylim(0, _above(ax, tallest, 0.18))  # the tallest bar clear of the frame and the legend
+    if tallest and ax.get_yscale() == "linear":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # fault counts
     ax.set_title(f"{title}\npostcopy-latency-dist of each engine", fontsize=10)
     if series:
         ax.legend(fontsize=8, title="seed keeps no histogram" if "seed" in engines else None, title_fontsize=7)
@@ -134,8 +146,9 @@ def placement_groups(tl: Timeline) -> dict[str, np.ndarray]:
     kinds = np.asarray(PLACE_KINDS)[tl.place_kind] if tl.place_kind.size else np.zeros(0, str)
     requested = np.char.startswith(kinds, "requested") if kinds.size else np.zeros(0, bool)
     zero = np.char.endswith(kinds, "zero") if kinds.size else np.zeros(0, bool)
-    return {"requested": tl.place_t[requested], "sent ahead": tl.place_t[~requested], "zero": tl.place_t[zero],
-            "all": tl.place_t}
+    # "all" first: drawn underneath (wide, light), so a group that is every page still shows on it
+    return {"all": tl.place_t, "requested": tl.place_t[requested], "sent ahead": tl.place_t[~requested],
+            "zero": tl.place_t[zero]}
 
 
 def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: str) -> str:
@@ -143,7 +156,7 @@ def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: 
     fig, ax = plt.subplots(figsize=(10, 4.6))
     labels = {
         "all": "all pages placed",
-        "requested": "requested (a fault came first; = faults.pages-requested)",
+        "requested": "requested (a fault came first; in a run = faults.pages-requested)",
         "sent ahead": "sent ahead (placed before any fault on it)",
         "zero": "zero pages (requested or sent ahead)",
     }
@@ -152,11 +165,12 @@ def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: 
         t = np.sort(t)
         if t.size:
             ax.step(np.r_[0, t / 1e6], np.arange(t.size + 1), where="post", label=f"{labels[name]}: {t.size:,}",
-                    color=PLACE_COLORS[name], ls=styles[name], lw=1.0 if name == "all" else 1.6)
+                    color=PLACE_COLORS[name], ls=styles[name], lw=4.0 if name == "all" else 1.6)
     ax.set_xlabel("time since postcopy start (ms)")
     ax.set_ylabel("pages placed (cumulative count)")
     ax.set_title(f"{title}\npages placed over time, by how they came", fontsize=10)
     ax.set_ylim(0, max(tl.place_t.size, 1) * 1.05)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # page counts
     if tl.place_t.size:  # below the axes: the curves fill the upper left corner of a sweep
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -279,6 +293,11 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
         if ax.get_yscale() == "linear":
             ax.set_ylim(bottom=0)
         _legend_below(fig.add_subplot(grid[1, k]), *leg[k])
+    bts = [r[f"blocktime-{e}-ms"] for r in rows for e in engines if r.get(f"blocktime-{e}-ms") is not None]
+    if bts and max(bts) > 100 * max(min([b for b in bts if b > 0], default=1), 1):  # orders of magnitude
+        axes[2].set_yscale("symlog", linthresh=1)  # symlog: a blocktime of 0 still shows
+        axes[2].set_ylim(0, _above(axes[2], max(bts), 0.08))  # the highest point clear of the frame
+        axes[2].set_ylabel("postcopy-blocktime (ms, log scale)")
     fig.suptitle("loadtest: against the vCPU count", fontsize=11)
     return _finish(fig, path, argv)
 
