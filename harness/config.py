@@ -58,9 +58,11 @@ class Size(int):
         return (Size, (int(self), self.text))
 
 
-def typed(n: int) -> str:
-    """A size as the user typed it (``100T``), or the number when it was not typed."""
-    return n.text if isinstance(n, Size) else str(n)
+def typed(n: int, otherwise: str | None = None) -> str:
+    """A size as the user typed it (``100T``); for one given as a number, ``otherwise`` (or the number)."""
+    if isinstance(n, Size):
+        return n.text
+    return str(n) if otherwise is None else otherwise
 
 
 def parse_size(text: str | int) -> int:

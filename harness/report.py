@@ -243,7 +243,7 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
         t.add_row("pages total / requested (after a fault) / zero",
                   " / ".join(_n(p[k]) for k in ("total", "requested", "zero")))
-        t.add_row("pages placed from answers (urgent) / from the stream",
+        t.add_row("pages arrived as answers (urgent) / in the stream",
                   " / ".join(_n(p.get(k)) for k in ("urgent", "background")))
         if p.get("prepaged"):
             t.add_row("pages prepaged (of background)", _n(p["prepaged"]))

@@ -168,4 +168,4 @@ def test_sizes_are_echoed_as_typed():
         RunConfig(ram=parse_size("100T")).validate()
     size = parse_size("8M")
     assert typed(size) == "8M" and str(size) == "8388608" and size == 8 << 20  # elsewhere a plain number
-    assert typed(4096) == "4096"
+    assert typed(4097) == "4097" and typed(16 << 20, "16M") == "16M"  # a number from the API
