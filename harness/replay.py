@@ -106,20 +106,9 @@ def render_table(results: dict[str, dict], title: str) -> Table:
 
 
 def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(_MAX_COMPARE + 1)  # bounded: query-migrate output is a few KB
-        if len(raw) > _MAX_COMPARE:
-            raise BlocktimeError(f"{path}: larger than {_MAX_COMPARE >> 20} MiB: not a query-migrate JSON file")
-        qm = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise BlocktimeError(f"{path}: not a query-migrate JSON file (not UTF-8 text)") from None
-    except OSError as exc:
-        raise BlocktimeError(f"{path}: cannot read query-migrate JSON: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise BlocktimeError(f"{path}: not a query-migrate JSON file: {exc}") from None
-    except (ValueError, RecursionError):  # a number of thousands of digits, deep nesting
-        raise BlocktimeError(f"{path}: not a usable query-migrate JSON file") from None
+    from postcopy_core.blocktime.textfile import read_json_file
+
+    qm = read_json_file(path, "a query-migrate JSON file", _MAX_COMPARE)  # bounded: the answer is a few KB
     if not isinstance(qm, dict) or "postcopy-blocktime" not in qm:
         raise BlocktimeError(f"{path}: no 'postcopy-blocktime' in this query-migrate JSON")
     out = {}

@@ -4,7 +4,8 @@ The bombs are built here as multi-member gzip files (one compressed MiB repeated
 1 MB file built in milliseconds): a real QEMU log followed by 10 Mi newlines, 1 GiB of newlines, 3 GiB
 of one byte, a valid native trace followed by millions of valid records, and a line without end.
 Each goes through every path that reads such a file -- ``replay`` in each ``--format``, ``run
---working-set``, the Python API and the pytest plugin's ``postcopy_replay`` -- in a child process whose
+--working-set``, ``demo overcount --capture``, the Python API and the pytest plugin's
+``postcopy_replay`` -- in a child process whose
 peak memory (``ru_maxrss``) and time are measured.  A seeded fuzz then mixes the same pieces at
 random in-process.
 """
@@ -58,6 +59,8 @@ def bomb_files(tmp_path_factory):
         assert len(data) < 4 * MiB, name  # small files
         path = folder / f"{name}.gz"
         path.write_bytes(data)
+        (folder / f"{name}.gz.cap").mkdir()  # as a `demo overcount --capture` folder
+        (folder / f"{name}.gz.cap" / "trace.log.gz").write_bytes(data)
         out[name] = str(path)
     return out
 
@@ -81,6 +84,7 @@ PATHS = {
     "replay-native": lambda p: [*CLI, "replay", "--format", "native", p],
     "replay-qemu-log": lambda p: [*CLI, "replay", "--format", "qemu-log", p],
     "working-set": lambda p: [*CLI, "run", "--strategy", "prefetch", "--working-set", p, "--ram", "8M"],
+    "demo-capture": lambda p: [*CLI, "demo", "overcount", "--fast", "--capture", p + ".cap"],
     "api": lambda p: [sys.executable, "-c", "import sys, postcopy_harness as ph\ntry:\n ph.replay(sys.argv[1])\n"
                       "except ph.BlocktimeError as e:\n print(e, file=sys.stderr); sys.exit(2)", p],
 }
@@ -138,3 +142,15 @@ def test_fuzz_mixed_bombs(tmp_path):
         except BlocktimeError as e:
             assert "\n" not in str(e) and str(e).startswith(path), (case, str(e)[:200])
         assert time.monotonic() - t0 < MAX_S, (case, fmt, head, times)
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "1" * 100_000, "\n" * (17 << 20)])
+def test_small_json_inputs_are_bounded(tmp_path, text):
+    """--compare's query-migrate file and a capture's: deep nesting, a huge number, too many bytes."""
+    from postcopy_core.blocktime.textfile import read_json_file
+
+    path = tmp_path / "qm.json"
+    path.write_text(text)
+    with pytest.raises(BlocktimeError) as info:
+        read_json_file(str(path), "a query-migrate JSON file")
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)

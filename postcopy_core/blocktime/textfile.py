@@ -105,6 +105,28 @@ def _check_volume(path: str, n: int, out_bytes: int, compressed: IO[bytes] | Non
         )
 
 
+def read_json_file(path: str, what: str, max_bytes: int = 16 << 20) -> object:
+    """A small JSON file (a query-migrate answer, a capture's metadata) read within ``max_bytes``;
+    anything else is one BlocktimeError line naming the file and ``what`` it should have been."""
+    import json
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise BlocktimeError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    if len(raw) > max_bytes:
+        raise BlocktimeError(f"{path}: larger than {max_bytes >> 20} MiB: not {what}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BlocktimeError(f"{path}: not {what} (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise BlocktimeError(f"{path}: not {what}: {exc}") from None
+    except (ValueError, RecursionError):  # a number of thousands of digits, deep nesting
+        raise BlocktimeError(f"{path}: not {what} (unusable JSON: nested too deep or a number too long)") from None
+
+
 def too_many_records(path: str, n: int) -> BlocktimeError:
     """The error for a file holding more than ``MAX_RECORDS`` events or kept lines."""
     return BlocktimeError(f"{path}: line {n}: more than {MAX_RECORDS:,} records: refused (split the trace)")
