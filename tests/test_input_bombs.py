@@ -154,3 +154,45 @@ def test_small_json_inputs_are_bounded(tmp_path, text):
     with pytest.raises(BlocktimeError) as info:
         read_json_file(str(path), "a query-migrate JSON file")
     assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_each_bound_is_enforced(tmp_path, monkeypatch):
+    """The line count, decompressed bytes and record bounds, lowered so small files reach them."""
+    from postcopy_core.blocktime import qemu_logfile, textfile, trace
+
+    plain = tmp_path / "blank.log"
+    plain.write_bytes(b"\n" * 3000)
+    monkeypatch.setattr(textfile, "MAX_LINES", 1000)
+    with pytest.raises(BlocktimeError, match=r"blank.log: more than 1,000 lines: refused"):
+        read_trace_columns(str(plain), "qemu-log")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(textfile, "MAX_BYTES", 1 << 20)
+    big = tmp_path / "big.log"
+    big.write_bytes(b"x\n" * (2 << 20))  # plain: the ratio does not apply, the byte bound does
+    with pytest.raises(BlocktimeError, match=r"big.log: line \d+: more than 0 GiB of text"):
+        read_trace_columns(str(big), "qemu-log")
+    monkeypatch.undo()
+
+    records = tmp_path / "many.trace"
+    records.write_bytes(HEADER + b"P 0 0x0 0\n" * 50)
+    monkeypatch.setattr(trace, "MAX_RECORDS", 20)
+    with pytest.raises(BlocktimeError, match=r"many.trace: line 23: more than [\d,]+ records"):
+        read_trace_columns(str(records))
+    qlog = tmp_path / "many.log"
+    qlog.write_bytes(b"1@1.000001:postcopy_place_page_zero host=0x1000\n" * 50)
+    monkeypatch.setattr(qemu_logfile, "MAX_RECORDS", 20)
+    with pytest.raises(BlocktimeError, match=r"many.log: line 21: more than [\d,]+ records"):
+        read_trace_columns(str(qlog), "qemu-log")
+
+
+def test_line_length_is_read_with_a_limit(tmp_path):
+    """A line of 64 MiB without a newline: refused after reading about the limit, not the line."""
+    path = tmp_path / "long.trace"
+    with open(path, "wb") as f:
+        f.write(HEADER)
+        f.write(b"F " + b"1" * (64 << 20))
+    t0 = time.monotonic()
+    with pytest.raises(BlocktimeError, match=r"long.trace: line 3: longer than 1,048,576 bytes"):
+        read_trace_columns(str(path))
+    assert time.monotonic() - t0 < MAX_S
