@@ -2,7 +2,8 @@
 
 Runs are often root's, and output paths often in shared folders such as /tmp: a file is opened
 without following a symbolic link at its name (``O_NOFOLLOW``), must be a regular file with one
-link (a planted hard link would point the write elsewhere), and is created ``0600`` when it holds
+link (a planted hard link would point the write elsewhere) -- or a character device such as
+/dev/null --, and is created ``0600`` when it holds
 guest data (page addresses: traces; a private file that already exists is made ``0600`` too).
 :func:`output_problem` says before the run why a path cannot take the file -- a pseudo filesystem
 such as /proc or /sys (root may open files there, the write then fails), a missing folder, a folder
@@ -90,6 +91,8 @@ def _why(e: OSError) -> str:
 
 
 def _not_plain(st: os.stat_result) -> str | None:
+    if stat.S_ISCHR(st.st_mode):  # a sink such as /dev/null: nothing is kept there
+        return None
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
     if st.st_nlink > 1:
@@ -108,9 +111,10 @@ def open_output(path: str, mode: str = "w", private: bool = False, encoding: str
         if problem:
             raise OSError(errno.EINVAL, f"{path} {problem}")
         os.set_blocking(fd, True)
-        os.ftruncate(fd, 0)  # truncated only now: a refused file keeps its content
-        if private:
-            os.fchmod(fd, PRIVATE)  # an existing file keeps its mode through O_CREAT
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)  # truncated only now: a refused file keeps its content
+            if private:
+                os.fchmod(fd, PRIVATE)  # an existing file keeps its mode through O_CREAT
         raw = io.FileIO(fd, "wb", closefd=True)
     except BaseException:
         os.close(fd)

@@ -140,3 +140,10 @@ def test_report_folder_that_is_a_symlink_is_refused(tmp_path, capsys):
     assert main(["replay", "nothing.trace", "--report", str(link)]) == 2
     assert "is a symbolic link" in capsys.readouterr().err
     assert not os.listdir(real)
+
+
+def test_dev_null_is_a_sink(capsys):
+    assert output_problem("/dev/null") is None
+    with open_output("/dev/null", private=True) as f:
+        f.write("nothing kept")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and mode("/dev/null") == 0o666  # untouched

@@ -32,9 +32,9 @@ _BLOCKTIME = (
 )
 
 
-def _used(line: bytes) -> bool:
+def _used(line: str) -> bool:
     # every event either importer or split_migrations reads has one of these in its name
-    return b"postcopy" in line or b"get_mem_fault_cpu_index" in line
+    return "postcopy" in line or "get_mem_fault_cpu_index" in line
 
 
 def read_log_lines(path: str | os.PathLike) -> list[tuple[int, str]]:

@@ -26,7 +26,9 @@ MAX_BYTES = 16 << 30  # decompressed bytes
 MAX_RATIO = 100  # decompressed / compressed bytes; real logs and traces: 10-16
 RATIO_FROM = 1 << 20  # judge the ratio only after this much output (tiny files compress oddly)
 MAX_RECORDS = 1 << 24  # events (or kept log lines) one file may hold: bounds the memory of a replay
-_CHECK_EVERY = 1 << 20  # bytes of output between ratio checks (keeps the per-line cost to an add)
+_CHECK_EVERY = 1 << 20  # bytes of output between ratio checks
+CHUNK = 1 << 18  # bytes read, split and decoded at a time
+NL = b"\n"
 
 
 def open_maybe_gzip(path: str) -> tuple[IO[bytes], IO[bytes] | None]:
@@ -49,45 +51,64 @@ def bounded_lines(
     path: str | os.PathLike,
     max_line: int,
     skip_blank: bool = True,
-    keep: Callable[[bytes], bool] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """(line number, text without the newline) of a plain or gzip file, within the module's bounds.
 
-    ``skip_blank``: blank lines are counted but not yielded.  ``keep``: a test on the raw bytes; lines
-    it rejects are still checked (length, UTF-8) and counted, not yielded.  Raises BlocktimeError.
+    ``skip_blank``: blank lines are counted but not yielded.  ``keep``: a test on the text; lines it
+    rejects are still checked (length, UTF-8) and counted, not yielded.  Raises BlocktimeError.
+    Read in chunks of ``CHUNK`` bytes, split and decoded a chunk at a time (C speed), so no line is
+    ever read whole: a partial line longer than ``max_line`` is refused as it grows.
     """
     path = os.fspath(path)
     stream, compressed = open_maybe_gzip(path)
-    n = 0
+    n = 0  # lines yielded or skipped so far
     out_bytes = 0
     next_check = RATIO_FROM
+    rest = b""  # the unfinished last line of the chunks so far
     try:
         with stream, (compressed or stream):  # GzipFile(fileobj=) leaves the file open: close it too
             while True:
-                data = stream.readline(max_line + 2)  # +2: room for "\r\n" after a full-length line
-                if not data:
-                    return
-                n += 1
-                out_bytes += len(data)
+                chunk = stream.read(CHUNK)
+                out_bytes += len(chunk)
                 if out_bytes >= next_check:
                     next_check = out_bytes + _CHECK_EVERY
-                    _check_volume(path, n, out_bytes, compressed)
-                if n > MAX_LINES:
+                    _check_volume(path, n + 1, out_bytes, compressed)
+                if chunk:
+                    cut = chunk.rfind(b"\n")
+                    if cut < 0:
+                        rest += chunk
+                        if len(rest) > max_line + 1:
+                            raise BlocktimeError(f"{path}: line {n + 1}: longer than {max_line:,} bytes")
+                        continue
+                    block, rest = rest + chunk[:cut], chunk[cut + 1:]
+                elif rest:
+                    block, rest = rest, b""
+                else:
+                    return
+                try:
+                    text = block.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad = n + 1 + block.count(NL, 0, exc.start)
+                    raise BlocktimeError(f"{path}: line {bad}: not text (bad UTF-8)") from None
+                lines = text.split("\n")
+                if n + len(lines) > MAX_LINES:
                     raise BlocktimeError(f"{path}: more than {MAX_LINES:,} lines: refused (a trace or log "
                                          "this long is not one the engines can replay in memory)")
-                if data[-1:] == b"\n":
-                    data = data[:-2] if data[-2:] == b"\r\n" else data[:-1]
-                if len(data) > max_line:
-                    raise BlocktimeError(f"{path}: line {n}: longer than {max_line:,} bytes")
-                if skip_blank and (not data or data.isspace()):
-                    continue
-                text = data.decode("utf-8")
-                if keep is None or keep(data):
-                    yield n, text
+                for line in lines:
+                    n += 1
+                    if line[-1:] == "\r":
+                        line = line[:-1]
+                    if len(line) > max_line // 4 and len(line.encode()) > max_line:  # chars <= bytes
+                        raise BlocktimeError(f"{path}: line {n}: longer than {max_line:,} bytes")
+                    if skip_blank and (not line or line.isspace()):
+                        continue
+                    if keep is None or keep(line):
+                        yield n, line
+                if len(rest) > max_line + 1:
+                    raise BlocktimeError(f"{path}: line {n + 1}: longer than {max_line:,} bytes")
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise BlocktimeError(f"{path}: line {n + 1}: gzip data truncated or corrupt ({exc})") from None
-    except UnicodeDecodeError:
-        raise BlocktimeError(f"{path}: line {n}: not text (bad UTF-8)") from None
     except OSError as exc:
         raise BlocktimeError(f"{path}: line {n + 1}: read error: {exc}") from None
 
