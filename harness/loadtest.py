@@ -435,9 +435,12 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
         if args.json:
             write_json(document(), args.json)
 
-    ram_mib = common["ram"] / 2**20
-    console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), {ram_mib:g} MiB, "
-                  f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}")
+    from harness.config import typed
+
+    ram = typed(common["ram"], f"{common['ram'] / 2**20:g} MiB")  # as typed: --ram 1T says 1T
+    console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), --ram {ram}, "
+                  f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}",
+                  soft_wrap=True)
     withref = reference is not None
     console.print(TABLE_NOTE + (REF_NOTE if withref else ""), style="dim", soft_wrap=True)
     console.print(format_header(withref), soft_wrap=True)  # soft wrap: a narrow terminal wraps, nothing is cut
