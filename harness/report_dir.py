@@ -47,6 +47,13 @@ def report_dir_problem(path: str | None) -> str | None:
         return f"is on {kind}, a kernel filesystem, not a place for reports"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"permission denied in {probe}"
+    from postcopy_core.outfile import output_problem
+
+    for name in (*FILES, "loadtest.png"):  # a folder written before: its files must still take a write
+        inside = os.path.join(path, name)
+        problem = output_problem(inside) if os.path.lexists(inside) else None
+        if problem:
+            return f"{name} {problem}"
     return None
 
 

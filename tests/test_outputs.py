@@ -147,3 +147,16 @@ def test_dev_null_is_a_sink(capsys):
     with open_output("/dev/null", private=True) as f:
         f.write("nothing kept")
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and mode("/dev/null") == 0o666  # untouched
+
+
+def test_report_folder_with_a_planted_link_inside_is_refused_up_front(tmp_path, capsys):
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (folder / "report.json").symlink_to(target)
+    assert main(["run", "--vcpus", "1", "--ram", "1M", "--report", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"postcopy-harness run: --report {folder}: report.json is a symbolic link (refused: output "
+                   "files are never written through one)\n")
+    assert target.read_text() == "keep"
