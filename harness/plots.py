@@ -187,9 +187,8 @@ PUBLISHED_LABEL = "one uffd shared by all vCPUs:\nGoogle's published figures\n(q
 # names one thing in the whole figure: an engine in the blocktime panel, a group elsewhere
 GROUP_COLORS = ("#000000", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 GROUP_STYLES = ("-", "--", ":", "-.")
-# the engines' own marks, so that two engines with the same values are both seen (the later drawn
-# smaller, inside the earlier), never one hidden under the other
-# (marker, size, line width): drawn widest first, so a thinner line runs visibly on a wider one
+# each engine's (marker, size, line width), so two engines with the same values are both seen, never
+# one hidden under the other: drawn widest first, a thin line on a wide one, a dot inside a ring
 ENGINE_MARKS = {"truth": ("D", 9, 2.0), "modern": ("o", 11, 3.2), "seed": ("v", 8, 1.8), "exact": ("o", 4.5, 1.0)}
 
 
