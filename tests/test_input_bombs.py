@@ -181,7 +181,7 @@ def test_each_bound_is_enforced(tmp_path, monkeypatch):
         read_trace_columns(str(records))
     qlog = tmp_path / "many.log"
     qlog.write_bytes(b"1@1.000001:postcopy_place_page_zero host=0x1000\n" * 50)
-    monkeypatch.setattr(qemu_logfile, "MAX_RECORDS", 20)
+    monkeypatch.setattr(qemu_logfile, "MAX_KEPT", 20)
     with pytest.raises(BlocktimeError, match=r"many.log: line 21: more than [\d,]+ records"):
         read_trace_columns(str(qlog), "qemu-log")
 

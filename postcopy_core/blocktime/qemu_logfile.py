@@ -18,10 +18,13 @@ import os
 import re
 
 from .events import BlocktimeError
-from .textfile import MAX_RECORDS, bounded_lines, too_many_records
+from .textfile import bounded_lines, too_many_records
 
 MAX_LINE = 4096  # bytes; QEMU's blocktime lines are < 200
 MAX_VCPUS = 16384  # above any QEMU machine's max_cpus; bounds what a log may make us allocate
+# blocktime lines kept (~250 bytes each as Python objects: ~1 GiB at the bound); about 4 per fault,
+# so a log of a million faults -- more than a real migration takes on demand
+MAX_KEPT = 1 << 22
 
 _DD = re.compile(r"\bdd: (0x[0-9a-fA-F]{1,16}|\(nil\))")
 _BLOCKTIME = (
@@ -43,8 +46,8 @@ def read_log_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     path = os.fspath(path)
     out: list[tuple[int, str]] = []
     for n, text in bounded_lines(path, MAX_LINE, keep=_used):
-        if len(out) >= MAX_RECORDS:
-            raise too_many_records(path, n)
+        if len(out) >= MAX_KEPT:
+            raise too_many_records(path, n, MAX_KEPT)
         out.append((n, text))
     return out
 

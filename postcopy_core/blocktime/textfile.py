@@ -148,6 +148,6 @@ def read_json_file(path: str, what: str, max_bytes: int = 16 << 20) -> object:
         raise BlocktimeError(f"{path}: not {what} (unusable JSON: nested too deep or a number too long)") from None
 
 
-def too_many_records(path: str, n: int) -> BlocktimeError:
-    """The error for a file holding more than ``MAX_RECORDS`` events or kept lines."""
-    return BlocktimeError(f"{path}: line {n}: more than {MAX_RECORDS:,} records: refused (split the trace)")
+def too_many_records(path: str, n: int, limit: int = MAX_RECORDS) -> BlocktimeError:
+    """The error for a file holding more than ``limit`` events or kept lines."""
+    return BlocktimeError(f"{path}: line {n}: more than {limit:,} records: refused (split the trace)")
