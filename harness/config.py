@@ -194,7 +194,20 @@ class RunConfig:
             if size != self.ram:
                 raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
                                   "(leave --ram out to take the image's size)")
+        self._validate_outputs()
         return self
+
+    def _validate_outputs(self) -> None:
+        """--json, --trace, --report: refused now if they cannot be written, not after the run
+        (the API too: ``run(json="/sys/x.json")`` raises before anything starts)."""
+        from harness.report_dir import report_dir_problem
+        from postcopy_core.outfile import output_problem
+
+        for flag, path, check in (("--json", self.json, output_problem), ("--trace", self.trace, output_problem),
+                                  ("--report", self.report, report_dir_problem)):
+            problem = check(path)
+            if problem:
+                raise ConfigError(f"{flag} {path}: {problem}")
 
     def _validate_remote_source(self) -> None:
         """run --source HOST:PORT: a key file is needed, and nothing that acts on a forked source."""

@@ -160,3 +160,14 @@ def test_report_folder_with_a_planted_link_inside_is_refused_up_front(tmp_path, 
     assert err == (f"postcopy-harness run: --report {folder}: report.json is a symbolic link (refused: output "
                    "files are never written through one)\n")
     assert target.read_text() == "keep"
+
+
+def test_the_api_refuses_unwritable_outputs_before_the_run():
+    import postcopy_harness as ph
+
+    t0 = time.monotonic()
+    for key, path, words in (("json", "/sys/x.json", "is on sysfs"), ("trace", "/proc/version", "is on proc"),
+                             ("report", "/proc/pch-report", "is on proc")):
+        with pytest.raises(ph.ConfigError, match=f"^--{key} {path}: {words}, a kernel filesystem"):
+            ph.run(vcpus=1, ram="1M", **{key: path})
+    assert time.monotonic() - t0 < 5
