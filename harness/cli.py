@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from rich.console import Console
@@ -118,9 +117,10 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
                    help="make the destination or source misbehave on purpose, to see the checks catch it: "
                         + "; ".join(f"{k}: {b.does} (caught as {b.caught_as})" for k, b in PLANTED_BUGS.items())
                         + " (default: none)")
-    p.add_argument("--stall-timeout", type=float, metavar="SECONDS", default=d.stall_timeout,
+    p.add_argument("--stall-timeout", type=stall_seconds, metavar="SECONDS|off", default=d.stall_timeout,
                    help="fail the run, naming who, when a vCPU, the source or the handler makes no progress "
-                        "for this long (at least 3 page times of --link) (default %(default)g)")
+                        "for this long (at least 3 page times of --link); a finite number, or off for no "
+                        "watchdog (default %(default)g)")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here (default: none)")
     p.add_argument("--trace", metavar="FILE",
                    help="record fault/placement events (replayable; .gz to compress) (default: none)")
@@ -130,6 +130,16 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
     p.add_argument("--live", action="store_true",
                    help="a live view of the vCPUs, pages and faults (plain lines when not on a terminal)")
     p.add_argument("--quiet", action="store_true", help="no progress line and no summary table")
+
+
+def stall_seconds(text: str) -> float | str:
+    """``--stall-timeout``'s value: ``off``, or a number (RunConfig refuses inf, nan and <= 0)."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of seconds nor off") from None
 
 
 def add_strategy_flags(p, many: bool = False) -> None:
@@ -205,6 +215,10 @@ def _run(args) -> int:
             write_error = f"cannot write --json {args.json}: {e.strerror}"
     if not args.quiet:
         print_summary(rep)
+    if args.report and not write_error:
+        from harness.report_dir import wrote_line
+
+        print(wrote_line(args.report))
     if write_error:
         err.print(f"postcopy-harness run: {write_error}")
         return 1
@@ -220,17 +234,10 @@ def _run(args) -> int:
 
 def unwritable(path: str | None) -> str | None:
     """Why ``path`` cannot take an output file (None if it can): found now, not after a long run.
-    Nothing is created, so a run that fails early leaves no empty file."""
-    if path is None:
-        return None
-    if os.path.isdir(path):
-        return "is a folder; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"no folder {folder}"
-    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
-        return "permission denied"
-    return None
+    Nothing is left behind, so a run that fails early leaves no empty file."""
+    from postcopy_core.outfile import output_problem
+
+    return output_problem(path)
 
 
 def _add_source(sub) -> None:
@@ -277,7 +284,7 @@ def _add_source(sub) -> None:
 
 
 def _source(args) -> int:
-    from harness.config import ConfigError, RunConfig, image_bytes, parse_endpoint
+    from harness.config import ConfigError, RunConfig, image_bytes, parse_endpoint, typed
     from harness.remote_source import serve
     from postcopy_core.tls import TlsError, server_context
 
@@ -298,7 +305,7 @@ def _source(args) -> int:
         err.print(f"postcopy-harness source: failed: {e.strerror or e}")
         return 1
     except MemoryError:
-        err.print(f"postcopy-harness source: failed: not enough memory for --ram {cfg.ram >> 20}M")
+        err.print(f"postcopy-harness source: failed: not enough memory for --ram {typed(cfg.ram)}")
         return 1
 
 
@@ -320,7 +327,9 @@ def _check(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from harness.cliparser import OneLineParser, add_version_everywhere
+
+    parser = OneLineParser(
         prog="postcopy-harness",
         description="The destination side of QEMU's postcopy live migration, across real processes "
                     "on the real Linux userfaultfd.",
@@ -328,7 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
                "'postcopy-harness run --vcpus 2'. COMMAND --help shows its options, defaults and units.")
     from harness import tool_version
 
-    parser.add_argument("--version", action="version", version=f"postcopy-harness {tool_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
     _add_source(sub)
@@ -339,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_parser(sub)
     compare.add_parser(sub)
     demo.add_parser(sub)
+    add_version_everywhere(parser, f"postcopy-harness {tool_version()}")  # after every subcommand exists
     return parser
 
 

@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
         if args.repeat > 1:
             doc["runs"] = {n: runs[n] for n in names}
         try:
-            with open(args.json, "w") as f:
+            from postcopy_core.outfile import open_output
+
+            with open_output(args.json) as f:
                 json.dump(doc, f, indent=2)
                 f.write("\n")
         except OSError as e:

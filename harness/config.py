@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -42,14 +43,36 @@ class ConfigError(ValueError):
     """Bad configuration; the CLI prints the message and exits 2."""
 
 
+class Size(int):
+    """A byte count that remembers how it was typed (``100T``), so a message about it can echo the
+    input (:func:`typed`); everything else (arithmetic, str, CSV, JSON) sees the plain number."""
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> Size:
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+    def __reduce__(self) -> tuple:  # copy/deepcopy/pickle keep the text
+        return (Size, (int(self), self.text))
+
+
+def typed(n: int, otherwise: str | None = None) -> str:
+    """A size as the user typed it (``100T``); for one given as a number, ``otherwise`` (or the number)."""
+    if isinstance(n, Size):
+        return n.text
+    return str(n) if otherwise is None else otherwise
+
+
 def parse_size(text: str | int) -> int:
-    """``256M``, ``1G``, ``4096``, ``512KiB`` -> bytes."""
+    """``256M``, ``1G``, ``4096``, ``512KiB`` -> bytes (a :class:`Size`, printed as typed)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not m:
         raise ConfigError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix, e.g. 256M")
-    return int(m.group(1)) * _SIZE[m.group(2)]
+    return Size(int(m.group(1)) * _SIZE[m.group(2)], text.strip())
 
 
 def image_bytes(path: str) -> int:
@@ -97,7 +120,8 @@ class RunConfig:
     precopy_skip_discards: int = field(default=0, repr=False)
     inject: list[str] = field(default_factory=list)  # run --inject KIND@SECONDS[:HOLD][,vcpu=N] (harness/inject.py)
     plant_bug: str | None = None  # run --plant-bug KIND: misbehave on purpose (postcopy_core/plant.py)
-    stall_timeout: float = 30.0  # a vCPU, the source or the handler that does not move this long fails the run
+    # seconds, or "off"; a vCPU, the source or the handler that does not move this long fails the run
+    stall_timeout: float | str = 30.0
     json: str | None = None
     trace: str | None = None
     report: str | None = None  # a folder for report.json, summary.txt, plots and trace.json (harness/report_dir.py)
@@ -158,8 +182,10 @@ class RunConfig:
             self.injections = [parse_injection(text, self.vcpus) for text in self.inject]
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not self.stall_timeout > 0:
-            raise ConfigError("--stall-timeout must be positive")
+        st = self.stall_timeout
+        if st != "off" and (isinstance(st, bool) or not isinstance(st, int | float) or not math.isfinite(st)
+                            or not st > 0):  # inf would turn the watchdog off unsaid: that is "off"
+            raise ConfigError(f"--stall-timeout {st}: give a finite number of seconds > 0, or off")
         if self.seed < 0 or self.seed >= 1 << 63:
             raise ConfigError(f"--seed {self.seed}: must be 0 .. 2^63-1")
         try:
@@ -167,11 +193,11 @@ class RunConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.ram <= 0 or self.ram % self.page_size:
-            raise ConfigError(f"--ram {self.ram}: must be a positive multiple of the page size {self.page_size}")
+            raise ConfigError(f"--ram {typed(self.ram)}: must be a positive multiple of the page size {self.page_size}")
         if self.npages < self.vcpus and self.workload in ("sequential", "random", "stride"):
             raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
         if self.npages >= 1 << 32:
-            raise ConfigError(f"--ram {self.ram}: more than 2^32 pages")
+            raise ConfigError(f"--ram {typed(self.ram)}: more than 2^32 pages")
         self._validate_strategy()
         self._validate_precopy()
         self._validate_plant()
@@ -180,6 +206,7 @@ class RunConfig:
             if size != self.ram:
                 raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
                                   "(leave --ram out to take the image's size)")
+        self._validate_outputs()
         return self
 
     def _validate_plant(self) -> None:
@@ -199,6 +226,18 @@ class RunConfig:
         if not can:
             raise ConfigError(f"--plant-bug {self.plant_bug} needs {PLANTED_BUGS[self.plant_bug].needs}: "
                               "without it the bug cannot act")
+
+    def _validate_outputs(self) -> None:
+        """--json, --trace, --report: refused now if they cannot be written, not after the run
+        (the API too: ``run(json="/sys/x.json")`` raises before anything starts)."""
+        from harness.report_dir import report_dir_problem
+        from postcopy_core.outfile import output_problem
+
+        for flag, path, check in (("--json", self.json, output_problem), ("--trace", self.trace, output_problem),
+                                  ("--report", self.report, report_dir_problem)):
+            problem = check(path)
+            if problem:
+                raise ConfigError(f"{flag} {path}: {problem}")
 
     def _validate_remote_source(self) -> None:
         """run --source HOST:PORT: a key file is needed, and nothing that acts on a forked source."""

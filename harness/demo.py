@@ -249,7 +249,6 @@ def _running_totals(meta, cols):
 
 def overcount(args: argparse.Namespace, console: Console) -> int:
     """The seed's system-wide total above what was really all-stalled: a real QEMU 7.2 capture."""
-    import json
 
     from postcopy_core.blocktime import ENGINE_NAMES, replay_columns
     from postcopy_core.blocktime.trace import read_trace_columns
@@ -265,13 +264,21 @@ def overcount(args: argparse.Namespace, console: Console) -> int:
         "was overwritten still counts as down.  So its total can exceed the time all vCPUs really",
         "were stalled at once (exact), and even a vCPU's own blocktime (the mechanism, below).",
     ])
-    meta, cols = read_trace_columns(log, "auto", None)
-    engines = replay_columns(meta, cols, ENGINE_NAMES)
+    from postcopy_core.blocktime import BlocktimeError
+    from postcopy_core.blocktime.textfile import read_json_file
+
     qm_path = os.path.join(folder, "query-migrate.json")
     qm = None
-    if os.path.exists(qm_path):
-        with open(qm_path, encoding="utf-8") as f:
-            qm = json.load(f)
+    try:  # a --capture folder is user input: bounded readers, one line when it is not a capture
+        meta, cols = read_trace_columns(log, "auto", None)
+        if os.path.exists(qm_path):
+            qm = read_json_file(qm_path, "a query-migrate JSON file")
+            if not isinstance(qm, dict) or not all(k in qm for k in ("postcopy-blocktime", "postcopy-vcpu-blocktime")):
+                raise BlocktimeError(f"{qm_path}: no postcopy-blocktime / postcopy-vcpu-blocktime in it")
+    except BlocktimeError as e:
+        raise DemoError(str(e)) from None
+    engines = replay_columns(meta, cols, ENGINE_NAMES)
+    if qm is not None:
         engines = {"QEMU said": {k: qm[k] for k in ("postcopy-blocktime", "postcopy-vcpu-blocktime")}, **engines}
     console.print(_engine_table(engines, f"{os.path.basename(folder)}: {len(cols):,} events, {meta.vcpus} vCPUs"))
     seed_t, exact_t = engines["seed"]["postcopy-blocktime"], engines["exact"]["postcopy-blocktime"]
@@ -502,7 +509,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m harness.demo``, the same as the subcommand."""
-    parser = argparse.ArgumentParser(prog="postcopy-harness")
+    from harness.cliparser import OneLineParser
+
+    parser = OneLineParser(prog="postcopy-harness")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
     return args.func(args)

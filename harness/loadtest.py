@@ -268,7 +268,9 @@ def format_row(row: dict, reference: bool = False) -> str:
 
 def write_csv(rows: list[dict], path: str) -> None:
     """One line per point, the columns of :data:`COLUMNS` (empty cell = not measured)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    from postcopy_core.outfile import open_output
+
+    with open_output(path) as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
@@ -276,7 +278,9 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def write_json(doc: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from postcopy_core.outfile import open_output
+
+    with open_output(path) as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
 
@@ -336,13 +340,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_writable(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise SweepError(f"{flag} {path}: {e.strerror}") from None
+    from postcopy_core.outfile import output_problem
+
+    problem = output_problem(path)
+    if problem:
+        raise SweepError(f"{flag} {path}: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -433,9 +435,12 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
         if args.json:
             write_json(document(), args.json)
 
-    ram_mib = common["ram"] / 2**20
-    console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), {ram_mib:g} MiB, "
-                  f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}")
+    from harness.config import typed
+
+    ram = typed(common["ram"], f"{common['ram'] / 2**20:g} MiB")  # as typed: --ram 1T says 1T
+    console.print(f"[bold]loadtest[/]: {len(points)} point(s) x {args.repeat} run(s), --ram {ram}, "
+                  f"link {args.link}, {'background + demand' if args.background else 'demand paging only'}",
+                  soft_wrap=True)
     withref = reference is not None
     console.print(TABLE_NOTE + (REF_NOTE if withref else ""), style="dim", soft_wrap=True)
     console.print(format_header(withref), soft_wrap=True)  # soft wrap: a narrow terminal wraps, nothing is cut
@@ -490,10 +495,13 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
                 c.print(format_row(r, withref))
 
         try:
-            write_loadtest_dir(args.report, document(), rows, summary, reference=withref)
+            paths = write_loadtest_dir(args.report, document(), rows, summary, reference=withref)
         except OSError as e:
             err.print(f"{PROG}: cannot write --report {args.report}: {e.strerror or e}")
             return 1
+        from harness.report_dir import wrote_line
+
+        console.print(wrote_line(args.report, paths), markup=False, highlight=False, soft_wrap=True)
     written = " ".join(f"{k} {v}" for k, v in (("CSV", args.csv), ("JSON", args.json)) if v)
     console.print(f"{len(rows)} point(s) in {time.monotonic() - t0:.1f} s"
                   + (f"; wrote {written}" if written else ""))
@@ -505,7 +513,9 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m harness.loadtest``), the same as the subcommand."""
-    parser = argparse.ArgumentParser(prog="postcopy-harness")
+    from harness.cliparser import OneLineParser
+
+    parser = OneLineParser(prog="postcopy-harness")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
     args.argv = ["postcopy-harness", "loadtest", *(sys.argv[1:] if argv is None else argv)]

@@ -154,7 +154,7 @@ def trace_events(tl: Timeline, engines: dict, title: str, argv: Sequence[str] | 
         ev.append({"ph": "i", "s": "t", "pid": PID_DEST, "tid": 2, "ts": t, "name": f"placed {PLACE_KINDS[k]}",
                    "args": args})
         ev.append({"ph": "i", "s": "t", "pid": PID_SOURCE, "tid": 1 if r else 2, "ts": t,
-                   "name": "requested page" if r else "streamed page", "args": args})
+                   "name": "requested page" if r else "page sent ahead", "args": args})
     pick = _thin(pt.size, MAX_COUNTER)
     for t, count in zip(_us(pt[pick]).tolist(), (pick + 1).tolist(), strict=True):
         ev.append({"ph": "C", "pid": PID_DEST, "tid": 0, "ts": t, "name": "pages received", "args": {"pages": count}})
@@ -170,7 +170,9 @@ def trace_events(tl: Timeline, engines: dict, title: str, argv: Sequence[str] | 
 
 def write_trace_json(path: str, tl: Timeline, engines: dict, title: str, argv: Sequence[str] | None = None) -> str:
     """Write ``trace.json`` (compact JSON: a long run's trace stays small)."""
-    with open(path, "w", encoding="utf-8") as f:
+    from postcopy_core.outfile import open_output
+
+    with open_output(path, private=True) as f:  # page addresses: guest data
         # dumps, not dump: dump streams through the pure-Python encoder, several times slower
         f.write(json.dumps(trace_events(tl, engines, title, argv), separators=(",", ":")))
         f.write("\n")

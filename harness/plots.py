@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # no display, ever: reports are written on servers and in
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from harness.timeline import PLACE_KINDS, Timeline  # noqa: E402
 
@@ -21,7 +22,7 @@ DPI = 80
 MAX_ROWS = 32  # vCPU rows drawn in a timeline; the rest are left out (said in the figure)
 MAX_SPANS = 4000  # all-stalled spans shaded; beyond that, the longest ones
 COLORS = {"truth": "#1f77b4", "exact": "#ff7f0e", "seed": "#d62728", "modern": "#2ca02c"}
-PLACE_COLORS = {"requested": "#d62728", "streamed": "#1f77b4", "zero": "#7f7f7f"}
+PLACE_COLORS = {"requested": "#d62728", "sent ahead": "#1f77b4", "zero": "#555555", "all": "#c7c7c7"}
 LANE_LABEL = {
     "truth": "truth: the vCPU's own clock (access began -> returned)",
     "exact": "exact: handler read the fault -> page placed",
@@ -37,9 +38,24 @@ def command_line(argv: Sequence[str] | None) -> str:
 
 def _finish(fig, path: str, argv: Sequence[str] | None) -> str:
     fig.text(0.01, 0.005, f"made by: {command_line(argv)}", fontsize=7, color="#555555", ha="left", va="bottom")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    from postcopy_core.outfile import open_output
+
+    try:
+        with open_output(path, "wb") as f:  # no symbolic link followed
+            fig.savefig(f, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
     return path
+
+
+def _above(ax, top: float, room: float) -> float:
+    """The axis limit that leaves ``room`` (a share of the axis, in its own scale: linear, log,
+    symlog) above ``top``."""
+    scale = ax.yaxis.get_transform()  # one dimension: values in, scaled values out
+    lo, hi = np.ravel(scale.transform(np.array([[0.0], [float(top)]])))
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # a log axis has no 0
+        return float(top) * 2
+    return float(np.ravel(scale.inverted().transform(np.array([[lo + (hi - lo) / (1 - room)]])))[0])
 
 
 def _bars(ax, row: float, height: float, start_ns: np.ndarray, end_ns: np.ndarray, color: str, label: str | None):
@@ -107,9 +123,14 @@ def plot_latency_histogram(engines: dict, path: str, argv: Sequence[str] | None,
     ax.set_xticklabels([f"2^{i}" for i in x], fontsize=7)
     ax.set_xlabel("fault latency bucket (us): bucket N holds [2^N, 2^(N+1)) us")
     ax.set_ylabel("faults (count)")
-    if max((max(d) for d in series.values()), default=0) >= 20:  # a log scale only where counts spread
+    tallest = max((max(d) for d in series.values()), default=0)
+    if tallest >= 20:  # a log scale only where counts spread
         ax.set_yscale("symlog", linthresh=1)
         ax.set_ylabel("faults (count, log scale)")
+    if tallest:
+        ax.set_ylim(0, _above(ax, tallest, 0.18))  # the tallest bar clear of the frame and the legend
+    if tallest and ax.get_yscale() == "linear":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # fault counts
     ax.set_title(f"{title}\npostcopy-latency-dist of each engine", fontsize=10)
     if series:
         ax.legend(fontsize=8, title="seed keeps no histogram" if "seed" in engines else None, title_fontsize=7)
@@ -119,24 +140,39 @@ def plot_latency_histogram(engines: dict, path: str, argv: Sequence[str] | None,
     return _finish(fig, path, argv)
 
 
+def placement_groups(tl: Timeline) -> dict[str, np.ndarray]:
+    """The placements' times by group: ``requested`` (the report's ``pages.requested``, the same as
+    ``faults.pages-requested``), ``sent ahead`` (the rest), ``zero`` (zero pages of either) and ``all``."""
+    kinds = np.asarray(PLACE_KINDS)[tl.place_kind] if tl.place_kind.size else np.zeros(0, str)
+    requested = np.char.startswith(kinds, "requested") if kinds.size else np.zeros(0, bool)
+    zero = np.char.endswith(kinds, "zero") if kinds.size else np.zeros(0, bool)
+    # "all" first: drawn underneath (wide, light), so a group that is every page still shows on it
+    return {"all": tl.place_t, "requested": tl.place_t[requested], "sent ahead": tl.place_t[~requested],
+            "zero": tl.place_t[zero]}
+
+
 def plot_placements(tl: Timeline, path: str, argv: Sequence[str] | None, title: str) -> str:
-    """Pages placed over time, cumulative, by how they came."""
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    """Pages placed over time, cumulative: requested vs sent ahead (they add up to all), zero pages."""
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     labels = {
-        "requested": "requested (a fault on the page came first; derived from the events)",
-        "streamed": "streamed (placed before anyone faulted on it)",
-        "zero": "zero (placed as a zero page)",
+        "all": "all pages placed",
+        "requested": "requested (a fault came first; in a run = faults.pages-requested)",
+        "sent ahead": "sent ahead (placed before any fault on it)",
+        "zero": "zero pages (requested or sent ahead)",
     }
-    for k, kind in enumerate(PLACE_KINDS):
-        t = np.sort(tl.place_t[tl.place_kind == k])
+    styles = {"all": "-", "requested": "-", "sent ahead": "-", "zero": ":"}
+    for name, t in placement_groups(tl).items():
+        t = np.sort(t)
         if t.size:
-            ax.step(np.r_[0, t / 1e6], np.arange(t.size + 1), where="post", label=f"{labels[kind]}: {t.size:,}",
-                    color=PLACE_COLORS[kind])
+            ax.step(np.r_[0, t / 1e6], np.arange(t.size + 1), where="post", label=f"{labels[name]}: {t.size:,}",
+                    color=PLACE_COLORS[name], ls=styles[name], lw=4.0 if name == "all" else 1.6)
     ax.set_xlabel("time since postcopy start (ms)")
     ax.set_ylabel("pages placed (cumulative count)")
     ax.set_title(f"{title}\npages placed over time, by how they came", fontsize=10)
-    if tl.place_t.size:
-        ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(tl.place_t.size, 1) * 1.05)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # page counts
+    if tl.place_t.size:  # below the axes: the curves fill the upper left corner of a sweep
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _finish(fig, path, argv)
 
@@ -147,57 +183,123 @@ PUBLISHED_SHARED_UFFD = ((1, 150_000), (256, 36_000))
 PUBLISHED_LABEL = "one uffd shared by all vCPUs:\nGoogle's published figures\n(quoted in #12, not measured here)"
 
 
+# the load test's groups (backing, workload, wake policy) get colours no engine uses, so a colour
+# names one thing in the whole figure: an engine in the blocktime panel, a group elsewhere
+GROUP_COLORS = ("#000000", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+GROUP_STYLES = ("-", "--", ":", "-.")
+# each engine's (marker, size, line width), so two engines with the same values are both seen, never
+# one hidden under the other: drawn widest first, a thin line on a wide one, a dot inside a ring
+ENGINE_MARKS = {"truth": ("D", 9, 2.0), "modern": ("o", 11, 3.2), "seed": ("v", 8, 1.8), "exact": ("o", 4.5, 1.0)}
+
+
+def _engine_style(engine: str) -> dict:
+    marker, size, width = ENGINE_MARKS.get(engine, ("o", 6, 1.5))
+    colour = COLORS.get(engine)
+    return {"color": colour, "marker": marker, "ms": size, "lw": width, "mew": 1.5,
+            "mfc": "none" if size >= 8 else colour}  # big marks are rings: what is under them shows
+
+
+def _vcpu_axis(ax, counts: list[int]) -> None:
+    """The swept vCPU counts as the ticks, as integers; a log axis where the sweep spans 4x or more."""
+    from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
+
+    ticks = sorted(set(counts))
+    if ticks and ticks[0] > 0 and ticks[-1] >= 4 * ticks[0]:
+        ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.0f}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("vCPUs (count)")
+
+
+def _legend_below(lax, handles: list, labels: list[str]) -> None:
+    """A panel's legend in the empty axes ``lax`` under it: outside the data, as wide as the panel."""
+    import textwrap
+
+    lax.axis("off")
+    if handles:
+        ncol = 1 if len(handles) <= 8 else 2
+        lax.legend(handles, [textwrap.fill(t, 70 // ncol) for t in labels], loc="upper center", fontsize=7,
+                   frameon=False, ncol=ncol)
+
+
 def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None,
                   reference: bool = False) -> str:
     """faults/s, p50/p99 latency and blocktime per engine against the vCPU count, one line per group;
     with ``reference`` the C reference's faults/s and p50 per group (dotted) and the published
-    one-shared-uffd figures."""
+    one-shared-uffd figures.  Integer vCPU ticks, legends under the panels, a colour per engine."""
+    from matplotlib.lines import Line2D
+
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("status") == "completed":
             groups.setdefault(f"{r['backing']} {r['workload']} wake={r['wake-policy']}", []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5) if reference else (12, 4.2))
-    styles = ("-", "--", ":", "-.")
-    for g, (label, rs) in enumerate(groups.items()):
-        rs = sorted(rs, key=lambda r: r["vcpus"])
-        v = [r["vcpus"] for r in rs]
-        axes[0].plot(v, [r["faults-per-s"] for r in rs], "o-", label=label)
-        line = axes[1].plot(v, [r["p50-us"] for r in rs], "o-", label=f"{label} p50")[0]
-        axes[1].plot(v, [r["p99-us"] for r in rs], "s--", color=line.get_color(), label=f"{label} p99")
-        ref = [r for r in rs if r.get("ref-faults-per-s")]
-        if reference and ref:
-            rv = [r["vcpus"] for r in ref]
-            axes[0].plot(rv, [r["ref-faults-per-s"] for r in ref], "^:", color=line.get_color(),
-                         label=f"C reference uffd_ref -m mp ({r['backing']} {r['workload']})")
-            axes[1].plot(rv, [r["ref-p50-us"] for r in ref], "^:", color=line.get_color(),
-                         label=f"C reference p50 ({r['backing']} {r['workload']})")
-        for e in engines:
-            ys = [r.get(f"blocktime-{e}-ms") for r in rs]
-            if any(y is not None for y in ys):
-                axes[2].plot(v, [np.nan if y is None else y for y in ys], marker="o", ls=styles[g % len(styles)],
-                             color=COLORS.get(e), label=f"{label} {e}")
-    if reference:
-        px, py = zip(*PUBLISHED_SHARED_UFFD, strict=True)
-        axes[0].plot(px, py, "D--", color="#7f7f7f", label=PUBLISHED_LABEL)
-        for x, y in PUBLISHED_SHARED_UFFD:
-            axes[0].annotate(f"{y / 1000:.0f}k (published)", (x, y), fontsize=6, color="#7f7f7f",
-                             textcoords="offset points", xytext=(4, 4))
-    for ax, (ylabel, name) in zip(axes, (("faults resolved per second", "faults/s"),
-                                         ("fault latency (us)", "p50 (solid) / p99 (dashed)"),
-                                         ("postcopy-blocktime (ms)", "blocktime: colour = engine, line = group")),
-                                        strict=True):
-        ax.set_xlabel("vCPUs (count)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name, fontsize=10)
-        if len({r["vcpus"] for r in rows}) > 2 and min(r["vcpus"] for r in rows) > 0:
-            ax.set_xscale("log", base=2)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6 if reference else 7)
+    entries = max([len(groups) * (3 if reference else 2) + (3 if reference else 0), len(engines) + len(groups), 1])
+    legend_in = 0.35 + 0.17 * min(entries, 9) + (0.25 if reference else 0)  # wrapped lines make some taller
+    fig = plt.figure(figsize=(15, 4.4 + legend_in))
+    grid = fig.add_gridspec(2, 3, height_ratios=(4.4 - 0.9, legend_in), left=0.06, right=0.98,
+                            top=1 - 0.8 / (4.4 + legend_in), bottom=0.2 / (4.4 + legend_in), wspace=0.25, hspace=0.3)
+    axes = [fig.add_subplot(grid[0, k]) for k in range(3)]
+    leg: list[tuple[list, list[str]]] = [([], []) for _ in axes]
     lat = [r[k] for r in rows for k in ("p50-us", "p99-us", "ref-p50-us") if r.get(k)]
     if lat and min(lat) > 0 and max(lat) / min(lat) > 100:  # latency over orders of magnitude: log axis
         axes[1].set_yscale("log")
+
+    def add(k: int, handle, label: str) -> None:
+        leg[k][0].append(handle)
+        leg[k][1].append(label)
+
+    shown: dict[str, list] = {}  # engine -> its values per group, to say when two are the same
+    for g, (label, rs) in enumerate(groups.items()):
+        rs = sorted(rs, key=lambda r: r["vcpus"])
+        v = [r["vcpus"] for r in rs]
+        colour, style = GROUP_COLORS[g % len(GROUP_COLORS)], GROUP_STYLES[g % len(GROUP_STYLES)]
+        add(0, axes[0].plot(v, [r["faults-per-s"] for r in rs], "o-", color=colour)[0], label)
+        add(1, axes[1].plot(v, [r["p50-us"] for r in rs], "o-", color=colour)[0], f"{label} p50")
+        add(1, axes[1].plot(v, [r["p99-us"] for r in rs], "s--", color=colour)[0], f"{label} p99")
+        ref = [r for r in rs if r.get("ref-faults-per-s")]
+        if reference and ref:
+            rv = [r["vcpus"] for r in ref]
+            add(0, axes[0].plot(rv, [r["ref-faults-per-s"] for r in ref], "^:", color=colour)[0],
+                f"C reference uffd_ref -m mp ({label})")
+            add(1, axes[1].plot(rv, [r["ref-p50-us"] for r in ref], "^:", color=colour)[0],
+                f"C reference p50 ({label})")
+        for e in sorted(engines, key=lambda e: -ENGINE_MARKS.get(e, ("o", 6, 1.5))[2]):
+            ys = [r.get(f"blocktime-{e}-ms") for r in rs]
+            if any(y is not None for y in ys):
+                axes[2].plot(v, [np.nan if y is None else y for y in ys], ls=style, **_engine_style(e))
+                shown.setdefault(e, []).append(ys)
+    for e in [e for e in engines if e in shown]:
+        twins = [o for o, other in shown.items() if o != e and other == shown[e]]
+        add(2, Line2D([], [], **_engine_style(e)), e + (f" (the same values as {', '.join(twins)})" if twins else ""))
+    if len(groups) > 1:
+        for g, label in enumerate(groups):
+            add(2, Line2D([], [], color="#555555", ls=GROUP_STYLES[g % len(GROUP_STYLES)]), f"line: {label}")
+    if reference:
+        px, py = zip(*PUBLISHED_SHARED_UFFD, strict=True)
+        add(0, axes[0].plot(px, py, "D--", color="#7f7f7f")[0], PUBLISHED_LABEL.replace("\n", " "))
+        for x, y in PUBLISHED_SHARED_UFFD:
+            axes[0].annotate(f"{y / 1000:.0f}k (published)", (x, y), fontsize=6, color="#7f7f7f",
+                             textcoords="offset points", xytext=(4, 4))
+    counts = [r["vcpus"] for r in rows] + ([x for x, _ in PUBLISHED_SHARED_UFFD] if reference else [])
+    group_words = "" if len(groups) < 2 else ", line = group"
+    for k, (ax, (ylabel, name)) in enumerate(zip(axes, (
+            ("faults resolved per second", "faults/s"),
+            ("fault latency (us)", "p50 (solid) / p99 (dashed)"),
+            ("postcopy-blocktime (ms)", f"blocktime: colour and mark = engine{group_words}")), strict=True)):
+        _vcpu_axis(ax, counts if k == 0 else [r["vcpus"] for r in rows])
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=10)
+        ax.margins(y=0.08)
+        if ax.get_yscale() == "linear":
+            ax.set_ylim(bottom=0)
+        _legend_below(fig.add_subplot(grid[1, k]), *leg[k])
+    bts = [r[f"blocktime-{e}-ms"] for r in rows for e in engines if r.get(f"blocktime-{e}-ms") is not None]
+    if bts and max(bts) > 100 * max(min([b for b in bts if b > 0], default=1), 1):  # orders of magnitude
+        axes[2].set_yscale("symlog", linthresh=1)  # symlog: a blocktime of 0 still shows
+        axes[2].set_ylim(0, _above(axes[2], max(bts), 0.12))  # the highest point clear of the frame
+        axes[2].set_ylabel("postcopy-blocktime (ms, log scale)")
     fig.suptitle("loadtest: against the vCPU count", fontsize=11)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _finish(fig, path, argv)
 
 
@@ -228,6 +330,7 @@ def plot_bars(groups: dict[str, dict[str, float]], path: str, argv: Sequence[str
         ax.bar(names, vals, color=["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"][: len(names)])
         for x, v in enumerate(vals):
             ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(max(vals), 1e-9) * 1.18)  # the tallest bar and its number clear of the frame
         ax.set_title(m, fontsize=9)
         ax.set_ylabel(m)
     fig.suptitle(title, fontsize=10)

@@ -3,15 +3,17 @@
 Installed with the package, it offers two fixtures and re-exports one assertion:
 
 * ``postcopy_run(**options)`` -- one live run (the ``run`` command's options as keyword arguments);
-  returns the report dict; a run that does not complete fails the test with its one-line error; after
+  returns the report dict; raises what ``postcopy_harness.run`` raises (``ConfigError`` for bad
+  options, ``RunError`` for a run that does not complete), so ``pytest.raises`` works the same; after
   each run the fixture checks that no process, shared-memory segment or socket of it is left.
 * ``postcopy_replay(path, format="auto", vcpus=None, engines=None)`` -- replays a trace or a QEMU
-  trace log; returns the ``engines`` dict.
+  trace log; returns the ``engines`` dict; raises ``BlocktimeError`` for bad input, as the API does.
 * ``assert_blocktime(report, engine, expected, tolerance_ms)`` -- ``from postcopy_harness import
   assert_blocktime`` (also available here); prints a per-vCPU table when it fails.
 
 All three are the Python API's functions (``postcopy_harness.run``, ``.replay``,
-``.assert_blocktime``); this module only adds pytest's failure reporting and the leftover check.
+``.assert_blocktime``), with the same arguments and the same exceptions; this module only adds the
+leftover check (a leftover fails the test).
 """
 
 from __future__ import annotations
@@ -85,23 +87,23 @@ def _wait_clean(timeout: float = LEFTOVER_WAIT_S) -> list[str]:
 @pytest.fixture
 def postcopy_run() -> Callable[..., dict]:
     """A callable: ``postcopy_run(vcpus=3, ram="8M", workload="shared", background=False, ...)`` runs
-    one migration and returns its report.  A failed run or a leftover fails the test."""
+    one migration and returns its report.  Raises ``ConfigError`` / ``RunError`` as
+    ``postcopy_harness.run`` does; a leftover fails the test."""
 
     import postcopy_harness
 
     def _run(**options: object) -> dict:
-        problem = None  # failed outside the except blocks: one line, no exception chain
+        error: Exception | None = None
         try:
             report = postcopy_harness.run(**options)
-        except postcopy_harness.ConfigError as e:
-            problem = f"postcopy_run: {e}"
-        except postcopy_harness.RunError as e:
-            problem = f"postcopy_run: the run failed: {e}"
+        except (postcopy_harness.ConfigError, postcopy_harness.RunError) as e:
+            error = e  # raised below, after the leftover check, outside this block: no exception chain
         left = _wait_clean()
         if left:
-            problem = f"postcopy_run: the run left behind: {', '.join(left)}" + (f"; {problem}" if problem else "")
-        if problem:
-            pytest.fail(problem, pytrace=False)
+            pytest.fail(f"postcopy_run: the run left behind: {', '.join(left)}" + (f"; {error}" if error else ""),
+                        pytrace=False)
+        if error is not None:
+            raise error
         return report
 
     return _run
@@ -110,16 +112,13 @@ def postcopy_run() -> Callable[..., dict]:
 @pytest.fixture
 def postcopy_replay() -> Callable[..., dict[str, dict]]:
     """A callable: ``postcopy_replay(path, format="auto", vcpus=None, engines=None)`` returns the
-    ``engines`` dict of a trace or QEMU log (bad input fails the test with the reader's message)."""
+    ``engines`` dict of a trace or QEMU log; bad input raises ``BlocktimeError`` (the reader's one
+    line), as ``postcopy_harness.replay`` does."""
 
     import postcopy_harness
 
     def _replay(path: str | os.PathLike, *, format: str = "auto", vcpus: int | None = None,
                 engines: list[str] | tuple[str, ...] | str | None = None) -> dict[str, dict]:
-        try:
-            return postcopy_harness.replay(path, format=format, vcpus=vcpus, engines=engines)
-        except postcopy_harness.BlocktimeError as e:
-            problem = f"postcopy_replay: {e}"
-        pytest.fail(problem, pytrace=False)
+        return postcopy_harness.replay(path, format=format, vcpus=vcpus, engines=engines)
 
     return _replay

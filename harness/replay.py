@@ -19,6 +19,7 @@ from postcopy_core.blocktime import ALL_ENGINE_NAMES, TRUTH, BlocktimeError, Eve
 from postcopy_core.blocktime.bounds import blocktime_bounds
 from postcopy_core.blocktime.qemu_log import import_qemu_migrations
 from postcopy_core.blocktime.trace import FORMATS, detect_format, read_trace_columns
+from postcopy_core.outfile import open_output, output_problem
 
 # (field, unit shown in the table)
 _ROWS = (
@@ -31,6 +32,7 @@ _ROWS = (
     ("vcpu-faults", ""),
     ("non-vcpu-faults", ""),
 )
+_MAX_COMPARE = 16 << 20  # bytes of a --compare file
 _MAX_LIST = 8  # vCPU lists longer than this are shortened in the table (the JSON has them all)
 
 
@@ -104,15 +106,9 @@ def render_table(results: dict[str, dict], title: str) -> Table:
 
 
 def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            qm = json.load(fh)
-    except UnicodeDecodeError:
-        raise BlocktimeError(f"{path}: not a query-migrate JSON file (not UTF-8 text)") from None
-    except OSError as exc:
-        raise BlocktimeError(f"{path}: cannot read query-migrate JSON: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise BlocktimeError(f"{path}: not a query-migrate JSON file: {exc}") from None
+    from postcopy_core.blocktime.textfile import read_json_file
+
+    qm = read_json_file(path, "a query-migrate JSON file", _MAX_COMPARE)  # bounded: the answer is a few KB
     if not isinstance(qm, dict) or "postcopy-blocktime" not in qm:
         raise BlocktimeError(f"{path}: no 'postcopy-blocktime' in this query-migrate JSON")
     out = {}
@@ -138,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     problem = report_dir_problem(getattr(args, "report", None))
     if problem:
         print(f"postcopy-harness replay: --report {args.report}: {problem}", file=sys.stderr)
+        return 2
+    problem = output_problem(args.json) if args.json not in (None, "-") else None
+    if problem:
+        print(f"postcopy-harness replay: --json {args.json}: {problem}", file=sys.stderr)
         return 2
     try:
         fmt, runs = _load(args)
@@ -172,15 +172,18 @@ def run(args: argparse.Namespace) -> int:
                                                      "migrations": [r for r, _, _ in reports]}
     if args.json:
         text = json.dumps(out, indent=2, sort_keys=False) + "\n"
-        if args.json == "-":
+        if args.json == "-":  # stdout is the JSON: no table; a --report is still written
             sys.stdout.write(text)
-            return 0
-        try:
-            with open(args.json, "w", encoding="utf-8") as fh:
-                fh.write(text)
-        except OSError as exc:
-            print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
-            return 2
+            if not getattr(args, "report", None):
+                return 0
+        else:
+            try:
+                with open_output(args.json) as fh:
+                    fh.write(text)
+            except OSError as exc:
+                print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
+                return 2
+    to_stdout = args.json != "-"
     for i, (report, meta, cols) in enumerate(reports, 1):
         extra = meta.extra
         which = ""
@@ -190,9 +193,10 @@ def run(args: argparse.Namespace) -> int:
         title = (f"{args.file}{which}: {report['events']:,} events, {report['vcpus']} vCPUs "
                  f"({report['recorded-by']})")
         notes = _notes(extra, report.get("compare")) + _bounds_notes(report.get("bounds"))
-        console.print(render_table(report["engines"], title))
-        for line in notes:
-            print(line)
+        if to_stdout:
+            console.print(render_table(report["engines"], title))
+            for line in notes:
+                print(line)
         if getattr(args, "report", None):
             from harness.report_dir import write_report_dir
 
@@ -204,11 +208,14 @@ def run(args: argparse.Namespace) -> int:
             # several migrations: one folder each inside DIR
             folder = args.report if len(reports) == 1 else os.path.join(args.report, f"migration-{i}")
             try:
-                write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
+                paths = write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
             except OSError as exc:
                 print(f"postcopy-harness replay: cannot write --report {folder}: {exc.strerror or exc}",
                       file=sys.stderr)
                 return 1
+            from harness.report_dir import wrote_line
+
+            print(wrote_line(folder, paths), file=sys.stdout if to_stdout else sys.stderr)
     return 0
 
 

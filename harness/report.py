@@ -106,8 +106,11 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     rep["pages"] = {
         "total": cfg.npages,
         "placed": hs["placed"],
-        "requested": hs["placed_urgent"],
-        "background": hs["placed_background"],
+        # one word, one number: "requested" is every page the destination asked for after a fault,
+        # the same count as faults.pages-requested, the summary and placements.png
+        "requested": hs["pages_requested"],
+        "urgent": hs["placed_urgent"],  # placed from an answer to a request (urgent path)
+        "background": hs["placed_background"],  # placed from the stream (a requested page may come so too)
         "zero": hs["placed_zero"],
         "prepaged": ss.get("pages_prepaged", 0),  # pushed by the strategy next to a faulting page (in background)
         "duplicates-dropped": hs["duplicates"],
@@ -254,7 +257,10 @@ def lost_words(rep: dict) -> str:
 
 
 def write_json(rep: dict, path: str) -> None:
-    with open(path, "w") as f:
+    """Write the report as JSON (no symbolic link followed; see postcopy_core.outfile)."""
+    from postcopy_core.outfile import open_output
+
+    with open_output(path) as f:
         json.dump(rep, f, indent=2)
         f.write("\n")
 
@@ -287,8 +293,10 @@ def print_summary(rep: dict, console: Console | None = None) -> None:
     t.add_row("status", f"[{color}]{status}[/]")
     if "faults" in rep:
         p, f, lat, v = rep["pages"], rep["faults"], rep["latency-us"], rep["verification"]
-        t.add_row("pages total / requested / background / zero",
-                  " / ".join(_n(p[k]) for k in ("total", "requested", "background", "zero")))
+        t.add_row("pages total / requested (after a fault) / zero",
+                  " / ".join(_n(p[k]) for k in ("total", "requested", "zero")))
+        t.add_row("pages arrived as answers (urgent) / in the stream",
+                  " / ".join(_n(p.get(k)) for k in ("urgent", "background")))
         if p.get("prepaged"):
             t.add_row("pages prepaged (of background)", _n(p["prepaged"]))
         if "discarded" in p:

@@ -19,10 +19,22 @@ from postcopy_core.blocktime import EventColumns, TraceMeta
 FILES = ("report.json", "summary.txt", "timeline.png", "latency.png", "placements.png", "trace.json")
 
 
+def wrote_line(folder: str, written: Sequence[str] | None = None) -> str:
+    """The one line a command prints after ``--report``: where, and which files."""
+    if written is None:
+        written = [os.path.join(folder, n) for n in (*FILES, "loadtest.png") if os.path.exists(os.path.join(folder, n))]
+    names = ", ".join(os.path.basename(p) for p in written)
+    return f"report written to {os.path.abspath(folder)}: {names}"
+
+
 def report_dir_problem(path: str | None) -> str | None:
     """Why ``path`` cannot become the report folder (None if it can); nothing is created."""
+    from postcopy_core.outfile import pseudo_fs
+
     if path is None:
         return None
+    if os.path.islink(path):
+        return "is a symbolic link (refused: reports are never written through one)"
     if os.path.exists(path) and not os.path.isdir(path):
         return "exists and is not a folder"
     probe = os.path.abspath(path)
@@ -30,8 +42,18 @@ def report_dir_problem(path: str | None) -> str | None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         return f"{probe} is not a folder"
+    kind = pseudo_fs(probe)
+    if kind:
+        return f"is on {kind}, a kernel filesystem, not a place for reports"
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"permission denied in {probe}"
+    from postcopy_core.outfile import output_problem
+
+    for name in (*FILES, "loadtest.png"):  # a folder written before: its files must still take a write
+        inside = os.path.join(path, name)
+        problem = output_problem(inside) if os.path.lexists(inside) else None
+        if problem:
+            return f"{name} {problem}"
     return None
 
 
@@ -42,8 +64,10 @@ def _text(render: Callable[[Console], None]) -> str:
 
 
 def _write(folder: str, name: str, text: str) -> str:
+    from postcopy_core.outfile import open_output
+
     path = os.path.join(folder, name)
-    with open(path, "w", encoding="utf-8") as f:
+    with open_output(path) as f:  # no symbolic link followed
         f.write(text)
     return path
 

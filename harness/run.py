@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from harness.accounting import Accounting
-from harness.config import RunConfig, parse_endpoint
+from harness.config import RunConfig, parse_endpoint, typed
 from harness.inject import InjectionFailed, Injector, failure_note
 from harness.netns import NetnsError, NetnsLink, sweep_stale_netns
 from harness.progress import RunProgress
@@ -795,13 +795,14 @@ def check_memory(cfg: RunConfig) -> None:
     if cfg.backing == "hugetlb":
         free = free_huge_pages()
         if 0 <= free < cfg.npages:
-            raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {cfg.ram >> 20}M, "
+            ram = typed(cfg.ram, f"{cfg.ram >> 20}M")
+            raise RunFailed(f"hugetlbfs needs {cfg.npages} free huge pages for --ram {ram}, "
                             f"{free} are free (reserve: echo N > /proc/sys/vm/nr_hugepages)")
     need = cfg.ram if cfg.backing == "hugetlb" else 2 * cfg.ram
     avail = available_memory()
     if 0 <= avail < need:
         what = "the source's copy of the guest RAM" if cfg.backing == "hugetlb" else "guest RAM and the source's copy"
-        raise RunFailed(f"--ram {_mib(cfg.ram)} needs about {_mib(need)} of memory ({what}), "
+        raise RunFailed(f"--ram {typed(cfg.ram, _mib(cfg.ram))} needs about {_mib(need)} of memory ({what}), "
                         f"only {_mib(avail)} is available (MemAvailable in /proc/meminfo)")
 
 

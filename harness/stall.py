@@ -42,8 +42,10 @@ class SourceStalled(RunFailed):
         self.pid = pid
 
 
-def effective_timeout(stall_timeout: float, page_wire_s: float) -> float:
-    """``--stall-timeout``, raised to three page times of a very slow modelled link."""
+def effective_timeout(stall_timeout: float | str, page_wire_s: float) -> float:
+    """``--stall-timeout``, raised to three page times of a very slow modelled link (``off``: never)."""
+    if stall_timeout == "off":
+        return float("inf")
     return max(stall_timeout, 3 * page_wire_s)
 
 

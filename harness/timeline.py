@@ -6,9 +6,10 @@ From the event columns (faults and placements) and, when recorded, the vCPUs' ow
   the handler's fault to the page's placement) and as ``seed`` counted them (the 2018 algorithm: a
   second fault overwrites the first, so some stalls are never counted);
 * the spans during which every vCPU was stalled at once;
-* every placement with how the page came: ``zero`` (the handler's zero flag), ``requested`` (some
-  fault on that page came before its placement: derived, the event record does not say which
-  channel carried the page) or ``streamed`` (nobody asked for it before it arrived).
+* every placement with how the page came: ``requested`` (some fault on that page came before its
+  placement, so the handler asked for it: derived, the event record does not say which channel
+  carried the page; their count is the report's ``pages.requested`` = ``faults.pages-requested``)
+  or ``sent ahead`` (nobody asked for it before it arrived), each possibly a zero page.
 
 Times are nanoseconds relative to the accounting start (``TraceMeta.start_ns``).
 """
@@ -26,7 +27,7 @@ from postcopy_core.blocktime.seed import SeedEngine
 
 # The seed lane replays the 2018 algorithm event by event with its O(vCPUs) scan: skipped past this.
 SEED_LANE_WORK = 30_000_000
-PLACE_KINDS = ("requested", "streamed", "zero")
+PLACE_KINDS = ("requested", "requested zero", "sent ahead", "sent ahead zero")  # bit 1: sent ahead, bit 0: zero
 
 
 @dataclass
@@ -170,7 +171,7 @@ def placements(meta: TraceMeta, cols: EventColumns) -> tuple[np.ndarray, np.ndar
     idx_ok = np.minimum(idx, max(f_pages.size - 1, 0))
     faulted = (f_pages.size > 0) & (f_pages[idx_ok] == p_page) if f_pages.size else np.zeros(p_page.size, bool)
     requested = faulted & (first_fault_pos[idx_ok] < pos[is_p]) if f_pages.size else faulted
-    kind = np.where(cols.flag[is_p] > 0, 2, np.where(requested, 0, 1)).astype(np.int8)
+    kind = (np.where(requested, 0, 2) + (cols.flag[is_p] > 0)).astype(np.int8)
     return cols.t_ns[is_p] - meta.start_ns, kind, cols.addr[is_p], requested
 
 

@@ -87,7 +87,7 @@ def test_run_options_are_the_run_flags():
     from harness.cli import build_parser
 
     run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
-    dests = {a.dest for a in run_parser._actions} - {"help", "quiet", "live"}  # display-only flags
+    dests = {a.dest for a in run_parser._actions} - {"help", "version", "quiet", "live"}  # display-only flags
     assert set(ph.run_options()) == dests
 
 

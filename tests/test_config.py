@@ -144,3 +144,28 @@ def test_image_file_validates(tmp_path):
     bad.write_bytes(b"x" * (PAGE_SIZE + 1))
     with pytest.raises(ConfigError, match="not a non-zero multiple of the page size"):
         RunConfig(ram=4 * PAGE_SIZE, image=str(bad)).validate()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0, -1.0, "never", True])
+def test_stall_timeout_is_finite_or_off(value):
+    with pytest.raises(ConfigError, match=r"--stall-timeout .*: give a finite number of seconds > 0, or off"):
+        RunConfig(stall_timeout=value).validate()
+
+
+def test_stall_timeout_off_turns_the_watchdog_off_by_name():
+    from harness.stall import effective_timeout
+
+    cfg = RunConfig(stall_timeout="off").validate()
+    assert cfg.as_dict()["stall_timeout"] == "off"  # the report says off, not Infinity (invalid JSON)
+    assert effective_timeout(cfg.stall_timeout, 0.1) == float("inf")
+    assert effective_timeout(2.5, 0.1) == 2.5
+
+
+def test_sizes_are_echoed_as_typed():
+    from harness.config import parse_size, typed
+
+    with pytest.raises(ConfigError, match=r"^--ram 100T: more than 2\^32 pages$"):
+        RunConfig(ram=parse_size("100T")).validate()
+    size = parse_size("8M")
+    assert typed(size) == "8M" and str(size) == "8388608" and size == 8 << 20  # elsewhere a plain number
+    assert typed(4097) == "4097" and typed(16 << 20, "16M") == "16M"  # a number from the API

@@ -241,7 +241,7 @@ def assert_verified(rep: dict, npages: int) -> None:
     assert v["pages-checked"] == npages  # random: the vCPUs' slices cover RAM
     p = rep["pages"]
     assert p["placed"] == npages
-    assert p["precopy"] + p["requested"] + p["background"] == npages
+    assert p["precopy"] + p["urgent"] + p["background"] == npages
 
 
 PRECOPY = dict(vcpus=2, ram=16 << 20, workload="random", precopy=0.3, dirty_rate=2000)

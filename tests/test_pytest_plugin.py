@@ -59,7 +59,8 @@ def test_replay_fixture_and_assert_blocktime(pytester, trace_file):
     ])
     for v, (e, g) in enumerate(zip(wrong, exact, strict=True)):
         result.stdout.fnmatch_lines([f"*{v}  *{e}  *{g}  *-5  !"])
-    assert "postcopy_replay: /nonexistent.trace: cannot open: No such file or directory" in out
+    # the API's exception, uncaught: pytest shows its one line
+    assert "BlocktimeError: /nonexistent.trace: cannot open: No such file or directory" in out
     assert "During handling" not in out
 
 
@@ -70,8 +71,25 @@ def test_run_fixture_rejects_bad_options(pytester):
     """)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["postcopy_run: unknown run option 'wrokload' (choose from vcpus, *"])
+    result.stdout.fnmatch_lines(["E *harness.config.ConfigError: unknown run option 'wrokload' (choose from vcpus, *"])
     assert "During handling" not in result.stdout.str()  # one line, no exception chain
+
+
+def test_run_fixture_raises_the_api_s_config_error(pytester):
+    """``postcopy_run(vcpus=0)`` raises the ConfigError ``postcopy_harness.run(vcpus=0)`` raises."""
+    with pytest.raises(ph.ConfigError) as api:
+        ph.run(vcpus=0)
+    pytester.makepyfile(f"""
+        import pytest
+        import postcopy_harness as ph
+
+        def test_vcpus_0(postcopy_run):
+            with pytest.raises(ph.ConfigError) as info:
+                postcopy_run(vcpus=0)
+            assert str(info.value) == {str(api.value)!r}
+    """)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 @pytest.mark.kernel
@@ -100,11 +118,16 @@ def test_run_fixture_failed_run_fails_the_test_in_one_line(pytester, clean_machi
     pytester.makepyfile("""
         def test_too_short(postcopy_run):
             postcopy_run(vcpus=2, ram="64M", workload="sequential", link="10mbit", background=False, timeout=0.5)
+
+        def test_too_short_raises(postcopy_run):
+            import pytest, postcopy_harness as ph
+            with pytest.raises(ph.RunError, match="did not finish within --timeout 0.5 s"):
+                postcopy_run(vcpus=2, ram="64M", workload="sequential", link="10mbit", background=False, timeout=0.5)
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*postcopy_run: the run failed: the run did not finish within --timeout 0.5 s"])
-    assert "Traceback" not in result.stdout.str()
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["E *postcopy_harness.RunError: the run did not finish within --timeout 0.5 s"])
+    assert "Traceback" not in result.stdout.str() and "During handling" not in result.stdout.str()
 
 
 def test_leftover_check_sees_this_process_s_pch_children():

@@ -70,13 +70,13 @@ def test_all_stalled_spans_are_where_every_vcpu_is_inside_an_interval():
 def test_placements_say_how_each_page_came():
     ps = 4096
     meta = TraceMeta(1, ps, {}, start_ns=0)
-    # page 1 faulted then placed (requested); page 2 placed with nobody waiting (streamed); page 3 zero;
-    # page 4 placed, then faulted on (already received: still streamed)
+    # page 1 faulted then placed (requested); page 2 placed with nobody waiting (sent ahead); page 3 a
+    # zero page sent ahead; page 4 placed, then faulted on (already received: still sent ahead)
     cols = EventColumns.from_lists(
         [KIND_FAULT, KIND_PLACED, KIND_PLACED, KIND_PLACED, KIND_PLACED, KIND_FAULT],
         [1, 2, 3, 4, 5, 6], [ps, ps + 8, 2 * ps, 3 * ps, 4 * ps, 4 * ps], [0] * 6, [0] * 6, [-1, 0, 0, 1, 0, -1])
     t, kind, addr, requested = placements(meta, cols)
-    assert [PLACE_KINDS[k] for k in kind] == ["requested", "streamed", "zero", "streamed"]
+    assert [PLACE_KINDS[k] for k in kind] == ["requested", "sent ahead", "sent ahead zero", "sent ahead"]
     assert requested.tolist() == [True, False, False, False]
     assert t.tolist() == [2, 3, 4, 5]
 
@@ -113,6 +113,9 @@ def test_replay_report_of_a_synthetic_trace(tmp_path, capsys):
     assert rep["argv"][:2] == ["postcopy-harness", "replay"]
     assert "postcopy-blocktime" in (out / "summary.txt").read_text()
     check_trace(str(out / "trace.json"), 3, [0, 1, 2], "exact")  # no stall intervals: exact's
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said == f"report written to {out}: report.json, summary.txt, {', '.join(PLOTS)}, trace.json"
+    assert (out / "trace.json").stat().st_mode & 0o777 == 0o600  # page addresses: guest data
 
 
 def test_overlapping_handler_side_waits_go_to_a_second_track(tmp_path):
@@ -149,6 +152,7 @@ def test_run_report_folder(tmp_path, clean_machine, capsys):
     argv = ["run", "--vcpus", "3", "--ram", "1M", "--workload", "random", "--link", "200mbit,1ms",
             "--no-background", "--report", str(out), "--json", str(js), "--quiet"]
     assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"report written to {out}: report.json, ")
     rep = json.loads((out / "report.json").read_text())
     assert rep == json.loads(js.read_text())  # the same report as --json
     for name in PLOTS:
@@ -199,6 +203,7 @@ def test_loadtest_report_folder(tmp_path, clean_machine, capsys):
     out = tmp_path / "lt"
     assert main(["loadtest", "--vcpus", "1,2", "--workload", "random", "--ram", "1M", "--report", str(out)]) == 0
     assert_png(str(out / "loadtest.png"))
+    assert f"report written to {out}: report.json, summary.txt, loadtest.png" in capsys.readouterr().out
     doc = json.loads((out / "report.json").read_text())
     assert [p["vcpus"] for p in doc["points"]] == [1, 2]
     assert "faults/s" in (out / "summary.txt").read_text()

@@ -29,7 +29,8 @@ def run(**kw) -> dict:
     assert (v["writes"] > 0) == (cfg.write_ratio > 0)  # a run that stores has its stores checked
     assert v["writes-checked"] >= (v["writes"] if cfg.workload in ("hotset", "shared") else 0)
     assert rep["pages"]["placed"] == cfg.npages
-    assert rep["pages"]["requested"] + rep["pages"]["background"] == cfg.npages
+    assert rep["pages"]["urgent"] + rep["pages"]["background"] == cfg.npages
+    assert rep["pages"]["requested"] == rep["faults"]["pages-requested"]  # one number for the word
     assert len(rep["workers"]["vcpu-stall-ms"]) == cfg.vcpus
     return rep
 

@@ -48,7 +48,7 @@ def working_set(tmp_path_factory) -> str:
 def test_every_strategy_completes_verified(name, link, working_set, clean_machine):
     rep = run(strategy=name, link=link, working_set=working_set if name == "prefetch" else None)
     p = rep["pages"]
-    assert p["requested"] + p["background"] == p["total"]
+    assert p["urgent"] + p["background"] == p["total"]
     if name == "demand":
         assert p["background"] == 0  # the stream only starts once the workload is over
     if name != "prepage":

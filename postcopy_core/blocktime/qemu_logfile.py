@@ -2,7 +2,8 @@
 
 Both importers (QEMU <= 10.0 and QEMU 10.1+) start here.  Everything a crafted file could use to
 make them allocate or loop without bound is refused with one line first: a line longer than
-``MAX_LINE`` characters, bytes that are not text, a vCPU index or count above ``MAX_VCPUS``.
+``MAX_LINE`` bytes, bytes that are not text, the bounds of ``textfile`` (lines, decompressed bytes,
+gzip ratio, records), a vCPU index or count above ``MAX_VCPUS``.
 
 A log can hold several migrations (a file appended to by several QEMU runs, or one destination that
 was migrated into again).  Each blocktime context starts at ``loadvm_postcopy_handle_advise``;
@@ -13,16 +14,17 @@ new migration too, for logs recorded without the advise event.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import zlib
 
 from .events import BlocktimeError
-from .trace import open_maybe_gzip
+from .textfile import bounded_lines, too_many_records
 
 MAX_LINE = 4096  # bytes; QEMU's blocktime lines are < 200
 MAX_VCPUS = 16384  # above any QEMU machine's max_cpus; bounds what a log may make us allocate
+# blocktime lines kept (~250 bytes each as Python objects: ~1 GiB at the bound); about 4 per fault,
+# so a log of a million faults -- more than a real migration takes on demand
+MAX_KEPT = 1 << 22
 
 _DD = re.compile(r"\bdd: (0x[0-9a-fA-F]{1,16}|\(nil\))")
 _BLOCKTIME = (
@@ -33,29 +35,20 @@ _BLOCKTIME = (
 )
 
 
+def _used(line: str) -> bool:
+    # every event either importer or split_migrations reads has one of these in its name
+    return "postcopy" in line or "get_mem_fault_cpu_index" in line
+
+
 def read_log_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """(line number, text) of a plain or gzip log, refusing over-long lines and non-text bytes."""
+    """(line number, text) of the lines of a plain or gzip log the importers use, within the bounds of
+    ``textfile`` (lines of at most ``MAX_LINE`` bytes; other trace events are checked, not kept)."""
     path = os.fspath(path)
-    stream = open_maybe_gzip(path)
     out: list[tuple[int, str]] = []
-    n = 0
-    try:
-        with stream:
-            while True:
-                data = stream.readline(MAX_LINE + 2)
-                if not data:
-                    break
-                n += 1
-                data = data.rstrip(b"\r\n")
-                if len(data) > MAX_LINE:
-                    raise BlocktimeError(f"{path}: line {n}: longer than {MAX_LINE} bytes")
-                out.append((n, data.decode("utf-8")))
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise BlocktimeError(f"{path}: line {n + 1}: gzip data truncated or corrupt ({exc})") from None
-    except UnicodeDecodeError:
-        raise BlocktimeError(f"{path}: line {n}: not text (bad UTF-8)") from None
-    except OSError as exc:
-        raise BlocktimeError(f"{path}: line {n + 1}: read error: {exc}") from None
+    for n, text in bounded_lines(path, MAX_LINE, keep=_used):
+        if len(out) >= MAX_KEPT:
+            raise too_many_records(path, n, MAX_KEPT)
+        out.append((n, text))
     return out
 
 

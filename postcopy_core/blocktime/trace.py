@@ -19,12 +19,12 @@ live numbers.
 
 from __future__ import annotations
 
+import array
 import gzip
 import io
 import json
 import os
 import re
-import zlib
 from collections.abc import Iterable, Iterator
 from typing import IO
 
@@ -42,10 +42,13 @@ from .events import (
     StallColumns,
     TraceMeta,
 )
+from .textfile import MAX_RECORDS, bounded_lines, too_many_records
 
 MAGIC = "#postcopy-harness-trace"
 VERSION = 1
 FORMATS = ("auto", "native", "qemu-log")
+MAX_LINE = 1 << 20  # bytes; the 'M' line of 16384 vCPUs' tid_map is ~300 KB, records < 100
+SNIFF_LINES = 500  # lines (blank ones too) detect_format looks at
 _QEMU_LINE = re.compile(r"^\d+@\d+\.\d+:\w+")
 _AR_TEXT = {None: "-", False: "0", True: "1"}
 _AR_PARSE = {"-": AR_UNKNOWN, "0": 0, "1": 1}
@@ -61,12 +64,17 @@ class TraceWriter:
 
     def __init__(self, path: str | os.PathLike, meta: TraceMeta) -> None:
         meta.check()
+        from postcopy_core.outfile import open_output
+
         self.path = os.fspath(path)
+        # mode 0600, no symbolic link followed: the trace tells which guest pages were touched when
+        self._raw = open_output(self.path, "wb", private=True)
         if self.path.endswith(".gz"):
             # compresslevel 6: ~3x faster than the default 9 for nearly the same size on traces.
-            self._fh: IO[str] = gzip.open(self.path, "wt", encoding="ascii", compresslevel=6)
+            gz = gzip.GzipFile(filename="", fileobj=self._raw, mode="wb", compresslevel=6)
+            self._fh: IO[str] = io.TextIOWrapper(gz, encoding="ascii")
         else:
-            self._fh = open(self.path, "w", encoding="ascii")  # noqa: SIM115 - closed in close()
+            self._fh = io.TextIOWrapper(self._raw, encoding="ascii")
         self.count = 0
         self.stalls: int | None = None  # stall records written (None: this trace has no intervals)
         self._fh.write(f"{MAGIC} v{VERSION}\n")
@@ -111,6 +119,7 @@ class TraceWriter:
         tail = "" if self.stalls is None else f" stalls={self.stalls}"
         self._fh.write(f"#end events={self.count}{tail}\n")
         self._fh.close()
+        self._raw.close()  # a GzipFile leaves the file it wrote into open
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -170,50 +179,21 @@ def meta_from_json(obj: object, lineno: int) -> TraceMeta:
     return meta
 
 
-def open_maybe_gzip(path: str) -> IO[bytes]:
-    """A plain or gzip file (told by its first bytes) opened for reading bytes; one-line error."""
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - wrapped and returned
-    except OSError as exc:
-        raise BlocktimeError(f"{path}: cannot open: {exc.strerror}") from None
-    if raw.peek(2)[:2] != b"\x1f\x8b":
-        return raw
-    raw.close()
-    return gzip.GzipFile(path, "rb")  # opened by name, so closing it closes the file too
-
-
-def _open_text(path: str) -> IO[str]:
-    return io.TextIOWrapper(open_maybe_gzip(path), encoding="utf-8", errors="strict", newline=None)
-
-
-def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-    """(line number, line without newline) of a plain or gzip file, with clear errors."""
-    path = os.fspath(path)
-    fh = _open_text(path)
-    lineno = 0
-    try:
-        with fh:
-            for lineno, line in enumerate(fh, 1):  # noqa: B007 - lineno used in the error paths
-                yield lineno, line.rstrip("\r\n")
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise BlocktimeError(f"{path}: line {lineno + 1}: gzip data truncated or corrupt ({exc})") from None
-    except UnicodeDecodeError:
-        raise BlocktimeError(f"{path}: line {lineno + 1}: not text (bad UTF-8)") from None
-    except OSError as exc:
-        raise BlocktimeError(f"{path}: line {lineno + 1}: read error: {exc}") from None
+def iter_lines(path: str | os.PathLike, skip_blank: bool = True) -> Iterator[tuple[int, str]]:
+    """(line number, line without newline) of a plain or gzip native trace, within the bounds of
+    ``textfile`` (lines of at most ``MAX_LINE`` bytes), with one-line errors."""
+    return bounded_lines(path, MAX_LINE, skip_blank=skip_blank)
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """ "native" or "qemu-log", from the first lines."""
-    for n, line in iter_lines(path):
-        if not line.strip():
-            continue
+    for n, line in iter_lines(path, skip_blank=False):
+        if n > SNIFF_LINES:  # blank lines count: a file of newlines is told apart at once
+            break
         if line.startswith(MAGIC):
             return "native"
         if _QEMU_LINE.match(line) or "postcopy_blocktime_" in line:
             return "qemu-log"
-        if n >= 500:
-            break
     raise BlocktimeError(
         f"{os.fspath(path)}: unrecognised format: neither a postcopy-harness trace "
         f"(first line '{MAGIC} v{VERSION}') nor a QEMU trace log with 'TID@SEC.USEC:event' lines"
@@ -223,16 +203,10 @@ def detect_format(path: str | os.PathLike) -> str:
 def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumns]:
     """Parse a native trace into columns; raise BlocktimeError naming the line on any bad input."""
     path = os.fspath(path)
-    kind: list[int] = []
-    ts: list[int] = []
-    addr: list[int] = []
-    vcpu: list[int] = []
-    tid: list[int] = []
-    flag: list[int] = []
-    s_vcpu: list[int] = []
-    s_start: list[int] = []
-    s_end: list[int] = []
-    s_addr: list[int] = []
+    # typed arrays, not lists: 8 bytes a value instead of ~36, so MAX_RECORDS bounds the memory
+    kind, flag = array.array("b"), array.array("b")
+    ts, addr, vcpu, tid = (array.array("q") for _ in range(4))
+    s_vcpu, s_start, s_end, s_addr = (array.array("q") for _ in range(4))
     meta: TraceMeta | None = None
     declared_end: int | None = None
     declared_stalls: int | None = None
@@ -265,6 +239,8 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
             continue
         if declared_end is not None:
             raise BlocktimeError(f"{path}: line {n}: record after the end marker")
+        if len(kind) + len(s_vcpu) >= MAX_RECORDS:
+            raise too_many_records(path, n)
         tag = line[0]
         parts = line.split()
         try:
@@ -323,7 +299,7 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                 raise ValueError
         except BlocktimeError:
             raise  # already names the line (and is a ValueError, so it must pass through first)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, OverflowError):
             raise BlocktimeError(f"{path}: line {n}: malformed record: {line[:80]!r}") from None
         ts.append(t)
         addr.append(a)
