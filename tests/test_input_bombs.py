@@ -65,17 +65,24 @@ def bomb_files(tmp_path_factory):
     return out
 
 
+# The child is started from a small wrapper process, and its peak RSS read there: a child forked
+# straight from this (by then large) test process would count the test process's own pages, which
+# the kernel carries into ru_maxrss across exec.
+MEASURE = ("import os, subprocess, sys\n"
+           "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+           "err = p.stderr.read()\n"
+           "_, status, usage = os.wait4(p.pid, 0)\n"
+           "p.returncode = 0\n"
+           "sys.stderr.buffer.write(err)\n"
+           "print(usage.ru_maxrss)\n"
+           "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def measured(argv: list[str]) -> tuple[int, str, float, float]:
     """Exit status, stderr, seconds and peak RSS (MB) of a child process."""
     t0 = time.monotonic()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        err = child.stderr.read().decode(errors="replace")
-        _, status, usage = os.wait4(child.pid, 0)
-    finally:
-        child.stderr.close()
-        child.returncode = 0  # reaped by wait4 above
-    return os.waitstatus_to_exitcode(status), err, time.monotonic() - t0, usage.ru_maxrss / 1024
+    r = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, timeout=120)
+    return r.returncode, r.stderr.decode(errors="replace"), time.monotonic() - t0, int(r.stdout) / 1024
 
 
 CLI = [sys.executable, "-m", "harness.cli"]
