@@ -195,7 +195,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
         rep["status"] = "failed"
         kinds = ", ".join(f"{k} {n}" for k, n in v["by-kind"].items() if n)
         first = first_bad(checked, raw["ram_check"])
-        rep["error"] = (f"verification failed: {v['lost-writes']} lost writes, {mismatches} wrong reads by vCPUs, "
+        rep["error"] = (f"verification failed: {v['lost-writes']} lost writes, {mismatches} wrong words read by vCPUs, "
                         f"{v['ram-bad-pages']} bad pages in RAM ({kinds or 'none'}), "
                         f"{hs['placed']}/{cfg.npages} pages placed" + (f"; first: {first.words()}" if first else ""))
     if cfg.plant_bug:
