@@ -333,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_source(sub)
     _add_check(sub)
-    from harness import compare, demo, loadtest, replay
+    from harness import compare, demo, loadtest, qemu_cmd, replay
 
     replay.add_parser(sub)
+    qemu_cmd.add_parser(sub)
     loadtest.add_parser(sub)
     compare.add_parser(sub)
     demo.add_parser(sub)

@@ -157,7 +157,7 @@ def _cmdlines(cfg: QemuRunConfig, tmp: Path, img: Path) -> tuple[list[str], list
     common = [cfg.qemu, "-accel", cfg.accel, "-machine", "pc", "-m", f"{mem_mb}M", "-smp", str(cfg.smp),
               "-nodefaults", "-display", "none", "-no-user-config",
               "-drive", f"file={img},format=raw,if=ide,snapshot=on", "-boot", "c"]
-    backend = "memory-backend-memfd,id=ram0,size=%dM,share=on" % mem_mb
+    backend = f"memory-backend-memfd,id=ram0,size={mem_mb}M,share=on"
     if cfg.backing == "hugetlb":
         backend += ",hugetlb=on,hugetlbsize=2M"
     if cfg.backing != "anon":
