@@ -310,6 +310,9 @@ def _add_check(sub) -> None:
     p.add_argument("--netns", action="store_true",
                    help="also require what --link-mode netns needs: root, iproute2 (ip, tc), a network "
                         "namespace with a veth pair, tc tbf; netem (latency, jitter, loss) is shown either way")
+    p.add_argument("--qemu", nargs="?", const="qemu-system-x86_64", default=None, metavar="BINARY",
+                   help="also require what `qemu` needs: QEMU (default qemu-system-x86_64) with the blocktime "
+                        "trace events, the guest; KVM is shown either way")
     p.set_defaults(func=_check)
 
 

@@ -301,3 +301,34 @@ def migrate(cfg: QemuRunConfig, trace_to: Path) -> dict:
         if huge is not None:
             huge.release()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def qemu_checks(qemu: str, required: bool = False) -> list:
+    """``check``'s rows for ``postcopy-harness qemu`` (required ones with ``check --qemu``)."""
+    from postcopy_core.probe import Check
+
+    path = shutil.which(qemu)
+    rows = [Check("qemu: binary", path is not None,
+                  f"{path}: {qemu_version(qemu)}" if path else f"{qemu} not found (install qemu-system-x86)",
+                  required)]
+    if path:
+        try:
+            events = subprocess.run([qemu, "-trace", "help"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            events = ""
+        names = set(events.split())
+        old, new = "mark_postcopy_blocktime_begin" in names, "postcopy_blocktime_begin" in names
+        rows.append(Check("qemu: blocktime trace events", old or new,
+                          "QEMU 10.1+ events (postcopy_blocktime_*)" if new else
+                          "QEMU <= 10.0 events (mark_postcopy_blocktime_*)" if old else
+                          "none listed by -trace help (a QEMU built without the log trace backend?)", required))
+    kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
+    rows.append(Check("qemu: KVM (/dev/kvm)", kvm, "usable" if kvm else "missing or not accessible: use --accel tcg",
+                      False))
+    built = guest.BINARY.is_file()
+    tools = guest.missing_tools()
+    rows.append(Check("qemu: guest boot sector", built or not tools,
+                      ("shipped " + str(guest.BINARY.name)) + ("" if not tools else
+                                                               f" ({' and '.join(tools)} missing: cannot rebuild)")
+                      if built else f"not built and {' and '.join(tools)} missing (install binutils)", required))
+    return rows
