@@ -1,0 +1,113 @@
+"""``postcopy-harness qemu`` and its guest: the boot sector, its parameters, and a real migration of a
+small VM (smp 2, 128M) between two local QEMUs, whose report must be whole and consistent.
+
+The real migration skips, saying why, where QEMU or KVM is missing (``.ci/run`` installs QEMU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from postcopy_core import guest
+
+QEMU = "qemu-system-x86_64"
+
+
+def test_shipped_sector_is_the_source_built():
+    if guest.missing_tools():
+        pytest.skip(f"{' and '.join(guest.missing_tools())} missing: cannot rebuild the guest")
+    assert guest.build() == guest.BINARY.read_bytes(), "guest.bin is stale: rebuild it from guest.S"
+
+
+def test_image_carries_the_configuration():
+    cfg = guest.GuestConfig(4, 256 << 20, "random", threshold_cycles=12345)
+    img = guest.image(cfg)
+    assert len(img) == guest.DISK_BYTES and img[510:512] == b"\x55\xaa"
+    at = img.find(guest.MAGIC)
+    fields = guest.PARAMS.unpack_from(img, at)
+    magic, version, wake, base, stride, mul, add, mask, pages, thresh, logbase, logbytes, logmask = fields
+    assert (wake, base, stride, thresh) == (1, guest.REGION_BASE, cfg.region_bytes, 12345)
+    assert pages == cfg.region_pages and mask == pages - 1 and pages & mask == 0
+    assert (mul % 4, add % 2) == (1, 1)  # a full-period order: every page once a pass
+    assert cfg.region_of(3)[1] * guest.PAGE <= (256 << 20) - guest.TOP_RESERVE
+    assert logbase + 4 * logbytes <= guest.REGION_BASE and logmask + 1 == guest.LOG_CAP
+    shared = guest.PARAMS.unpack_from(guest.image(guest.GuestConfig(4, 256 << 20, "shared")), at)
+    idle = guest.PARAMS.unpack_from(guest.image(guest.GuestConfig(4, 256 << 20, "idle-ap")), at)
+    assert shared[4] == 0 and idle[2] == 0  # shared: one region for all; idle-ap: APs never started
+
+
+def test_bad_guest_configurations_are_refused():
+    with pytest.raises(guest.GuestError, match="too little RAM"):
+        guest.GuestConfig(2, 17 << 20)
+    with pytest.raises(guest.GuestError, match="unknown workload"):
+        guest.GuestConfig(2, 128 << 20, "zigzag")
+    with pytest.raises(guest.GuestError, match="holds"):
+        guest.parse_log(b"", 0, guest.LOG_CAP + 1)
+
+
+def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_missing_qemu_is_one_line():
+    r = _cli("qemu", "--qemu", "/nonexistent/qemu-system-x86_64", timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "QEMU not found" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("qemu", "--smp", "0", timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--smp" in r.stderr
+
+
+def _our_qemus() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if any(c.startswith("pch-qemu-") for c in cmd):
+            out.append(p)
+    return out
+
+
+@pytest.mark.slow
+def test_real_migration_report_is_whole_and_consistent(tmp_path):
+    if shutil.which(QEMU) is None:
+        pytest.skip(f"{QEMU} not installed (apt-get install qemu-system-x86)")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm missing or not accessible")
+    before = _our_qemus()
+    out, rep_dir = tmp_path / "r.json", tmp_path / "report"
+    # A throttled postcopy so that vCPUs do fault on pages still on the source.
+    r = _cli("qemu", "--smp", "2", "--mem", "128M", "--postcopy-bandwidth", "400mbit", "--precopy", "0.5",
+             "--json", str(out), "--report", str(rep_dir))
+    assert r.returncode == 0, r.stderr
+    assert _our_qemus() == before, "a QEMU of the run outlived it"
+    rep = json.loads(out.read_text())
+    for key in ("qemu", "engines", "guest", "error", "faults", "trace"):
+        assert key in rep
+    q, g, f = rep["qemu"], rep["guest"], rep["faults"]
+    assert q["status"] == "completed" and len(q["postcopy-vcpu-blocktime"]) == 2
+    assert set(rep["engines"]) == {"seed", "modern", "exact", "bounds"}
+    for name in ("qemu", "seed", "modern", "exact", "bounds-lower", "bounds-upper"):
+        assert len(rep["error"][name]["vcpu-ms"]) == 2
+    assert len(g["vcpu-stall-ms"]) == 2 and g["stalls"] == len(g["list"]) == sum(g["vcpu-stalls"])
+    assert g["memory-check"]["passed"], g["memory-check"]
+    assert min(g["memory-check"]["passes-on-destination"]) >= 1
+    assert 0.1e9 < g["tsc-hz"] < 10e9
+    assert g["all-stalled-ms"] <= min(g["vcpu-stall-ms"]) + 1e-6
+    # QEMU's own numbers are what the seed engine replays (QEMU 7.2), to the ms.
+    if rep["trace"]["meta"] and rep["trace"]["meta"].get("version") != "10.1+":
+        assert rep["engines"]["seed"]["postcopy-vcpu-blocktime"] == q["postcopy-vcpu-blocktime"]
+    # Per fault: the guest felt (nearly) every fault QEMU traced, on the very page the trace names.
+    assert f["traced-faults"] > 0, "no vCPU fault traced: the throttle did not work"
+    assert f["matched"] >= 0.8 * f["traced-faults"], f
+    assert f["ram-base"] is not None
+    stall_pages = {(s["vcpu"], s["page"]) for s in g["list"]}
+    assert f["matched"] <= len(stall_pages)
+    for name in ("report.json", "summary.txt", "timeline.png", "trace.json", "guest-vs-qemu.png"):
+        assert (rep_dir / name).is_file(), name
