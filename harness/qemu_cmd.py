@@ -112,7 +112,8 @@ def notes(rep: dict) -> list[str]:
     nf = g["noise-floor"]
     out = [f"guest: {g['stalls']} stalls over {g['threshold-us']:g} us, TSC {g['tsc-hz'] / 1e9:.3f} GHz, "
            f"postcopy window {_f(g['window-s'])} s; noise floor in that window {_f(nf['vcpu-ms-in-window'])} ms "
-           f"(the same guest, no migration, {nf['measured-s']:g} s)",
+           f"(the same guest, no migration, {nf['measured-s']:g} s): postcopy's share of the stall per vCPU "
+           f"{_f(nf['vcpu-stall-ms-less-noise'])}..{_f(g['vcpu-stall-ms'])} ms",
            "memory check: " + ("passed" if g["memory-check"]["passed"] else
                                f"FAILED, {g['memory-check']['mismatching-pages']} pages lost a write")]
     if g["switchover-gap-ms"]:

@@ -92,8 +92,9 @@ def guest_stalls(raw: dict) -> dict:
         "noise-floor": {
             "measured-s": round(noise["seconds"], 3),
             "vcpu-ms-in-window": [round(x, 3) for x in noise_ms],
-            "note": "gaps the same guest logs with no migration, scaled to the postcopy window: a guest "
-                    "stall total is postcopy's to within this much",
+            "vcpu-stall-ms-less-noise": [round(max(0.0, a - b), 3) for a, b in zip(per, noise_ms, strict=True)],
+            "note": "gaps the same guest logs with no migration, scaled to the postcopy window: the "
+                    "stall postcopy caused lies between vcpu-stall-ms-less-noise and vcpu-stall-ms",
         },
         "memory-check": {
             "passed": mism == 0 and progressed,
@@ -121,40 +122,44 @@ def _trace_faults(meta, events) -> list[dict]:
     return out
 
 
+RAM_BLOCKS = ("pc.ram", "ram0")  # QEMU's own RAM block, or the memory backend qemu_run names ram0
+
+
 def ram_base(trace: str | Path) -> int | None:
-    """The host-virtual base of ``pc.ram`` (HVA - offset of any fault request line), or None."""
+    """The host-virtual base of the guest's RAM block (HVA - offset of a fault request line), or None."""
     with open(trace, errors="replace") as fh:
         for line in fh:
             m = _REQUEST.search(line)
-            if m and m.group(2) == "pc.ram":
+            if m and m.group(2) in RAM_BLOCKS:
                 return int(m.group(1), 16) - int(m.group(3), 16)
     return None
 
 
-def match_faults(stalls: list[dict], traced: list[dict], base: int | None, shared: bool) -> dict:
-    """Guest stalls against traced faults, by (vCPU, guest page): the share QEMU saw, ratios, misses."""
+def match_faults(stalls: list[dict], traced: list[dict], base: int | None, page_size: int = PAGE) -> dict:
+    """Guest stalls against traced faults, by (vCPU, guest page of the trace's page size): the share
+    QEMU saw, ratios, misses.  QEMU traces one begin per waiting vCPU, shared pages included."""
+    per = page_size // PAGE  # guest 4 KiB pages per traced page (512 on hugetlbfs)
     by_key: dict[tuple[int, int], dict] = {}
     for f in traced:
         if base is None:
             break
-        page = (f["addr"] - base) // PAGE
-        by_key.setdefault((-1 if shared else f["vcpu"], page), f)
+        page = (f["addr"] - base) // page_size
+        by_key.setdefault((f["vcpu"], page), f)
     first: dict[tuple[int, int], dict] = {}
     for s in stalls:  # the first stall on a page is the one its fault caused
-        first.setdefault((s["vcpu"], s["page"]), s)
+        first.setdefault((s["vcpu"], s["page"] // per), s)
     matched, untraced, ratios = [], [], []
     seen = set()
     for (vcpu, page), s in first.items():
-        f = by_key.get((-1 if shared else vcpu, page))
+        f = by_key.get((vcpu, page))
         if f is None or f["ms"] is None:
             untraced.append(s)
             continue
         seen.add(id(f))
         ratios.append(f["ms"] / s["ms"] if s["ms"] else float("inf"))
         matched.append((s, f))
-    felt = {(-1 if shared else s["vcpu"], s["page"]) for s in stalls}
-    unfelt = [f for f in traced if base is not None and ((-1 if shared else f["vcpu"]),
-                                                          (f["addr"] - base) // PAGE) not in felt]
+    felt = {(s["vcpu"], s["page"] // per) for s in stalls}
+    unfelt = [f for f in traced if base is not None and (f["vcpu"], (f["addr"] - base) // page_size) not in felt]
     total = sum(s["ms"] for s in stalls)
     seen_ms = sum(min(f["ms"], s["ms"]) for s, f in matched)
     edges = [0, 0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2, 4, float("inf")]
@@ -209,8 +214,7 @@ def compare(raw: dict) -> dict:
         cols = EventColumns.from_events(events)
         engines = replay_columns(meta, cols, ENGINE_NAMES)
         engines["bounds"] = blocktime_bounds(meta, cols)
-        faults = match_faults(g["list"], _trace_faults(meta, events), ram_base(trace),
-                              raw["config"]["workload"] == "shared")
+        faults = match_faults(g["list"], _trace_faults(meta, events), ram_base(trace), meta.page_size)
     error = {}
     if "postcopy-vcpu-blocktime" in qemu:
         error["qemu"] = _error(qemu["postcopy-vcpu-blocktime"], qemu.get("postcopy-blocktime", 0), g)

@@ -136,7 +136,7 @@ def wait_status(q: QMP, want: set[str], timeout: float, poll: float = 0.02) -> d
         st = info.get("status")
         if st in want:
             return info
-        if st in ("failed", "cancelled"):
+        if st in ("failed", "cancelled", "failing"):  # "failing": QEMU 10.2+, on its way to failed
             raise QmpError(f"migration {st}: {info.get('error-desc', '')}".rstrip(": "))
         if time.monotonic() > deadline:
             raise QmpError(f"migration still {st!r} after {timeout:g} s")
