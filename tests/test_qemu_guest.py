@@ -111,3 +111,55 @@ def test_real_migration_report_is_whole_and_consistent(tmp_path):
     assert f["matched"] <= len(stall_pages)
     for name in ("report.json", "summary.txt", "timeline.png", "trace.json", "guest-vs-qemu.png"):
         assert (rep_dir / name).is_file(), name
+
+
+def _raw(entries, hz=1e9, smp=2, walkers=2, mismatches=0) -> dict:
+    """A qemu_run raw dict by hand: TSC at 1 GHz (1 cycle = 1 ns), switchover at tsc 1000."""
+    blk = {"last_tsc": 1000, "passes": 5, "mismatches": 0}
+    end = {"last_tsc": 10_000_000 + 100_000, "passes": 7, "mismatches": mismatches}
+    return {
+        "config": {"smp": smp, "threshold_us": 50.0, "workload": "sequential"},
+        "guest": {"at-switch": [blk] * walkers, "at-end": [end] * walkers, "apic": list(range(walkers)),
+                  "entries": entries, "walkers": walkers},
+        "noise": {"tsc-hz": hz, "seconds": 1.0, "entries": [[(0, 100_000, 1, 0)]] * walkers},
+        "timing-ns": {"completed": 0, "stopped": 100_000},
+    }
+
+
+def test_guest_stalls_window_overlap_noise_and_memory_check():
+    from harness.qemu_compare import guest_stalls
+
+    e0 = [(1000, 5_000_000, 7, 5),  # the switchover gap: not counted
+          (6_000_000, 2_000_000, 8, 5),  # 2 ms
+          (8_000_000, 10_000, 9, 5),  # 10 us: under the threshold
+          (20_000_000, 1_000_000, 10, 6)]  # after completion: not counted
+    e1 = [(7_000_000, 2_000_000, 4000, 5)]  # 2 ms, overlapping vCPU 0's by 1 ms
+    g = guest_stalls(_raw([e0, e1]))
+    assert g["vcpu-stall-ms"] == [2.0, 2.0] and g["stalls"] == 2 and g["switchover-gap-ms"] == [5.0]
+    assert g["all-stalled-ms"] == 1.0
+    assert g["memory-check"]["passed"]
+    # 0.1 ms of noise per second alone, over a ~10 ms window
+    assert 0 < g["noise-floor"]["vcpu-ms-in-window"][0] < 0.01
+    assert not guest_stalls(_raw([e0, e1], mismatches=1))["memory-check"]["passed"]
+    idle = guest_stalls(_raw([e0], walkers=1))  # an idle AP is never stalled: never are all vCPUs
+    assert idle["vcpu-stall-ms"] == [2.0, 0.0] and idle["all-stalled-ms"] == 0
+
+
+def test_match_faults_by_vcpu_and_page():
+    from harness.qemu_compare import match_faults
+
+    base = 0x7F0000000000
+    stalls = [{"vcpu": 0, "page": 100, "ms": 2.0}, {"vcpu": 0, "page": 100, "ms": 9.0},  # a later stall on it
+              {"vcpu": 1, "page": 200, "ms": 1.0}, {"vcpu": 1, "page": 300, "ms": 4.0}]
+    traced = [{"vcpu": 0, "addr": base + 100 * 4096, "ms": 1.0},  # half of the guest's 2 ms
+              {"vcpu": 1, "addr": base + 200 * 4096, "ms": 1.0},
+              {"vcpu": 0, "addr": base + 500 * 4096, "ms": 0.5}]  # a fault the guest never felt
+    m = match_faults(stalls, traced, base)
+    assert (m["matched"], m["untraced-stall-count"], m["unfelt-fault-count"]) == (2, 1, 1)
+    assert m["untraced-stalls"][0]["page"] == 300
+    assert m["share-of-guest-stall-traced"] == round(2.0 / 16.0, 4)
+    assert sum(m["ratio-histogram"]["counts"]) == 2
+    huge = match_faults([{"vcpu": 0, "page": 512 + 3, "ms": 1.0}], [{"vcpu": 0, "addr": base + (2 << 20), "ms": 1.0}],
+                        base, page_size=2 << 20)
+    assert huge["matched"] == 1  # guest page 515 lies in the second 2 MiB page
+    assert match_faults(stalls, traced, None)["matched"] == 0  # no RAM block base: nothing to match
