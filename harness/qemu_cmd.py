@@ -107,6 +107,15 @@ def render(rep: dict) -> Table:
     return t
 
 
+def _memory(m: dict) -> str:
+    if m["passed"]:
+        return ("passed (every page's counter equals its pass count; passes on the destination "
+                f"{m['passes-on-destination']})")
+    if not m["ran-on-destination"]:
+        return "FAILED: the guest did not run on the destination"
+    return f"FAILED: {m['mismatching-pages']} page counters disagree with their pass count (a write was lost)"
+
+
 def notes(rep: dict) -> list[str]:
     g, f = rep["guest"], rep["faults"]
     nf = g["noise-floor"]
@@ -114,8 +123,7 @@ def notes(rep: dict) -> list[str]:
            f"postcopy window {_f(g['window-s'])} s; noise floor in that window {_f(nf['vcpu-ms-in-window'])} ms "
            f"(the same guest, no migration, {nf['measured-s']:g} s): postcopy's share of the stall per vCPU "
            f"{_f(nf['vcpu-stall-ms-less-noise'])}..{_f(g['vcpu-stall-ms'])} ms",
-           "memory check: " + ("passed" if g["memory-check"]["passed"] else
-                               f"FAILED, {g['memory-check']['mismatching-pages']} pages lost a write")]
+           "memory check: " + _memory(g["memory-check"])]
     if g["switchover-gap-ms"]:
         out.append(f"switchover gap (not counted): {_f(g['switchover-gap-ms'])} ms")
     if f:
