@@ -24,11 +24,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("qemu", help="migrate a real VM between two local QEMUs in postcopy; compare QEMU's "
                                     "blocktime, the engines' and the guest's own stalls")
     p.add_argument("--qemu", default="qemu-system-x86_64", metavar="BINARY",
-                   help="the QEMU under test (default: %(default)s on PATH); source and destination both")
+                   help="the QEMU under test, source and destination both (default: %(default)s on PATH)")
     p.add_argument("--smp", type=int, default=2, metavar="N", help="vCPUs, 1..8 (default %(default)s)")
     p.add_argument("--mem", default="128M", metavar="SIZE", help="guest RAM, e.g. 128M (default %(default)s)")
     p.add_argument("--accel", choices=ACCELS, default="kvm",
-                   help="kvm, or tcg (emulated: the guest's TSC is QEMU's, its stalls include translation)")
+                   help="kvm, or tcg (emulated: the guest's TSC is QEMU's, its stalls include translation); "
+                        "default %(default)s")
     p.add_argument("--backing", choices=BACKINGS, default="anon",
                    help="guest RAM: anon (QEMU's default), shmem (memfd, share=on), hugetlb (2 MiB memfd; "
                         "reserves huge pages for the run); default %(default)s")
@@ -44,8 +45,9 @@ def add_parser(sub) -> None:
                    help="a gap between two guest accesses longer than this is a stall (default %(default)s us)")
     p.add_argument("--noise", type=float, default=2.0, metavar="SECONDS",
                    help="the guest runs alone this long before migrating: its noise floor (default %(default)s)")
-    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' = stdout)")
-    p.add_argument("--report", metavar="DIR", help="write report.json, summary.txt, plots and a Perfetto trace")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' = stdout; default: none)")
+    p.add_argument("--report", metavar="DIR",
+                   help="write report.json, summary.txt, plots and a Perfetto trace there (default: none)")
     p.set_defaults(func=run)
 
 
