@@ -177,6 +177,10 @@ def _write_report(folder: str, rep: dict) -> None:
             bars[name] = {"sum of per-vCPU ms": sum(r["postcopy-vcpu-blocktime"]),
                           "all-vCPUs ms": r["postcopy-blocktime"]}
     plots.plot_bars(bars, os.path.join(folder, "guest-vs-qemu.png"), rep.get("argv"), "blocktime: guest vs QEMU")
+    from harness.qemu_plot import plot_guest_vs_trace
+
+    plot_guest_vs_trace(rep, os.path.join(folder, "guest-vs-trace.png"), rep.get("argv"),
+                        f"qemu: the guest's stalls against what QEMU's trace saw ({rep['qemu-version'].split('(')[0]})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -137,7 +137,8 @@ def ram_base(trace: str | Path) -> int | None:
     return None
 
 
-def match_faults(stalls: list[dict], traced: list[dict], base: int | None, page_size: int = PAGE) -> dict:
+def match_faults(stalls: list[dict], traced: list[dict], base: int | None, page_size: int = PAGE,
+                 hz: float = 0.0) -> dict:
     """Guest stalls against traced faults, by (vCPU, guest page of the trace's page size): the share
     QEMU saw, ratios, misses.  QEMU traces one begin per waiting vCPU, shared pages included."""
     per = page_size // PAGE  # guest 4 KiB pages per traced page (512 on hugetlbfs)
@@ -162,6 +163,8 @@ def match_faults(stalls: list[dict], traced: list[dict], base: int | None, page_
         matched.append((s, f))
     felt = {(s["vcpu"], s["page"] // per) for s in stalls}
     unfelt = [f for f in traced if base is not None and (f["vcpu"], (f["addr"] - base) // page_size) not in felt]
+    # The trace's clock against the guest's TSC, from the matched pairs (for pictures only).
+    offs = [f["t-ns"] - s["start-tsc"] / hz * 1e9 for s, f in matched if hz and "start-tsc" in s and "t-ns" in f]
     total = sum(s["ms"] for s in stalls)
     seen_ms = sum(min(f["ms"], s["ms"]) for s, f in matched)
     edges = [0, 0.25, 0.5, 0.75, 0.9, 1.1, 1.5, 2, 4, float("inf")]
@@ -179,6 +182,8 @@ def match_faults(stalls: list[dict], traced: list[dict], base: int | None, page_
         "untraced-stall-ms": round(sum(s["ms"] for s in untraced), 3),
         "unfelt-faults": unfelt[:20],
         "unfelt-fault-count": len(unfelt),
+        "trace-minus-guest-clock-ns": round(float(np.median(offs))) if offs else None,
+        "traced": traced,
     }
 
 
@@ -216,7 +221,8 @@ def compare(raw: dict) -> dict:
         cols = EventColumns.from_events(events)
         engines = replay_columns(meta, cols, ENGINE_NAMES)
         engines["bounds"] = blocktime_bounds(meta, cols)
-        faults = match_faults(g["list"], _trace_faults(meta, events), ram_base(trace), meta.page_size)
+        faults = match_faults(g["list"], _trace_faults(meta, events), ram_base(trace), meta.page_size,
+                              g["tsc-hz"])
     error = {}
     if "postcopy-vcpu-blocktime" in qemu:
         error["qemu"] = _error(qemu["postcopy-vcpu-blocktime"], qemu.get("postcopy-blocktime", 0), g)

@@ -109,7 +109,7 @@ def test_real_migration_report_is_whole_and_consistent(tmp_path):
     assert f["ram-base"] is not None
     stall_pages = {(s["vcpu"], s["page"]) for s in g["list"]}
     assert f["matched"] <= len(stall_pages)
-    for name in ("report.json", "summary.txt", "timeline.png", "trace.json", "guest-vs-qemu.png"):
+    for name in ("report.json", "summary.txt", "timeline.png", "trace.json", "guest-vs-qemu.png", "guest-vs-trace.png"):
         assert (rep_dir / name).is_file(), name
 
 
