@@ -198,8 +198,12 @@ def run(args: argparse.Namespace) -> int:
     except QemuRunError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    from harness.qemu_run import migrate
+    import signal
 
+    from harness.qemu_run import migrate
+    from harness.run import raise_terminated
+
+    old_term = signal.signal(signal.SIGTERM, raise_terminated)  # unwind: both QEMUs stopped, exit 143
     try:
 
         reports = []
@@ -223,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     except (QemuRunError, OSError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     doc = reports[0][0] if len(reports) == 1 else {**started, "runs": [r for r, _ in reports]}
     if args.json:
         text = json.dumps(doc, indent=1) + "\n"

@@ -84,13 +84,21 @@ class QMP:
             pass
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the harness dies, so no QEMU outlives a killed run."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class QemuProcess:
     """A QEMU started with a QMP socket at ``qmp_path``; ``stop()`` quits it, then signals, then kills."""
 
     def __init__(self, cmd: list[str], qmp_path: Path, out_path: Path) -> None:
         self.cmd = cmd
         with open(out_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
         self.out_path = out_path
         self.qmp: QMP | None = None
         try:
