@@ -163,3 +163,14 @@ def test_match_faults_by_vcpu_and_page():
                         base, page_size=2 << 20)
     assert huge["matched"] == 1  # guest page 515 lies in the second 2 MiB page
     assert match_faults(stalls, traced, None)["matched"] == 0  # no RAM block base: nothing to match
+
+
+@pytest.mark.slow
+def test_demo_qemu_draws_the_guest_against_the_trace(tmp_path):
+    if shutil.which(QEMU) is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip(f"{QEMU} or /dev/kvm missing")
+    r = _cli("demo", "qemu", "--fast", "--report", str(tmp_path / "d"))
+    assert r.returncode == 0, r.stderr
+    assert "memory check: passed" in r.stdout and "guest (its own TSC)" in r.stdout
+    png = tmp_path / "d" / "guest-vs-trace.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
