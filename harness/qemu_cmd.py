@@ -140,6 +140,17 @@ def notes(rep: dict) -> list[str]:
     tr = rep["trace"]
     if tr["problem"]:
         out.append(f"trace: {tr['problem']}")
+    m = tr.get("meta") or {}
+    if m:
+        which = "modern" if m.get("version") == "10.1+" else "seed"
+        line = (f"trace: {m.get('begin_lines')} begin / {m.get('end_lines')} end lines; the {which} engine "
+                f"reproduces {m.get('verified_ends')} of the end lines")
+        if m.get("logged_total_ms") is not None:
+            line += f"; the log's own final total {m['logged_total_ms']} ms"
+        out.append(line)
+        if m.get("mismatched_ends"):
+            out.append(f"warning: {m['mismatched_ends']} end lines the replay cannot explain "
+                       f"(first: {m.get('first_mismatch_lines')})")
     if rep["config"]["accel"] == "tcg":
         out.append("TCG: the guest's TSC is QEMU's emulated one and its accesses include translation; "
                    "stalls are indicative only")
