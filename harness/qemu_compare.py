@@ -29,7 +29,7 @@ from postcopy_core.blocktime.qemu_log import import_qemu_migrations
 
 PAGE = 4096
 QEMU_KEYS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency", "postcopy-vcpu-latency",
-             "postcopy-non-vcpu-latency", "postcopy-latency-dist")
+             "postcopy-non-vcpu-latency", "postcopy-latency-dist")  # the last four: QEMU 10.1+
 _REQUEST = re.compile(r"postcopy_ram_fault_thread_request Request for HVA=(0x[0-9a-f]+) rb=(\S+) offset=(0x[0-9a-f]+)")
 
 
@@ -235,8 +235,12 @@ def compare(raw: dict) -> dict:
             error[name] = _error([v / 1e6 for v in r["vcpu-blocktime-ns"]] if "vcpu-blocktime-ns" in r
                                  else r["postcopy-vcpu-blocktime"],
                                  r.get("blocktime-ns", r["postcopy-blocktime"] * 1e6) / 1e6, g)
+    # QEMU 10.1+ answers latencies too: held against the modern engine's replay of its own trace.
+    latency = {k: {"qemu": qemu[k], "modern": engines["modern"].get(k)}
+               for k in QEMU_KEYS[2:] if k in qemu and "modern" in engines}
     return {
         "qemu-version": raw["qemu-version"],
+        "qemu-vs-modern-latency": latency or None,
         "config": raw["config"],
         "qemu": qemu,
         "engines": engines,
