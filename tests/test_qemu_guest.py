@@ -174,3 +174,15 @@ def test_demo_qemu_draws_the_guest_against_the_trace(tmp_path):
     assert "memory check: passed" in r.stdout and "per fault:" in r.stdout
     png = tmp_path / "d" / "guest-vs-trace.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_check_qemu_says_what_is_missing():
+    r = _cli("check", "--json", "--qemu", "/nonexistent/qemu", timeout=120)
+    assert r.returncode == 1, r.stderr
+    rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert not rows["qemu: binary"]["ok"] and "not found" in rows["qemu: binary"]["detail"]
+    assert rows["qemu: guest boot sector"]["ok"]  # shipped built
+    if shutil.which(QEMU):
+        r = _cli("check", "--json", "--qemu", timeout=120)
+        rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        assert rows["qemu: binary"]["ok"] and rows["qemu: blocktime trace events"]["ok"]
