@@ -157,6 +157,41 @@ def notes(rep: dict) -> list[str]:
     return out
 
 
+def summarize(reps: list[dict]) -> dict:
+    """--repeat: per source, the median (and min..max) of the all-vCPUs total and of the per-vCPU sum."""
+    import statistics
+
+    def totals(r: dict) -> dict[str, tuple[float, float]]:
+        out = {"guest": (r["guest"]["all-stalled-ms"], sum(r["guest"]["vcpu-stall-ms"]))}
+        if "postcopy-blocktime" in r["qemu"]:
+            out["qemu"] = (r["qemu"]["postcopy-blocktime"], sum(r["qemu"]["postcopy-vcpu-blocktime"]))
+        for name in ("seed", "modern", "exact"):
+            if name in r["engines"]:
+                e = r["engines"][name]
+                out[name] = (e["postcopy-blocktime"], sum(e["postcopy-vcpu-blocktime"]))
+        return out
+
+    per = [totals(r) for r in reps]
+    out = {}
+    for name in per[0]:
+        vals = [p[name] for p in per if name in p]
+        a, b = [v[0] for v in vals], [v[1] for v in vals]
+        out[name] = {"all-ms": {"median": statistics.median(a), "min": min(a), "max": max(a)},
+                     "vcpu-sum-ms": {"median": statistics.median(b), "min": min(b), "max": max(b)}}
+    return {"runs": len(reps), "sources": out}
+
+
+def render_summary(summary: dict) -> Table:
+    t = Table(title=f"{summary['runs']} runs: median (min..max)")
+    for col in ("source", "all-vCPUs ms", "sum of per-vCPU ms"):
+        t.add_column(col)
+    for name, v in summary["sources"].items():
+        a, b = v["all-ms"], v["vcpu-sum-ms"]
+        t.add_row(name, f"{a['median']:,.1f} ({a['min']:,.1f}..{a['max']:,.1f})",
+                  f"{b['median']:,.1f} ({b['min']:,.1f}..{b['max']:,.1f})")
+    return t
+
+
 def _write_report(folder: str, rep: dict) -> None:
     from harness.report_dir import write_report_dir
     from postcopy_core.blocktime import EventColumns
@@ -240,7 +275,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, old_term)
-    doc = reports[0][0] if len(reports) == 1 else {**started, "runs": [r for r, _ in reports]}
+    doc = reports[0][0] if len(reports) == 1 else {**started, "runs": [r for r, _ in reports],
+                                                   "summary": summarize([r for r, _ in reports])}
+    if len(reports) > 1:
+        output_console().print(render_summary(doc["summary"]))
     if args.json:
         text = json.dumps(doc, indent=1) + "\n"
         if args.json == "-":
