@@ -186,3 +186,71 @@ def test_check_qemu_says_what_is_missing():
         r = _cli("check", "--json", "--qemu", timeout=120)
         rows = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
         assert rows["qemu: binary"]["ok"] and rows["qemu: blocktime trace events"]["ok"]
+
+
+def _gdb_packet(sock, data: str, reply: str = "") -> str:
+    """One GDB remote-protocol exchange: send $data#cs, return the first reply packet starting with
+    ``reply`` (stop notifications the stub sends on its own are skipped)."""
+    sock.sendall(f"${data}#{sum(data.encode()) % 256:02x}".encode())
+    buf = b""
+    while True:
+        while b"$" in buf and b"#" in buf[buf.index(b"$"):] and len(buf) >= buf.index(b"#", buf.index(b"$")) + 3:
+            start = buf.index(b"$")
+            end = buf.index(b"#", start)
+            packet, buf = buf[start + 1:end].decode(), buf[end + 3:]
+            sock.sendall(b"+")
+            if packet.startswith(reply):
+                return packet
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("gdbstub closed")
+        buf += chunk
+
+
+@pytest.mark.slow
+def test_planted_foreign_write_is_caught_by_the_guest(tmp_path):
+    """The memory check is trusted only because it catches a planted bug: a page counter changed
+    behind the guest's back (through QEMU's gdbstub) must be counted as a mismatch."""
+    import socket
+    import time
+
+    from harness.qmp import QemuProcess
+
+    if shutil.which(QEMU) is None or not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip(f"{QEMU} or /dev/kvm missing")
+    cfg = guest.GuestConfig(1, 64 << 20)
+    (tmp_path / "g.img").write_bytes(guest.image(cfg))
+    gdb = tmp_path / "gdb.sock"
+    proc = QemuProcess([QEMU, "-accel", "kvm", "-machine", "pc", "-m", "64M", "-smp", "1", "-nodefaults",
+                        "-display", "none", "-drive", f"file={tmp_path / 'g.img'},format=raw,if=ide,snapshot=on",
+                        "-boot", "c", "-name", "pch-qemu-plant",
+                        "-qmp", f"unix:{tmp_path / 'q.sock'},server=on,wait=off",
+                        "-gdb", f"unix:{gdb},server=on,wait=off"], tmp_path / "q.sock", tmp_path / "out")
+    try:
+        q = proc.qmp
+
+        def blocks():
+            q.cmd("pmemsave", val=guest.BLOCKS_DUMP[0], size=guest.BLOCKS_DUMP[1], filename=str(tmp_path / "b"))
+            return guest.parse_blocks((tmp_path / "b").read_bytes(), 1)[1][0]
+
+        deadline = time.monotonic() + 60
+        while blocks().passes < 2:
+            assert time.monotonic() < deadline, "the guest never walked its region"
+            time.sleep(0.1)
+        assert blocks().mismatches == 0
+        first, _ = cfg.region_of(0)
+        victim = first + cfg.region_pages // 2
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(str(gdb))  # the VM stops while a debugger is attached
+            _gdb_packet(s, "?", "T")
+            assert _gdb_packet(s, f"M{victim * guest.PAGE:x},4:efbeadde", "O") == "OK"
+            assert _gdb_packet(s, "D", "O") == "OK"  # detach: the VM runs on
+        passes = blocks().passes
+        while blocks().passes < passes + 2:
+            assert time.monotonic() < deadline + 60, "the guest stopped after the write"
+            time.sleep(0.1)
+        b = blocks()
+        assert b.mismatches == 1 and b.bad_page == victim - first
+    finally:
+        proc.stop()

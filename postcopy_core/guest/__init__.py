@@ -11,7 +11,7 @@ Guest-physical layout (all below 16 MiB, away from the BIOS's areas):
   (APIC id, passes, log entries written, mismatching pages, last TSC, last bad page);
 * ``LOG_BASE`` (1 MiB): one ``LOG_BYTES`` log per slot, ``ENTRY`` = (start tsc u64, length u64,
   guest page u32, pass u32);
-* ``REGION_BASE`` (16 MiB) and up: the pages the vCPUs walk.
+* ``REGION_BASE`` (16 MiB) and up, ending ``TOP_RESERVE`` below the top of RAM: the pages the vCPUs walk.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ LOG_BASE = 1 << 20
 LOG_BYTES = 1 << 20
 LOG_CAP = 1 << 15  # entries per ring (768 KiB of the 1 MiB log)
 REGION_BASE = 16 << 20
-TOP_RESERVE = 2 << 20  # the BIOS's tables sit at the top of RAM
+TOP_RESERVE = 20 << 20  # SeaBIOS keeps data up to 16 MiB below the top of RAM (found by the planted-write test)
 MAX_SLOTS = (REGION_BASE - LOG_BASE) // LOG_BYTES
 PAGE = 4096
 DISK_BYTES = 1 << 20  # the sector padded to a small IDE disk
