@@ -22,6 +22,10 @@ def main(args) -> int:
     from harness.netns import netns_checks
 
     checks += netns_checks(required=getattr(args, "netns", False))  # run --link-mode netns
+    if getattr(args, "qemu", None):
+        from harness.qemu_run import qemu_checks
+
+        checks += qemu_checks(args.qemu, required=True)  # postcopy-harness qemu
     if args.json:
         print(json.dumps(as_dict(checks), indent=2))
     else:

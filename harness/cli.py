@@ -317,6 +317,9 @@ def _add_check(sub) -> None:
     p.add_argument("--netns", action="store_true",
                    help="also require what --link-mode netns needs: root, iproute2 (ip, tc), a network "
                         "namespace with a veth pair, tc tbf; netem (latency, jitter, loss) is shown either way")
+    p.add_argument("--qemu", nargs="?", const="qemu-system-x86_64", default=None, metavar="BINARY",
+                   help="also require what `qemu` needs: QEMU (default qemu-system-x86_64) with the blocktime "
+                        "trace events, the guest; KVM is shown either way")
     p.set_defaults(func=_check)
 
 
@@ -341,9 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_source(sub)
     _add_check(sub)
-    from harness import compare, demo, loadtest, replay
+    from harness import compare, demo, loadtest, qemu_cmd, replay
 
     replay.add_parser(sub)
+    qemu_cmd.add_parser(sub)
     loadtest.add_parser(sub)
     compare.add_parser(sub)
     demo.add_parser(sub)

@@ -452,7 +452,15 @@ DEMOS: dict[str, Demo] = {d.name: d for d in (
     Demo("hugepages", "4 KiB vs 2 MiB pages: fewer faults, longer stalls (needs free huge pages)", hugepages),
     Demo("preempt", "vanilla vs preempt postcopy: an urgent page behind the stream or on its own channel",
          preempt),
+    Demo("qemu", "a real VM migrated between two local QEMUs: the guest's own stalls against QEMU's trace "
+         "(needs QEMU)", lambda args, console: _qemu_demo(args, console)),
 )}
+
+
+def _qemu_demo(args: argparse.Namespace, console: Console) -> int:
+    from harness.qemu_demo import qemu_demo
+
+    return qemu_demo(args, console)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

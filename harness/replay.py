@@ -260,7 +260,11 @@ def _notes(extra: dict, comparison: dict | None) -> list[str]:
             "faults, left faults, exist flags)."
         )
         if q["mismatched_ends"]:
-            notes.append(f"  lines that disagree (first): {q['first_mismatch_lines']}")
+            notes.append(f"warning: {q['mismatched_ends']} end lines disagree with the replay "
+                         f"(first: {q['first_mismatch_lines']})")
+        if q.get("backwards_times"):
+            notes.append(f"warning: {q['backwards_times']} lines whose time: goes backwards (a 10.1 log is "
+                         f"written in time: order: this one is damaged; first: {q['first_backwards_lines']})")
     elif q:
         notes.append(
             f"QEMU log: {q['begin_lines']} begin / {q['end_lines']} end lines; the seed engine reproduces "
@@ -268,7 +272,8 @@ def _notes(extra: dict, comparison: dict | None) -> list[str]:
             f"the log's own final total: {q['logged_total_ms']} ms."
         )
         if q["mismatched_ends"]:
-            notes.append(f"  unexplained end lines (first): {q['first_mismatch_lines']}")
+            notes.append(f"warning: {q['mismatched_ends']} end lines the seed engine cannot explain "
+                         f"(first: {q['first_mismatch_lines']})")
         if q["vcpus_inferred"]:
             notes.append(
                 "  vCPU count inferred from the highest vCPU that faulted; pass --vcpus N if one never did."

@@ -132,3 +132,13 @@ def test_what_the_readme_shows_works_from_anywhere(plain_install, tmp_path, clea
                               "print(reference.default_source())"], cwd=tmp_path, capture_output=True, text=True,
                              timeout=60).stdout.strip()
     assert "site-packages" in shipped and shipped.endswith("harness/data/uffd_ref.c")
+
+
+def test_the_qemu_guest_ships_in_the_plain_install(plain_install, tmp_path):
+    """`postcopy-harness qemu` boots the sector the package carries, with its source beside it."""
+    _checkout, bin_dir = plain_install
+    code = ("from postcopy_core import guest; "
+            "print(guest.BINARY.is_file(), guest.SOURCE.is_file(), 'site-packages' in str(guest.BINARY))")
+    p = subprocess.run([str(bin_dir / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert p.stdout.split() == ["True", "True", "True"], p.stderr

@@ -71,7 +71,7 @@ def test_version():
     assert re.fullmatch(r"postcopy-harness \d+\.\d+\.\d+\S*\n", p.stdout), p.stdout
 
 
-@pytest.mark.parametrize("command", ["run", "check", "replay", "loadtest"])
+@pytest.mark.parametrize("command", ["run", "check", "replay", "loadtest", "qemu"])
 def test_help_shows_defaults_and_units_and_no_outside_paths(command):
     p = cli_run(command, "--help")
     assert p.returncode == 0 and "Traceback" not in p.stderr

@@ -64,3 +64,21 @@ def test_a_wrong_count_is_caught(tmp_path):
 def test_detected_without_stamps(tmp_path):
     lines, _, _ = generate_qemu101_log(2, 100, seed=1, stamps=False)
     assert detect_format(_write(tmp_path, lines)) == "qemu-log"
+
+
+def test_time_going_backwards_is_counted_and_warned(tmp_path):
+    import subprocess
+    import sys
+
+    lines, _qm, _ends = generate_qemu101_log(2, 200, seed=7)
+    path = _write(tmp_path, lines)
+    meta, _ = import_qemu_log(path)
+    assert meta.extra["qemu"]["backwards_times"] == 0
+    idx = [i for i, x in enumerate(lines) if "postcopy_blocktime_begin" in x][5]
+    lines[idx] = re.sub(r"time: \d+", "time: 1", lines[idx])  # before every earlier line
+    bad = _write(tmp_path, lines, "bad.log")
+    meta, _ = import_qemu_log(bad)
+    assert meta.extra["qemu"]["backwards_times"] == 1
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "replay", str(bad)], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "warning: 1 lines whose time: goes backwards" in out

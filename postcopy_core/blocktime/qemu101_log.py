@@ -117,8 +117,14 @@ def import_qemu101_piece(path: str, lines: list[tuple[int, str]], vcpus: int | N
     mismatches: list[int] = []
     ones: list[tuple[int, int]] = []  # end_one lines since the last end
     ends = 0
+    backwards: list[int] = []  # lines whose time: is before the previous blocktime line's (a damaged log)
+    last_t = None
     for r in records:
         kind, line = r[0], r[1]
+        if kind in "BE":
+            if last_t is not None and r[3] < last_t:
+                backwards.append(line)
+            last_t = r[3] if last_t is None else max(last_t, r[3])
         if kind == "B":
             _, _, addr, t, cpu, exist = r
             if exist != (addr in check.pending):
@@ -148,6 +154,8 @@ def import_qemu101_piece(path: str, lines: list[tuple[int, str]], vcpus: int | N
             "first_mismatch_lines": mismatches[:10],
             "vcpus_inferred": vcpus is None and not tid_map,
             "tid_map_lines": len(tid_map),
+            "backwards_times": len(backwards),
+            "first_backwards_lines": backwards[:10],
         }
     }
     return meta, events

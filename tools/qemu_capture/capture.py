@@ -13,7 +13,7 @@ capture directory:
     info.json               versions, command lines, parameters, timings
 
 Everything lives in a private temp dir that is removed at the end; both QEMU
-processes are always terminated.  Only the Python standard library is used.
+processes are always terminated.  The QMP client is the package's (harness.qmp).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's harness package
+from harness.qmp import QMP, wait_status  # noqa: E402  (shared with `postcopy-harness qemu`)
 
 HERE = Path(__file__).resolve().parent
 GUEST_SRC = HERE / "guest.asm"
@@ -65,64 +68,6 @@ TRACE_EVENTS = [
 
 def log(msg: str) -> None:
     print(f"[capture {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class QMP:
-    """Minimal synchronous QMP client over a unix socket."""
-
-    def __init__(self, path: Path, proc: subprocess.Popen | None = None, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"QEMU exited with {proc.returncode} before QMP came up") from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"QMP socket {path} never came up") from None
-                time.sleep(0.05)
-        self.sock.settimeout(timeout)
-        self.buf = b""
-        self.events: list[dict] = []
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise RuntimeError(f"unexpected QMP greeting {greeting}")
-        self.cmd("qmp_capabilities")
-
-    def _read(self) -> dict:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("QMP connection closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name: str, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            resp = self._read()
-            if "event" in resp:
-                self.events.append(resp)
-                continue
-            if "error" in resp:
-                raise RuntimeError(f"QMP {name} {args}: {resp['error']}")
-            return resp["return"]
-
-    def hmp(self, line: str) -> str:
-        return self.cmd("human-monitor-command", **{"command-line": line})
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def build_image(tmp: Path, wake_aps: bool, base_mb: int, percpu_mb: int, step: int,
@@ -182,20 +127,6 @@ def heartbeats(q: QMP, ncpu: int) -> tuple[list[int], list[int]]:
                 vals += [int(w, 16) for w in ln.split(":", 1)[1].split()]
         return vals[:n]
     return words(HEARTBEAT, ncpu), words(HEARTBEAT + 0x100, ncpu)
-
-
-def wait_status(q: QMP, want: set[str], timeout: float, poll: float = 0.05) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = q.cmd("query-migrate")
-        st = info.get("status")
-        if st in want:
-            return info
-        if st in ("failed", "cancelled"):
-            raise RuntimeError(f"migration {st}: {info}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"migration stuck in {st!r}: {info}")
-        time.sleep(poll)
 
 
 def qemu_version(qemu: str) -> str:
