@@ -21,6 +21,9 @@ def _add_run(sub) -> None:
                               "every page they read was verified, the report's workers.lost says which); 130 Ctrl-C; "
                               "143 SIGTERM")
     add_run_flags(p)
+    from harness.restore import add_handler_flags
+
+    add_handler_flags(p)  # run --handler CMD: someone else's fault handler (harness/restore.py)
     p.set_defaults(func=_run)
 
 
@@ -165,6 +168,20 @@ def _run(args) -> int:
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
+    from harness.handler_process import HandlerError
+    from harness.restore import handler_spec, refuse_with_handler, run_handler_main
+
+    try:
+        spec = handler_spec(args)
+    except HandlerError as e:
+        err.print(f"postcopy-harness run: {e}")
+        return 2
+    if spec is not None:
+        problem = refuse_with_handler(args, cfg) or unwritable(args.json)
+        if problem:
+            err.print(f"postcopy-harness run: {problem}")
+            return 2
+        return run_handler_main(args, cfg, spec)
     for flag, path in (("--json", args.json), ("--trace", args.trace)):
         problem = unwritable(path)
         if problem:  # before the run, so its results are not lost at the end
@@ -339,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_parser(sub)
     compare.add_parser(sub)
     demo.add_parser(sub)
+    from harness import restore
+
+    restore.add_parser(sub)
     return parser
 
 
