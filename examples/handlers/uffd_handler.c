@@ -146,7 +146,7 @@ static int serve(int i, uint64_t addr)
     uint64_t dst = p->r.base + page * ps, src_off = p->r.offset + page * ps;
     int via = i;
 #ifdef BROKEN_OFFSET
-    src_off += ps; /* the page after the right one */
+    src_off = p->r.offset + (page + 1) % (p->r.size / ps) * ps; /* the page after the right one */
 #endif
 #ifdef BROKEN_EAGAIN
     via = 0; /* every copy through the first uffd (the memfd is shared), then wake the faulter */
