@@ -169,18 +169,18 @@ def _run(args) -> int:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
     from harness.handler_process import HandlerError
-    from harness.restore import handler_spec, refuse_with_handler, run_handler_main
+    from harness.restore import handler_problem, handler_spec, run_handler_main
 
     try:
         spec = handler_spec(args)
     except HandlerError as e:
         err.print(f"postcopy-harness run: {e}")
         return 2
-    if spec is not None:
-        problem = refuse_with_handler(args, cfg) or unwritable(args.json)
-        if problem:
-            err.print(f"postcopy-harness run: {problem}")
-            return 2
+    problem = handler_problem(args, cfg, spec)
+    if problem:
+        err.print(f"postcopy-harness run: {problem}")
+        return 2
+    if spec is not None:  # someone else's fault handler, a memory file and no source (harness/restore.py)
         return run_handler_main(args, cfg, spec)
     for flag, path in (("--json", args.json), ("--trace", args.trace)):
         problem = unwritable(path)

@@ -30,6 +30,7 @@ from postcopy_core import kernel
 from postcopy_core.blocktime import ENGINE_NAMES, TRUTH, TraceMeta, truth_result
 from postcopy_core.content import Image
 from postcopy_core.handoff import Expected, HandoffError, collect_uffds, listen_fresh
+from postcopy_core.precopy import GenerationMap
 from postcopy_core.probe import limit_checks, preflight, raise_fd_limit
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
 from vcpu_workers import results as R
@@ -45,9 +46,10 @@ NOT_AVAILABLE = "not available: needs the handler's own fault and placement even
 class ExternalRun(Run):
     """One run against an external handler; :meth:`execute` returns the raw material of the report."""
 
-    def __init__(self, cfg, handler: HandlerSpec, progress=None) -> None:
+    def __init__(self, cfg, handler: HandlerSpec, progress=None, remove_rate: float = 0.0) -> None:
         super().__init__(cfg, progress)
         self.handler_spec = handler
+        self.remove_rate = remove_rate  # --remove-rate: vCPUs give pages back (MADV_REMOVE) as they run
         self.handler: HandlerProcess | None = None
         self.workdir: str | None = None
         self.uffds: dict[int, int] = {}  # worker index -> our copy of its uffd (never read: fdinfo only)
@@ -112,6 +114,8 @@ class ExternalRun(Run):
         self.board = AccessBoard(cfg.vcpus)
         if write_mode(cfg.workload, cfg.write_ratio):
             self.ledger = StoreLedger(cfg.npages)
+        if self.remove_rate > 0:  # each page a vCPU gives back is marked there: it must read zeros after
+            self.gens = GenerationMap(cfg.npages)
         try:
             handoff, handoff_addr = listen_fresh("uffd", backlog=min(nworkers, 4096))
         except HandoffError as e:
@@ -134,7 +138,8 @@ class ExternalRun(Run):
 
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, False, spec, cfg.workload, cfg.write_ratio, handoff_addr,
                           start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1), cfg.non_vcpu,
-                          -1, "copy", self.received.fd, self.ledger.fd if self.ledger is not None else -1)
+                          self.gens.fd if self.gens is not None else -1, "copy", self.received.fd,
+                          self.ledger.fd if self.ledger is not None else -1, self.remove_rate)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         os.close(start_r)
@@ -199,6 +204,7 @@ class ExternalRun(Run):
             lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], workers_bad=sorted(self.workers_bad),
             placed=int(placed_map.sum()), handler_cpu_s=handler_cpu, handler_end=self.handler_end,
             handler_said=self.handler.said, handler_pids=self._handler_pids(), mem_file=mem_file,
+            remove_rate=self.remove_rate, removes=int(self.area.summary["removes"][: cfg.vcpus].sum()),
         )
 
     def _reap_quiet(self) -> bool:
@@ -221,7 +227,7 @@ class ExternalRun(Run):
         mapping = kernel.mmap_fd(self.ram.fd, cfg.ram)
         try:
             pending = [int(p) for p in self.area.summary["pending"] if p]
-            return check_ram(mapping.addr, spec, write_mode(cfg.workload, cfg.write_ratio), self.ledger, None,
+            return check_ram(mapping.addr, spec, write_mode(cfg.workload, cfg.write_ratio), self.ledger, self.gens,
                              received=memoryview(placed_map.astype(np.uint8)), pending=pending)
         finally:
             mapping.close()

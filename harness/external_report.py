@@ -48,6 +48,8 @@ def build_external_report(cfg, spec: HandlerSpec, raw: dict | None, error: str |
     checked = summ if nv is None or not len(nv) else np.concatenate([summ, nv])
     faults = int(checked["faulting"].sum())  # from the workers' own clocks: each access that waited
     rep["mem-file"] = raw["mem_file"]
+    rep["remove-rate"] = raw["remove_rate"]
+    rep["pages-removed"] = raw["removes"]  # given back by the vCPUs (MADV_REMOVE: UFFD_EVENT_REMOVE)
     rep["pages"] = {"total": cfg.npages, "placed": raw["placed"], "per-second": round(raw["placed"] / workload_s, 1)}
     rep["verification"] = verification(checked, raw["ram_check"])
     rep["faults"] = {"total": faults, "per-second": round(faults / workload_s, 1),
@@ -127,7 +129,8 @@ def print_external_summary(rep: dict, console=None) -> None:
     console.print(t)
 
 
-def run_external(cfg, spec: HandlerSpec, argv: list[str] | None = None, mode: str = "run") -> dict:
+def run_external(cfg, spec: HandlerSpec, argv: list[str] | None = None, mode: str = "run",
+                 remove_rate: float = 0.0) -> dict:
     """Run ``cfg`` against the external handler ``spec`` and return its report (never raises for a
     failed run; Ctrl-C gives error "interrupted", SIGTERM "terminated"); everything is torn down."""
     import signal
@@ -139,7 +142,7 @@ def run_external(cfg, spec: HandlerSpec, argv: list[str] | None = None, mode: st
     from postcopy_core.kernel import KernelError
 
     raw, error = None, None
-    run = ExternalRun(cfg, spec)
+    run = ExternalRun(cfg, spec, remove_rate=remove_rate)
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:

@@ -28,6 +28,10 @@ def add_handler_flags(p: argparse.ArgumentParser) -> None:
                    help="how --handler gets the uffds: pch (this project's protocol, $PCH_HANDLER_SOCKET) or "
                         "firecracker (CMD SOCKET MEMFILE, one connection per uffd with Firecracker's "
                         "region-mapping JSON) (default %(default)s)")
+    p.add_argument("--remove-rate", type=float, default=0.0, metavar="R",
+                   help="with --handler: after each access a vCPU gives its page back (MADV_REMOVE, as a balloon "
+                        "does) with probability R, 0..1, so the handler gets UFFD_EVENT_REMOVE and must serve zeros "
+                        "there next (workloads sequential, random, stride) (default 0: never)")
     p.add_argument("--handler-per-uffd", action="store_true",
                    help="with --handoff firecracker: start one handler process per uffd (each its own socket), "
                         "for handlers that accept one connection only")
@@ -40,6 +44,22 @@ def handler_spec(args) -> HandlerSpec | None:
             raise HandlerError("--handoff and --handler-per-uffd need --handler CMD")
         return None
     return HandlerSpec.parse(args.handler, args.handoff, args.handler_per_uffd)
+
+
+def refuse_remove_rate(args, cfg) -> str | None:
+    """Why --remove-rate cannot be used here (None if it can)."""
+    rate = getattr(args, "remove_rate", 0.0)
+    if not rate:
+        return None
+    if not 0 < rate <= 1:
+        return f"--remove-rate {rate:g}: a share of accesses, 0..1"
+    if not getattr(args, "handler", None):
+        return "--remove-rate needs --handler: the built-in handler does not serve UFFD_EVENT_REMOVE"
+    if cfg.workload not in ("sequential", "random", "stride"):
+        return "--remove-rate needs a workload where each page has one vCPU (sequential, random, stride)"
+    if cfg.non_vcpu:
+        return "--remove-rate with --non-vcpu: a non-vCPU process would read pages a vCPU is giving back"
+    return None
 
 
 def refuse_with_handler(args, cfg) -> str | None:
@@ -56,13 +76,24 @@ def refuse_with_handler(args, cfg) -> str | None:
     return None
 
 
+def handler_problem(args, cfg, spec: HandlerSpec | None) -> str | None:
+    """Why the --handler and --remove-rate flags cannot go with the rest (None if they can)."""
+    from harness.cli import unwritable
+
+    problem = refuse_remove_rate(args, cfg) or (refuse_with_handler(args, cfg) if spec is not None else None)
+    if problem:
+        return problem
+    json_problem = unwritable(getattr(args, "json", None))
+    return f"--json {args.json}: {json_problem}" if json_problem else None
+
+
 def run_handler_main(args, cfg, spec: HandlerSpec, mode: str = "run") -> int:
     """Run ``cfg`` against ``spec``, print and write the report; the command's exit status."""
     from harness.cli import EXIT_DEGRADED, err
     from harness.external_report import print_external_summary, run_external
     from harness.report import lost_words
 
-    rep = run_external(cfg, spec, getattr(args, "argv", None), mode)
+    rep = run_external(cfg, spec, getattr(args, "argv", None), mode, getattr(args, "remove_rate", 0.0))
     if not args.quiet:
         print_external_summary(rep)
     if rep["status"] == "completed-degraded":
@@ -100,7 +131,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="content seed of the written file (default %(default)s)")
     p.add_argument("--zero-share", type=float, default=d.zero_share, metavar="FRACTION",
                    help="share of all-zero pages in the written file (default %(default)s)")
-    p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N", help="vCPU worker processes (default %(default)s)")
+    p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
+                   help="vCPU worker processes (default %(default)s)")
     p.add_argument("--non-vcpu", type=int, default=0, metavar="N", help="also N non-vCPU faulting processes")
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload, help="access pattern (default %(default)s)")
     p.add_argument("--write-ratio", type=float, default=d.write_ratio, metavar="R",
@@ -116,7 +148,7 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from harness.cli import err, unwritable
+    from harness.cli import err
     from harness.config import ConfigError, RunConfig, image_bytes
 
     try:
@@ -134,9 +166,9 @@ def main(args) -> int:
     except (ConfigError, HandlerError) as e:
         err.print(f"postcopy-harness restore: {e}")
         return 2
-    problem = unwritable(args.json)
+    problem = handler_problem(args, cfg, spec)
     if problem:
-        err.print(f"postcopy-harness restore: --json {args.json}: {problem}")
+        err.print(f"postcopy-harness restore: {problem}")
         return 2
     if spec is not None:
         return run_handler_main(args, cfg, spec, mode="restore")

@@ -496,6 +496,18 @@ int pch_touch_run(struct pch_touch *t)
         if (writes && !is_store && t->mine[page])
             check_own_store(t, page, q, &c);
         t->verified[page] = 1;
+        if (t->remove_gens && pch_mix64(t->seed ^ 0x72656d6f7665ull ^ ((uint64_t)t->vcpu << 40) ^ i) < t->remove_threshold) {
+            /* give the page back, as a balloon does: from now on it reads zeros and holds no store of
+             * ours (said before the madvise: the page may be faulted in again only after it) */
+            if (t->mine) {
+                t->mine[page] = 0;
+                __atomic_store_n(&t->ledger[page], 0, __ATOMIC_RELEASE);
+            }
+            __atomic_store_n(&t->remove_gens[page], PCH_GEN_REMOVED, __ATOMIC_RELEASE);
+            if (madvise((void *)(uintptr_t)addr, t->page_size, MADV_REMOVE))
+                return -errno;
+            t->removes++;
+        }
     }
     t->t_end = pch_now_ns();
     if (t->board)

@@ -65,6 +65,7 @@ struct pch_worker_result {
     uint64_t stores, writes_checked, lost_writes;
     uint64_t by_kind[PCH_BAD_KINDS];
     uint64_t pending;            /* page + 1 while a store is under way: a worker killed mid-store leaves it */
+    uint64_t removes;            /* pages this worker gave back (run --remove-rate, MADV_REMOVE) */
     struct pch_finding bad;      /* the first wrong thing this worker read */
 };
 
@@ -101,6 +102,8 @@ struct pch_touch {
     uint32_t *mine;           /* per page: OWN 1 + the number of this vCPU's last store there (0: none);
                                * COUNT its increments there */
     uint64_t *pending;        /* this worker's result slot's `pending` */
+    uint32_t *remove_gens;    /* run --remove-rate: the generation map, written here (PCH_GEN_REMOVED), or NULL */
+    uint64_t remove_threshold; /* an access drops its page after it when a hash of it is below this */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -117,6 +120,7 @@ struct pch_touch {
     uint64_t t_start, t_end;  /* CLOCK_MONOTONIC ns */
     uint64_t stores, writes_checked, lost_writes;
     uint64_t by_kind[PCH_BAD_KINDS];
+    uint64_t removes;         /* pages given back */
     struct pch_finding bad;   /* the first wrong page or word read */
 };
 int pch_touch_run(struct pch_touch *t);
@@ -228,6 +232,7 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint64_t board_size;
     int cpus[16];                  /* PCH_WORKER_MAX_CPUS */
     int ncpus;
+    double remove_rate;            /* run --remove-rate: share of accesses after which the page is given back */
 };
 /* The body of worker w (after its set-up); returns its exit code. */
 int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_forked);

@@ -231,7 +231,8 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     const uint32_t *gens = NULL; /* mapped before "go"; read after it, once the source published them */
     if (p->gens_fd >= 0) {
         uint64_t len = (p->npages * 4 + 4095) / 4096 * 4096;
-        gens = map(len ? len : 4096, PROT_READ, MAP_SHARED, p->gens_fd);
+        /* run --remove-rate writes PCH_GEN_REMOVED for each page it gives back (one writer per page) */
+        gens = map(len ? len : 4096, PROT_READ | (p->remove_rate > 0 ? PROT_WRITE : 0), MAP_SHARED, p->gens_fd);
         if (!gens)
             return fail(p, w, "KernelError", "mmap(generation map)", errno);
     }
@@ -265,6 +266,10 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.min_fault_ns = p->min_fault_ns;
     t.board = board;
     t.gens = gens;
+    if (p->remove_rate > 0 && gens && w < p->nvcpus) {
+        t.remove_gens = (uint32_t *)gens;
+        t.remove_threshold = p->remove_rate >= 1 ? UINT64_MAX : (uint64_t)(p->remove_rate * 18446744073709551615.0);
+    }
     t.first_touch = p->first_touch;
     t.received = received;
     t.write_mode = p->write_mode;
@@ -299,6 +304,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     rec->lost_writes = t.lost_writes;
     memcpy(rec->by_kind, t.by_kind, sizeof rec->by_kind);
     rec->bad = t.bad;
+    rec->removes = t.removes;
     (void)nworkers;
     __atomic_store_n(&rec->state, t.mismatches ? PCH_STATE_FAILED : PCH_STATE_DONE, __ATOMIC_RELEASE);
     return t.mismatches ? PCH_WORKER_BAD_CONTENT : 0;
