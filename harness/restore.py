@@ -39,7 +39,7 @@ def add_handler_flags(p: argparse.ArgumentParser) -> None:
 
 def handler_spec(args) -> HandlerSpec | None:
     """The --handler flags as a HandlerSpec (None: the built-in handler); HandlerError on bad input."""
-    if not getattr(args, "handler", None):
+    if getattr(args, "handler", None) is None:
         if getattr(args, "handler_per_uffd", False) or getattr(args, "handoff", "pch") != "pch":
             raise HandlerError("--handoff and --handler-per-uffd need --handler CMD")
         return None
@@ -53,7 +53,7 @@ def refuse_remove_rate(args, cfg) -> str | None:
         return None
     if not 0 < rate <= 1:
         return f"--remove-rate {rate:g}: a share of accesses, 0..1"
-    if not getattr(args, "handler", None):
+    if getattr(args, "handler", None) is None:
         return "--remove-rate needs --handler: the built-in handler does not serve UFFD_EVENT_REMOVE"
     if cfg.workload not in ("sequential", "random", "stride"):
         return "--remove-rate needs a workload where each page has one vCPU (sequential, random, stride)"
@@ -80,7 +80,11 @@ def handler_problem(args, cfg, spec: HandlerSpec | None) -> str | None:
     """Why the --handler and --remove-rate flags cannot go with the rest (None if they can)."""
     from harness.cli import unwritable
 
+    import shutil
+
     problem = refuse_remove_rate(args, cfg) or (refuse_with_handler(args, cfg) if spec is not None else None)
+    if not problem and spec is not None and shutil.which(spec.command[0]) is None:
+        problem = f"--handler: {spec.command[0]!r} is not a command here (not found, or not executable)"
     if problem:
         return problem
     json_problem = unwritable(getattr(args, "json", None))
