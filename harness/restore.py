@@ -78,9 +78,9 @@ def refuse_with_handler(args, cfg) -> str | None:
 
 def handler_problem(args, cfg, spec: HandlerSpec | None) -> str | None:
     """Why the --handler and --remove-rate flags cannot go with the rest (None if they can)."""
-    from harness.cli import unwritable
-
     import shutil
+
+    from harness.cli import unwritable
 
     problem = refuse_remove_rate(args, cfg) or (refuse_with_handler(args, cfg) if spec is not None else None)
     if not problem and spec is not None and shutil.which(spec.command[0]) is None:
