@@ -84,7 +84,8 @@ def _line(row: dict) -> str:
 
     status = "ok" if row["status"] == "completed" else "FAILED"
     return (f"{row['handler'][-24:]:<24} {row['workload']:<10} {row['vcpus']:>5} {status:>6} "
-            f"{f(row['faults-per-s']):>9} {f(row['p50-us'], ',.1f'):>8} {f(row['p99-us'], ',.1f'):>9} {f(row['blocktime-truth-ms']):>8}"
+            f"{f(row['faults-per-s']):>9} {f(row['p50-us'], ',.1f'):>8} {f(row['p99-us'], ',.1f'):>9} "
+            f"{f(row['blocktime-truth-ms']):>8}"
             + (f"  {row['error']}" if row["error"] else ""))
 
 
@@ -96,7 +97,6 @@ def main(args: argparse.Namespace) -> int:
     """The sweep: 0 if every point completed, 1 if any failed, 2 for bad flags."""
     from harness.external_report import run_external
     from harness.loadtest import _check_writable
-
     from harness.report import output_console
 
     console = output_console()
