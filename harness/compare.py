@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="runs per strategy, alternating between strategies; the table shows medians "
                         "(default %(default)s)")
+    from harness.restore import add_handler_flags
+
+    add_handler_flags(p)  # compare --handler CMD: that handler against the built-in one (harness/handler_sweep.py)
     for action in p._actions:  # this command's --json is the comparison's document
         if action.dest == "json":
             action.help = 'write {"strategies": [one run report per strategy]} here (default: none)'
@@ -124,6 +127,8 @@ def _median_report(reports: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "handler", None) is not None:
+        return handler_compare(args)
     from harness.cli import err, unwritable
     from harness.config import ConfigError
     from harness.report import output_console, provenance
@@ -182,3 +187,15 @@ def run(args: argparse.Namespace) -> int:
     for r in failed[:1]:
         err.print(f"postcopy-harness compare: {r.get('strategy')}: failed: {r['error']}")
     return 1 if failed else 0
+
+
+def handler_compare(args: argparse.Namespace) -> int:
+    """compare --handler CMD: the built-in handler and CMD on the same memory file, one row each."""
+    from harness.config import RunConfig
+    from harness.handler_sweep import main as sweep
+
+    return sweep(argparse.Namespace(
+        handler=args.handler, handoff=args.handoff, handler_per_uffd=args.handler_per_uffd, vcpus=str(args.vcpus),
+        ram=args.ram if args.ram is not None else RunConfig().ram, workload=args.workload, backing=args.backing,
+        seed=args.seed, timeout=args.timeout, pin=args.pin, repeat=args.repeat, csv=None, json=args.json,
+        prog="postcopy-harness compare"))

@@ -107,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
         _check_writable(args.csv, "--csv")
         _check_writable(args.json, "--json")
     except (ConfigError, HandlerError, ValueError) as e:
-        err.print(f"{PROG}: {e}")
+        err.print(f"{getattr(args, 'prog', PROG)}: {e}")
         return 2
     rows, reports = [], []
     console.print(HEADER)

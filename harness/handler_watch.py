@@ -110,7 +110,8 @@ class HandlerWatch:
         counts = uffd_counts(self.uffds[v]) if v in self.uffds else None
         present = self._present(page)
         if counts is not None and counts[0] > 0:
-            why = f"{counts[0]} fault(s) on its uffd were never read: the handler does not serve this uffd"
+            why = (f"{counts[0]} message(s) on its uffd were never read (its fault, or a REMOVE event it waits on): "
+                   "the handler does not serve this uffd")
         elif present:
             why = (f"page {page} is in guest RAM, but this vCPU's uffd was never woken: a copy refused with "
                    "EEXIST was taken for success, or a page placed through another vCPU's uffd got no UFFDIO_WAKE "

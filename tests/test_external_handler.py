@@ -144,7 +144,7 @@ def test_broken_handler_is_caught_and_named(tmp_path, built, name):
 
 
 SILENT = r"""
-import json, os, socket, subprocess, sys, time
+import json, os, signal, socket, subprocess, sys, time
 subprocess.Popen(["sleep", "300", "pch-test-grandchild"])  # teardown must stop the whole group
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(os.environ["PCH_HANDLER_SOCKET"])
@@ -155,6 +155,8 @@ while True:
     if json.loads(data)["type"] == "end":
         break
 s.send(b'{"type": "ready"}')
+if sys.argv[1] == "stop":
+    os.kill(os.getpid(), signal.SIGSTOP)
 if sys.argv[1] == "die":
     time.sleep(0.2)
     print("handler: giving up on purpose", file=sys.stderr, flush=True)
@@ -163,7 +165,7 @@ time.sleep(300)
 """
 
 
-@pytest.mark.parametrize("how", ["silent", "die"])
+@pytest.mark.parametrize("how", ["silent", "stop", "die"])
 def test_a_handler_that_stops_answering_or_dies_is_named(tmp_path, how):
     script = tmp_path / "silent_handler.py"
     script.write_text(SILENT)
@@ -172,6 +174,8 @@ def test_a_handler_that_stops_answering_or_dies_is_named(tmp_path, how):
     assert code == 1 and rep["status"] == "failed"
     if how == "silent":
         assert "stopped answering" in rep["error"] and "never read" in rep["error"], rep["error"]
+    elif how == "stop":
+        assert "is stopped: no fault is answered" in rep["error"], rep["error"]
     else:
         assert "exited with status 3" in rep["error"] and "giving up on purpose" in rep["error"], rep["error"]
     assert rep["handler"]["command"].endswith(how)
@@ -199,3 +203,19 @@ def test_bad_handler_flags_one_line(argv, line):
     p = subprocess.run([console_script(), *argv], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.strip() == line
+
+
+@pytest.mark.parametrize("command", ["loadtest", "compare"])
+def test_side_by_side_with_the_builtin_handler(tmp_path, built, command):
+    doc = tmp_path / "sweep.json"
+    vcpus = "1,4" if command == "loadtest" else "4"
+    p = subprocess.run([console_script(), command, "--handler", built["uffd_handler"], "--handoff", "firecracker",
+                        "--vcpus", vcpus, "--ram", "4M", "--workload", "random", "--json", str(doc)],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(doc.read_text())["rows"]
+    assert [(r["handler"], r["vcpus"]) for r in rows] == [
+        (h, int(n)) for n in vcpus.split(",") for h in ("built-in", built["uffd_handler"])]
+    for r in rows:
+        assert r["status"] == "completed" and r["faults-per-s"] > 0 and r["p99-us"] >= r["p50-us"] > 0
+    assert "faults/s" in p.stdout and built["uffd_handler"][-24:] in p.stdout
