@@ -125,7 +125,8 @@ class ExternalRun(Run):
         self.fds += [start_r, start_w]
 
         # the handler first (a Firecracker handler binds its socket meanwhile), then the workers
-        self.handler = HandlerProcess(self.handler_spec, self.workdir, mem_file, cfg.page_size, cfg.ram)
+        features = ("THREAD_ID", "MISSING_SHMEM", *(("EVENT_REMOVE",) if self.remove_rate > 0 else ()))
+        self.handler = HandlerProcess(self.handler_spec, self.workdir, mem_file, cfg.page_size, cfg.ram, features)
         err_w = self.stderr.pipe("handler")
         try:
             pids = self.handler.start(err_w, nworkers)

@@ -84,6 +84,7 @@ class HandlerProcess:
     mem_file: str
     page_size: int
     ram_size: int
+    features: tuple[str, ...] = ("THREAD_ID", "MISSING_SHMEM")  # what the workers negotiated (UFFD_FEATURE_*)
     env_extra: dict = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     pgid: int | None = None
@@ -185,7 +186,7 @@ class HandlerProcess:
         try:
             self._send(conn, {"type": "run", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
                               "uffds": len(entries), "page_size": self.page_size, "size": self.ram_size,
-                              "mem_file": self.mem_file})
+                              "mem_file": self.mem_file, "features": list(self.features)})
             for e in entries:
                 socket.send_fds(conn, [json.dumps({"type": "uffd", "vcpu": e.vcpu, "pid": e.pid,
                                                    **self.region(e)}).encode()], [e.fd])

@@ -113,9 +113,11 @@ def test_restore_from_a_users_memory_file_both_handlers(tmp_path, built):
     assert rep["verification"]["ram-bad-pages"] == 0 and rep["verification"]["pages-checked"] > 0
 
 
-def test_remove_events_served_by_the_good_handler(tmp_path, built):
-    code, rep, err = run(tmp_path, "--handler", built["uffd_handler"], "--handoff", "firecracker", "--vcpus", "8",
-                         "--ram", "8M", "--remove-rate", "0.2")
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_remove_events_served_by_the_good_handlers(tmp_path, built, which):
+    handler = (["--handler", built["uffd_handler"], "--handoff", "firecracker"] if which == "c"
+               else ["--handler", f"{sys.executable} {HANDLERS / 'py_handler.py'}"])
+    code, rep, err = run(tmp_path, *handler, "--vcpus", "8", "--ram", "8M", "--remove-rate", "0.2")
     assert code == 0, err
     assert_verified(rep, 8)
     assert rep["pages-removed"] > 0
@@ -219,3 +221,21 @@ def test_side_by_side_with_the_builtin_handler(tmp_path, built, command):
     for r in rows:
         assert r["status"] == "completed" and r["faults-per-s"] > 0 and r["p99-us"] >= r["p50-us"] > 0
     assert "faults/s" in p.stdout and built["uffd_handler"][-24:] in p.stdout
+
+
+YOURS = os.environ.get("PCH_TEST_HANDLER")
+
+
+@pytest.mark.skipif(not YOURS, reason="set PCH_TEST_HANDLER=CMD (and PCH_TEST_HANDOFF) to test your own handler")
+@pytest.mark.parametrize("flags", [
+    ["--vcpus", "1", "--workload", "sequential"],
+    ["--vcpus", "256", "--workload", "sequential"],
+    ["--vcpus", "32", "--workload", "shared"],
+    ["--vcpus", "8", "--workload", "random", "--remove-rate", "0.2"],
+], ids=["1-vcpu", "256-vcpus", "shared-pages", "remove-events"])
+def test_your_handler(tmp_path, flags):
+    handoff = os.environ.get("PCH_TEST_HANDOFF", "pch")
+    code, rep, err = run(tmp_path, "--handler", YOURS, "--handoff", handoff, "--ram", "8M", "--stall-timeout", "10",
+                         *flags)
+    assert code == 0, err
+    assert_verified(rep, int(flags[1]))
