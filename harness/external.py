@@ -22,7 +22,14 @@ import time
 
 import numpy as np
 
-from harness.handler_process import HandlerError, HandlerProcess, HandlerSpec, UffdEntry
+from harness.handler_process import (
+    HandlerError,
+    HandlerProcess,
+    HandlerSpec,
+    UffdEntry,
+    sweep_stale_workdirs,
+    workdir_prefix,
+)
 from harness.handler_watch import HandlerWatch, resident
 from harness.run import ROLE_NAMES, Run, uss_bytes
 from harness.supervise import STARTUP_TIMEOUT, RunFailed, describe_status
@@ -103,7 +110,8 @@ class ExternalRun(Run):
                 raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
         raise_fd_limit(nworkers)
         spec = self._spec()
-        self.workdir = tempfile.mkdtemp(prefix="pch-handler-")
+        sweep_stale_workdirs()
+        self.workdir = tempfile.mkdtemp(prefix=workdir_prefix())
         mem_file = self._mem_file(spec)
         self.ram = GuestRam(cfg.ram)
         self.ram_map = kernel.mmap_fd(self.ram.fd, cfg.ram)  # never touched: mincore only
@@ -136,6 +144,11 @@ class ExternalRun(Run):
             os.close(err_w)
         for pid in pids:
             self.children.add(pid, "handler")
+            if cfg.pin:  # --pin: the handler on CPU 0, the workers on CPU 1 (as the built-in handler)
+                try:
+                    os.sched_setaffinity(pid, self._cpus(0))
+                except OSError:
+                    pass
 
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, False, spec, cfg.workload, cfg.write_ratio, handoff_addr,
                           start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1), cfg.non_vcpu,

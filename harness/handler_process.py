@@ -34,6 +34,44 @@ CONNECT_TIMEOUT = 30.0  # firecracker: how long the handler may take to bind its
 QUIT_GRACE = 5.0  # pch: how long a handler told to quit may take before SIGTERM
 
 
+def _die_with_parent() -> None:
+    from postcopy_core import kernel
+
+    kernel.die_with_parent()
+
+
+def workdir_prefix(pid: int | None = None) -> str:
+    """The name of a run's private folder starts so: the orchestrator's pid, for the sweep below."""
+    return f"pch-handler-{os.getpid() if pid is None else pid}-"
+
+
+def sweep_stale_workdirs(root: str | None = None) -> list[str]:
+    """Remove our own handler folders (memory file, sockets) left by runs whose orchestrator is gone."""
+    import re
+    import shutil
+    import tempfile
+
+    root = root or tempfile.gettempdir()
+    swept = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return swept
+    for name in names:
+        m = re.match(r"pch-handler-(\d+)-", name)
+        path = os.path.join(root, name)
+        if not m or int(m.group(1)) == os.getpid() or os.path.exists(f"/proc/{m.group(1)}"):
+            continue
+        try:
+            if os.lstat(path).st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        swept.append(path)
+    return swept
+
+
 class HandlerError(RuntimeError):
     """The handler could not be started, refused the hand-off or broke the protocol (one line)."""
 
@@ -97,9 +135,9 @@ class HandlerProcess:
 
     def _spawn(self, argv: list[str], err_w: int, env: dict) -> subprocess.Popen:
         kw = dict(process_group=self.pgid if self.pgid is not None else 0)  # a group of its own, joined by the rest
-        try:
+        try:  # it dies with the orchestrator too (PR_SET_PDEATHSIG survives exec), as the workers do
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err_w, stderr=err_w, env=env,
-                                 close_fds=True, **kw)
+                                 close_fds=True, preexec_fn=_die_with_parent, **kw)
         except OSError as e:
             raise HandlerError(f"cannot start the handler {shlex.join(argv)!r}: {e.strerror}") from None
         if self.pgid is None:

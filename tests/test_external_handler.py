@@ -239,3 +239,17 @@ def test_your_handler(tmp_path, flags):
                          *flags)
     assert code == 0, err
     assert_verified(rep, int(flags[1]))
+
+
+def test_stale_handler_folders_of_dead_runs_are_swept(tmp_path):
+    from harness.handler_process import sweep_stale_workdirs, workdir_prefix
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{workdir_prefix(dead.pid)}abc"
+    stale.mkdir()
+    (stale / "guest-ram.mem").write_bytes(b"x")
+    live = tmp_path / f"{workdir_prefix()}def"  # this process's own: a run of ours may be under way
+    live.mkdir()
+    assert sweep_stale_workdirs(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists()
