@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                         "(default %(default)s)")
     from harness.restore import add_handler_flags
 
-    add_handler_flags(p)  # compare --handler CMD: that handler against the built-in one (harness/handler_sweep.py)
+    add_handler_flags(p, remove=False)  # compare --handler CMD: it and the built-in one (harness/handler_sweep.py)
     for action in p._actions:  # this command's --json is the comparison's document
         if action.dest == "json":
             action.help = 'write {"strategies": [one run report per strategy]} here (default: none)'
@@ -194,8 +194,7 @@ def handler_compare(args: argparse.Namespace) -> int:
     from harness.config import RunConfig
     from harness.handler_sweep import main as sweep
 
-    return sweep(argparse.Namespace(
-        handler=args.handler, handoff=args.handoff, handler_per_uffd=args.handler_per_uffd, vcpus=str(args.vcpus),
-        ram=args.ram if args.ram is not None else RunConfig().ram, workload=args.workload, backing=args.backing,
-        seed=args.seed, timeout=args.timeout, pin=args.pin, repeat=args.repeat, csv=None, json=args.json,
-        prog="postcopy-harness compare"))
+    ns = argparse.Namespace(**vars(args))  # every flag goes along: one that --handler does not use is refused
+    ns.vcpus, ns.csv, ns.prog = str(args.vcpus), None, "postcopy-harness compare"
+    ns.ram = args.ram if args.ram is not None else RunConfig().ram
+    return sweep(ns)

@@ -102,6 +102,11 @@ def main(args: argparse.Namespace) -> int:
     console = output_console()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
+        from harness.restore import refuse_with_handler
+
+        problem = refuse_with_handler(args, None)
+        if problem:
+            raise ConfigError(problem)
         spec = HandlerSpec.parse(args.handler, args.handoff, args.handler_per_uffd)
         cfgs = configs(args)
         _check_writable(args.csv, "--csv")

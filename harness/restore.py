@@ -14,13 +14,17 @@ import argparse
 
 from harness.handler_process import HANDOFFS, HandlerError, HandlerSpec
 
-# run flags that need the built-in handler or a migration source: refused with --handler
-NOT_WITH_HANDLER = {"source": "--source", "precopy": "--precopy", "inject": "--inject", "plant_bug": "--plant-bug",
-                    "trace": "--trace", "report": "--report", "live": "--live"}
+# what a run against an external handler takes from the command line; any other flag given (one
+# about the source, its link, the built-in handler, a report of its events) is refused with --handler
+USED_WITH_HANDLER = frozenset({
+    "command", "func", "argv", "flag_defaults", "vcpus", "non_vcpu", "ram", "mem_file", "workload", "seed",
+    "zero_share", "image", "write_ratio", "pin", "timeout", "stall_timeout", "json", "csv", "quiet", "repeat",
+    "backing", "handler", "handoff", "handler_per_uffd", "remove_rate"})
 
 
-def add_handler_flags(p: argparse.ArgumentParser) -> None:
-    """--handler, --handoff, --handler-per-uffd (run, restore)."""
+def add_handler_flags(p: argparse.ArgumentParser, remove: bool = True) -> None:
+    """--handler, --handoff, --handler-per-uffd, and --remove-rate unless ``remove`` is false (run,
+    restore, loadtest, compare); call it after the command's other flags: it records their defaults."""
     p.add_argument("--handler", metavar="CMD",
                    help="an external userfaultfd handler to test instead of the built-in one: a command line, "
                         "split as a shell would (docs/handler-protocol.md says what it is handed)")
@@ -28,13 +32,24 @@ def add_handler_flags(p: argparse.ArgumentParser) -> None:
                    help="how --handler gets the uffds: pch (this project's protocol, $PCH_HANDLER_SOCKET) or "
                         "firecracker (CMD SOCKET MEMFILE, one connection per uffd with Firecracker's "
                         "region-mapping JSON) (default %(default)s)")
-    p.add_argument("--remove-rate", type=float, default=0.0, metavar="R",
-                   help="with --handler: after each access a vCPU gives its page back (MADV_REMOVE, as a balloon "
-                        "does) with probability R, 0..1, so the handler gets UFFD_EVENT_REMOVE and must serve zeros "
-                        "there next (workloads sequential, random, stride) (default 0: never)")
+    if remove:
+        p.add_argument("--remove-rate", type=float, default=0.0, metavar="R",
+                       help="with --handler: after each access a vCPU gives its page back (MADV_REMOVE, as a balloon "
+                            "does) with probability R, 0..1, so the handler gets UFFD_EVENT_REMOVE and must serve "
+                            "zeros there next (workloads sequential, random, stride) (default 0: never)")
     p.add_argument("--handler-per-uffd", action="store_true",
                    help="with --handoff firecracker: start one handler process per uffd (each its own socket), "
                         "for handlers that accept one connection only")
+    # dest -> (its flag, its default): what unused_flag() compares against
+    p.set_defaults(flag_defaults={a.dest: (a.option_strings[0], a.default) for a in p._actions if a.option_strings})
+
+
+def unused_flag(args) -> str | None:
+    """The first flag given that a run against an external handler would not use, or None."""
+    for dest, (flag, default) in getattr(args, "flag_defaults", {}).items():
+        if dest not in USED_WITH_HANDLER and getattr(args, dest, default) != default:
+            return flag
+    return None
 
 
 def handler_spec(args) -> HandlerSpec | None:
@@ -63,16 +78,13 @@ def refuse_remove_rate(args, cfg) -> str | None:
 
 
 def refuse_with_handler(args, cfg) -> str | None:
-    """Why these run flags cannot go with --handler (None if they can)."""
-    for attr, flag in NOT_WITH_HANDLER.items():
-        if getattr(args, attr, None):
-            return f"{flag} needs the built-in handler (leave out --handler)"
-    if cfg.backing != "shmem":
+    """Why these flags cannot go with --handler (None if they can)."""
+    flag = unused_flag(args)
+    if flag:
+        return (f"{flag} is not for --handler (a restore from a memory file: no source, no migration link, "
+                "no built-in handler)")
+    if cfg is not None and cfg.backing != "shmem":
         return "--handler runs on --backing shmem only"
-    if cfg.place != "copy":
-        return "--place continue needs the built-in handler"
-    if cfg.transport != "unix" or cfg.link_mode != "model":
-        return "--transport and --link-mode concern the migration link, which a restore from a memory file has not"
     return None
 
 
