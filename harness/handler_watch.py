@@ -4,9 +4,10 @@ With the built-in handler the watch reads the handler's own records; an external
 none.  What the harness can see without it:
 
 - each vCPU's access-board slot (the page it is touching) and its CPU time: a vCPU whose slot has
-  not moved for ``--stall-timeout`` and that burns no CPU is asleep in a fault;
+  not moved for ``--stall-timeout`` and that burns no CPU may be asleep in a fault;
 - its uffd's ``/proc/self/fdinfo`` (the orchestrator keeps a copy of every uffd and never reads
-  it): ``pending`` counts faults nobody has read, ``total`` those read but not yet woken too;
+  it): ``pending`` counts faults nobody has read, ``total`` those read but not yet woken too; a
+  still vCPU with ``total`` 0 waits for something else (the finish line, a CPU) and is let be;
 - whether the page is in guest RAM (mincore on the orchestrator's own mapping of the memfd).
 
 Together they say what the handler got wrong: it does not read that uffd at all; it read the fault
@@ -78,16 +79,12 @@ class HandlerWatch:
         if now < self._next:
             return
         self._next = now + CHECK_EVERY_S
-        for pid in self.handler_pids:  # a stopped handler first: every vCPU waits on it
-            state = process_state(pid)
-            if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
-                raise RunFailed(f"the handler {self.handler} (pid {pid}) is {state}: no fault is answered "
-                                f"(--stall-timeout)")
         slots = self._board().copy()
         self._moved[slots != self._slots] = now
         self._slots = slots
         ended = self._ended()
-        for v in np.flatnonzero((now - self._moved >= self.timeout) & (slots > 0)):
+        # slot 0 too: after its timed loop a vCPU re-reads its pages (a page given back faults again)
+        for v in np.flatnonzero(now - self._moved >= self.timeout):
             v = int(v)
             if v in ended:
                 continue
@@ -95,20 +92,31 @@ class HandlerWatch:
             self._cpu[v] = cpu
             if before is None:
                 continue  # compared at the next check
+            self._cpu.pop(v)
             if cpu is None or cpu != before:
                 self._moved[v] = now
-                self._cpu.pop(v)
                 continue
-            self._fail(v, int(slots[v]) - 1)
+            counts = uffd_counts(self.uffds[v]) if v in self.uffds else None
+            if counts is not None and counts[1] == 0 and process_state(self.worker_pids[v]) not in (
+                    psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                self._moved[v] = now  # no fault of its own waits (the finish line, a busy host): not the handler's
+                continue
+            self._fail(v, int(slots[v]) - 1, counts)
 
-    def _fail(self, v: int, page: int) -> None:
+    def _fail(self, v: int, page: int, counts: tuple[int, int] | None) -> None:
+        # looked at only now (a stalled vCPU): with one handler process per uffd there may be thousands
+        for hpid in self.handler_pids:  # a stopped handler first: every vCPU waits on it
+            state = process_state(hpid)
+            if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                raise RunFailed(f"the handler {self.handler} (pid {hpid}) is {state}: no fault is answered "
+                                f"(--stall-timeout)")
         pid = self.worker_pids[v]
         state = process_state(pid)
         who = f"{self.worker_name(v)} (pid {pid})"
         if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
             raise RunFailed(f"{who} is {state} (--stall-timeout)")
-        counts = uffd_counts(self.uffds[v]) if v in self.uffds else None
-        present = self._present(page)
+        present = page >= 0 and self._present(page)
+        where = f"page {page}" if page >= 0 else "a page it re-read after its timed loop"
         if counts is not None and counts[0] > 0:
             why = (f"{counts[0]} message(s) on its uffd were never read (its fault, or a REMOVE event it waits on): "
                    "the handler does not serve this uffd")
@@ -116,8 +124,10 @@ class HandlerWatch:
             why = (f"page {page} is in guest RAM, but this vCPU's uffd was never woken: a copy refused with "
                    "EEXIST was taken for success, or a page placed through another vCPU's uffd got no UFFDIO_WAKE "
                    "on this one")
-        else:
+        elif page >= 0:
             why = (f"the handler read the fault but page {page} was never placed: a UFFDIO_COPY that failed "
                    "(EAGAIN during a REMOVE event, or an error) was dropped instead of retried")
-        raise RunFailed(f"the handler {self.handler} stopped answering: {who} has waited on page {page} for "
+        else:
+            why = "the handler read its fault and never answered it"
+        raise RunFailed(f"the handler {self.handler} stopped answering: {who} has waited on {where} for "
                         f"{self.timeout:g} s (state: {state}); {why} (--stall-timeout)")
