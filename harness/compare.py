@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                         "(default %(default)s)")
     from harness.restore import add_handler_flags
 
-    add_handler_flags(p, remove=False)  # compare --handler CMD: it and the built-in one (harness/handler_sweep.py)
+    add_handler_flags(p, events=False)  # compare --handler CMD: it and the built-in one (harness/handler_sweep.py)
     for action in p._actions:  # this command's --json is the comparison's document
         if action.dest == "json":
             action.help = 'write {"strategies": [one run report per strategy]} here (default: none)'

@@ -53,10 +53,12 @@ NOT_AVAILABLE = "not available: needs the handler's own fault and placement even
 class ExternalRun(Run):
     """One run against an external handler; :meth:`execute` returns the raw material of the report."""
 
-    def __init__(self, cfg, handler: HandlerSpec, progress=None, remove_rate: float = 0.0) -> None:
+    def __init__(self, cfg, handler: HandlerSpec, progress=None, remove_rate: float = 0.0,
+                 fork_events: bool = False) -> None:
         super().__init__(cfg, progress)
         self.handler_spec = handler
         self.remove_rate = remove_rate  # --remove-rate: vCPUs give pages back (MADV_REMOVE) as they run
+        self.fork_events = fork_events  # --fork-events: each vCPU forks a reader mid-run (UFFD_EVENT_FORK)
         self.handler: HandlerProcess | None = None
         self.workdir: str | None = None
         self.uffds: dict[int, int] = {}  # worker index -> our copy of its uffd (never read: fdinfo only)
@@ -133,7 +135,8 @@ class ExternalRun(Run):
         self.fds += [start_r, start_w]
 
         # the handler first (a Firecracker handler binds its socket meanwhile), then the workers
-        features = ("THREAD_ID", "MISSING_SHMEM", *(("EVENT_REMOVE",) if self.remove_rate > 0 else ()))
+        features = ("THREAD_ID", "MISSING_SHMEM", *(("EVENT_REMOVE",) if self.remove_rate > 0 else ()),
+                    *(("EVENT_FORK",) if self.fork_events else ()))
         self.handler = HandlerProcess(self.handler_spec, self.workdir, mem_file, cfg.page_size, cfg.ram, features)
         err_w = self.stderr.pipe("handler")
         try:
@@ -153,7 +156,8 @@ class ExternalRun(Run):
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, False, spec, cfg.workload, cfg.write_ratio, handoff_addr,
                           start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1), cfg.non_vcpu,
                           self.gens.fd if self.gens is not None else -1, "copy", self.received.fd,
-                          self.ledger.fd if self.ledger is not None else -1, self.remove_rate)
+                          self.ledger.fd if self.ledger is not None else -1, self.remove_rate, self.fork_events,
+                          cfg.stall_timeout)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         os.close(start_r)
@@ -219,6 +223,7 @@ class ExternalRun(Run):
             placed=int(placed_map.sum()), handler_cpu_s=handler_cpu, handler_end=self.handler_end,
             handler_said=self.handler.said, handler_pids=self._handler_pids(), mem_file=mem_file,
             remove_rate=self.remove_rate, removes=int(self.area.summary["removes"][: cfg.vcpus].sum()),
+            forks=int(self.area.summary["forks"][: cfg.vcpus].sum()),
         )
 
     def _reap_quiet(self) -> bool:

@@ -334,7 +334,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "p50/p99 and blocktime against the vCPU count) into DIR (default: none)")
     from harness.restore import add_handler_flags
 
-    add_handler_flags(p, remove=False)  # loadtest --handler CMD: it and the built-in one (harness/handler_sweep.py)
+    add_handler_flags(p, events=False)  # loadtest --handler CMD: it and the built-in one (harness/handler_sweep.py)
     p.set_defaults(func=run)
 
 

@@ -19,12 +19,13 @@ from harness.handler_process import HANDOFFS, HandlerError, HandlerSpec
 USED_WITH_HANDLER = frozenset({
     "command", "func", "argv", "flag_defaults", "vcpus", "non_vcpu", "ram", "mem_file", "workload", "seed",
     "zero_share", "image", "write_ratio", "pin", "timeout", "stall_timeout", "json", "csv", "quiet", "repeat",
-    "backing", "handler", "handoff", "handler_per_uffd", "remove_rate"})
+    "backing", "handler", "handoff", "handler_per_uffd", "remove_rate", "fork_events"})
 
 
-def add_handler_flags(p: argparse.ArgumentParser, remove: bool = True) -> None:
-    """--handler, --handoff, --handler-per-uffd, and --remove-rate unless ``remove`` is false (run,
-    restore, loadtest, compare); call it after the command's other flags: it records their defaults."""
+def add_handler_flags(p: argparse.ArgumentParser, events: bool = True) -> None:
+    """--handler, --handoff, --handler-per-uffd, and --remove-rate, --fork-events unless ``events`` is
+    false (run, restore, loadtest, compare); call it after the command's other flags: it records their
+    defaults."""
     p.add_argument("--handler", metavar="CMD",
                    help="an external userfaultfd handler to test instead of the built-in one: a command line, "
                         "split as a shell would (docs/handler-protocol.md says what it is handed)")
@@ -32,7 +33,10 @@ def add_handler_flags(p: argparse.ArgumentParser, remove: bool = True) -> None:
                    help="how --handler gets the uffds: pch (this project's protocol, $PCH_HANDLER_SOCKET) or "
                         "firecracker (CMD SOCKET MEMFILE, one connection per uffd with Firecracker's "
                         "region-mapping JSON) (default %(default)s)")
-    if remove:
+    if events:
+        p.add_argument("--fork-events", action="store_true",
+                       help="with --handler: each vCPU forks a child mid-run that reads its next pages, so the "
+                            "handler gets UFFD_EVENT_FORK with a new uffd it must serve (default: off)")
         p.add_argument("--remove-rate", type=float, default=0.0, metavar="R",
                        help="with --handler: after each access a vCPU gives its page back (MADV_REMOVE, as a balloon "
                             "does) with probability R, 0..1, so the handler gets UFFD_EVENT_REMOVE and must serve "
@@ -63,6 +67,8 @@ def handler_spec(args) -> HandlerSpec | None:
 
 def refuse_remove_rate(args, cfg) -> str | None:
     """Why --remove-rate cannot be used here (None if it can)."""
+    if getattr(args, "fork_events", False) and getattr(args, "handler", None) is None:
+        return "--fork-events needs --handler: the built-in handler does not serve UFFD_EVENT_FORK"
     rate = getattr(args, "remove_rate", 0.0)
     if not rate:
         return None
@@ -109,7 +115,8 @@ def run_handler_main(args, cfg, spec: HandlerSpec, mode: str = "run") -> int:
     from harness.external_report import print_external_summary, run_external
     from harness.report import lost_words
 
-    rep = run_external(cfg, spec, getattr(args, "argv", None), mode, getattr(args, "remove_rate", 0.0))
+    rep = run_external(cfg, spec, getattr(args, "argv", None), mode, getattr(args, "remove_rate", 0.0),
+                       getattr(args, "fork_events", False))
     if not args.quiet:
         print_external_summary(rep)
     if rep["status"] == "completed-degraded":

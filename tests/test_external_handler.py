@@ -114,13 +114,13 @@ def test_restore_from_a_users_memory_file_both_handlers(tmp_path, built):
 
 
 @pytest.mark.parametrize("which", ["c", "python"])
-def test_remove_events_served_by_the_good_handlers(tmp_path, built, which):
+def test_remove_and_fork_events_served_by_the_good_handlers(tmp_path, built, which):
     handler = (["--handler", built["uffd_handler"], "--handoff", "firecracker"] if which == "c"
                else ["--handler", f"{sys.executable} {HANDLERS / 'py_handler.py'}"])
-    code, rep, err = run(tmp_path, *handler, "--vcpus", "8", "--ram", "8M", "--remove-rate", "0.2")
+    code, rep, err = run(tmp_path, *handler, "--vcpus", "8", "--ram", "8M", "--remove-rate", "0.2", "--fork-events")
     assert code == 0, err
     assert_verified(rep, 8)
-    assert rep["pages-removed"] > 0
+    assert rep["pages-removed"] > 0 and rep["forks"] == 8
 
 
 # broken handler -> (extra flags, words the error must hold)
@@ -129,6 +129,7 @@ BROKEN = {
     "broken_offset": (["--vcpus", "4"], ["verification failed", "foreign"]),
     "broken_eagain": (["--vcpus", "8", "--ram", "32M", "--remove-rate", "0.3"], ["never placed", "EAGAIN"]),
     "broken_remove": (["--vcpus", "4", "--remove-rate", "0.2"], ["verification failed", "stale"]),
+    "broken_fork": (["--vcpus", "4", "--fork-events"], ["the child it forked mid-run waited", "UFFD_EVENT_FORK"]),
 }
 
 
@@ -209,6 +210,8 @@ def test_a_handler_that_stops_answering_or_dies_is_named(tmp_path, how):
      "postcopy-harness compare: --strategy is not for --handler (a restore from a memory file: no source, no "
      "migration link, no built-in handler)"),
     (["loadtest", "--remove-rate", "0.1"], None),
+    (["run", "--fork-events"],
+     "postcopy-harness run: --fork-events needs --handler: the built-in handler does not serve UFFD_EVENT_FORK"),
     (["restore", "--mem-file", "/nonexistent"],
      "postcopy-harness restore: cannot read image '/nonexistent': No such file or directory"),
 ])
@@ -246,7 +249,8 @@ YOURS = os.environ.get("PCH_TEST_HANDLER")
     ["--vcpus", "256", "--workload", "sequential"],
     ["--vcpus", "32", "--workload", "shared"],
     ["--vcpus", "8", "--workload", "random", "--remove-rate", "0.2"],
-], ids=["1-vcpu", "256-vcpus", "shared-pages", "remove-events"])
+    ["--vcpus", "8", "--workload", "random", "--fork-events"],
+], ids=["1-vcpu", "256-vcpus", "shared-pages", "remove-events", "fork-events"])
 def test_your_handler(tmp_path, flags):
     handoff = os.environ.get("PCH_TEST_HANDOFF", "pch")
     code, rep, err = run(tmp_path, "--handler", YOURS, "--handoff", handoff, "--ram", "8M", "--stall-timeout", "10",

@@ -9,7 +9,7 @@ memory file until told ``quit``, then say what it did and exit.
 
 The ioctls go through ``postcopy_core.kernel`` (UFFDIO_COPY/ZEROPAGE/WAKE, errors as KernelError
 with the errno); the uffd messages are read raw (32 bytes each, ``struct uffd_msg``) so that
-events other than page faults (UFFD_EVENT_REMOVE) are seen too.
+events other than page faults (UFFD_EVENT_REMOVE, UFFD_EVENT_FORK) are seen too.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ from postcopy_core._uffd import ffi
 MSG = struct.Struct("<B3xI24s")  # struct uffd_msg: event, reserved, the event's union
 PAGEFAULT = struct.Struct("<QQI4x")  # flags, address, ptid
 REMOVE = struct.Struct("<QQ8x")  # start, end
-EVENT_PAGEFAULT, EVENT_REMOVE = 0x12, 0x15
+FORK = struct.Struct("<I20x")  # the child's new uffd (installed in this process by the read)
+EVENT_PAGEFAULT, EVENT_FORK, EVENT_REMOVE = 0x12, 0x13, 0x15
+
+
+REMOVED: set[int] = set()  # file offsets of pages a REMOVE event dropped: zeros from now on, whoever faults
 
 
 class Port:
@@ -37,9 +41,9 @@ class Port:
 
     def __init__(self, fd: int, msg: dict) -> None:
         self.uffd = kernel.Uffd.adopt(fd)
+        self.msg = msg
         self.base, self.size, self.offset = msg["base_host_virt_addr"], msg["size"], msg["offset"]
         self.page_size = msg["page_size"]
-        self.removed: set[int] = set()  # pages a REMOVE event dropped: they read zeros from now on
 
 
 def serve(port: Port, addr: int, mem, stats: dict) -> None:
@@ -47,12 +51,13 @@ def serve(port: Port, addr: int, mem, stats: dict) -> None:
     ps = port.page_size
     page = (addr - port.base) // ps
     dst = port.base + page * ps
+    src = port.offset + page * ps
     try:
-        if page in port.removed:
-            port.removed.discard(page)
+        if src in REMOVED:  # the memory is shared: the page reads zeros through every uffd
+            REMOVED.discard(src)
             port.uffd.zeropage(dst, ps)
         else:
-            port.uffd.copy(dst, mem + port.offset + page * ps, ps)
+            port.uffd.copy(dst, mem + src, ps)
         stats["placed"] += 1
     except kernel.KernelError as e:
         if e.errno == errno.EEXIST:  # placed already (through another uffd): still wake our waiter
@@ -62,7 +67,7 @@ def serve(port: Port, addr: int, mem, stats: dict) -> None:
             raise
 
 
-def read_events(port: Port, mem, stats: dict) -> bool:
+def read_events(port: Port, mem, stats: dict, ports: dict, poller) -> bool:
     """Handle what the uffd holds; False once the process behind it is gone."""
     while True:
         try:
@@ -79,9 +84,14 @@ def read_events(port: Port, mem, stats: dict) -> bool:
             elif event == EVENT_REMOVE:
                 start, end = REMOVE.unpack(body)
                 stats["removes"] += 1
-                lo = max(start, port.base)
-                hi = min(end, port.base + port.size)
-                port.removed.update(range((lo - port.base) // port.page_size, -(-(hi - port.base) // port.page_size)))
+                lo, hi = max(start, port.base), min(end, port.base + port.size)
+                REMOVED.update(range(port.offset + lo - port.base, port.offset + hi - port.base, port.page_size))
+            elif event == EVENT_FORK:  # the child's address space is a copy of the parent's: same region
+                fd = FORK.unpack(body)[0]
+                os.set_blocking(fd, False)
+                ports[fd] = Port(fd, port.msg)
+                poller.register(fd, select.POLLIN)
+                stats["forks"] += 1
 
 
 def main() -> int:
@@ -104,7 +114,7 @@ def main() -> int:
         elif msg["type"] == "end":
             break
     ctl.send(json.dumps({"type": "ready"}).encode())
-    stats = dict.fromkeys(("faults", "placed", "eexist", "removes"), 0)
+    stats = dict.fromkeys(("faults", "placed", "eexist", "removes", "forks"), 0)
     poller = select.poll()
     for fd in ports:
         poller.register(fd, select.POLLIN)
@@ -115,7 +125,7 @@ def main() -> int:
                 ctl.recv(65536)  # "quit" (or EOF: the harness is gone)
                 ctl.send(json.dumps({"type": "stats", **stats}).encode())
                 return 0
-            if not read_events(ports[fd], mem, stats):
+            if not read_events(ports[fd], mem, stats, ports, poller):
                 poller.unregister(fd)
 
 

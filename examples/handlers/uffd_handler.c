@@ -20,7 +20,9 @@
  *  - a copy may place fewer bytes than asked (uffdio_copy.copy): the rest is still missing.
  *  - ESRCH: the process behind that uffd is gone: forget the uffd.
  *  - a REMOVE event drops pages; a later fault there must get a zero page, not the file's bytes
- *    (the guest gave the page up, as a balloon does).
+ *    (the guest gave the page up, as a balloon does). The memory is shared: whichever uffd faults on
+ *    that page next, it gets zeros.
+ *  - a FORK event carries a new uffd, for the child's address space: serve it like the others.
  *
  * The broken_*.c files next to this one define one BROKEN_* macro and include this file: each
  * makes one of the mistakes above on purpose, so that the harness's checks can be seen to catch it.
@@ -51,7 +53,6 @@ struct region {
 struct port {
     int fd;
     struct region r; /* one region per uffd here; a real VMM may send several */
-    uint8_t *removed; /* per page: dropped by a REMOVE event, so zero-filled on its next fault */
 };
 
 struct deferred {
@@ -63,6 +64,7 @@ static struct port ports[MAX_UFFDS];
 static int nports;
 static const uint8_t *mem;
 static uint64_t mem_size;
+static uint8_t *removed; /* per 4 KiB of the memory file: dropped by a REMOVE event, zeros on its next fault */
 static struct deferred later[MAX_DEFERRED];
 static int nlater;
 
@@ -116,10 +118,20 @@ static void accept_uffd(int listener)
         fprintf(stderr, "uffd_handler: the region does not fit the memory file\n");
         exit(1);
     }
-    p->removed = calloc(p->r.size / p->r.page_size, 1);
     fcntl(p->fd, F_SETFL, fcntl(p->fd, F_GETFL) | O_NONBLOCK); /* poll() on a uffd needs it */
     nports++;
     close(conn); /* the uffd is ours now; the sender keeps its own end of the socket */
+}
+
+/* a forked child's uffd: the child's address space is a copy of its parent's, same regions */
+static void add_forked(int fd, const struct region *r)
+{
+    if (nports == MAX_UFFDS) {
+        fprintf(stderr, "uffd_handler: too many uffds\n");
+        exit(1);
+    }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    ports[nports++] = (struct port){.fd = fd, .r = *r};
 }
 
 static void forget(int i)
@@ -152,7 +164,7 @@ static int serve(int i, uint64_t addr)
     via = 0; /* every copy through the first uffd (the memfd is shared), then wake the faulter */
 #endif
 #ifndef BROKEN_REMOVE
-    if (p->removed[page]) { /* the guest dropped it: it reads zeros now, not the file */
+    if (removed[src_off / 4096]) { /* the guest dropped it: it reads zeros now, not the file */
         struct uffdio_zeropage z = {.range = {.start = dst, .len = ps}};
         int rc = ioctl(p->fd, UFFDIO_ZEROPAGE, &z);
         if (rc == 0 || errno == EEXIST) {
@@ -160,7 +172,7 @@ static int serve(int i, uint64_t addr)
                 struct uffdio_range w = {.start = dst, .len = ps};
                 ioctl(p->fd, UFFDIO_WAKE, &w);
             }
-            p->removed[page] = 0;
+            removed[src_off / 4096] = 0;
             return 0;
         }
         if (errno == EAGAIN)
@@ -229,14 +241,19 @@ static void read_port(int i)
                     defer(i, msg->arg.pagefault.address);
             } else if (msg->event == UFFD_EVENT_REMOVE) {
 #ifndef BROKEN_REMOVE
-                struct port *p = &ports[i];
-                uint64_t ps = p->r.page_size;
-                for (uint64_t a = msg->arg.remove.start; a < msg->arg.remove.end; a += ps)
-                    if (a >= p->r.base && a < p->r.base + p->r.size)
-                        p->removed[(a - p->r.base) / ps] = 1;
+                struct region *r = &ports[i].r;
+                for (uint64_t a = msg->arg.remove.start; a < msg->arg.remove.end; a += r->page_size)
+                    if (a >= r->base && a < r->base + r->size)
+                        removed[(r->offset + (a - r->base)) / 4096] = 1;
+#endif
+            } else if (msg->event == UFFD_EVENT_FORK) {
+#ifdef BROKEN_FORK
+                (void)add_forked; /* the child's uffd is left open and never read */
+#else
+                add_forked((int)msg->arg.fork.ufd, &ports[i].r);
 #endif
             }
-            /* other events (fork, remap, unmap) are not registered by this handler */
+            /* other events (remap, unmap) are not registered by the harness */
         }
         if (ports[i].fd < 0)
             return;
@@ -257,6 +274,8 @@ int main(int argc, char **argv)
     mem = mmap(NULL, mem_size, PROT_READ, MAP_PRIVATE, mfd, 0);
     if (mem == MAP_FAILED)
         die("mmap(memory file)");
+    if (!(removed = calloc(mem_size / 4096 + 1, 1)))
+        die("calloc");
     int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     strncpy(sa.sun_path, argv[1], sizeof sa.sun_path - 1);
