@@ -110,7 +110,7 @@ class ExternalRun(Run):
         for c in limit_checks(nworkers):
             if not c.ok:
                 raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
-        raise_fd_limit(nworkers)
+        raise_fd_limit(2 * nworkers)  # our copy of every uffd, and (firecracker) a connection per uffd
         spec = self._spec()
         sweep_stale_workdirs()
         self.workdir = tempfile.mkdtemp(prefix=workdir_prefix())
