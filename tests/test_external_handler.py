@@ -271,3 +271,14 @@ def test_stale_handler_folders_of_dead_runs_are_swept(tmp_path):
     live.mkdir()
     assert sweep_stale_workdirs(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists()
+
+
+def test_python_api_runs_a_handler(built):
+    import postcopy_harness as ph
+
+    rep = ph.run(handler=built["uffd_handler"], handoff="firecracker", vcpus=2, ram="4M", workload="shared")
+    assert_verified(rep, 2)
+    with pytest.raises(ph.ConfigError, match="^link is not for handler="):
+        ph.run(handler=built["uffd_handler"], link="1gbit")
+    with pytest.raises(ph.ConfigError, match="--handoff and --handler-per-uffd need --handler CMD"):
+        ph.run(handoff="firecracker")
