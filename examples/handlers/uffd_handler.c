@@ -161,7 +161,7 @@ static int serve(int i, uint64_t addr)
     src_off = p->r.offset + (page + 1) % (p->r.size / ps) * ps; /* the page after the right one */
 #endif
 #ifdef BROKEN_EAGAIN
-    via = 0; /* every copy through the first uffd (the memfd is shared), then wake the faulter */
+    via = (i + 1) % nports; /* copy through another vCPU's uffd (the memfd is shared), then wake the faulter */
 #endif
 #ifndef BROKEN_REMOVE
     if (removed[src_off / 4096]) { /* the guest dropped it: it reads zeros now, not the file */
