@@ -73,6 +73,8 @@ class HandlerWatch:
         self._slots = board().copy()
         self._moved = np.full(len(self._slots), now)
         self._cpu: dict[int, float | None] = {}
+        self._dev_cpu: dict[int, float | None] = {}  # non-vCPU processes (no board slot): CPU per timeout
+        self._dev_next = now + timeout
 
     def check(self) -> None:
         now = time.monotonic()
@@ -102,6 +104,23 @@ class HandlerWatch:
                 self._moved[v] = now  # no fault of its own waits (the finish line, a busy host): not the handler's
                 continue
             self._fail(v, int(slots[v]) - 1, counts)
+        if now >= self._dev_next:
+            self._check_devices(len(slots), ended, now)
+
+    def _check_devices(self, first: int, ended: set[int], now: float) -> None:
+        """Non-vCPU processes (run --non-vcpu) have no board slot: still for a whole timeout, with a
+        fault waiting on their uffd, they are stalled too."""
+        self._dev_next = now + self.timeout
+        for w in range(first, len(self.worker_pids)):
+            if w in ended:
+                continue
+            cpu, before = _cpu(self.worker_pids[w]), self._dev_cpu.get(w)
+            self._dev_cpu[w] = cpu
+            if before is None or cpu is None or cpu != before:
+                continue
+            counts = uffd_counts(self.uffds[w]) if w in self.uffds else None
+            if counts is not None and counts[1] > 0:
+                self._fail(w, -1, counts)
 
     def _fail(self, v: int, page: int, counts: tuple[int, int] | None) -> None:
         # looked at only now (a stalled vCPU): with one handler process per uffd there may be thousands
@@ -116,7 +135,8 @@ class HandlerWatch:
         if state in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
             raise RunFailed(f"{who} is {state} (--stall-timeout)")
         present = page >= 0 and self._present(page)
-        where = f"page {page}" if page >= 0 else "a page it re-read after its timed loop"
+        where = (f"page {page}" if page >= 0 else "a page it re-read after its timed loop" if v < len(self._slots)
+                 else "a page")
         if counts is not None and counts[0] > 0:
             why = (f"{counts[0]} message(s) on its uffd were never read (its fault, or a REMOVE event it waits on): "
                    "the handler does not serve this uffd")

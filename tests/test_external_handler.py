@@ -186,6 +186,27 @@ def test_a_handler_that_stops_answering_or_dies_is_named(tmp_path, how):
     no_handler_left(str(script))
 
 
+def test_a_non_vcpu_process_left_waiting_is_named(tmp_path):
+    script = tmp_path / "vcpus_only.py"
+    script.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(HANDLERS)!r})
+import py_handler
+serve_all = py_handler.read_events
+def vcpus_only(port, *rest):  # serves the vCPUs' uffds only (pch hand-off: vcpu -1 is a non-vCPU process)
+    if port.msg["vcpu"] < 0:
+        time.sleep(0.005)
+        return True
+    return serve_all(port, *rest)
+py_handler.read_events = vcpus_only
+sys.exit(py_handler.main())
+""")
+    code, rep, err = run(tmp_path, "--handler", f"{sys.executable} {script}", "--vcpus", "2", "--non-vcpu", "1",
+                         "--ram", "4M", "--stall-timeout", "1.5")
+    assert code == 1 and rep["status"] == "failed"
+    assert "stopped answering: non-vCPU process 0" in rep["error"] and "never read" in rep["error"], rep["error"]
+
+
 @pytest.mark.parametrize("argv, line", [
     (["run", "--handler="], "postcopy-harness run: --handler: empty command"),
     (["run", "--handler", "/nonexistent/h"],
