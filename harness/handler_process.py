@@ -186,15 +186,24 @@ class HandlerProcess:
             while True:
                 alive()
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                s.settimeout(max(0.01, min(1.0, deadline - time.monotonic())))  # a full backlog blocks connect
                 try:
                     s.connect(path)
                     break
+                except (TimeoutError, BlockingIOError):  # its backlog is full: it does not accept
+                    s.close()
+                    time.sleep(0.01)
+                    if time.monotonic() > deadline:
+                        raise HandlerError(f"the handler's socket took {i} of {len(entries)} connections and no "
+                                           f"more within {timeout:.0f} s (one that accepts one connection only "
+                                           "needs --handler-per-uffd)") from None
                 except (FileNotFoundError, ConnectionRefusedError):
                     s.close()
                     if time.monotonic() > deadline:
                         raise HandlerError(f"the handler did not listen on {path} within {timeout:.0f} s") from None
                     time.sleep(0.01)
             body = json.dumps([self.region(e)]).encode()
+            s.settimeout(timeout)
             try:
                 socket.send_fds(s, [body], [e.fd])
             except OSError as err:
