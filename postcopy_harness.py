@@ -142,13 +142,17 @@ def replay(
 # ------------------------------------------------------------------ live runs
 
 
+# run(handler=CMD, ...): someone else's fault handler (harness/restore.py, docs/handler-protocol.md)
+HANDLER_OPTIONS = ("handler", "handoff", "handler_per_uffd", "remove_rate", "fork_events")
+
+
 def run_options() -> tuple[str, ...]:
     """The keyword arguments :func:`run` accepts (the ``run`` command's flags, with underscores)."""
     from harness.config import RunConfig
 
     # parsed forms, and a test-only knob
     internal = ("link_model", "injections", "working_set_pages", "precopy_skip_discards")
-    return tuple(f.name for f in fields(RunConfig) if f.name not in internal)
+    return (*(f.name for f in fields(RunConfig) if f.name not in internal), *HANDLER_OPTIONS)
 
 
 def _config(options: Mapping[str, object]):
@@ -158,7 +162,7 @@ def _config(options: Mapping[str, object]):
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ConfigError(f"unknown run option {unknown[0]!r} (choose from {', '.join(known)})")
-    opts = dict(options)
+    opts = {k: v for k, v in options.items() if k not in HANDLER_OPTIONS}
     if "ram" in opts:
         opts["ram"] = parse_size(opts["ram"])  # "8M" like the command line
     for key in ("trace", "json", "image", "report"):
@@ -211,16 +215,46 @@ def run(*, check: bool = True, **options: object) -> dict:
 
     ``options`` are the ``run`` command's flags as keyword arguments (see :func:`run_options`), e.g.
     ``run(vcpus=3, ram="8M", workload="shared", background=False, link="1gbit,1ms", trace=path)``;
-    ``ram`` takes an int or a size string.  Bad options raise ConfigError (one line).  With
+    ``ram`` takes an int or a size string.  ``handler="CMD"`` (with ``handoff``, ``handler_per_uffd``,
+    ``remove_rate``, ``fork_events``) tests someone else's fault handler instead of the built-in one,
+    as ``run --handler`` does (docs/handler-protocol.md).  Bad options raise ConfigError (one line).  With
     ``check`` (the default) a run that did not complete raises RunError (its report attached);
     Ctrl-C raises KeyboardInterrupt after the teardown.  Nothing of the run is left behind.
     """
-    rep = run_config(_config(options))
+    cfg = _config(options)
+    rep = _run_handler(cfg, options) if any(k in options for k in HANDLER_OPTIONS) else run_config(cfg)
     if rep["error"] == "interrupted":
         raise KeyboardInterrupt
     if check and rep["status"] != "completed":
         raise RunError(rep)
     return rep
+
+
+def _run_handler(cfg, options: Mapping[str, object]) -> dict:
+    """run(handler=CMD, ...): the run against an external handler (as ``run --handler``)."""
+    import argparse
+
+    from harness.external_report import run_external
+    from harness.handler_process import HandlerError
+    from harness.restore import USED_WITH_HANDLER, handler_problem, handler_spec
+
+    args = argparse.Namespace(handler=None, handoff="pch", handler_per_uffd=False, remove_rate=0.0, fork_events=False,
+                              json=cfg.json)
+    for k in HANDLER_OPTIONS:
+        if k in options:
+            setattr(args, k, options[k])
+    try:
+        spec = handler_spec(args)
+    except HandlerError as e:
+        raise ConfigError(str(e)) from None
+    unused = sorted(k for k in options if k not in USED_WITH_HANDLER)
+    problem = (f"{unused[0]} is not for handler= (no source, no migration link, no built-in handler)" if unused
+               else handler_problem(args, cfg, spec))
+    if problem:
+        raise ConfigError(problem)
+    if spec is None:  # handler=None: the built-in one
+        return run_config(cfg)
+    return run_external(cfg, spec, remove_rate=float(args.remove_rate), fork_events=bool(args.fork_events))
 
 
 # ------------------------------------------------------------------ checking blocktime

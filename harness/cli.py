@@ -20,6 +20,9 @@ def _add_run(sub) -> None:
                               "every page they read was verified, the report's workers.lost says which); 130 Ctrl-C; "
                               "143 SIGTERM")
     add_run_flags(p)
+    from harness.restore import add_handler_flags
+
+    add_handler_flags(p)  # run --handler CMD: someone else's fault handler (harness/restore.py)
     p.set_defaults(func=_run)
 
 
@@ -175,6 +178,20 @@ def _run(args) -> int:
     except ConfigError as e:
         err.print(f"postcopy-harness run: {e}", highlight=False)
         return 2
+    from harness.handler_process import HandlerError
+    from harness.restore import handler_problem, handler_spec, run_handler_main
+
+    try:
+        spec = handler_spec(args)
+    except HandlerError as e:
+        err.print(f"postcopy-harness run: {e}")
+        return 2
+    problem = handler_problem(args, cfg, spec)
+    if problem:
+        err.print(f"postcopy-harness run: {problem}")
+        return 2
+    if spec is not None:  # someone else's fault handler, a memory file and no source (harness/restore.py)
+        return run_handler_main(args, cfg, spec)
     for flag, path in (("--json", args.json), ("--trace", args.trace)):
         problem = unwritable(path)
         if problem:  # before the run, so its results are not lost at the end
@@ -351,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_parser(sub)
     compare.add_parser(sub)
     demo.add_parser(sub)
+    from harness import restore
+
+    restore.add_parser(sub)
     add_version_everywhere(parser, f"postcopy-harness {tool_version()}")  # after every subcommand exists
     return parser
 

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="runs per strategy, alternating between strategies; the table shows medians "
                         "(default %(default)s)")
+    from harness.restore import add_handler_flags
+
+    add_handler_flags(p, events=False)  # compare --handler CMD: it and the built-in one (harness/handler_sweep.py)
     for action in p._actions:  # this command's --json is the comparison's document
         if action.dest == "json":
             action.help = 'write {"strategies": [one run report per strategy]} here (default: none)'
@@ -124,6 +127,8 @@ def _median_report(reports: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "handler", None) is not None:
+        return handler_compare(args)
     from harness.cli import err, unwritable
     from harness.config import ConfigError
     from harness.report import output_console, provenance
@@ -184,3 +189,14 @@ def run(args: argparse.Namespace) -> int:
     for r in failed[:1]:
         err.print(f"postcopy-harness compare: {r.get('strategy')}: failed: {r['error']}")
     return 1 if failed else 0
+
+
+def handler_compare(args: argparse.Namespace) -> int:
+    """compare --handler CMD: the built-in handler and CMD on the same memory file, one row each."""
+    from harness.config import RunConfig
+    from harness.handler_sweep import main as sweep
+
+    ns = argparse.Namespace(**vars(args))  # every flag goes along: one that --handler does not use is refused
+    ns.vcpus, ns.csv, ns.prog = str(args.vcpus), None, "postcopy-harness compare"
+    ns.ram = args.ram if args.ram is not None else RunConfig().ram
+    return sweep(ns)

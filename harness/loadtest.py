@@ -336,6 +336,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="DIR",
                    help="write report.json (the --json document), summary.txt and loadtest.png (faults/s, "
                         "p50/p99 and blocktime against the vCPU count) into DIR (default: none)")
+    from harness.restore import add_handler_flags
+
+    add_handler_flags(p, events=False)  # loadtest --handler CMD: it and the built-in one (harness/handler_sweep.py)
     p.set_defaults(func=run)
 
 
@@ -349,6 +352,10 @@ def _check_writable(path: str | None, flag: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep: 0 if every point completed, 1 if any failed, 2 for bad flags, 130 on Ctrl-C."""
+    if getattr(args, "handler", None) is not None:
+        from harness.handler_sweep import main
+
+        return main(args)
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # one-line messages stay one line
     try:

@@ -177,7 +177,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     }
     if pre is not None:
         rep["duration-s"]["precopy"] = round(pre["duration_s"], 4)
-    rep["handler"] = {"cpu-s": hs["cpu_s"], "copy-eexist": hs["copy_eexist"], "dead-ports": hs["dead_ports"],
+    rep["handler"] = {"kind": "built-in",  # run --handler: "external" (external_report.py)
+                      "cpu-s": hs["cpu_s"], "copy-eexist": hs["copy_eexist"], "dead-ports": hs["dead_ports"],
                       "direct-skipped": hs["direct_skipped"], "return-path-full": hs["rp_full"],
                       "wake-policy": cfg.wake_policy}
     rep["source"] = {"cpu-s": ss["cpu_s"], "bytes-sent": ss["bytes_sent"], "requests": ss["requests"],

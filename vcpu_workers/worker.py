@@ -59,6 +59,9 @@ class WorkerPlan:
     place: str = "copy"  # run --place: "continue" registers MINOR too (the handler writes the page cache)
     received_fd: int = -1  # the received map (postcopy_core/ramblock.py), read-only here; -1: mincore
     ledger_fd: int = -1  # the store ledger (vcpu_workers/stores.py), or -1: no stores
+    remove_rate: float = 0.0  # run --remove-rate: share of accesses after which the vCPU gives its page back
+    fork_events: bool = False  # run --fork-events: each vCPU forks a reader mid-run (UFFD_EVENT_FORK)
+    fork_timeout_s: float = 30.0  # how long that reader may wait for its pages
 
 
 # A non-vCPU process walks one vCPU's slice in a random order of its own (its seed: the run's seed
@@ -85,6 +88,12 @@ def c_plan(plan: WorkerPlan):
     c.ledger_fd = plan.ledger_fd
     c.features = kernel.FEATURE_THREAD_ID | (
         kernel.FEATURE_MISSING_HUGETLBFS if plan.hugetlb else kernel.FEATURE_MISSING_SHMEM)
+    if plan.remove_rate > 0:  # MADV_REMOVE by a vCPU: UFFD_EVENT_REMOVE to the handler (the gens map says which)
+        c.features |= kernel.FEATURE_EVENT_REMOVE
+    c.remove_rate = plan.remove_rate
+    if plan.fork_events:  # the child's mapping stays registered, under a uffd of its own for the handler
+        c.features |= kernel.FEATURE_EVENT_FORK
+    c.fork_events, c.fork_timeout_ms = int(plan.fork_events), int(plan.fork_timeout_s * 1000)
     minor = plan.place == "continue"
     c.register_mode, c.need_ioctls = kernel.REGISTER_MISSING, kernel.IOCTL_COPY
     need = b"UFFDIO_COPY"

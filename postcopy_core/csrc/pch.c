@@ -9,6 +9,8 @@
 #include <linux/futex.h>
 #include <linux/userfaultfd.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -16,6 +18,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -443,12 +446,68 @@ static int judge_touched(struct pch_touch *t, uint64_t page, const struct pch_co
     return pch_judge_page(c, page, p, PCH_WRITES_NONE, 0, 0, 0, f);
 }
 
+/* run --fork-events: a child forked mid-run reads the next pages of this vCPU's order. Its address
+ * space gets a uffd of its own, which reaches the handler as UFFD_EVENT_FORK; a handler that does not
+ * serve it leaves the child waiting (named here), one that drops it lets the kernel fill zeros there
+ * (named by the checks: the vCPU reads those pages next). */
+#define FORK_READS 16
+static int fork_reader(struct pch_touch *t, uint64_t from)
+{
+    volatile int64_t *at = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (at == MAP_FAILED)
+        return -errno;
+    *at = -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        munmap((void *)at, 4096);
+        return -e;
+    }
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        char name[16];
+        snprintf(name, sizeof name, "pch-fork-%u", t->vcpu % 100000u);
+        prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0);
+        for (uint64_t j = from; j < t->count && j < from + FORK_READS; j++) {
+            *at = t->order[j];
+            (void)*(volatile uint64_t *)(uintptr_t)(t->base + t->order[j] * t->page_size);
+        }
+        *at = -1;
+        _exit(0);
+    }
+    t->forks++;
+    uint64_t deadline = pch_now_ns() + t->fork_timeout_ns;
+    int rc = 0;
+    for (;;) {
+        int st;
+        pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid)
+            break;
+        if (r < 0 && errno != EINTR) {
+            rc = -errno;
+            break;
+        }
+        if (pch_now_ns() > deadline) {
+            t->fork_stuck_page = *at;
+            kill(pid, SIGKILL);
+            waitpid(pid, &st, 0);
+            rc = -ETIMEDOUT;
+            break;
+        }
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    munmap((void *)at, 4096);
+    return rc;
+}
+
 int pch_touch_run(struct pch_touch *t)
 {
     uint64_t words = t->page_size / 8;
     struct pch_content c = { t->seed, t->page_size, t->zero_permille, t->ref, t->gens };
     int writes = t->is_write && t->write_mode != PCH_WRITES_NONE && t->ledger && t->mine && t->pending;
     t->first_bad_page = -1;
+    t->fork_stuck_page = -1;
     t->bad.page = -1;
     t->t_start = pch_now_ns();
     for (uint64_t i = 0; i < t->count; i++) {
@@ -496,6 +555,23 @@ int pch_touch_run(struct pch_touch *t)
         if (writes && !is_store && t->mine[page])
             check_own_store(t, page, q, &c);
         t->verified[page] = 1;
+        if (t->remove_gens && pch_mix64(t->seed ^ 0x72656d6f7665ull ^ ((uint64_t)t->vcpu << 40) ^ i) < t->remove_threshold) {
+            /* give the page back, as a balloon does: from now on it reads zeros and holds no store of
+             * ours (said before the madvise: the page may be faulted in again only after it) */
+            if (t->mine) {
+                t->mine[page] = 0;
+                __atomic_store_n(&t->ledger[page], 0, __ATOMIC_RELEASE);
+            }
+            __atomic_store_n(&t->remove_gens[page], PCH_GEN_REMOVED, __ATOMIC_RELEASE);
+            if (madvise((void *)(uintptr_t)addr, t->page_size, MADV_REMOVE))
+                return -errno;
+            t->removes++;
+        }
+        if (t->fork_at && i + 1 == t->fork_at) {
+            int rc = fork_reader(t, i + 1);
+            if (rc)
+                return rc;
+        }
     }
     t->t_end = pch_now_ns();
     if (t->board)

@@ -65,6 +65,8 @@ struct pch_worker_result {
     uint64_t stores, writes_checked, lost_writes;
     uint64_t by_kind[PCH_BAD_KINDS];
     uint64_t pending;            /* page + 1 while a store is under way: a worker killed mid-store leaves it */
+    uint64_t removes;            /* pages this worker gave back (run --remove-rate, MADV_REMOVE) */
+    uint64_t forks;              /* children it forked mid-run (run --fork-events) */
     struct pch_finding bad;      /* the first wrong thing this worker read */
 };
 
@@ -101,6 +103,11 @@ struct pch_touch {
     uint32_t *mine;           /* per page: OWN 1 + the number of this vCPU's last store there (0: none);
                                * COUNT its increments there */
     uint64_t *pending;        /* this worker's result slot's `pending` */
+    uint32_t *remove_gens;    /* run --remove-rate: the generation map, written here (PCH_GEN_REMOVED), or NULL */
+    uint64_t remove_threshold; /* an access drops its page after it when a hash of it is below this */
+    uint64_t fork_at;         /* run --fork-events: after this many accesses fork a child that reads the next
+                               * pages (its uffd reaches the handler as UFFD_EVENT_FORK); 0: never */
+    uint64_t fork_timeout_ns; /* how long the child may take */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -117,6 +124,9 @@ struct pch_touch {
     uint64_t t_start, t_end;  /* CLOCK_MONOTONIC ns */
     uint64_t stores, writes_checked, lost_writes;
     uint64_t by_kind[PCH_BAD_KINDS];
+    uint64_t removes;         /* pages given back */
+    uint64_t forks;           /* children forked (run --fork-events) */
+    int64_t fork_stuck_page;  /* a page the child still waited on at its timeout, or -1 */
     struct pch_finding bad;   /* the first wrong page or word read */
 };
 int pch_touch_run(struct pch_touch *t);
@@ -228,6 +238,9 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint64_t board_size;
     int cpus[16];                  /* PCH_WORKER_MAX_CPUS */
     int ncpus;
+    double remove_rate;            /* run --remove-rate: share of accesses after which the page is given back */
+    uint32_t fork_events;          /* run --fork-events: each vCPU forks a reader mid-run */
+    uint64_t fork_timeout_ms;
 };
 /* The body of worker w (after its set-up); returns its exit code. */
 int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_forked);

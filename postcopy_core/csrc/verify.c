@@ -40,6 +40,8 @@ int pch_store_decode(uint64_t seed, uint64_t page, uint64_t value, uint32_t *vcp
 /* word k of generation `gen` of a page: gen 0 is the original content (image or generated) */
 static uint64_t gen_word(const struct pch_content *c, uint64_t page, uint32_t gen, uint64_t k)
 {
+    if (gen == PCH_GEN_REMOVED)
+        return 0;
     if (gen)
         return pch_page_word(pch_gen_key(c->seed, page, gen), k);
     if (c->ref)
@@ -58,6 +60,8 @@ uint64_t pch_source_word(const struct pch_content *c, uint64_t page, uint64_t k)
 static int older_generation(const struct pch_content *c, uint64_t page, const uint64_t *w, uint64_t skip)
 {
     uint32_t gen = c->gens ? c->gens[page] : 0;
+    if (gen == PCH_GEN_REMOVED) /* what it held before the guest gave it back */
+        gen = 1;
     for (uint32_t g = gen; g-- > 0 && gen - g <= OLDER_GENS;) {
         uint64_t k = 0, words = c->page_size / 8;
         while (k < words && (k == skip || w[k] == gen_word(c, page, g, k)))
@@ -77,6 +81,8 @@ int pch_judge_word(const struct pch_content *c, uint64_t page, uint64_t k, uint6
         return PCH_BAD_REVERTED;
     if (found == 0)
         return PCH_BAD_ZEROED;
+    if (gen == PCH_GEN_REMOVED)
+        return found == gen_word(c, page, 0, k) ? PCH_BAD_STALE : PCH_BAD_FOREIGN;
     for (uint32_t g = gen; g-- > 0 && gen - g <= OLDER_GENS;)
         if (found == gen_word(c, page, g, k))
             return PCH_BAD_STALE;

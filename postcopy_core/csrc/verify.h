@@ -22,6 +22,9 @@
 #define PCH_WRITES_OWN 1
 #define PCH_WRITES_COUNT 2
 #define PCH_COUNTER_WORD 1  /* COUNT: the word of a page that its stores increment */
+/* a page generation (struct pch_content.gens): the guest gave the page back (run --remove-rate,
+ * MADV_REMOVE), so it reads zeros from then on; its old bytes there are stale */
+#define PCH_GEN_REMOVED 0xffffffffu
 
 /* what a wrong page (or word) looks like: verification.by-kind in the report */
 #define PCH_BAD_REVERTED 0  /* the source's bytes are back where a store was */

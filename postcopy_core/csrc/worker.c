@@ -231,7 +231,8 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     const uint32_t *gens = NULL; /* mapped before "go"; read after it, once the source published them */
     if (p->gens_fd >= 0) {
         uint64_t len = (p->npages * 4 + 4095) / 4096 * 4096;
-        gens = map(len ? len : 4096, PROT_READ, MAP_SHARED, p->gens_fd);
+        /* run --remove-rate writes PCH_GEN_REMOVED for each page it gives back (one writer per page) */
+        gens = map(len ? len : 4096, PROT_READ | (p->remove_rate > 0 ? PROT_WRITE : 0), MAP_SHARED, p->gens_fd);
         if (!gens)
             return fail(p, w, "KernelError", "mmap(generation map)", errno);
     }
@@ -265,6 +266,10 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.min_fault_ns = p->min_fault_ns;
     t.board = board;
     t.gens = gens;
+    if (p->remove_rate > 0 && gens && w < p->nvcpus) {
+        t.remove_gens = (uint32_t *)gens;
+        t.remove_threshold = p->remove_rate >= 1 ? UINT64_MAX : (uint64_t)(p->remove_rate * 18446744073709551615.0);
+    }
     t.first_touch = p->first_touch;
     t.received = received;
     t.write_mode = p->write_mode;
@@ -281,7 +286,18 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.lat_ns = (uint32_t *)(area + p->lat_off) + p->capacity * w;
     t.lat_page = (uint32_t *)(area + p->pages_off) + p->capacity * w;
     t.lat_start = (uint64_t *)(area + p->starts_off) + p->capacity * w;
+    if (p->fork_events && w < p->nvcpus) { /* in the middle of its loop, once */
+        t.fork_at = (uint64_t)count / 2 + 1;
+        t.fork_timeout_ns = p->fork_timeout_ms * 1000000ull;
+    }
     int rc = pch_touch_run(&t);
+    if (rc == -ETIMEDOUT && t.fork_stuck_page >= 0) {
+        char what[200];
+        snprintf(what, sizeof what, "the child it forked mid-run waited %llu s on page %lld: the handler does not "
+                 "serve the uffd that UFFD_EVENT_FORK gave it", (unsigned long long)(p->fork_timeout_ms / 1000),
+                 (long long)t.fork_stuck_page);
+        return fail(p, w, "HandlerError", what, 0);
+    }
     if (rc < 0)
         return fail(p, w, "KernelError", "touch loop", -rc);
     rec->stall_ns = t.stall_ns;
@@ -299,6 +315,8 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     rec->lost_writes = t.lost_writes;
     memcpy(rec->by_kind, t.by_kind, sizeof rec->by_kind);
     rec->bad = t.bad;
+    rec->removes = t.removes;
+    rec->forks = t.forks;
     (void)nworkers;
     __atomic_store_n(&rec->state, t.mismatches ? PCH_STATE_FAILED : PCH_STATE_DONE, __ATOMIC_RELEASE);
     return t.mismatches ? PCH_WORKER_BAD_CONTENT : 0;
