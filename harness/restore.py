@@ -28,7 +28,8 @@ def add_handler_flags(p: argparse.ArgumentParser, events: bool = True) -> None:
     defaults."""
     p.add_argument("--handler", metavar="CMD",
                    help="an external userfaultfd handler to test instead of the built-in one: a command line, "
-                        "split as a shell would (docs/handler-protocol.md says what it is handed)")
+                        "split as a shell would (docs/handler-protocol.md says what it is handed) "
+                        "(default: the built-in one)")
     p.add_argument("--handoff", choices=HANDOFFS, default="pch",
                    help="how --handler gets the uffds: pch (this project's protocol, $PCH_HANDLER_SOCKET) or "
                         "firecracker (CMD SOCKET MEMFILE, one connection per uffd with Firecracker's "
@@ -43,7 +44,7 @@ def add_handler_flags(p: argparse.ArgumentParser, events: bool = True) -> None:
                             "zeros there next (workloads sequential, random, stride) (default 0: never)")
     p.add_argument("--handler-per-uffd", action="store_true",
                    help="with --handoff firecracker: start one handler process per uffd (each its own socket), "
-                        "for handlers that accept one connection only")
+                        "for handlers that accept one connection only (default: one process for all)")
     # dest -> (its flag, its default): what unused_flag() compares against
     p.set_defaults(flag_defaults={a.dest: (a.option_strings[0], a.default) for a in p._actions if a.option_strings})
 
