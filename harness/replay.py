@@ -278,6 +278,9 @@ def _notes(extra: dict, comparison: dict | None) -> list[str]:
             notes.append(
                 "  vCPU count inferred from the highest vCPU that faulted; pass --vcpus N if one never did."
             )
+    if q and q.get("ends_without_begin"):
+        notes.append(f"warning: {q['ends_without_begin']} end lines affected vCPUs on an address no begin line "
+                     f"named (impossible in a whole log: lines lost?; first: {q['first_ends_without_begin']})")
     if extra.get("complete") is False:
         notes.append("warning: the trace has no end marker (the recording run did not finish cleanly).")
     if comparison:

@@ -118,6 +118,7 @@ def import_qemu101_piece(path: str, lines: list[tuple[int, str]], vcpus: int | N
     ones: list[tuple[int, int]] = []  # end_one lines since the last end
     ends = 0
     backwards: list[int] = []  # lines whose time: is before the previous blocktime line's (a damaged log)
+    orphans: list[int] = []  # ends that affected vCPUs or others on an address with no begin pending
     last_t = None
     for r in records:
         kind, line = r[0], r[1]
@@ -137,6 +138,8 @@ def import_qemu101_piece(path: str, lines: list[tuple[int, str]], vcpus: int | N
         else:
             _, _, addr, t, affected, affected_non, zero = r
             ends += 1
+            if (affected or affected_non) and addr not in check.pending:
+                orphans.append(line)
             if _expected_end(check, addr) != (affected, affected_non, ones):
                 mismatches.append(line)
             ones = []
@@ -156,6 +159,8 @@ def import_qemu101_piece(path: str, lines: list[tuple[int, str]], vcpus: int | N
             "tid_map_lines": len(tid_map),
             "backwards_times": len(backwards),
             "first_backwards_lines": backwards[:10],
+            "ends_without_begin": len(orphans),
+            "first_ends_without_begin": orphans[:10],
         }
     }
     return meta, events

@@ -363,8 +363,13 @@ def _import_piece(
         clock = _Clock(begins, ends_ms)
         events, diag, _ = _reconstruct(meta, p, clock)
     final_logged = p.cleanup_total if p.cleanup_total is not None else (p.ends[-1].total if p.ends else 0)
+    # an end that woke a vCPU for an address no begin line ever named: impossible in a whole log
+    named = {b.addr for b in begins}
+    orphans = [e.line for e in p.ends if e.affected > 0 and e.addr not in named]
     diag.update(
         {
+            "ends_without_begin": len(orphans),
+            "first_ends_without_begin": orphans[:10],
             "begin_lines": len(begins),
             "already_received_begins": sum(1 for b in begins if b.ar),
             "non_vcpu_faults": sum(1 for it in p.fault_items if isinstance(it, _NonVcpu)),
