@@ -143,7 +143,7 @@ def replay(
 
 
 # run(handler=CMD, ...): someone else's fault handler (harness/restore.py, docs/handler-protocol.md)
-HANDLER_OPTIONS = ("handler", "handoff", "handler_per_uffd", "remove_rate", "fork_events")
+HANDLER_OPTIONS = ("handler", "handoff", "handler_per_uffd", "remove_rate", "fork_events", "unmap_events")
 
 
 def run_options() -> tuple[str, ...]:
@@ -216,7 +216,7 @@ def run(*, check: bool = True, **options: object) -> dict:
     ``options`` are the ``run`` command's flags as keyword arguments (see :func:`run_options`), e.g.
     ``run(vcpus=3, ram="8M", workload="shared", background=False, link="1gbit,1ms", trace=path)``;
     ``ram`` takes an int or a size string.  ``handler="CMD"`` (with ``handoff``, ``handler_per_uffd``,
-    ``remove_rate``, ``fork_events``) tests someone else's fault handler instead of the built-in one,
+    ``remove_rate``, ``fork_events``, ``unmap_events``) tests someone else's fault handler instead of the built-in one,
     as ``run --handler`` does (docs/handler-protocol.md).  Bad options raise ConfigError (one line).  With
     ``check`` (the default) a run that did not complete raises RunError (its report attached);
     Ctrl-C raises KeyboardInterrupt after the teardown.  Nothing of the run is left behind.
@@ -239,6 +239,7 @@ def _run_handler(cfg, options: Mapping[str, object]) -> dict:
     from harness.restore import USED_WITH_HANDLER, handler_problem, handler_spec
 
     args = argparse.Namespace(handler=None, handoff="pch", handler_per_uffd=False, remove_rate=0.0, fork_events=False,
+                              unmap_events=False,
                               json=cfg.json)
     for k in HANDLER_OPTIONS:
         if k in options:
@@ -254,7 +255,8 @@ def _run_handler(cfg, options: Mapping[str, object]) -> dict:
         raise ConfigError(problem)
     if spec is None:  # handler=None: the built-in one
         return run_config(cfg)
-    return run_external(cfg, spec, remove_rate=float(args.remove_rate), fork_events=bool(args.fork_events))
+    return run_external(cfg, spec, remove_rate=float(args.remove_rate), fork_events=bool(args.fork_events),
+                        unmap_events=bool(args.unmap_events))
 
 
 # ------------------------------------------------------------------ checking blocktime

@@ -54,11 +54,12 @@ class ExternalRun(Run):
     """One run against an external handler; :meth:`execute` returns the raw material of the report."""
 
     def __init__(self, cfg, handler: HandlerSpec, progress=None, remove_rate: float = 0.0,
-                 fork_events: bool = False) -> None:
+                 fork_events: bool = False, unmap_events: bool = False) -> None:
         super().__init__(cfg, progress)
         self.handler_spec = handler
         self.remove_rate = remove_rate  # --remove-rate: vCPUs give pages back (MADV_REMOVE) as they run
         self.fork_events = fork_events  # --fork-events: each vCPU forks a reader mid-run (UFFD_EVENT_FORK)
+        self.unmap_events = unmap_events  # --unmap-events: vCPUs munmap/map back, mremap pieces (UNMAP, REMAP)
         self.handler: HandlerProcess | None = None
         self.workdir: str | None = None
         self.uffds: dict[int, int] = {}  # worker index -> our copy of its uffd (never read: fdinfo only)
@@ -136,7 +137,8 @@ class ExternalRun(Run):
 
         # the handler first (a Firecracker handler binds its socket meanwhile), then the workers
         features = ("THREAD_ID", "MISSING_SHMEM", *(("EVENT_REMOVE",) if self.remove_rate > 0 else ()),
-                    *(("EVENT_FORK",) if self.fork_events else ()))
+                    *(("EVENT_FORK",) if self.fork_events else ()),
+                    *(("EVENT_UNMAP", "EVENT_REMAP") if self.unmap_events else ()))
         self.handler = HandlerProcess(self.handler_spec, self.workdir, mem_file, cfg.page_size, cfg.ram, features)
         err_w = self.stderr.pipe("handler")
         try:
@@ -157,7 +159,7 @@ class ExternalRun(Run):
                           start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1), cfg.non_vcpu,
                           self.gens.fd if self.gens is not None else -1, "copy", self.received.fd,
                           self.ledger.fd if self.ledger is not None else -1, self.remove_rate, self.fork_events,
-                          cfg.stall_timeout)
+                          cfg.stall_timeout, self.unmap_events)
         t_fork = time.monotonic()
         self._spawn_zygote(plan)
         os.close(start_r)
@@ -224,6 +226,7 @@ class ExternalRun(Run):
             handler_said=self.handler.said, handler_pids=self._handler_pids(), mem_file=mem_file,
             remove_rate=self.remove_rate, removes=int(self.area.summary["removes"][: cfg.vcpus].sum()),
             forks=int(self.area.summary["forks"][: cfg.vcpus].sum()),
+            unmaps=int(self.area.summary["unmaps"][: cfg.vcpus].sum()),
         )
 
     def _reap_quiet(self) -> bool:

@@ -51,6 +51,7 @@ def build_external_report(cfg, spec: HandlerSpec, raw: dict | None, error: str |
     rep["remove-rate"] = raw["remove_rate"]
     rep["pages-removed"] = raw["removes"]  # given back by the vCPUs (MADV_REMOVE: UFFD_EVENT_REMOVE)
     rep["forks"] = raw["forks"]  # children the vCPUs forked mid-run (--fork-events: UFFD_EVENT_FORK)
+    rep["pieces-unmapped"] = raw["unmaps"]  # unmapped and mapped back, or moved (--unmap-events: UNMAP, REMAP)
     rep["pages"] = {"total": cfg.npages, "placed": raw["placed"], "per-second": round(raw["placed"] / workload_s, 1)}
     rep["verification"] = verification(checked, raw["ram_check"])
     rep["faults"] = {"total": faults, "per-second": round(faults / workload_s, 1),
@@ -131,7 +132,7 @@ def print_external_summary(rep: dict, console=None) -> None:
 
 
 def run_external(cfg, spec: HandlerSpec, argv: list[str] | None = None, mode: str = "run",
-                 remove_rate: float = 0.0, fork_events: bool = False) -> dict:
+                 remove_rate: float = 0.0, fork_events: bool = False, unmap_events: bool = False) -> dict:
     """Run ``cfg`` against the external handler ``spec`` and return its report (never raises for a
     failed run; Ctrl-C gives error "interrupted", SIGTERM "terminated"); everything is torn down."""
     import signal
@@ -143,7 +144,7 @@ def run_external(cfg, spec: HandlerSpec, argv: list[str] | None = None, mode: st
     from postcopy_core.kernel import KernelError
 
     raw, error = None, None
-    run = ExternalRun(cfg, spec, remove_rate=remove_rate, fork_events=fork_events)
+    run = ExternalRun(cfg, spec, remove_rate=remove_rate, fork_events=fork_events, unmap_events=unmap_events)
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:

@@ -19,7 +19,8 @@ from harness.handler_process import HANDOFFS, HandlerError, HandlerSpec
 USED_WITH_HANDLER = frozenset({
     "command", "func", "argv", "flag_defaults", "vcpus", "non_vcpu", "ram", "mem_file", "workload", "seed",
     "zero_share", "image", "write_ratio", "pin", "timeout", "stall_timeout", "json", "csv", "quiet", "repeat",
-    "backing", "handler", "handoff", "handler_per_uffd", "remove_rate", "fork_events"})
+    "backing", "handler", "handoff", "handler_per_uffd", "remove_rate", "fork_events",
+    "unmap_events"})
 
 
 def add_handler_flags(p: argparse.ArgumentParser, events: bool = True) -> None:
@@ -38,6 +39,10 @@ def add_handler_flags(p: argparse.ArgumentParser, events: bool = True) -> None:
         p.add_argument("--fork-events", action="store_true",
                        help="with --handler: each vCPU forks a child mid-run that reads its next pages, so the "
                             "handler gets UFFD_EVENT_FORK with a new uffd it must serve (default: off)")
+        p.add_argument("--unmap-events", action="store_true",
+                       help="with --handler: each vCPU unmaps a piece of guest RAM mid-run and maps it back, and "
+                            "moves another with mremap, so the handler gets UFFD_EVENT_UNMAP and UFFD_EVENT_REMAP "
+                            "and must serve both pieces' later faults (default: off)")
         p.add_argument("--remove-rate", type=float, default=0.0, metavar="R",
                        help="with --handler: after each access a vCPU gives its page back (MADV_REMOVE, as a balloon "
                             "does) with probability R, 0..1, so the handler gets UFFD_EVENT_REMOVE and must serve "
@@ -70,6 +75,8 @@ def refuse_remove_rate(args, cfg) -> str | None:
     """Why --remove-rate cannot be used here (None if it can)."""
     if getattr(args, "fork_events", False) and getattr(args, "handler", None) is None:
         return "--fork-events needs --handler: the built-in handler does not serve UFFD_EVENT_FORK"
+    if getattr(args, "unmap_events", False) and getattr(args, "handler", None) is None:
+        return "--unmap-events needs --handler: the built-in handler does not serve UFFD_EVENT_UNMAP/REMAP"
     rate = getattr(args, "remove_rate", 0.0)
     if not rate:
         return None
@@ -117,7 +124,7 @@ def run_handler_main(args, cfg, spec: HandlerSpec, mode: str = "run") -> int:
     from harness.report import lost_words
 
     rep = run_external(cfg, spec, getattr(args, "argv", None), mode, getattr(args, "remove_rate", 0.0),
-                       getattr(args, "fork_events", False))
+                       getattr(args, "fork_events", False), getattr(args, "unmap_events", False))
     if not args.quiet:
         print_external_summary(rep)
     if rep["status"] == "completed-degraded":

@@ -62,6 +62,7 @@ class WorkerPlan:
     remove_rate: float = 0.0  # run --remove-rate: share of accesses after which the vCPU gives its page back
     fork_events: bool = False  # run --fork-events: each vCPU forks a reader mid-run (UFFD_EVENT_FORK)
     fork_timeout_s: float = 30.0  # how long that reader may wait for its pages
+    unmap_events: bool = False  # run --unmap-events: each vCPU unmaps/maps back, moves pieces mid-run
 
 
 # A non-vCPU process walks one vCPU's slice in a random order of its own (its seed: the run's seed
@@ -94,6 +95,9 @@ def c_plan(plan: WorkerPlan):
     if plan.fork_events:  # the child's mapping stays registered, under a uffd of its own for the handler
         c.features |= kernel.FEATURE_EVENT_FORK
     c.fork_events, c.fork_timeout_ms = int(plan.fork_events), int(plan.fork_timeout_s * 1000)
+    if plan.unmap_events:  # munmap/mremap of guest RAM: UFFD_EVENT_UNMAP, UFFD_EVENT_REMAP to the handler
+        c.features |= kernel.FEATURE_EVENT_UNMAP | kernel.FEATURE_EVENT_REMAP
+    c.unmap_events = int(plan.unmap_events)
     minor = plan.place == "continue"
     c.register_mode, c.need_ioctls = kernel.REGISTER_MISSING, kernel.IOCTL_COPY
     need = b"UFFDIO_COPY"

@@ -14,7 +14,7 @@
  *    the same page has its own fault message queued on its own uffd: when we read it, the copy
  *    fails with EEXIST (the page is there already) and we must UFFDIO_WAKE that uffd, or it sleeps
  *    for ever. EEXIST is not success.
- *  - EAGAIN: the address space behind that uffd is changing (a REMOVE, fork or remap event is
+ *  - EAGAIN: the address space behind that uffd is changing (a REMOVE, fork, remap or unmap event is
  *    queued and not yet read). Nothing was placed; read the events first, then retry. Spinning on
  *    the copy without reading them never ends.
  *  - a copy may place fewer bytes than asked (uffdio_copy.copy): the rest is still missing.
@@ -23,6 +23,9 @@
  *    (the guest gave the page up, as a balloon does). The memory is shared: whichever uffd faults on
  *    that page next, it gets zeros.
  *  - a FORK event carries a new uffd, for the child's address space: serve it like the others.
+ *  - a REMAP event (mremap) moves a piece of a region: its faults come at the new address now and
+ *    are served from the same file offsets. An UNMAP event drops what we knew of the range; when it
+ *    is mapped back and registered again on the same uffd, its faults are served as before.
  *
  * The broken_*.c files next to this one define one BROKEN_* macro and include this file: each
  * makes one of the mistakes above on purpose, so that the harness's checks can be seen to catch it.
@@ -50,9 +53,21 @@ struct region {
     uint64_t base, size, offset, page_size;
 };
 
+#define MAX_MOVED 4
+
+/* a piece of the region that mremap moved (UFFD_EVENT_REMAP): its pages now fault at base */
+struct moved {
+    uint64_t base, len, offset;
+};
+
 struct port {
     int fd;
     struct region r; /* one region per uffd here; a real VMM may send several */
+    int nmoved;
+    struct moved m[MAX_MOVED];
+#ifdef BROKEN_UNMAP
+    uint64_t gone_start, gone_end; /* the range an UNMAP took, taken as gone for good */
+#endif
 };
 
 struct deferred {
@@ -123,15 +138,16 @@ static void accept_uffd(int listener)
     close(conn); /* the uffd is ours now; the sender keeps its own end of the socket */
 }
 
-/* a forked child's uffd: the child's address space is a copy of its parent's, same regions */
-static void add_forked(int fd, const struct region *r)
+/* a forked child's uffd: the child's address space is a copy of its parent's, same regions, same moves */
+static void add_forked(int fd, const struct port *parent)
 {
     if (nports == MAX_UFFDS) {
         fprintf(stderr, "uffd_handler: too many uffds\n");
         exit(1);
     }
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    ports[nports++] = (struct port){.fd = fd, .r = *r};
+    ports[nports] = *parent; /* its regions and moved pieces too */
+    ports[nports++].fd = fd;
 }
 
 static void forget(int i)
@@ -150,15 +166,76 @@ static void defer(int i, uint64_t addr)
     later[nlater++] = (struct deferred){i, addr};
 }
 
+/* the memory file offset behind addr in port i's address space, or -1 if nothing of ours is there */
+static int64_t file_offset(const struct port *p, uint64_t addr)
+{
+    for (int k = 0; k < p->nmoved; k++) /* a moved piece: it left a hole at its old place */
+        if (addr >= p->m[k].base && addr < p->m[k].base + p->m[k].len)
+            return (int64_t)(p->m[k].offset + (addr - p->m[k].base));
+#ifdef BROKEN_UNMAP
+    if (addr >= p->gone_start && addr < p->gone_end)
+        return -1; /* "unmapped, so not ours any more": the range mapped back and registered again starves */
+#endif
+    if (addr >= p->r.base && addr < p->r.base + p->r.size)
+        return (int64_t)(p->r.offset + (addr - p->r.base));
+    return -1;
+}
+
+/* UFFD_EVENT_REMAP: [from, from + len) now lives at to (the registration moved with it) */
+static void remapped(struct port *p, uint64_t from, uint64_t to, uint64_t len)
+{
+    int64_t off = file_offset(p, from);
+    if (off < 0)
+        return;
+    for (int k = 0; k < p->nmoved; k++)
+        if (p->m[k].base == from) { /* moved again */
+            p->m[k] = (struct moved){to, len, (uint64_t)off};
+            return;
+        }
+    if (p->nmoved == MAX_MOVED) {
+        fprintf(stderr, "uffd_handler: too many moved pieces\n");
+        exit(1);
+    }
+    p->m[p->nmoved++] = (struct moved){to, len, (uint64_t)off};
+}
+
+/* UFFD_EVENT_UNMAP: [start, end) is no longer mapped. A moved piece there is gone; a range of the
+ * region comes back, if at all, mapped again at the same address and file offset and registered
+ * again (docs/handler-protocol.md), so its later faults are served as before. Faults put off there
+ * are dropped: nothing waits on an address that is not mapped. */
+static void unmapped(int i, uint64_t start, uint64_t end)
+{
+    struct port *p = &ports[i];
+    int keep = 0;
+    for (int k = 0; k < p->nmoved; k++)
+        if (p->m[k].base >= end || p->m[k].base + p->m[k].len <= start)
+            p->m[keep++] = p->m[k];
+    p->nmoved = keep;
+    keep = 0;
+    for (int k = 0; k < nlater; k++)
+        if (later[k].port != i || later[k].addr < start || later[k].addr >= end)
+            later[keep++] = later[k];
+    nlater = keep;
+#ifdef BROKEN_UNMAP
+    p->gone_start = start, p->gone_end = end;
+#endif
+}
+
 /* place the page holding addr through port i; 0 done, 1 try again after reading events */
 static int serve(int i, uint64_t addr)
 {
     struct port *p = &ports[i];
-    uint64_t ps = p->r.page_size, page = (addr - p->r.base) / ps;
-    uint64_t dst = p->r.base + page * ps, src_off = p->r.offset + page * ps;
+    uint64_t ps = p->r.page_size;
+    int64_t at = file_offset(p, addr);
+    if (at < 0) {
+        fprintf(stderr, "uffd_handler: a fault at 0x%llx, in no region of this uffd: left unserved\n",
+                (unsigned long long)addr);
+        return 0;
+    }
+    uint64_t src_off = (uint64_t)at / ps * ps, dst = addr / ps * ps;
     int via = i;
 #ifdef BROKEN_OFFSET
-    src_off = p->r.offset + (page + 1) % (p->r.size / ps) * ps; /* the page after the right one */
+    src_off = p->r.offset + ((src_off - p->r.offset) / ps + 1) % (p->r.size / ps) * ps; /* the page after */
 #endif
 #ifdef BROKEN_EAGAIN
     via = (i + 1) % nports; /* copy through another vCPU's uffd (the memfd is shared), then wake the faulter */
@@ -241,19 +318,28 @@ static void read_port(int i)
                     defer(i, msg->arg.pagefault.address);
             } else if (msg->event == UFFD_EVENT_REMOVE) {
 #ifndef BROKEN_REMOVE
-                struct region *r = &ports[i].r;
-                for (uint64_t a = msg->arg.remove.start; a < msg->arg.remove.end; a += r->page_size)
-                    if (a >= r->base && a < r->base + r->size)
-                        removed[(r->offset + (a - r->base)) / 4096] = 1;
+                struct port *p = &ports[i];
+                for (uint64_t a = msg->arg.remove.start; a < msg->arg.remove.end; a += p->r.page_size) {
+                    int64_t off = file_offset(p, a);
+                    if (off >= 0)
+                        removed[off / 4096] = 1;
+                }
 #endif
             } else if (msg->event == UFFD_EVENT_FORK) {
 #ifdef BROKEN_FORK
                 (void)add_forked; /* the child's uffd is left open and never read */
 #else
-                add_forked((int)msg->arg.fork.ufd, &ports[i].r);
+                add_forked((int)msg->arg.fork.ufd, &ports[i]);
 #endif
+            } else if (msg->event == UFFD_EVENT_REMAP) {
+#ifdef BROKEN_UNMAP
+                (void)remapped; /* the moved piece is not followed */
+#else
+                remapped(&ports[i], msg->arg.remap.from, msg->arg.remap.to, msg->arg.remap.len);
+#endif
+            } else if (msg->event == UFFD_EVENT_UNMAP) {
+                unmapped(i, msg->arg.remove.start, msg->arg.remove.end);
             }
-            /* other events (remap, unmap) are not registered by the harness */
         }
         if (ports[i].fd < 0)
             return;

@@ -428,10 +428,18 @@ static void check_own_store(struct pch_touch *t, uint64_t page, volatile uint64_
     }
 }
 
+/* Where page lives in this worker's address space: run --unmap-events moves one piece elsewhere. */
+static uint64_t page_addr(const struct pch_touch *t, uint64_t page)
+{
+    if (page >= t->moved_lo && page < t->moved_hi)
+        return t->moved_base + (page - t->moved_lo) * t->page_size;
+    return t->base + page * t->page_size;
+}
+
 /* What the after-loop check expects of a page this worker touched: judged as verify.h says. */
 static int judge_touched(struct pch_touch *t, uint64_t page, const struct pch_content *c, struct pch_finding *f)
 {
-    const uint8_t *p = (const uint8_t *)(uintptr_t)(t->base + page * t->page_size);
+    const uint8_t *p = (const uint8_t *)(uintptr_t)page_addr(t, page);
     uint32_t mine = t->mine ? t->mine[page] : 0;
     if (t->write_mode == PCH_WRITES_OWN) {
         if (mine) /* its own page: its latest store, exactly */
@@ -470,7 +478,7 @@ static int fork_reader(struct pch_touch *t, uint64_t from)
         prctl(PR_SET_NAME, (unsigned long)(uintptr_t)name, 0, 0, 0);
         for (uint64_t j = from; j < t->count && j < from + FORK_READS; j++) {
             *at = t->order[j];
-            (void)*(volatile uint64_t *)(uintptr_t)(t->base + t->order[j] * t->page_size);
+            (void)*(volatile uint64_t *)(uintptr_t)page_addr(t, t->order[j]);
         }
         *at = -1;
         _exit(0);
@@ -501,6 +509,45 @@ static int fork_reader(struct pch_touch *t, uint64_t from)
     return rc;
 }
 
+/* run --unmap-events: the piece of UNMAP_PAGES pages holding page `at` is unmapped and mapped back
+ * (same address, same memfd offset: UFFD_EVENT_UNMAP), then registered again on this worker's uffd;
+ * the piece holding page `mv` is moved to a new address with mremap (UFFD_EVENT_REMAP) and read
+ * there from now on. Both hold pages not read yet: their faults must still reach the handler, the
+ * first at the old address again, the second at the new one. Each call returns only once the
+ * handler has read its event (the kernel waits for it). */
+#define UNMAP_PAGES 8
+static int unmap_pieces(struct pch_touch *t, uint64_t at, uint64_t mv)
+{
+    uint64_t len = UNMAP_PAGES * t->page_size, lo = at / UNMAP_PAGES * UNMAP_PAGES;
+    if (lo + UNMAP_PAGES <= t->npages) {
+        void *a = (void *)(uintptr_t)(t->base + lo * t->page_size);
+        if (munmap(a, len))
+            return -errno;
+        if (mmap(a, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, t->memfd, (off_t)(lo * t->page_size))
+            != a)
+            return -errno;
+        uint64_t ioctls;
+        int err = pch_uffd_register(t->uffd, (uint64_t)(uintptr_t)a, len, t->register_mode, &ioctls);
+        if (err < 0)
+            return err;
+        t->unmaps++;
+    }
+    uint64_t mlo = mv / UNMAP_PAGES * UNMAP_PAGES;
+    if (mlo != lo && mlo + UNMAP_PAGES <= t->npages) {
+        void *to = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0); /* a free place */
+        if (to == MAP_FAILED)
+            return -errno;
+        void *from = (void *)(uintptr_t)(t->base + mlo * t->page_size);
+        if (mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to) != to)
+            return -errno;
+        t->moved_base = (uint64_t)(uintptr_t)to;
+        t->moved_lo = mlo;
+        t->moved_hi = mlo + UNMAP_PAGES;
+        t->unmaps++;
+    }
+    return 0;
+}
+
 int pch_touch_run(struct pch_touch *t)
 {
     uint64_t words = t->page_size / 8;
@@ -514,7 +561,7 @@ int pch_touch_run(struct pch_touch *t)
         uint64_t page = t->order[i];
         if (page >= t->npages)
             return -EINVAL;
-        uint64_t addr = t->base + page * t->page_size;
+        uint64_t addr = page_addr(t, page);
         volatile uint64_t *q = (volatile uint64_t *)(uintptr_t)addr;
         /* registered MINOR too, every page not yet mapped here traps, in the page cache or not;
          * registered MISSING only, a page not placed yet does (the received map says so without a
@@ -566,6 +613,14 @@ int pch_touch_run(struct pch_touch *t)
             if (madvise((void *)(uintptr_t)addr, t->page_size, MADV_REMOVE))
                 return -errno;
             t->removes++;
+        }
+        if (t->unmap_at && i + 1 == t->unmap_at && i + 1 < t->count) {
+            uint64_t j = i + 2 < t->count ? i + 2 : i + 1;
+            while (j + 1 < t->count && t->order[j] / UNMAP_PAGES == t->order[i + 1] / UNMAP_PAGES)
+                j++; /* the next page read in another piece */
+            int rc = unmap_pieces(t, t->order[i + 1], t->order[j]);
+            if (rc)
+                return rc;
         }
         if (t->fork_at && i + 1 == t->fork_at) {
             int rc = fork_reader(t, i + 1);

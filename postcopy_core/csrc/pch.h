@@ -67,6 +67,7 @@ struct pch_worker_result {
     uint64_t pending;            /* page + 1 while a store is under way: a worker killed mid-store leaves it */
     uint64_t removes;            /* pages this worker gave back (run --remove-rate, MADV_REMOVE) */
     uint64_t forks;              /* children it forked mid-run (run --fork-events) */
+    uint64_t unmaps;             /* pieces of guest RAM it unmapped and mapped back, moved (run --unmap-events) */
     struct pch_finding bad;      /* the first wrong thing this worker read */
 };
 
@@ -108,6 +109,12 @@ struct pch_touch {
     uint64_t fork_at;         /* run --fork-events: after this many accesses fork a child that reads the next
                                * pages (its uffd reaches the handler as UFFD_EVENT_FORK); 0: never */
     uint64_t fork_timeout_ns; /* how long the child may take */
+    uint64_t unmap_at;        /* run --unmap-events: after this many accesses unmap a piece of guest RAM and map
+                               * it back (UFFD_EVENT_UNMAP, registered again), then mremap another piece
+                               * elsewhere (UFFD_EVENT_REMAP); 0: never */
+    int uffd, memfd;          /* for that: this worker's uffd (kept open) and the guest RAM memfd */
+    uint64_t register_mode;
+    uint64_t moved_lo, moved_hi, moved_base; /* pages [lo, hi) live at moved_base now (hi == 0: none moved) */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */
@@ -126,6 +133,7 @@ struct pch_touch {
     uint64_t by_kind[PCH_BAD_KINDS];
     uint64_t removes;         /* pages given back */
     uint64_t forks;           /* children forked (run --fork-events) */
+    uint64_t unmaps;          /* pieces unmapped and mapped back, moved (run --unmap-events) */
     int64_t fork_stuck_page;  /* a page the child still waited on at its timeout, or -1 */
     struct pch_finding bad;   /* the first wrong page or word read */
 };
@@ -241,6 +249,7 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     double remove_rate;            /* run --remove-rate: share of accesses after which the page is given back */
     uint32_t fork_events;          /* run --fork-events: each vCPU forks a reader mid-run */
     uint64_t fork_timeout_ms;
+    uint32_t unmap_events;         /* run --unmap-events: each vCPU unmaps, maps back and moves pieces mid-run */
 };
 /* The body of worker w (after its set-up); returns its exit code. */
 int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_forked);

@@ -173,7 +173,9 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
         return fail(p, w, "KernelError", op, -err);
     if (err > 0)
         return fail(p, w, "HandoffError", "the fault handler refused this worker's hand-off", 0);
-    close(uffd); /* the handler now holds the only reference */
+    if (!p->unmap_events)
+        close(uffd); /* the handler now holds the only reference */
+    /* else kept: a piece unmapped and mapped back mid-run is registered again on it (never read here) */
 
     /* a vCPU walks its workload; a non-vCPU process a random walk over one vCPU's slice, with a
      * seed of its own, so it meets that vCPU on some pages and is first on others */
@@ -290,6 +292,13 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
         t.fork_at = (uint64_t)count / 2 + 1;
         t.fork_timeout_ns = p->fork_timeout_ms * 1000000ull;
     }
+    t.uffd = -1;
+    if (p->unmap_events && w < p->nvcpus) { /* a third of the way in, once */
+        t.unmap_at = (uint64_t)count / 3 + 1;
+        t.uffd = uffd;
+        t.memfd = p->memfd;
+        t.register_mode = p->register_mode;
+    }
     int rc = pch_touch_run(&t);
     if (rc == -ETIMEDOUT && t.fork_stuck_page >= 0) {
         char what[200];
@@ -317,6 +326,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     rec->bad = t.bad;
     rec->removes = t.removes;
     rec->forks = t.forks;
+    rec->unmaps = t.unmaps;
     (void)nworkers;
     __atomic_store_n(&rec->state, t.mismatches ? PCH_STATE_FAILED : PCH_STATE_DONE, __ATOMIC_RELEASE);
     return t.mismatches ? PCH_WORKER_BAD_CONTENT : 0;
