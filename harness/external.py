@@ -227,6 +227,7 @@ class ExternalRun(Run):
             remove_rate=self.remove_rate, removes=int(self.area.summary["removes"][: cfg.vcpus].sum()),
             forks=int(self.area.summary["forks"][: cfg.vcpus].sum()),
             unmaps=int(self.area.summary["unmaps"][: cfg.vcpus].sum()),
+            piece_faults=int(self.area.summary["piece_faults"][: cfg.vcpus].sum()),
         )
 
     def _reap_quiet(self) -> bool:
@@ -267,7 +268,11 @@ class ExternalRun(Run):
                             [int(p) for p in self.area.summary["pid"]], self.uffds,
                             board=lambda: np.frombuffer(board.mapping.buffer(), np.uint64, count=cfg.vcpus),
                             page_present=present, ended=lambda: self.workers_done | set(self.workers_lost),
-                            worker_name=self._who)
+                            worker_name=self._who, pieces=self._pieces if self.unmap_events else None)
+
+    def _pieces(self, v: int) -> tuple[int, int]:
+        unmapped, moved = self.area.summary["pieces"][v]
+        return int(unmapped), int(moved)
 
     def _measure_workers(self) -> list[int]:
         return [uss_bytes(int(pid)) for pid in self.area.summary["pid"][: self.cfg.vcpus]]

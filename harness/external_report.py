@@ -52,6 +52,7 @@ def build_external_report(cfg, spec: HandlerSpec, raw: dict | None, error: str |
     rep["pages-removed"] = raw["removes"]  # given back by the vCPUs (MADV_REMOVE: UFFD_EVENT_REMOVE)
     rep["forks"] = raw["forks"]  # children the vCPUs forked mid-run (--fork-events: UFFD_EVENT_FORK)
     rep["pieces-unmapped"] = raw["unmaps"]  # unmapped and mapped back, or moved (--unmap-events: UNMAP, REMAP)
+    rep["piece-faults"] = raw["piece_faults"]  # faults in those pieces after it: served at the new mapping
     rep["pages"] = {"total": cfg.npages, "placed": raw["placed"], "per-second": round(raw["placed"] / workload_s, 1)}
     rep["verification"] = verification(checked, raw["ram_check"])
     rep["faults"] = {"total": faults, "per-second": round(faults / workload_s, 1),

@@ -32,6 +32,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
 
+UNMAP_PAGES = 8  # the size of a piece run --unmap-events unmaps or moves, in pages (pch.c)
+
+
 def resident(addr: int, length: int, page_size: int) -> np.ndarray:
     """Which pages of the mapping at ``addr`` are in the page cache (shmem: in guest RAM), as bools."""
     out = np.zeros(-(-length // 4096), np.uint8)
@@ -64,10 +67,12 @@ class HandlerWatch:
 
     def __init__(self, timeout: float, handler: str, handler_pids: list[int], worker_pids: list[int],
                  uffds: dict[int, int], board: Callable[[], np.ndarray], page_present: Callable[[int], bool],
-                 ended: Callable[[], set[int]], worker_name: Callable[[int], str]) -> None:
+                 ended: Callable[[], set[int]], worker_name: Callable[[int], str],
+                 pieces: Callable[[int], tuple[int, int]] | None = None) -> None:
         self.timeout, self.handler, self.handler_pids = timeout, handler, handler_pids
         self.worker_pids, self.uffds = worker_pids, uffds
         self._board, self._present, self._ended, self.worker_name = board, page_present, ended, worker_name
+        self._pieces = pieces  # run --unmap-events: vCPU -> first pages + 1 of its unmapped, moved piece (0: none)
         now = time.monotonic()
         self._next = now
         self._slots = board().copy()
@@ -144,6 +149,8 @@ class HandlerWatch:
             why = (f"page {page} is in guest RAM, but this vCPU's uffd was never woken: a copy refused with "
                    "EEXIST was taken for success, or a page placed through another vCPU's uffd got no UFFDIO_WAKE "
                    "on this one")
+        elif page >= 0 and self._piece_words(v, page):
+            why = f"the handler read the fault but page {page} was never placed{self._piece_words(v, page)}"
         elif page >= 0:
             why = (f"the handler read the fault but page {page} was never placed: a UFFDIO_COPY that failed "
                    "(EAGAIN during a REMOVE event, or an error) was dropped instead of retried")
@@ -151,3 +158,16 @@ class HandlerWatch:
             why = "the handler read its fault and never answered it"
         raise RunFailed(f"the handler {self.handler} stopped answering: {who} has waited on {where} for "
                         f"{self.timeout:g} s (state: {state}); {why} (--stall-timeout)")
+
+    def _piece_words(self, v: int, page: int) -> str:
+        """With --unmap-events: what this vCPU did to the piece of guest RAM holding ``page``, if anything."""
+        if self._pieces is None or page < 0 or v >= len(self._slots):
+            return ""
+        unmapped, moved = self._pieces(v)
+        if unmapped and unmapped - 1 <= page < unmapped - 1 + UNMAP_PAGES:
+            return (f"; page {page} is in the piece this vCPU unmapped and mapped back at the same address and "
+                    "registered again (UFFD_EVENT_UNMAP): the handler does not serve the range once it is back")
+        if moved and moved - 1 <= page < moved - 1 + UNMAP_PAGES:
+            return (f"; page {page} is in the piece this vCPU moved with mremap (UFFD_EVENT_REMAP): the handler "
+                    "does not serve it at its new address")
+        return ""

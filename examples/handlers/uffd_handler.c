@@ -66,7 +66,8 @@ struct port {
     int nmoved;
     struct moved m[MAX_MOVED];
 #ifdef BROKEN_UNMAP
-    uint64_t gone_start, gone_end; /* the range an UNMAP took, taken as gone for good */
+    int ngone;
+    uint64_t gone[MAX_MOVED][2]; /* the ranges UNMAP events took, taken as gone for good */
 #endif
 };
 
@@ -173,8 +174,9 @@ static int64_t file_offset(const struct port *p, uint64_t addr)
         if (addr >= p->m[k].base && addr < p->m[k].base + p->m[k].len)
             return (int64_t)(p->m[k].offset + (addr - p->m[k].base));
 #ifdef BROKEN_UNMAP
-    if (addr >= p->gone_start && addr < p->gone_end)
-        return -1; /* "unmapped, so not ours any more": the range mapped back and registered again starves */
+    for (int k = 0; k < p->ngone; k++)
+        if (addr >= p->gone[k][0] && addr < p->gone[k][1])
+            return -1; /* "unmapped, so not ours any more": the range mapped back and registered again starves */
 #endif
     if (addr >= p->r.base && addr < p->r.base + p->r.size)
         return (int64_t)(p->r.offset + (addr - p->r.base));
@@ -217,7 +219,8 @@ static void unmapped(int i, uint64_t start, uint64_t end)
             later[keep++] = later[k];
     nlater = keep;
 #ifdef BROKEN_UNMAP
-    p->gone_start = start, p->gone_end = end;
+    if (p->ngone < MAX_MOVED)
+        p->gone[p->ngone][0] = start, p->gone[p->ngone++][1] = end;
 #endif
 }
 

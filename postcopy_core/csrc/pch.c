@@ -521,6 +521,7 @@ static int unmap_pieces(struct pch_touch *t, uint64_t at, uint64_t mv)
     uint64_t len = UNMAP_PAGES * t->page_size, lo = at / UNMAP_PAGES * UNMAP_PAGES;
     if (lo + UNMAP_PAGES <= t->npages) {
         void *a = (void *)(uintptr_t)(t->base + lo * t->page_size);
+        __atomic_store_n(&t->pieces[0], lo + 1, __ATOMIC_RELEASE);
         if (munmap(a, len))
             return -errno;
         if (mmap(a, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, t->memfd, (off_t)(lo * t->page_size))
@@ -538,6 +539,7 @@ static int unmap_pieces(struct pch_touch *t, uint64_t at, uint64_t mv)
         if (to == MAP_FAILED)
             return -errno;
         void *from = (void *)(uintptr_t)(t->base + mlo * t->page_size);
+        __atomic_store_n(&t->pieces[1], mlo + 1, __ATOMIC_RELEASE);
         if (mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to) != to)
             return -errno;
         t->moved_base = (uint64_t)(uintptr_t)to;
@@ -589,6 +591,9 @@ int pch_touch_run(struct pch_touch *t)
             if (t->lat_start)
                 t->lat_start[t->n_faulting] = s;
             t->n_faulting++;
+            if (t->unmap_at && i >= t->unmap_at &&
+                ((t->pieces[0] && page + 1 - t->pieces[0] < UNMAP_PAGES) || (page >= t->moved_lo && page < t->moved_hi)))
+                t->piece_faults++;
             t->stall_ns += d;
             if (d > t->max_ns)
                 t->max_ns = d;

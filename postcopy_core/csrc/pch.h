@@ -68,6 +68,9 @@ struct pch_worker_result {
     uint64_t removes;            /* pages this worker gave back (run --remove-rate, MADV_REMOVE) */
     uint64_t forks;              /* children it forked mid-run (run --fork-events) */
     uint64_t unmaps;             /* pieces of guest RAM it unmapped and mapped back, moved (run --unmap-events) */
+    uint64_t pieces[2];          /* their first pages + 1 (0: none), [0] unmapped and mapped back, [1] moved;
+                                  * set before the munmap/mremap, for the stall watch to name */
+    uint64_t piece_faults;       /* faults it took in those pieces after them: the handler served them */
     struct pch_finding bad;      /* the first wrong thing this worker read */
 };
 
@@ -115,6 +118,8 @@ struct pch_touch {
     int uffd, memfd;          /* for that: this worker's uffd (kept open) and the guest RAM memfd */
     uint64_t register_mode;
     uint64_t moved_lo, moved_hi, moved_base; /* pages [lo, hi) live at moved_base now (hi == 0: none moved) */
+    uint64_t *pieces;         /* this worker's result slot's `pieces` */
+    uint64_t piece_faults;    /* out: faults in those pieces after the munmap/mremap */
     /* out */
     uint32_t *lat_ns;         /* latency of each faulting access, in order */
     uint32_t *lat_page;       /* page of each faulting access */

@@ -298,6 +298,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
         t.uffd = uffd;
         t.memfd = p->memfd;
         t.register_mode = p->register_mode;
+        t.pieces = rec->pieces;
     }
     int rc = pch_touch_run(&t);
     if (rc == -ETIMEDOUT && t.fork_stuck_page >= 0) {
@@ -327,6 +328,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     rec->removes = t.removes;
     rec->forks = t.forks;
     rec->unmaps = t.unmaps;
+    rec->piece_faults = t.piece_faults;
     (void)nworkers;
     __atomic_store_n(&rec->state, t.mismatches ? PCH_STATE_FAILED : PCH_STATE_DONE, __ATOMIC_RELEASE);
     return t.mismatches ? PCH_WORKER_BAD_CONTENT : 0;
