@@ -123,6 +123,32 @@ def test_remove_and_fork_events_served_by_the_good_handlers(tmp_path, built, whi
     assert rep["pages-removed"] > 0 and rep["forks"] == 8
 
 
+@pytest.mark.parametrize("vcpus", [1, 32])
+@pytest.mark.parametrize("which", ["c", "python"])
+def test_unmap_and_remap_events_served_by_the_good_handlers(tmp_path, built, which, vcpus):
+    handler = (["--handler", built["uffd_handler"], "--handoff", "firecracker"] if which == "c"
+               else ["--handler", f"{sys.executable} {HANDLERS / 'py_handler.py'}"])
+    code, rep, err = run(tmp_path, *handler, "--vcpus", str(vcpus), "--ram", "8M", "--workload", "random",
+                         "--unmap-events", "--stall-timeout", "20")
+    assert code == 0, err
+    assert_verified(rep, vcpus)
+    # each vCPU unmapped a piece and mapped it back, and moved another (random: its next page is elsewhere)
+    assert rep["pieces-unmapped"] == 2 * vcpus
+    assert rep["piece-faults"] > 0  # faults there afterwards reached the handler, at the new mappings
+    if which == "python":  # what the kernel delivered, as the handler counted it
+        said = rep["handler"]["reported"]
+        assert said["remaps"] == vcpus  # one per mremap
+        assert said["unmaps"] >= vcpus  # the munmap's, and (on this kernel) mremap's of the old range
+
+
+def test_unmap_events_with_remove_and_fork_events(tmp_path, built):
+    code, rep, err = run(tmp_path, "--handler", built["uffd_handler"], "--handoff", "firecracker", "--vcpus", "8",
+                         "--ram", "8M", "--unmap-events", "--fork-events", "--remove-rate", "0.2")
+    assert code == 0, err
+    assert_verified(rep, 8)
+    assert rep["pieces-unmapped"] == 16 and rep["forks"] == 8 and rep["pages-removed"] > 0
+
+
 # broken handler -> (extra flags, words the error must hold)
 BROKEN = {
     "broken_eexist": (["--workload", "shared", "--vcpus", "16"], ["was never woken", "EEXIST"]),
@@ -130,6 +156,7 @@ BROKEN = {
     "broken_eagain": (["--vcpus", "8", "--ram", "32M", "--remove-rate", "0.3"], ["never placed", "EAGAIN"]),
     "broken_remove": (["--vcpus", "4", "--remove-rate", "0.2"], ["verification failed", "stale"]),
     "broken_fork": (["--vcpus", "4", "--fork-events"], ["the child it forked mid-run waited", "UFFD_EVENT_FORK"]),
+    "broken_unmap": (["--vcpus", "4", "--unmap-events"], ["never placed", "is in the piece this vCPU"]),
 }
 
 
@@ -233,6 +260,9 @@ sys.exit(py_handler.main())
     (["loadtest", "--remove-rate", "0.1"], None),
     (["run", "--fork-events"],
      "postcopy-harness run: --fork-events needs --handler: the built-in handler does not serve UFFD_EVENT_FORK"),
+    (["run", "--unmap-events"],
+     "postcopy-harness run: --unmap-events needs --handler: the built-in handler does not serve "
+     "UFFD_EVENT_UNMAP/REMAP"),
     (["restore", "--mem-file", "/nonexistent"],
      "postcopy-harness restore: cannot read image '/nonexistent': No such file or directory"),
 ])
@@ -271,7 +301,8 @@ YOURS = os.environ.get("PCH_TEST_HANDLER")
     ["--vcpus", "32", "--workload", "shared"],
     ["--vcpus", "8", "--workload", "random", "--remove-rate", "0.2"],
     ["--vcpus", "8", "--workload", "random", "--fork-events"],
-], ids=["1-vcpu", "256-vcpus", "shared-pages", "remove-events", "fork-events"])
+    ["--vcpus", "8", "--workload", "random", "--unmap-events"],
+], ids=["1-vcpu", "256-vcpus", "shared-pages", "remove-events", "fork-events", "unmap-events"])
 def test_your_handler(tmp_path, flags):
     handoff = os.environ.get("PCH_TEST_HANDOFF", "pch")
     code, rep, err = run(tmp_path, "--handler", YOURS, "--handoff", handoff, "--ram", "8M", "--stall-timeout", "10",
