@@ -63,10 +63,24 @@ PLACE_COPY = "copy"  # UFFDIO_COPY / ZEROPAGE through a uffd: the kernel copies 
 PLACE_CONTINUE = "continue"  # write the page cache through our own mapping, UFFDIO_CONTINUE the waiters
 PLACE_MODES = (PLACE_COPY, PLACE_CONTINUE)
 
-# One event record for the accounting engines (csrc/dest.h, struct pch_event): t_ns, RAM offset,
-# vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already received),
-# P = placed (flag: zero page).
-EVENT = struct.Struct("<qQiIBB")
+_STRUCT_CODES = {"int64_t": "q", "uint64_t": "Q", "int32_t": "i", "uint32_t": "I", "uint8_t": "B"}
+
+
+def struct_format(ctype: str) -> struct.Struct:
+    """A packed C struct of integer fields as a little-endian ``struct.Struct``, made from the
+    fields cffi read from the header, so the layout is written once (there)."""
+    t = ffi.typeof(ctype)
+    fmt = "<" + "".join(_STRUCT_CODES[f.type.cname] for _, f in t.fields)
+    out = struct.Struct(fmt)
+    if out.size != ffi.sizeof(t):
+        raise TypeError(f"{ctype} has padding: {ffi.sizeof(t)} bytes, its fields {out.size}")
+    return out
+
+
+# One event record for the accounting engines (csrc/dest.h, struct pch_event, the one declaration):
+# t (ns), RAM offset, vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already
+# received), P = placed (flag: zero page).
+EVENT = struct_format("struct pch_event")
 EV_FAULT = ord("F")
 EV_PLACED = ord("P")
 LOOP_BUDGET_MS = 50  # the C loop returns this often to ship events and watch the clock

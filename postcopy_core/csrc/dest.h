@@ -17,6 +17,7 @@
 
 /* a page channel's receive buffer: the largest frame (a 2 MiB huge page) several times over */
 #define PCH_RX_CAP 8388608
+#define PCH_PACKED __attribute__((packed))
 
 struct pch_port {
     int fd;            /* the uffd */
@@ -27,17 +28,19 @@ struct pch_port {
     uint32_t other_events;
 };
 
-/* cffi: skip (C only) { */
-/* one record per fault and per placed page: the accounting engines' input (little endian) */
-struct __attribute__((packed)) pch_event {
-    int64_t t_ns;
+/* cffi: packed { */
+/* One record per fault and per placed page: the accounting engines' input (little endian, packed,
+ * 26 bytes).  Declared here once: cffi reads it (packed), harness/accounting.py's numpy dtype and
+ * handler.py's struct format are made from cffi's field offsets. */
+struct PCH_PACKED pch_event {
+    int64_t t;         /* CLOCK_MONOTONIC ns */
     uint64_t addr;     /* RAM offset */
     int32_t vcpu;      /* -1: not a vCPU (or a placement) */
     uint32_t tid;
     uint8_t kind;      /* 'F' fault, 'P' placed */
     uint8_t flag;      /* F: page already received; P: zero page */
 };
-/* } cffi: skip */
+/* } cffi: packed */
 
 struct pch_dest_stats {
     uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
