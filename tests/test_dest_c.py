@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
 from postcopy_core.content import ContentSpec, Image
-from postcopy_core.handler import EVENT
+from postcopy_core.handler import DEFAULT_POLICY, EVENT
 from postcopy_core.protocol import DISCARD_RANGE as RANGE
 from postcopy_core.protocol import (
     HDR,
@@ -57,7 +57,7 @@ class CDest:
         self.tids = ffi.new("uint32_t[]", 1)
         self.tid_vcpu = ffi.new("int32_t[]", 1)
         self.d = lib.pch_dest_new(PS, NPAGES, self.received, self.ports, 0, self.carrier, self.tids, self.tid_vcpu, 0,
-                                  0, 0, 0, b"pc.ram", ffi.NULL, 0)
+                                  0, 0, 0, b"pc.ram", ffi.NULL, 0, DEFAULT_POLICY.to_c())
 
     def feed(self, data: bytes, channel: int = 0) -> int:
         buf = ffi.from_buffer(data)
