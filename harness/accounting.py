@@ -33,10 +33,9 @@ from postcopy_core.blocktime import (
 from postcopy_core.blocktime.events import KIND_FAULT, KIND_PLACED
 from postcopy_core.blocktime.trace import TraceWriter
 from postcopy_core.handler import EV_FAULT, EV_PLACED, EVENT
+from vcpu_workers.results import numpy_dtype
 
-RECORD = np.dtype([("t", "<i8"), ("addr", "<u8"), ("vcpu", "<i4"), ("tid", "<u4"), ("kind", "u1"),
-                   ("flag", "u1")])
-assert RECORD.itemsize == EVENT.size
+RECORD = numpy_dtype("struct pch_event")  # csrc/dest.h: field names and offsets as cffi read them
 
 
 def columns_from_records(data: bytes) -> EventColumns:

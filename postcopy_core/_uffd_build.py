@@ -16,13 +16,24 @@ CSRC = Path("postcopy_core") / "csrc"
 ffibuilder = FFI()
 
 
+PACKED = re.compile(r"/\* cffi: packed \{ \*/(.*?)/\* \} cffi: packed \*/", flags=re.S)
+
+
 def header_declarations(path: Path) -> str:
     """A header as cffi's cdef reads it: no preprocessor lines (integer #defines stay), and
-    without the blocks marked ``/* cffi: skip (C only) { */ ... /* } cffi: skip */``."""
+    without the blocks marked ``/* cffi: skip (C only) { */ ... /* } cffi: skip */`` or
+    ``/* cffi: packed { */ ... /* } cffi: packed */`` (those go to ``packed_declarations``)."""
     text = re.sub(r"/\* cffi: skip.*?\{ \*/.*?/\* \} cffi: skip \*/", "", path.read_text(), flags=re.S)
+    text = PACKED.sub("", text)
     keep = [line for line in text.splitlines()
             if not line.startswith("#") or re.match(r"#define [A-Z_]+ +-?\d+\b", line)]
     return "\n".join(keep)
+
+
+def packed_declarations(path: Path) -> str:
+    """The header's ``cffi: packed`` blocks, for a cdef with ``packed=True`` (cffi then lays them out
+    as ``__attribute__((packed))`` does; ``PCH_PACKED`` is that attribute in C)."""
+    return "\n".join(block.replace("PCH_PACKED ", "") for block in PACKED.findall(path.read_text()))
 
 
 # <linux/userfaultfd.h>: the constants we negotiate and register with.
@@ -80,8 +91,9 @@ ffibuilder.cdef(
 
 # csrc/*.h: our own declarations, read from the headers so they are written once.
 ffibuilder.cdef(header_declarations(CSRC / "wire.h") + header_declarations(CSRC / "verify.h")
-               + header_declarations(CSRC / "pch.h")
+                + header_declarations(CSRC / "pch.h")
                 + header_declarations(CSRC / "dest.h"))
+ffibuilder.cdef(packed_declarations(CSRC / "dest.h"), packed=True)
 
 ffibuilder.set_source(
     "postcopy_core._uffd",

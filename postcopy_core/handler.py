@@ -40,6 +40,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from postcopy_core import kernel
@@ -63,10 +64,24 @@ PLACE_COPY = "copy"  # UFFDIO_COPY / ZEROPAGE through a uffd: the kernel copies 
 PLACE_CONTINUE = "continue"  # write the page cache through our own mapping, UFFDIO_CONTINUE the waiters
 PLACE_MODES = (PLACE_COPY, PLACE_CONTINUE)
 
-# One event record for the accounting engines (csrc/dest.h, struct pch_event): t_ns, RAM offset,
-# vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already received),
-# P = placed (flag: zero page).
-EVENT = struct.Struct("<qQiIBB")
+_STRUCT_CODES = {"int64_t": "q", "uint64_t": "Q", "int32_t": "i", "uint32_t": "I", "uint8_t": "B"}
+
+
+def struct_format(ctype: str) -> struct.Struct:
+    """A packed C struct of integer fields as a little-endian ``struct.Struct``, made from the
+    fields cffi read from the header, so the layout is written once (there)."""
+    t = ffi.typeof(ctype)
+    fmt = "<" + "".join(_STRUCT_CODES[f.type.cname] for _, f in t.fields)
+    out = struct.Struct(fmt)
+    if out.size != ffi.sizeof(t):
+        raise TypeError(f"{ctype} has padding: {ffi.sizeof(t)} bytes, its fields {out.size}")
+    return out
+
+
+# One event record for the accounting engines (csrc/dest.h, struct pch_event, the one declaration):
+# t (ns), RAM offset, vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already
+# received), P = placed (flag: zero page).
+EVENT = struct_format("struct pch_event")
 EV_FAULT = ord("F")
 EV_PLACED = ord("P")
 LOOP_BUDGET_MS = 50  # the C loop returns this often to ship events and watch the clock
@@ -84,6 +99,56 @@ STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "
 # how the destination gets a new source's channels from the orchestrator's ``resume`` message (and
 # the fds it carried): a pair of connected page-channel sockets (stream, urgent)
 Reconnect = Callable[[dict, list[int]], tuple[socket.socket, socket.socket]]
+
+
+@dataclass(frozen=True)
+class DestPolicy:
+    """The destination loop's tunables (csrc/dest.h, ``struct pch_dest_policy``), with the defaults
+    every run uses.  Passed to ``pch_dest_new``; the C loop has no constants of its own for these.
+
+    rx_turn: bytes one read from a page channel may take (1 MiB).  The loop serves the uffds and the
+      urgent channel between reads (and between the stream's frames), so this bounds how long a
+      background burst can hold a fault back, while a read still carries many 4 KiB frames.
+    direct_min: with ``--place continue``, PAGES frames of at least this many bytes (64 KiB) are
+      received straight into guest RAM, without the copy through the receive buffer; after placing
+      one the loop reads the faults its placement woke at once, so the source gets their requests
+      while we take the rest (asked only at the end of the turn, they waited ~1 ms).
+    events_ship: ``pch_dest_run`` returns once this many event-record bytes wait (1 MiB), so Python
+      ships them in big batches and memory stays bounded.
+    spin_ns: after a turn, look for the next event this long (20 µs, yielding the CPU between looks)
+      before sleeping in epoll_wait: the next fault or answer is usually microseconds away, and a
+      sleeping loop costs its sender a wake-up IPI.  Not while the stream flows.  0: sleep at once.
+    urgent_turns: reads in a row the urgent channel may take in one turn (16): answers come whole
+      (a huge page must not come at the stream's pace) but cannot starve the uffds.
+    board_scan_slots: the access board (postcopy_core/board.py) is scanned once per
+      ``vCPUs / board_scan_slots`` placements (at least 1), i.e. at most this many slots (64) read
+      per placed page: with few vCPUs a scan per page, with thousands one per batch.
+    """
+
+    rx_turn: int = 1 << 20
+    direct_min: int = 64 << 10
+    events_ship: int = 1 << 20
+    spin_ns: int = 20_000
+    urgent_turns: int = 16
+    board_scan_slots: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rx_turn <= lib.PCH_RX_CAP:
+            raise ValueError(f"destination policy: rx_turn {self.rx_turn} must be 1..{lib.PCH_RX_CAP}")
+        for name in ("direct_min", "events_ship", "urgent_turns", "board_scan_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"destination policy: {name} must be at least 1")
+        if self.spin_ns < 0:
+            raise ValueError("destination policy: spin_ns must be 0 or more")
+
+    def to_c(self):
+        """A ``struct pch_dest_policy *`` with these values (keep it alive while pch_dest_new runs)."""
+        return ffi.new("struct pch_dest_policy *", dict(
+            rx_turn=self.rx_turn, direct_min=self.direct_min, events_ship=self.events_ship,
+            spin_ns=self.spin_ns, urgent_turns=self.urgent_turns, board_scan_slots=self.board_scan_slots))
+
+
+DEFAULT_POLICY = DestPolicy()
 
 
 class Port:
@@ -107,7 +172,8 @@ class Destination:
                  control: ControlLine, events: socket.socket | None, wake_policy: str = WAKE_WAITERS,
                  board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
                  reconnect: Reconnect | None = None, share_channels: bool = False,
-                 gens: GenerationMap | None = None, place: str = PLACE_COPY, plant: str | None = None) -> None:
+                 gens: GenerationMap | None = None, place: str = PLACE_COPY, plant: str | None = None,
+                 policy: DestPolicy = DEFAULT_POLICY) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM
@@ -139,7 +205,8 @@ class Destination:
         d = lib.pch_dest_new(geo.page_size, geo.npages, self.c_received, self.c_ports, len(ports), self.c_carrier,
                              self.c_tids, self.c_tid_vcpu, len(tids), int(hugetlb),
                              self.zero_page.addr if self.zero_page else 0, int(wake_policy == WAKE_ALL),
-                             geo.idstr.encode(), board.slots if board else ffi.NULL, board.nvcpus if board else 0)
+                             geo.idstr.encode(), board.slots if board else ffi.NULL, board.nvcpus if board else 0,
+                             policy.to_c())
         if d == ffi.NULL:
             raise HandlerError("out of memory for the destination's page tables")
         self.d = ffi.gc(d, lib.pch_dest_free)

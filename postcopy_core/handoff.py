@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from postcopy_core.channel import ListenError
 from postcopy_core.refusals import Refusals
 
-HELLO = struct.Struct("<4sIiiQQ")  # magic, version, vcpu, pid, base, length
+HELLO = struct.Struct("<4sIiiQQ")  # magic, version, vcpu, pid, base, length: csrc/pch.h pch_handoff_hello
+# (declared there; tests/test_layouts.py checks this against it field by field)
 MAGIC = b"PCHW"
 VERSION = 1
 ACK = b"k"

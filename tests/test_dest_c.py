@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 
 import pytest
 from hypothesis import given, settings
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
 from postcopy_core.content import ContentSpec, Image
+from postcopy_core.handler import DEFAULT_POLICY, EVENT
 from postcopy_core.protocol import DISCARD_RANGE as RANGE
 from postcopy_core.protocol import (
     HDR,
@@ -26,13 +26,13 @@ from postcopy_core.protocol import (
     MSG_PAGES,
     MSG_POSTCOPY_START,
     MSG_ZERO,
-    FrameReader,
     Geometry,
     ProtocolError,
     encode_hello,
     page_header,
 )
 from tests.conftest import requires_uffd
+from tests.frame_reader import FrameReader
 
 pytestmark = [pytest.mark.kernel, requires_uffd]
 PS = kernel.PAGE_SIZE
@@ -57,7 +57,7 @@ class CDest:
         self.tids = ffi.new("uint32_t[]", 1)
         self.tid_vcpu = ffi.new("int32_t[]", 1)
         self.d = lib.pch_dest_new(PS, NPAGES, self.received, self.ports, 0, self.carrier, self.tids, self.tid_vcpu, 0,
-                                  0, 0, 0, b"pc.ram", ffi.NULL, 0)
+                                  0, 0, 0, b"pc.ram", ffi.NULL, 0, DEFAULT_POLICY.to_c())
 
     def feed(self, data: bytes, channel: int = 0) -> int:
         buf = ffi.from_buffer(data)
@@ -74,7 +74,7 @@ class CDest:
     def events(self) -> list[tuple]:
         n = ffi.new("uint64_t *")
         ptr = lib.pch_dest_events(self.d, n)
-        return list(struct.iter_unpack("<qQiIBB", bytes(ffi.buffer(ptr, n[0]))))
+        return list(EVENT.iter_unpack(bytes(ffi.buffer(ptr, n[0]))))
 
     def close(self) -> None:
         lib.pch_dest_free(self.d)

@@ -19,6 +19,8 @@ import pytest
 
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
+from postcopy_core.handler import DEFAULT_POLICY, DestPolicy
+from postcopy_core.protocol import MSG_ZERO, page_header
 from tests.conftest import requires_uffd
 from tests.test_dest_c import GEO, HELLO, IMG, NPAGES, PS, pages_frame
 
@@ -29,7 +31,7 @@ MARK = b"guest store!"
 class ContinueDest:
     """A worker-less destination in --place continue: pages written through its own mapping."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: DestPolicy = DEFAULT_POLICY) -> None:
         self.fd = kernel.memfd_create("pch-test-direct")
         os.ftruncate(self.fd, GEO.ram_size)
         self.ram = kernel.mmap_fd(self.fd, GEO.ram_size)  # the handler's unregistered mapping
@@ -41,7 +43,7 @@ class ContinueDest:
         self.ports = ffi.new("struct pch_port[]", 1)
         self.tids, self.tid_vcpu = ffi.new("uint32_t[]", 1), ffi.new("int32_t[]", 1)
         self.d = lib.pch_dest_new(PS, NPAGES, self.received, self.ports, 0, self.carrier, self.tids, self.tid_vcpu,
-                                  0, 0, 0, 0, b"pc.ram", ffi.NULL, 0)
+                                  0, 0, 0, 0, b"pc.ram", ffi.NULL, 0, policy.to_c())
         lib.pch_dest_set_continue(self.d, self.ram.addr)
         self.stream, self.stream_src = socket.socketpair()
         self.urgent, self.urgent_src = socket.socketpair()
@@ -112,3 +114,50 @@ def test_the_rest_of_a_frame_received_into_place_skips_a_page_placed_meanwhile(d
         assert bytes(dest.guest.buffer(p * PS, PS)) == bytes(IMG.page(p))
     stats = lib.pch_dest_stats(dest.d)
     assert stats.direct_skipped == 1 and stats.duplicates == 1
+
+
+def test_the_policy_reaches_the_loop():
+    """direct_min above the frame's size: the same frame goes through the receive buffer instead,
+    and page 10, in already, is a duplicate there (nothing received into place skips it)."""
+    d = ContinueDest(DestPolicy(direct_min=1 << 20))
+    try:
+        d.stream_src.sendall(HELLO)
+        d.urgent_src.sendall(HELLO + pages_frame(10, 1, urgent=True))
+        d.turn()
+        assert d.received[10]
+        d.guest.buffer(10 * PS, len(MARK))[:] = MARK
+        d.stream_src.setblocking(False)
+        rest = memoryview(pages_frame(0, NPAGES))
+        while rest:
+            try:
+                rest = rest[d.stream_src.send(rest):]
+            except BlockingIOError:
+                pass
+            d.turn(5)
+        d.turn()
+        assert all(d.received[p] for p in range(NPAGES))
+        assert bytes(d.guest.buffer(10 * PS, len(MARK))) == MARK
+        stats = lib.pch_dest_stats(d.d)
+        assert stats.direct_skipped == 0 and stats.duplicates == 1
+    finally:
+        d.close()
+
+
+def test_frames_held_between_turns_are_all_placed(dest):
+    """The loop takes one stream frame per turn and serves the faults between: frames that came in
+    one read wait in the buffer (held) and are placed in the turns that follow, none lost."""
+    dest.urgent_src.sendall(HELLO)
+    zeros = b"".join(page_header(MSG_ZERO, p * PS, 1, PS) for p in range(NPAGES))  # 16 bytes each: one read
+    dest.stream_src.sendall(HELLO + zeros)
+    dest.turn()
+    assert all(dest.received[p] for p in range(NPAGES))
+    stats = lib.pch_dest_stats(dest.d)
+    assert stats.frames == NPAGES + 2 and stats.placed_zero == NPAGES
+
+
+@pytest.mark.parametrize("bad", [dict(rx_turn=0), dict(urgent_turns=0), dict(board_scan_slots=0),
+                                 dict(spin_ns=-1), dict(rx_turn=1 << 30)])
+def test_a_bad_policy_is_refused_in_one_line(bad):
+    with pytest.raises(ValueError) as e:
+        DestPolicy(**bad)
+    assert "\n" not in str(e.value) and next(iter(bad)) in str(e.value)

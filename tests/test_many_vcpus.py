@@ -18,6 +18,7 @@ from postcopy_core import handoff, kernel
 from postcopy_core._uffd import ffi, lib
 from postcopy_core.board import AccessBoard, worker_slot
 from postcopy_core.content import ContentSpec
+from postcopy_core.handler import DEFAULT_POLICY
 from tests.conftest import requires_uffd
 from tests.test_teardown import SLOW_RUN, assert_clean, finish, start_cli, wait_for_children
 from tests.test_wake import GEO, PAGE, PS, _dest, _pending, _stream_page, _word_read
@@ -126,7 +127,7 @@ def test_a_batch_that_never_fills_still_wakes_its_vcpu():
         d, keep = _dest(memfd, uffd_fd, base, None)
         keep["ports"][0].vcpu = VCPU
         d = lib.pch_dest_new(PS, GEO.npages, keep["received"], keep["ports"], 1, keep["carrier"], keep["tids"],
-                             keep["tid_vcpu"], 0, 0, 0, 0, b"pc.ram", board.slots, NBOARD)
+                             keep["tid_vcpu"], 0, 0, 0, 0, b"pc.ram", board.slots, NBOARD, DEFAULT_POLICY.to_c())
         d = ffi.gc(d, lib.pch_dest_free)
         _stream_page(d)
         assert _word_read(out_r, 5.0) is not None, "the vCPU still sleeps on a page that is in"

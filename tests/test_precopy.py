@@ -25,7 +25,6 @@ from postcopy_core.protocol import (
     HDR,
     MSG_DISCARD,
     MSG_POSTCOPY_START,
-    FrameReader,
     Geometry,
     ProtocolError,
     encode_discards,
@@ -33,6 +32,7 @@ from postcopy_core.protocol import (
     encode_postcopy_start,
 )
 from tests.conftest import requires_uffd
+from tests.frame_reader import FrameReader
 from tests.test_dest_c import GEO, HELLO, IMG, NPAGES, PS, SPEC, CDest, pages_frame
 
 # ---------------------------------------------------------------- content by generation

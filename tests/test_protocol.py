@@ -26,7 +26,6 @@ from postcopy_core.protocol import (
     RP_REQ_PAGES,
     RP_REQ_PAGES_ID,
     RP_SHUT,
-    FrameReader,
     Geometry,
     PageRequest,
     ProtocolError,
@@ -36,6 +35,7 @@ from postcopy_core.protocol import (
     encode_shut,
     page_header,
 )
+from tests.frame_reader import FrameReader
 
 PS = 4096
 GEO = Geometry(PS, 64 * PS)

@@ -19,6 +19,7 @@ from postcopy_core import kernel
 from postcopy_core._uffd import ffi, lib
 from postcopy_core.board import AccessBoard, worker_slot
 from postcopy_core.content import ContentSpec, Image
+from postcopy_core.handler import DEFAULT_POLICY
 from postcopy_core.protocol import MSG_PAGES, Geometry, encode_hello, page_header
 from tests.conftest import requires_uffd
 
@@ -98,7 +99,7 @@ def _dest(memfd: int, uffd_fd: int, base: int, board: AccessBoard | None):
     keep["tids"], keep["tid_vcpu"] = ffi.new("uint32_t[]", 1), ffi.new("int32_t[]", 1)
     d = lib.pch_dest_new(PS, NPAGES, keep["received"], keep["ports"], 1, keep["carrier"], keep["tids"],
                          keep["tid_vcpu"], 0, 0, 0, 0, b"pc.ram", board.slots if board else ffi.NULL,
-                         1 if board else 0)
+                         1 if board else 0, DEFAULT_POLICY.to_c())
     return ffi.gc(d, lib.pch_dest_free), keep
 
 

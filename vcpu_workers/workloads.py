@@ -21,7 +21,16 @@ from postcopy_core._uffd import ffi, lib
 if TYPE_CHECKING:
     import numpy as np
 
-WORKLOADS = ("sequential", "random", "stride", "hotset", "shared")  # index = C kind
+
+def _enum_names(ctype: str, prefix: str) -> tuple[str, ...]:
+    """A C enum's names in value order, lower-cased without ``prefix``; its values must be 0..n-1."""
+    elements = ffi.typeof(ctype).elements
+    if sorted(elements) != list(range(len(elements))):
+        raise TypeError(f"{ctype}: values are not 0..{len(elements) - 1}")
+    return tuple(elements[v].removeprefix(prefix).lower() for v in range(len(elements)))
+
+
+WORKLOADS = _enum_names("enum pch_workload", "PCH_WL_")  # index = C kind (csrc/pch.h, declared there alone)
 STRIDE = 16
 HOTSET_ACCESSES = 2  # hotset: draws per vCPU, as a multiple of its share of pages
 HOTSET_SKEW = 1.1

@@ -1,4 +1,16 @@
-/* dest.c - see dest.h.  Mirrors QEMU's fault thread and postcopy_place_page, one fault at a time. */
+/* dest.c - the destination's loop and its protocol steps (API in dest.h).
+ *
+ * What lives in C, and why: the whole per-fault path, loop included.  pch_dest_run is one loop; a
+ * turn waits for the fds (spinning briefly first), serves the uffds and the urgent channel, then
+ * takes one step of the stream, and every step returns to it: a receive stops between stream
+ * frames (and after a big frame) and leaves the rest held in its buffer for the next turn.  The
+ * steps, one function each: read_faults, request_page, place_page, place_zero, wake_sharers,
+ * discard, send_received_map, resume.  In C because a fault is served in a few microseconds, about
+ * what one trip through the interpreter and cffi costs, and a loop split between the two languages
+ * would make that trip per fault and per page; the GIL is not held while it runs.
+ * Python (postcopy_core/handler.py) keeps what is not per fault: it sets up the fds and the
+ * epoll sets, chooses the policy (struct pch_dest_policy, DestPolicy there), ships the event
+ * records, watches the clock and the control line, and drives recovery. */
 #define _GNU_SOURCE
 #include "dest.h"
 #include "pch.h"
@@ -27,6 +39,7 @@ struct rxbuf {
     uint8_t *buf;
     uint64_t cap, start, end;
     int drained; /* the last recv took less than it could */
+    int held;    /* [start, end) begins with a whole frame: the parse stopped to let the loop serve faults */
     /* --place continue: a PAGES frame whose payload is being received straight into guest RAM */
     uint64_t dfirst, dcount, dlen, dgot;
     int durgent, direct;
@@ -36,15 +49,10 @@ struct rxbuf {
 /* a PAGES frame that pch_dest_on_data found valid but incomplete (its header read, not all its payload) */
 struct partial { uint64_t first, count, plen; int urgent, valid; };
 
-#define DIRECT_MIN (64u << 10) /* frames at least this big are received straight into place (continue) */
-
-#define RX_TURN (1u << 20)     /* bytes read from a channel per loop turn (faults are served between frames) */
-#define URGENT_TURNS 16        /* the urgent channel may take this many reads in a row */
-#define EVENTS_SHIP (1u << 20) /* hand events to Python once this many bytes are waiting */
-#define SPIN_NS 20000          /* poll this long (yielding) before sleeping in epoll_wait */
 #define PLANT_SLOTS 16         /* run --plant-bug: pages copied aside at most */
 
 struct pch_dest {
+    struct pch_dest_policy pol; /* the tunables (dest.h), copied at pch_dest_new */
     uint64_t ps, npages;
     unsigned shift;
     uint8_t *received;
@@ -81,7 +89,10 @@ struct pch_dest {
      * per page the batch that placed it; a batch closes after board_batch placements (1 for
      * few vCPUs: a scan per page, as cheap as it is prompt) and at the end of every receive. */
     uint32_t *board_mark, board_gen, board_first_wake, board_batch, board_pending;
-    struct pch_dest_loop *loop; /* set while pch_dest_run runs: lets the stream yield to faults */
+    struct pch_dest_loop *loop; /* set while pch_dest_run runs: a receive stops between frames for it */
+    int stopped[2];             /* per channel: the last pch_dest_on_data stopped early (more whole frames) */
+    int yield;                  /* a big frame was placed: the loop reads the faults it woke before more data */
+    int urgent_served;          /* this loop turn read the urgent channel */
     uint8_t *ram;               /* --place continue: guest RAM through our own, unregistered mapping */
     struct partial part[2];     /* per channel, where the last pch_dest_on_data stopped */
     int loop_result;
@@ -127,11 +138,18 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
                               struct pch_port *ports, int nports, struct pch_port *carrier,
                               const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
                               int hugetlb, uint64_t zero_page, int wake_all, const char *idstr,
-                              const uint64_t *board, int nboard)
+                              const uint64_t *board, int nboard, const struct pch_dest_policy *policy)
 {
     struct pch_dest *d = calloc(1, sizeof *d);
     if (!d)
         return NULL;
+    d->pol = *policy;
+    if (!d->pol.urgent_turns)
+        d->pol.urgent_turns = 1;
+    if (!d->pol.board_scan_slots)
+        d->pol.board_scan_slots = 1;
+    if (!d->pol.rx_turn || d->pol.rx_turn > PCH_RX_CAP)
+        d->pol.rx_turn = PCH_RX_CAP;
     d->ps = page_size;
     d->npages = npages;
     d->shift = (unsigned)__builtin_ctzll(page_size);
@@ -157,7 +175,8 @@ struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *rece
     d->board_mark = d->nboard ? calloc(npages, sizeof *d->board_mark) : NULL;
     d->board_gen = d->board_first_wake = 1;
     d->unwoken = -1;
-    d->board_batch = d->nboard / 64 > 1 ? (uint32_t)(d->nboard / 64) : 1; /* scan cost <= 64 slots per page */
+    uint32_t per_scan = (uint32_t)d->nboard / d->pol.board_scan_slots; /* scan cost <= board_scan_slots per page */
+    d->board_batch = per_scan > 1 ? per_scan : 1;
     if (!d->head || !d->pool || !d->woken || !d->board_port || (d->nboard && !d->board_mark)) {
         pch_dest_free(d);
         return NULL;
@@ -254,7 +273,8 @@ static int append_request(struct pch_dest *d, uint64_t page)
     return 0;
 }
 
-static int request(struct pch_dest *d, uint64_t page)
+/* Step: request page (REQ_PAGES on the return path, queued; send_requests sends it) */
+static int request_page(struct pch_dest *d, uint64_t page)
 {
     if (append_request(d, page))
         return -ENOMEM;
@@ -350,7 +370,9 @@ static int add_waiter(struct pch_dest *d, uint64_t page, int32_t port)
     return 0;
 }
 
-int pch_dest_on_uffd(struct pch_dest *d, int pi)
+/* Step: read faults (a batch from uffd `pi`): attribute each, wake it if its page is in, else make
+ * it a waiter and request its page */
+static int read_faults(struct pch_dest *d, int pi)
 {
     struct pch_port *port = &d->ports[pi];
     uint64_t addr[128], flags[128];
@@ -389,12 +411,14 @@ int pch_dest_on_uffd(struct pch_dest *d, int pi)
             continue;
         }
         int r = add_waiter(d, page, pi);
-        if (r < 0 || (r == 1 && request(d, page)))
+        if (r < 0 || (r == 1 && request_page(d, page)))
             return fail(d, -ENOMEM, "out of memory for waiters");
         d->st.requests_discarded += (uint64_t)(r == 1 && dropped);
     }
     return err ? err : n;
 }
+
+int pch_dest_on_uffd(struct pch_dest *d, int pi) { return read_faults(d, pi); }
 
 /* One ioctl for [page, page+count) through port p: a copy of src, a zero fill, or on hugetlbfs
  * (no UFFDIO_ZEROPAGE there) a copy of the zeroed huge page (count == 1). */
@@ -464,7 +488,7 @@ static int wake_once(struct pch_dest *d, int32_t pi, const struct pch_port *via,
  * uffd it went through.  Waiters whose fault we read are in the list; vCPUs whose fault message
  * is still queued show on the access board (postcopy_core/board.py says why that is enough). */
 static int wake_sharers(struct pch_dest *d, const struct pch_port *via, int32_t w, uint64_t page, uint64_t count)
-{
+{ /* step: wake sharers */
     uint64_t off = page << d->shift, len = count << d->shift;
     int rc;
     if (++d->wake_gen == 0) { /* wrapped: forget the old marks */
@@ -614,7 +638,7 @@ static const uint8_t *plant_place(struct pch_dest *d, uint64_t page, int32_t w, 
     return src;
 }
 
-static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent);
+static int place_page(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent);
 
 /* wrong-page: after a waited-for page went in, its bytes go in at another offset too (if free) */
 static int plant_wrong(struct pch_dest *d, uint64_t page, int32_t w, const uint8_t *src, int urgent)
@@ -629,14 +653,16 @@ static int plant_wrong(struct pch_dest *d, uint64_t page, int32_t w, const uint8
         if (!copy)
             return fail(d, -ENOMEM, "out of memory");
         memcpy(copy, src, d->ps);
-        int rc = place(d, other, 1, copy, urgent);
+        int rc = place_page(d, other, 1, copy, urgent);
         free(copy);
         return rc;
     }
-    return place(d, other, 1, src, urgent);
+    return place_page(d, other, 1, src, urgent);
 }
 
-static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent)
+/* Step: place page(s) [page, page+count) from src (NULL: zero pages, see place_zero), wake its
+ * sharers, free its waiters */
+static int place_page(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_t *src, int urgent)
 {
     int32_t w = d->head[page];
     struct pch_port *via = w >= 0 ? &d->ports[d->pool[w].port] : d->carrier;
@@ -678,7 +704,11 @@ static int place(struct pch_dest *d, uint64_t page, uint64_t count, const uint8_
     return d->plant ? plant_wrong(d, page, w, given, urgent) : 0;
 }
 
-static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l);
+/* Step: place zero (a ZERO frame's pages: UFFDIO_ZEROPAGE, or the zeroed huge page on hugetlbfs) */
+static int place_zero(struct pch_dest *d, uint64_t page, uint64_t count, int urgent)
+{
+    return place_page(d, page, count, NULL, urgent);
+}
 
 /* Place the pages of one PAGES/ZERO frame: pages with waiters one by one (through the first
  * waiter's uffd), runs nobody waits for with one ioctl through the carrier. */
@@ -711,16 +741,18 @@ static int place_frame(struct pch_dest *d, uint64_t first, uint64_t count, const
         if (d->head[p] < 0 && !d->plant)
             while (q < end && !d->received[q] && d->head[q] < 0)
                 q++;
-        int rc = place(d, p, q - p, data ? data + ((p - first) << d->shift) : NULL, urgent);
+        int rc = data ? place_page(d, p, q - p, data + ((p - first) << d->shift), urgent)
+                      : place_zero(d, p, q - p, urgent);
         if (rc)
             return rc;
         p = q;
     }
-    /* A big frame (a huge page) took long to come in and to place: read the faults of the vCPUs it
-     * woke and ask for their pages now, so the source prepares the next page while we take the rest
-     * of the channel (asked only at the end of the turn, it idled and the faults waited ~1 ms). */
-    if ((count << d->shift) >= DIRECT_MIN && d->loop && !d->precopy)
-        return serve_faults(d, d->loop);
+    /* A big frame (a huge page) took long to come in and to place: back to the loop, which reads the
+     * faults of the vCPUs it woke and asks for their pages before the rest of the channel, so the
+     * source prepares the next page meanwhile (asked only at the end of the turn, it idled and the
+     * faults waited ~1 ms). */
+    if ((count << d->shift) >= d->pol.direct_min && d->loop && !d->precopy)
+        d->yield = 1;
     return 0;
 }
 
@@ -748,12 +780,10 @@ static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
     return 0;
 }
 
-static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l);
-
 /* DISCARD: drop pages the guest dirtied after they were sent, so that they fault again.  Every
  * range is checked before any is applied; then the page cache gives them up (a hole punched in the
  * memfd, or MADV_REMOVE where fallocate cannot) and the received map forgets them. */
-static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count)
+static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count) /* step: discard */
 {
     uint64_t ram = d->npages << d->shift;
     for (uint16_t i = 0; i < count; i++) {
@@ -790,6 +820,12 @@ static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count)
     }
     d->st.discard_msgs++;
     return 0;
+}
+
+/* buf starts with a whole frame (header and payload) */
+static int whole_frame(const uint8_t *buf, uint64_t len)
+{
+    return len >= PCH_HDR_SIZE && len - PCH_HDR_SIZE >= be32(buf + 4);
 }
 
 int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int ch)
@@ -872,9 +908,13 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
             return rc;
         d->st.frames++;
         pos += PCH_HDR_SIZE + plen;
-        /* between two stream frames, faults and urgent pages go first */
-        if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
-            return rc;
+        /* Inside pch_dest_run, between two stream frames (or after a big frame on either channel)
+         * faults and urgent pages go first: stop here when another whole frame follows, and let the
+         * loop serve them and come back for the rest (rxbuf.held). */
+        if (d->loop && (ch == 0 || d->yield) && whole_frame(buf + pos, len - pos)) {
+            d->stopped[ch] = 1;
+            return (int64_t)pos;
+        }
     }
     int rc = board_flush(d); /* no placed page waits past this receive for its board wake */
     return rc ? rc : (int64_t)pos;
@@ -891,7 +931,7 @@ const char *pch_dest_error(struct pch_dest *d) { return d->err; }
 static int direct_ok(struct pch_dest *d, int ch)
 {
     struct partial *f = &d->part[ch];
-    if (!f->valid || f->plen < DIRECT_MIN)
+    if (!f->valid || f->plen < d->pol.direct_min)
         return 0;
     for (uint64_t k = 0; k < f->count; k++)
         if (d->received[f->first + k])
@@ -913,9 +953,7 @@ static int direct_done(struct pch_dest *d, int ch)
     if (rc)
         return rc;
     d->st.frames++;
-    if (ch == 0 && d->loop && (rc = serve_priority(d, d->loop)) < 0)
-        return rc;
-    return 1;
+    return 1; /* back to the loop: it serves the faults before the next read */
 }
 
 /* How much of the frame being received into place the next recv may take: the run of its pages from
@@ -941,11 +979,11 @@ static int on_direct(struct pch_dest *d, int fd, int ch)
     struct rxbuf *r = &d->rx[ch];
     int aside;
     uint64_t want = direct_room(d, r, &aside);
-    if (want > RX_TURN)
-        want = RX_TURN;
+    if (want > d->pol.rx_turn)
+        want = d->pol.rx_turn;
     uint8_t *to = d->ram + (r->dfirst << d->shift) + r->dgot;
     if (aside) {
-        if (!r->scratch && !(r->scratch = malloc(d->ps < RX_TURN ? d->ps : RX_TURN)))
+        if (!r->scratch && !(r->scratch = malloc(d->ps < d->pol.rx_turn ? d->ps : d->pol.rx_turn)))
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
         to = r->scratch;
     }
@@ -993,7 +1031,7 @@ static int peek_direct(struct pch_dest *d, int fd, int ch)
     struct rxbuf *r = &d->rx[ch];
     uint8_t h[PCH_HDR_SIZE];
     ssize_t got = recv(fd, h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
-    if (got != PCH_HDR_SIZE || h[0] != PCH_MSG_PAGES || be32(h + 4) < DIRECT_MIN)
+    if (got != PCH_HDR_SIZE || h[0] != PCH_MSG_PAGES || be32(h + 4) < d->pol.direct_min)
         return 0;
     /* the checks every frame gets: pch_dest_on_data stops at the missing payload, noting the frame */
     int64_t used = pch_dest_on_data(d, h, sizeof h, ch);
@@ -1002,7 +1040,7 @@ static int peek_direct(struct pch_dest *d, int fd, int ch)
     if (used || !direct_ok(d, ch))
         return 0;
     struct partial *f = &d->part[ch];
-    uint64_t want = f->plen < RX_TURN ? f->plen : RX_TURN;
+    uint64_t want = f->plen < d->pol.rx_turn ? f->plen : d->pol.rx_turn;
     struct iovec iov[2] = { { h, sizeof h }, { d->ram + (f->first << d->shift), want } };
     struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
     got = recvmsg(fd, &m, MSG_DONTWAIT);
@@ -1024,15 +1062,41 @@ static int peek_direct(struct pch_dest *d, int fd, int ch)
     return r->dgot < r->dlen ? 1 : direct_done(d, ch);
 }
 
-/* Receive once from a channel (at most RX_TURN bytes) and place every complete frame: 1 if it read
+/* Place the whole frames in a channel's buffer, up to where pch_dest_on_data stops for the loop
+ * (then r->held: the rest waits for the next turn).  A big PAGES frame begun at the end goes on
+ * straight into place (go_direct).  1, or PCH_RUN_EOF, or -errno. */
+static int take_frames(struct pch_dest *d, int fd, int ch)
+{
+    struct rxbuf *r = &d->rx[ch];
+    r->held = 0;
+    int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
+    if (used < 0)
+        return (int)used;
+    r->start += (uint64_t)used;
+    if (d->stopped[ch]) {
+        d->stopped[ch] = 0;
+        r->held = 1;
+    } else if (r->start == r->end)
+        r->start = r->end = 0;
+    else if (d->ram && !d->eos[ch]) {
+        int rc = go_direct(d, fd, ch);
+        if (rc < 0 || rc == PCH_RUN_EOF)
+            return rc;
+    }
+    return 1;
+}
+
+/* Receive once from a channel (at most the policy's rx_turn bytes) and place every complete frame: 1 if it read
  * something, 0 if nothing was there, PCH_RUN_EOF at EOF.  One bounded read per readiness: a busy background stream must not keep the loop from
  * the urgent channel and the uffds (epoll is level-triggered, so the rest comes next turn). */
 static int on_channel(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
+    if (r->held) /* whole frames from the last read first */
+        return take_frames(d, fd, ch);
     if (r->direct)
         return on_direct(d, fd, ch);
-    if (d->ram && r->start == r->end && (ch == 0 || d->ps >= DIRECT_MIN)) {
+    if (d->ram && r->start == r->end && (ch == 0 || d->ps >= d->pol.direct_min)) {
         int rc = peek_direct(d, fd, ch);
         if (rc)
             return rc;
@@ -1042,14 +1106,14 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
             return fail(d, -ENOMEM, "out of memory for a receive buffer");
         r->cap = PCH_RX_CAP;
     }
-    if (r->cap - r->end < RX_TURN && r->start) { /* keep the partial frame, at the front */
+    if (r->cap - r->end < d->pol.rx_turn && r->start) { /* keep the partial frame, at the front */
         memmove(r->buf, r->buf + r->start, r->end - r->start);
         r->end -= r->start;
         r->start = 0;
     }
     if (r->end == r->cap)
         return fail(d, -EPROTO, "page stream: a frame larger than the receive buffer");
-    uint64_t room = r->cap - r->end < RX_TURN ? r->cap - r->end : RX_TURN;
+    uint64_t room = r->cap - r->end < d->pol.rx_turn ? r->cap - r->end : d->pol.rx_turn;
     ssize_t got = recv(fd, r->buf + r->end, room, MSG_DONTWAIT);
     if (got < 0 && link_lost(errno))
         got = 0; /* a reset is an EOF: the destination pauses either way */
@@ -1061,18 +1125,7 @@ static int on_channel(struct pch_dest *d, int fd, int ch)
     }
     r->end += (uint64_t)got;
     r->drained = (uint64_t)got < room;
-    int64_t used = pch_dest_on_data(d, r->buf + r->start, r->end - r->start, ch);
-    if (used < 0)
-        return (int)used;
-    r->start += (uint64_t)used;
-    if (r->start == r->end)
-        r->start = r->end = 0;
-    else if (d->ram && !d->eos[ch]) {
-        int rc = go_direct(d, fd, ch);
-        if (rc < 0 || rc == PCH_RUN_EOF)
-            return rc;
-    }
-    return 1;
+    return take_frames(d, fd, ch);
 }
 
 /* Send the queued requests as far as the return path takes them, never waiting: what it does not
@@ -1119,8 +1172,28 @@ static void arm_out(struct pch_dest *d, struct pch_dest_loop *l)
     d->out_armed = want;
 }
 
-/* Serve the ready uffds and urgent channel among evs[0..k) (other fds are left to the caller).  A
- * dead one is taken out of both sets (the main set holds them too when it is flat, see dest.h). */
+/* Read the urgent channel: answers first, whole (a huge page must not come in at the stream's pace),
+ * until a read comes short (the socket is empty then: saves a recv that says EAGAIN; epoll is
+ * level-triggered, so whatever comes next is seen next turn), at most urgent_turns reads, and not
+ * past a big frame or frames held for the next turn (the faults come first). */
+static int serve_urgent(struct pch_dest *d, struct pch_dest_loop *l)
+{
+    int fd = l->urgent_fd, rc = 0;
+    d->urgent_served = 1;
+    for (uint32_t n = 0; n < d->pol.urgent_turns && (rc = on_channel(d, fd, 1)) == 1 && !d->rx[1].drained
+                         && !d->rx[1].held && !d->yield; n++)
+        ;
+    if (rc == PCH_RUN_EOF) {
+        epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL);
+        epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
+        d->loop_result = PCH_RUN_EOF;
+    }
+    return rc < 0 ? rc : 0;
+}
+
+/* Serve the ready uffds and urgent channel among evs[0..k) (the uffds alone with faults_only; other
+ * fds are left to the caller).  A dead one is taken out of both sets (the main set holds them too
+ * when it is flat, see dest.h). */
 static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct epoll_event *evs, int k,
                        int faults_only)
 {
@@ -1133,22 +1206,10 @@ static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct
                 epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
                 port_dead(d, &d->ports[port]);
             } else {
-                rc = pch_dest_on_uffd(d, port);
+                rc = read_faults(d, port);
             }
         } else if (fd == l->urgent_fd && !faults_only) {
-            /* answers first, whole: a huge page must not come in at the stream's pace */
-            /* until a read comes short: the socket is empty then (saves a recv that says EAGAIN;
-             * epoll is level-triggered, so whatever comes next is seen next turn) */
-            for (int n = 0; n < URGENT_TURNS && (rc = on_channel(d, fd, 1)) == 1 && !d->rx[1].drained; n++)
-                ;
-            if (rc == 1)
-                rc = 0;
-            if (rc == PCH_RUN_EOF) {
-                epoll_ctl(l->pri_epfd, EPOLL_CTL_DEL, fd, NULL);
-                epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
-                d->loop_result = PCH_RUN_EOF;
-                rc = 0;
-            }
+            rc = serve_urgent(d, l);
         }
         if (rc < 0)
             return rc;
@@ -1156,9 +1217,8 @@ static int serve_ready(struct pch_dest *d, struct pch_dest_loop *l, const struct
     return 0;
 }
 
-/* Serve what is ready in the priority set (every uffd, the urgent channel; the uffds alone with
- * faults_only, from inside a channel's receive, where the channels wait for the caller) without
- * blocking, then send the requests that made.  A quit or EOF seen here is kept in d->loop_result. */
+/* Serve what is ready in the priority set (every uffd, and the urgent channel unless faults_only)
+ * without blocking, then send the requests that made.  An EOF seen here is kept in d->loop_result. */
 static int serve_ready_set(struct pch_dest *d, struct pch_dest_loop *l, int faults_only)
 {
     struct epoll_event evs[256];
@@ -1177,6 +1237,7 @@ static int serve_ready_set(struct pch_dest *d, struct pch_dest_loop *l, int faul
     return requests_queued(d) ? send_requests(d, l->stream_fd) : 0;
 }
 
+
 static int serve_priority(struct pch_dest *d, struct pch_dest_loop *l) { return serve_ready_set(d, l, 0); }
 static int serve_faults(struct pch_dest *d, struct pch_dest_loop *l) { return serve_ready_set(d, l, 1); }
 
@@ -1190,11 +1251,14 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
     d->loop_result = 0;
     for (;;) {
         int64_t left = end - now_ns();
-        if (left <= 0 || d->ev_len >= EVENTS_SHIP)
+        if (left <= 0 || d->ev_len >= d->pol.events_ship)
             break;
         if (d->plant == PCH_PLANT_REVERT)
             plant_revert(d);
         arm_out(d, l);
+        /* whole frames held from the last turn: look at the fds without waiting, then take them */
+        int held0 = d->rx[0].held && l->stream_fd >= 0, held1 = d->rx[1].held && l->urgent_fd >= 0;
+        d->yield = d->urgent_served = 0;
         int64_t t0 = now_ns();
         int k = 0;
         /* The next event (a fault, an answer) is usually a few microseconds away.  Looking for it a
@@ -1202,12 +1266,12 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
          * in a VM) and us the way back from idle.  sched_yield between the looks: the source (on
          * this CPU with --pin) or a vCPU just woken may need this very CPU to produce it.  Not
          * while the stream flows: its data comes in big reads, and the spin only took CPU from it. */
-        if (!d->precopy && !streamed)
-            for (int64_t until = t0 + (SPIN_NS < left ? SPIN_NS : left); !k && now_ns() < until;)
+        if (!d->precopy && !streamed && !held0 && !held1)
+            for (int64_t until = t0 + (d->pol.spin_ns < left ? d->pol.spin_ns : left); !k && now_ns() < until;)
                 if (!(k = epoll_wait(l->epfd, evs, 256, 0)))
                     sched_yield(); /* unpinned, the vCPU just woken may be queued on this CPU: let it run */
         if (!k) {
-            int64_t rest = end - now_ns();
+            int64_t rest = held0 || held1 ? 0 : end - now_ns();
             k = epoll_wait(l->epfd, evs, 256, rest > 0 ? (int)((rest + 999999) / 1000000) : 0);
         }
         if (k < 0) {
@@ -1216,7 +1280,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
             rc = fail(d, -errno, "epoll_wait: %s", strerror(errno));
             break;
         }
-        if (k == 0)
+        if (k == 0 && !held0 && !held1)
             l->idle_ns += now_ns() - t0;
         int stream_ready = 0, nested = 0, room = 0;
         streamed = 0;
@@ -1238,9 +1302,15 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
          * wake-up instead of two); a nested one says only that the priority set has something */
         if ((rc = nested ? serve_priority(d, l) : serve_ready(d, l, evs, k, 0)) < 0)
             break;
+        if (held1 && !d->urgent_served && (rc = serve_urgent(d, l)) < 0)
+            break;
+        /* an urgent big frame (a huge page) was placed: the faults of the vCPUs it woke, and their
+         * requests, before the stream (the source prepares their pages meanwhile) */
+        if (d->yield && (rc = serve_faults(d, l)) < 0)
+            break;
         if ((room || !nested) && requests_queued(d) && (rc = send_requests(d, l->stream_fd)) < 0)
             break;
-        if (stream_ready) {
+        if (stream_ready || held0) { /* the stream last */
             streamed = 1;
             rc = on_channel(d, l->stream_fd, 0);
             if (rc == 1)
@@ -1265,7 +1335,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
 }
 
 /* The received map, as RECV_BITMAP messages, then RESUME with the count (see wire.h). */
-static int append_bitmap(struct pch_dest *d)
+static int send_received_map(struct pch_dest *d) /* step: send received map (queued) */
 {
     uint64_t total = 0;
     for (uint64_t first = 0; first < d->npages; first += (uint64_t)PCH_BITMAP_CHUNK * 8) {
@@ -1297,11 +1367,13 @@ static int append_bitmap(struct pch_dest *d)
     return 0;
 }
 
-int pch_dest_reconnect(struct pch_dest *d, int stream_fd)
+/* Step: resume (postcopy recovery, to a new source): the received map, then every waiter asked again */
+static int resume(struct pch_dest *d, int stream_fd)
 {
     /* a frame the old source half sent is dropped: its pages are not received, so asked again */
     for (int ch = 0; ch < 2; ch++) {
         d->rx[ch].start = d->rx[ch].end = 0;
+        d->rx[ch].held = d->stopped[ch] = 0;
         d->rx[ch].direct = 0; /* --place continue: a frame half received into place is not placed */
         d->part[ch].valid = 0;
         d->hello[ch] = d->eos[ch] = 0;
@@ -1311,7 +1383,7 @@ int pch_dest_reconnect(struct pch_dest *d, int stream_fd)
     d->out_armed = 0;             /* the new channels are registered afresh, for reading */
     d->link_down = 0;
     d->st.reconnects++;
-    if (append_bitmap(d))
+    if (send_received_map(d))
         return fail(d, -ENOMEM, "out of memory for the received map");
     int asked = 0;
     for (uint64_t page = 0; page < d->npages; page++)
@@ -1328,5 +1400,7 @@ int pch_dest_reconnect(struct pch_dest *d, int stream_fd)
         return fail(d, -EPIPE, "the new source went away during the resume");
     return asked;
 }
+
+int pch_dest_reconnect(struct pch_dest *d, int stream_fd) { return resume(d, stream_fd); }
 
 int pch_dest_hellos(const struct pch_dest *d) { return d->hello[0] + d->hello[1]; }

@@ -1,14 +1,11 @@
 /*
- * dest.h - the destination's per-fault and per-page work in C.
- *
- * The Python fault handler (handler.py) owns the event loop, the sockets and the choice of
- * policy; these functions do what it must do for every fault and every page, which Python cannot
- * do at kernel speed:
- *   pch_dest_on_uffd()  read a batch of faults from one uffd: attribute, wake-or-request, record
- *   pch_dest_on_data()  parse page-stream frames from a receive buffer and place their pages,
- *                       waking every vCPU blocked on a placed page (its read fault, or the access
- *                       board, postcopy_core/board.py, for faults not read yet)
- * Requests (QEMU's REQ_PAGES layout) and event records accumulate in buffers that Python sends.
+ * dest.h - the destination: its loop (pch_dest_run) and the per-fault, per-page work, in C
+ * (dest.c's header says why).  postcopy_core/handler.py creates it with the tunables
+ * (struct pch_dest_policy), registers the fds, calls pch_dest_run in turns and ships the event
+ * records; the C loop reads faults, sends the requests (QEMU's REQ_PAGES layout) on the return
+ * path, places pages and wakes every vCPU blocked on one (its read fault, or the access board,
+ * postcopy_core/board.py, for faults not read yet).  pch_dest_on_uffd and pch_dest_on_data are the
+ * same steps, callable alone (the tests drive them so).
  */
 #ifndef PCH_DEST_H
 #define PCH_DEST_H
@@ -17,6 +14,7 @@
 
 /* a page channel's receive buffer: the largest frame (a 2 MiB huge page) several times over */
 #define PCH_RX_CAP 8388608
+#define PCH_PACKED __attribute__((packed))
 
 struct pch_port {
     int fd;            /* the uffd */
@@ -27,17 +25,19 @@ struct pch_port {
     uint32_t other_events;
 };
 
-/* cffi: skip (C only) { */
-/* one record per fault and per placed page: the accounting engines' input (little endian) */
-struct __attribute__((packed)) pch_event {
-    int64_t t_ns;
+/* cffi: packed { */
+/* One record per fault and per placed page: the accounting engines' input (little endian, packed,
+ * 26 bytes).  Declared here once: cffi reads it (packed), harness/accounting.py's numpy dtype and
+ * handler.py's struct format are made from cffi's field offsets. */
+struct PCH_PACKED pch_event {
+    int64_t t;         /* CLOCK_MONOTONIC ns */
     uint64_t addr;     /* RAM offset */
     int32_t vcpu;      /* -1: not a vCPU (or a placement) */
     uint32_t tid;
     uint8_t kind;      /* 'F' fault, 'P' placed */
     uint8_t flag;      /* F: page already received; P: zero page */
 };
-/* } cffi: skip */
+/* } cffi: packed */
 
 struct pch_dest_stats {
     uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;
@@ -56,13 +56,25 @@ struct pch_dest_stats {
     uint64_t rp_full;        /* sends of requests that found the return path full (the rest was queued) */
 };
 
+/* The destination's tunables, in one place: postcopy_core/handler.py fills it (DestPolicy, which
+ * holds the defaults and why they are what they are) and pch_dest_new copies it. */
+struct pch_dest_policy {
+    uint64_t rx_turn;          /* bytes one read from a page channel may take (1..PCH_RX_CAP) */
+    uint64_t direct_min;       /* --place continue: PAGES frames this big or bigger are received straight
+                                * into place; after placing one, the uffds are read at once */
+    uint64_t events_ship;      /* pch_dest_run returns once this many event bytes wait for Python */
+    int64_t spin_ns;           /* look for the next event this long (yielding) before sleeping in epoll_wait */
+    uint32_t urgent_turns;     /* reads in a row the urgent channel may take in one turn */
+    uint32_t board_scan_slots; /* the access board is scanned once per vCPUs / this placements (>= 1) */
+};
+
 struct pch_dest;
 
 struct pch_dest *pch_dest_new(uint64_t page_size, uint64_t npages, uint8_t *received,
                               struct pch_port *ports, int nports, struct pch_port *carrier,
                               const uint32_t *tids, const int32_t *tid_vcpu, int ntids,
                               int hugetlb, uint64_t zero_page, int wake_all, const char *idstr,
-                              const uint64_t *board, int nboard);
+                              const uint64_t *board, int nboard, const struct pch_dest_policy *policy);
 void pch_dest_free(struct pch_dest *d);
 int pch_dest_on_uffd(struct pch_dest *d, int port);
 /* Start in precopy (run --precopy): the stream may carry DISCARD and POSTCOPY_START, pages sent

@@ -51,6 +51,9 @@ uint64_t pch_check_page_gen(const uint8_t *p, uint64_t seed, uint64_t page, uint
                             uint32_t zero_permille, const uint8_t *ref);
 
 /* ---- workloads (workloads.c): kind = index in vcpu_workers.workloads.WORKLOADS ---- */
+/* the kinds, declared here alone: vcpu_workers/workloads.py builds WORKLOADS from this enum (names
+ * lower-cased, without the prefix) */
+enum pch_workload { PCH_WL_SEQUENTIAL = 0, PCH_WL_RANDOM = 1, PCH_WL_STRIDE = 2, PCH_WL_HOTSET = 3, PCH_WL_SHARED = 4 };
 uint64_t pch_order_length(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages);
 int64_t pch_make_order(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages, uint64_t seed, uint32_t *out);
 void pch_make_writes(uint8_t *out, uint64_t n, double ratio, uint64_t seed, uint32_t vcpu);
@@ -255,6 +258,15 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint32_t fork_events;          /* run --fork-events: each vCPU forks a reader mid-run */
     uint64_t fork_timeout_ms;
     uint32_t unmap_events;         /* run --unmap-events: each vCPU unmaps, maps back and moves pieces mid-run */
+};
+/* The hand-off hello a worker sends with its uffd (the fd rides along as SCM_RIGHTS), little endian,
+ * no padding.  Declared here once; postcopy_core/handoff.py's HELLO is checked against it field by
+ * field (tests/test_layouts.py). */
+struct pch_handoff_hello {
+    char magic[4];
+    uint32_t version;
+    int32_t vcpu, pid;
+    uint64_t base, length;
 };
 /* The body of worker w (after its set-up); returns its exit code. */
 int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_forked);

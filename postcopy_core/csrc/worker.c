@@ -28,14 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* the hand-off hello, laid out as postcopy_core/handoff.py's HELLO ("<4sIiiQQ", 32 bytes) */
-struct hello {
-    char magic[4];
-    uint32_t version;
-    int32_t vcpu, pid;
-    uint64_t base, length;
-};
-_Static_assert(sizeof(struct hello) == 32, "hello must match handoff.HELLO");
+_Static_assert(sizeof(struct pch_handoff_hello) == 32, "the hello has no padding (pch.h)");
 
 static void label(const struct pch_worker_plan *p, uint32_t w, char *out, size_t n)
 {
@@ -89,7 +82,7 @@ static void *map(uint64_t len, int prot, int flags, int fd)
 }
 
 /* connect, send the hello with the uffd attached, wait for the one-byte ack (timeouts: the socket's) */
-static int hand_off(const struct pch_worker_plan *p, const struct hello *h, int uffd, const char **op)
+static int hand_off(const struct pch_worker_plan *p, const struct pch_handoff_hello *h, int uffd, const char **op)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0) {
@@ -165,7 +158,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
         snprintf(what, sizeof what, "UFFDIO_REGISTER (the range does not support %s)", p->need_what ?: "?");
         return fail(p, w, "KernelError", what, EOPNOTSUPP);
     }
-    struct hello h = {.version = p->handoff_version, .vcpu = (int32_t)w, .pid = (int32_t)getpid(),
+    struct pch_handoff_hello h = {.version = p->handoff_version, .vcpu = (int32_t)w, .pid = (int32_t)getpid(),
                       .base = (uint64_t)(uintptr_t)ram, .length = size};
     memcpy(h.magic, p->handoff_magic, 4);
     err = hand_off(p, &h, uffd, &op);

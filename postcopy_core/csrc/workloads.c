@@ -5,7 +5,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-enum { W_SEQUENTIAL, W_RANDOM, W_STRIDE, W_HOTSET, W_SHARED };
 #define STRIDE 16
 #define HOTSET_ACCESSES 2
 #define HOTSET_SKEW 1.1
@@ -41,9 +40,9 @@ static void shuffle(uint32_t *a, uint64_t n, struct rng *r)
 uint64_t pch_order_length(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages)
 {
     uint64_t first = vcpu * npages / nvcpus, end = (vcpu + 1ull) * npages / nvcpus;
-    if (kind == W_SHARED)
+    if (kind == PCH_WL_SHARED)
         return npages;
-    if (kind == W_HOTSET)
+    if (kind == PCH_WL_HOTSET)
         return HOTSET_ACCESSES * (end - first);
     return end - first;
 }
@@ -54,30 +53,30 @@ int64_t pch_make_order(int kind, uint32_t vcpu, uint32_t nvcpus, uint64_t npages
     uint64_t first = vcpu * npages / nvcpus, end = (vcpu + 1ull) * npages / nvcpus, n = end - first;
     struct rng r = stream(seed, vcpu, 1);
     switch (kind) {
-    case W_SEQUENTIAL:
+    case PCH_WL_SEQUENTIAL:
         for (uint64_t i = 0; i < n; i++)
             out[i] = (uint32_t)(first + i);
         return (int64_t)n;
-    case W_RANDOM:
+    case PCH_WL_RANDOM:
         for (uint64_t i = 0; i < n; i++)
             out[i] = (uint32_t)(first + i);
         shuffle(out, n, &r);
         return (int64_t)n;
-    case W_STRIDE: { /* column by column: 0, 16, 32, ..., 1, 17, ... */
+    case PCH_WL_STRIDE: { /* column by column: 0, 16, 32, ..., 1, 17, ... */
         uint64_t k = 0;
         for (uint64_t c = 0; c < STRIDE; c++)
             for (uint64_t i = c; i < n; i += STRIDE)
                 out[k++] = (uint32_t)(first + i);
         return (int64_t)k;
     }
-    case W_SHARED: { /* one permutation of all pages, the same for every vCPU */
+    case PCH_WL_SHARED: { /* one permutation of all pages, the same for every vCPU */
         struct rng s = stream(seed, 0x5eed, 2);
         for (uint64_t i = 0; i < npages; i++)
             out[i] = (uint32_t)i;
         shuffle(out, npages, &s);
         return (int64_t)npages;
     }
-    case W_HOTSET: {
+    case PCH_WL_HOTSET: {
         /* zipf-like ranks by inverting the continuous power law x^-s on [1, npages+1), mapped
          * through one permutation of all pages so the hot pages are the same for every vCPU and
          * scattered over RAM */
