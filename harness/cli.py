@@ -206,8 +206,8 @@ def _run(args) -> int:
     from harness.progress import RunProgress
     from harness.report import lost_words, print_summary, write_json
     from harness.run import check_memory
+    from harness.runner import run_config
     from harness.supervise import RunFailed
-    from postcopy_harness import run_config
 
     try:
         check_memory(cfg)  # a --ram the host cannot hold is bad input: say so before any process starts
