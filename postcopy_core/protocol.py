@@ -289,12 +289,12 @@ class Frame:
 class FrameReader:
     """Reassembles page-stream frames from a non-blocking socket into one fixed buffer.
 
-    The reference decoder of the page stream, in Python: tools and tests use it, and the tests hold
-    the destination's own decoder (csrc/dest.c, ``pch_dest_on_data``) to the same verdicts.
+    A reference decoder of the page stream in Python, used only by the tests: the destination
+    decodes frames in C (csrc/dest.c, ``pch_dest_on_data``), and the tests hold that decoder to
+    this one's verdicts.
 
-    The buffer never moves (the destination hands pointers into it straight to UFFDIO_COPY), so
-    it is a bytearray of fixed capacity with the unread bytes in [start, end); it is compacted
-    only when a frame does not fit behind ``end``.
+    The buffer is a bytearray of fixed capacity with the unread bytes in [start, end); it is
+    compacted only when a frame does not fit behind ``end``.
     """
 
     def __init__(self, capacity: int, geo: Geometry | None = None, precopy: bool = False,

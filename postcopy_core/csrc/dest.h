@@ -1,14 +1,17 @@
 /*
- * dest.h - the destination's per-fault and per-page work in C.
+ * dest.h - the destination in C: its event loop and the work done for every fault and page.
  *
- * The Python fault handler (handler.py) owns the event loop, the sockets and the choice of
- * policy; these functions do what it must do for every fault and every page, which Python cannot
- * do at kernel speed:
+ * The loop is C: pch_dest_run() waits on the uffds and the page channels (epoll, after a short
+ * spin), reads faults, sends page requests on the return path itself, receives frames and places
+ * their pages, waking every vCPU blocked on a placed page (its read fault, or the access board,
+ * postcopy_core/board.py, for faults not read yet).  Its policy (request dedup, wake policy,
+ * serving faults between frames, the spin, the urgent-channel and direct-receive thresholds,
+ * the board batch) is fixed in dest.c.  The Python handler (handler.py) sets it up, calls
+ * pch_dest_run() in turns of a few ms, ships the event records C buffered (pch_dest_events) to
+ * the orchestrator, watches for a stuck run and drives postcopy recovery (pch_dest_reconnect).
  *   pch_dest_on_uffd()  read a batch of faults from one uffd: attribute, wake-or-request, record
- *   pch_dest_on_data()  parse page-stream frames from a receive buffer and place their pages,
- *                       waking every vCPU blocked on a placed page (its read fault, or the access
- *                       board, postcopy_core/board.py, for faults not read yet)
- * Requests (QEMU's REQ_PAGES layout) and event records accumulate in buffers that Python sends.
+ *   pch_dest_on_data()  parse page-stream frames from a receive buffer and place their pages
+ * Requests (QEMU's REQ_PAGES layout) accumulate in a buffer that pch_dest_run() sends.
  */
 #ifndef PCH_DEST_H
 #define PCH_DEST_H
