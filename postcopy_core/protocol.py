@@ -364,6 +364,35 @@ class FrameReader:
                 raise ProtocolError(f"DISCARD: range {i} ({off:#x}+{length:#x}) outside guest RAM")
         return out
 
+    def _validate_hello(self, plen: int) -> None:
+        if self.geo is not None:
+            raise ProtocolError("HELLO: sent twice")
+        if not HELLO.size < plen <= MAX_HELLO:
+            raise ProtocolError(f"HELLO: payload length {plen} out of range")
+        if plen > len(self.buf) - HDR.size:
+            raise ProtocolError(f"HELLO: {plen} bytes do not fit the receive buffer")
+
+    def _validate_precopy_message(self, mtype: int, name: str, flags: int, count: int, plen: int,
+                                  offset: int) -> None:
+        """DISCARD and POSTCOPY_START: only on the stream channel of a destination in precopy."""
+        if self.urgent:
+            raise ProtocolError(f"{name}: on the urgent channel")
+        if not self.precopy:
+            raise ProtocolError(f"{name}: not in precopy")
+        if flags:
+            raise ProtocolError(f"{name}: unknown flags {flags:#x}")
+        if offset:
+            raise ProtocolError(f"{name}: offset must be 0")
+        if mtype == MSG_POSTCOPY_START:
+            if count or plen:
+                raise ProtocolError("POSTCOPY_START: must carry nothing")
+            return
+        if not 1 <= count <= DISCARD_MAX_RANGES:
+            raise ProtocolError(f"DISCARD: {count} ranges, must be 1..{DISCARD_MAX_RANGES}")
+        if plen != count * DISCARD_RANGE.size:
+            raise ProtocolError(f"DISCARD: payload length {plen}, expected {count * DISCARD_RANGE.size} "
+                                f"for {count} ranges")
+
     def _validate(self, mtype: int, flags: int, count: int, plen: int, offset: int) -> None:
         name = MSG_NAMES.get(mtype)
         if name is None:
@@ -373,12 +402,7 @@ class FrameReader:
         if self.eos:
             raise ProtocolError(f"{name}: received after EOS")
         if mtype == MSG_HELLO:
-            if self.geo is not None:
-                raise ProtocolError("HELLO: sent twice")
-            if not HELLO.size < plen <= MAX_HELLO:
-                raise ProtocolError(f"HELLO: payload length {plen} out of range")
-            if plen > len(self.buf) - HDR.size:
-                raise ProtocolError(f"HELLO: {plen} bytes do not fit the receive buffer")
+            self._validate_hello(plen)
             return
         geo = self.geo
         if geo is None:
@@ -388,23 +412,7 @@ class FrameReader:
                 raise ProtocolError("EOS: must carry no pages")
             return
         if mtype in (MSG_DISCARD, MSG_POSTCOPY_START):
-            if self.urgent:
-                raise ProtocolError(f"{name}: on the urgent channel")
-            if not self.precopy:
-                raise ProtocolError(f"{name}: not in precopy")
-            if flags:
-                raise ProtocolError(f"{name}: unknown flags {flags:#x}")
-            if offset:
-                raise ProtocolError(f"{name}: offset must be 0")
-            if mtype == MSG_POSTCOPY_START:
-                if count or plen:
-                    raise ProtocolError("POSTCOPY_START: must carry nothing")
-                return
-            if not 1 <= count <= DISCARD_MAX_RANGES:
-                raise ProtocolError(f"DISCARD: {count} ranges, must be 1..{DISCARD_MAX_RANGES}")
-            if plen != count * DISCARD_RANGE.size:
-                raise ProtocolError(f"DISCARD: payload length {plen}, expected {count * DISCARD_RANGE.size} "
-                                    f"for {count} ranges")
+            self._validate_precopy_message(mtype, name, flags, count, plen, offset)
             return
         if count == 0:
             raise ProtocolError(f"{name}: zero pages")
