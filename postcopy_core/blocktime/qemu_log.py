@@ -114,20 +114,7 @@ class _Parsed:
 
 
 def _parse(path: str, lines: list[tuple[int, str]]) -> _Parsed:
-    items: list = []
-    ends: list[_End] = []
-    tid_map: dict[int, int] = {}
-    dds: dict[str, int] = {}
-    cleanup: int | None = None
-    pending_req: dict[int, tuple[int, int, int, int]] = {}  # thread -> (line, w, addr, pid)
-    last_zero: dict[int, int] = {}
-    addr_or = 0
-
-    def flush_request(thread: int) -> None:
-        req = pending_req.pop(thread, None)
-        if req is not None and req[3] != 0 and tid_map.get(req[3], -1) < 0:
-            items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
-
+    st = _ParseState(path)
     for n, line in lines:
         m = _LINE.match(line)
         if m is None:
@@ -141,75 +128,90 @@ def _parse(path: str, lines: list[tuple[int, str]]) -> _Parsed:
         args = args or ""
         if event not in _HANDLED:
             continue
-        thread_i = int(thread)
         w = int(sec) * 1_000_000_000 + int(usec.ljust(6, "0")[:6]) * 1000
-
-        def bad(what: str, n: int = n, event: str = event, args: str = args) -> BlocktimeError:
-            return BlocktimeError(f"{path}: line {n}: malformed {event} ({what}): {args[:80]!r}")
-
-        if event == "mark_postcopy_blocktime_begin":
-            a = _BEGIN.fullmatch(args)
-            if a is None:
-                raise bad("expected 'addr: 0x.., dd: .., time: N, cpu: N, already_received: N'")
-            req = pending_req.pop(thread_i, None)
-            pid = req[3] if req is not None else 0
-            cpu = int(a.group(4))
-            if cpu >= 0:
-                check_vcpus(path, "vCPU index", cpu, n)
-            if pid and cpu >= 0:
-                tid_map.setdefault(pid, cpu)
-            dds[a.group(2)] = dds.get(a.group(2), 0) + 1
-            items.append(_Begin(n, w, int(a.group(1), 16), int(a.group(3)), cpu, a.group(5) != "0", pid))
-        elif event == "mark_postcopy_blocktime_end":
-            a = _END.fullmatch(args)
-            if a is None:
-                raise bad("expected 'addr: 0x.., dd: .., time: N, affected_cpu: N'")
-            addr = int(a.group(1), 16)
-            dds[a.group(2)] = dds.get(a.group(2), 0) + 1
-            zero = last_zero.pop(thread_i, None) == addr
-            addr_or |= addr
-            ends.append(_End(n, w, addr, int(a.group(3)), int(a.group(4)), zero))
-        elif event == "postcopy_place_page_zero":
-            a = _PLACE.fullmatch(args)
-            if a is None:
-                raise bad("expected 'host=0x..'")
-            last_zero[thread_i] = 0 if a.group(1) == "(nil)" else int(a.group(1), 16)
-        elif event == "postcopy_ram_fault_thread_request":
-            a = _REQUEST.fullmatch(args)
-            if a is None:
-                raise bad("expected 'Request for HVA=0x.. rb=.. offset=0x.. pid=N'")
-            flush_request(thread_i)
-            pending_req[thread_i] = (n, w, int(a.group(1), 16), int(a.group(4)))
-        elif event == "get_mem_fault_cpu_index":
-            a = _CPU_INDEX.fullmatch(args)
-            if a is None:
-                raise bad("expected 'cpu: N, pid: N'")
-            cpu, pid = int(a.group(1)), int(a.group(2))
-            if cpu >= 0:
-                check_vcpus(path, "vCPU index", cpu, n)
-                tid_map[pid] = cpu
-            else:
-                flush_request(thread_i)
-        elif event == "postcopy_ram_incoming_cleanup_blocktime":
-            a = _CLEANUP.fullmatch(args)
-            if a is None:
-                raise bad("expected 'total blocktime N'")
-            cleanup = int(a.group(1))
-    for thread in list(pending_req):
-        flush_request(thread)
-    return _Parsed(items, ends, tid_map, dds, cleanup, addr_or)
+        getattr(st, _HANDLED[event])(n, w, int(thread), event, args)
+    for thread in list(st.pending_req):
+        st.flush_request(thread)
+    return _Parsed(st.items, st.ends, st.tid_map, st.dds, st.cleanup, st.addr_or)
 
 
-_HANDLED = frozenset(
-    {
-        "mark_postcopy_blocktime_begin",
-        "mark_postcopy_blocktime_end",
-        "postcopy_place_page_zero",
-        "postcopy_ram_fault_thread_request",
-        "get_mem_fault_cpu_index",
-        "postcopy_ram_incoming_cleanup_blocktime",
-    }
-)
+class _ParseState:
+    """What the lines of a QEMU 7.2 log said so far; one method per trace event it reads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.items: list = []
+        self.ends: list[_End] = []
+        self.tid_map: dict[int, int] = {}
+        self.dds: dict[str, int] = {}
+        self.cleanup: int | None = None
+        self.pending_req: dict[int, tuple[int, int, int, int]] = {}  # thread -> (line, w, addr, pid)
+        self.last_zero: dict[int, int] = {}
+        self.addr_or = 0
+
+    def _match(self, pattern: re.Pattern, n: int, event: str, args: str, what: str) -> re.Match:
+        a = pattern.fullmatch(args)
+        if a is None:
+            raise BlocktimeError(f"{self.path}: line {n}: malformed {event} ({what}): {args[:80]!r}")
+        return a
+
+    def flush_request(self, thread: int) -> None:
+        req = self.pending_req.pop(thread, None)
+        if req is not None and req[3] != 0 and self.tid_map.get(req[3], -1) < 0:
+            self.items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
+
+    def begin(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_BEGIN, n, event, args, "expected 'addr: 0x.., dd: .., time: N, cpu: N, already_received: N'")
+        req = self.pending_req.pop(thread, None)
+        pid = req[3] if req is not None else 0
+        cpu = int(a.group(4))
+        if cpu >= 0:
+            check_vcpus(self.path, "vCPU index", cpu, n)
+        if pid and cpu >= 0:
+            self.tid_map.setdefault(pid, cpu)
+        self.dds[a.group(2)] = self.dds.get(a.group(2), 0) + 1
+        self.items.append(_Begin(n, w, int(a.group(1), 16), int(a.group(3)), cpu, a.group(5) != "0", pid))
+
+    def end(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_END, n, event, args, "expected 'addr: 0x.., dd: .., time: N, affected_cpu: N'")
+        addr = int(a.group(1), 16)
+        self.dds[a.group(2)] = self.dds.get(a.group(2), 0) + 1
+        zero = self.last_zero.pop(thread, None) == addr
+        self.addr_or |= addr
+        self.ends.append(_End(n, w, addr, int(a.group(3)), int(a.group(4)), zero))
+
+    def place_zero(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_PLACE, n, event, args, "expected 'host=0x..'")
+        self.last_zero[thread] = 0 if a.group(1) == "(nil)" else int(a.group(1), 16)
+
+    def request(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_REQUEST, n, event, args, "expected 'Request for HVA=0x.. rb=.. offset=0x.. pid=N'")
+        self.flush_request(thread)
+        self.pending_req[thread] = (n, w, int(a.group(1), 16), int(a.group(4)))
+
+    def cpu_index(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_CPU_INDEX, n, event, args, "expected 'cpu: N, pid: N'")
+        cpu, pid = int(a.group(1)), int(a.group(2))
+        if cpu >= 0:
+            check_vcpus(self.path, "vCPU index", cpu, n)
+            self.tid_map[pid] = cpu
+        else:
+            self.flush_request(thread)
+
+    def cleanup_line(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_CLEANUP, n, event, args, "expected 'total blocktime N'")
+        self.cleanup = int(a.group(1))
+
+
+# the trace events read, and the _ParseState method that reads each
+_HANDLED = {
+    "mark_postcopy_blocktime_begin": "begin",
+    "mark_postcopy_blocktime_end": "end",
+    "postcopy_place_page_zero": "place_zero",
+    "postcopy_ram_fault_thread_request": "request",
+    "get_mem_fault_cpu_index": "cpu_index",
+    "postcopy_ram_incoming_cleanup_blocktime": "cleanup_line",
+}
 
 
 class _Clock:
