@@ -1,6 +1,6 @@
 """The report's PNG plots (matplotlib, headless Agg): stall timeline, latency histogram, placements,
 and the load-test curves.  Every figure has a title, axis units and, at its foot, the command that
-made it.  Small files (a modest size and dpi): the README commits some of them.
+made it.  Small files (a modest size and dpi): the README and docs/pictures.md commit some of them.
 """
 
 from __future__ import annotations
