@@ -192,28 +192,12 @@ def _run(args) -> int:
         return 2
     if spec is not None:  # someone else's fault handler, a memory file and no source (harness/restore.py)
         return run_handler_main(args, cfg, spec)
-    for flag, path in (("--json", args.json), ("--trace", args.trace)):
-        problem = unwritable(path)
-        if problem:  # before the run, so its results are not lost at the end
-            err.print(f"postcopy-harness run: {flag} {path}: {problem}")
-            return 2
-    from harness.report_dir import report_dir_problem
-
-    problem = report_dir_problem(args.report)
+    problem = _run_outputs_problem(args, cfg)
     if problem:
-        err.print(f"postcopy-harness run: --report {args.report}: {problem}")
+        err.print(f"postcopy-harness run: {problem}")
         return 2
     from harness.progress import RunProgress
-    from harness.report import lost_words, print_summary, write_json
-    from harness.run import check_memory
-    from harness.supervise import RunFailed
-    from postcopy_harness import run_config
-
-    try:
-        check_memory(cfg)  # a --ram the host cannot hold is bad input: say so before any process starts
-    except RunFailed as e:
-        err.print(f"postcopy-harness run: {e}")
-        return 2
+    from harness.runner import run_config
 
     # the same function the Python API and the pytest plugin use
     if args.live:
@@ -223,6 +207,33 @@ def _run(args) -> int:
     else:
         progress = None if args.quiet else RunProgress(cfg.npages)
     rep = run_config(cfg, progress=progress, argv=getattr(args, "argv", None), write=False)
+    return _run_exit(args, rep)
+
+
+def _run_outputs_problem(args, cfg) -> str | None:
+    """What makes the run's outputs or its memory impossible, found before any process starts."""
+    from harness.report_dir import report_dir_problem
+    from harness.run import check_memory
+    from harness.supervise import RunFailed
+
+    for flag, path in (("--json", args.json), ("--trace", args.trace)):
+        problem = unwritable(path)
+        if problem:  # before the run, so its results are not lost at the end
+            return f"{flag} {path}: {problem}"
+    problem = report_dir_problem(args.report)
+    if problem:
+        return f"--report {args.report}: {problem}"
+    try:
+        check_memory(cfg)  # a --ram the host cannot hold is bad input: say so before any process starts
+    except RunFailed as e:
+        return str(e)
+    return None
+
+
+def _run_exit(args, rep: dict) -> int:
+    """Write --json, print the summary and the outcome; the run's exit code."""
+    from harness.report import lost_words, print_summary, write_json
+
     error = rep["error"]
     write_error = rep.get("report-error")
     if args.json:

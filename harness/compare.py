@@ -1,6 +1,6 @@
 """``postcopy-harness compare``: the same workload under each source strategy, side by side.
 
-Each strategy's run goes through the ordinary run path (:func:`postcopy_harness.run_config`), so a
+Each strategy's run goes through the ordinary run path (:func:`harness.runner.run_config`), so a
 row is exactly what ``run --strategy NAME`` with the same flags reports.  With ``--repeat N`` the
 runs alternate (A, B, C, A, B, C, ...), so that load from others on the machine spreads over every
 strategy, and the table shows medians.
@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
     from harness.config import ConfigError
     from harness.report import output_console, provenance
     from harness.run import check_memory
+    from harness.runner import run_config
     from harness.supervise import RunFailed
-    from postcopy_harness import run_config
 
     try:
         cfgs = configs(args)

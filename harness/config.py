@@ -130,6 +130,26 @@ class RunConfig:
     working_set_pages: object = field(default=None, repr=False)  # --working-set, read (numpy array of pages)
 
     def validate(self) -> RunConfig:
+        """Check every field (in this order: the first problem is the one said) and fill the parsed
+        forms; returns self, or raises ConfigError with one line."""
+        self._validate_choices()
+        self._validate_channels()
+        self._validate_policy()
+        self._validate_injections_and_watch()
+        self._validate_size()
+        self._validate_strategy()
+        self._validate_precopy()
+        self._validate_plant()
+        if self.image is not None:
+            size = image_bytes(self.image)
+            if size != self.ram:
+                raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
+                                  "(leave --ram out to take the image's size)")
+        self._validate_outputs()
+        return self
+
+    def _validate_choices(self) -> None:
+        """The counts and the named choices: vCPUs, backing, workload, transport, link mode."""
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--vcpus {self.vcpus}: must be 1..{MAX_VCPUS}")
         if not 0 <= self.non_vcpu <= 4096:
@@ -144,6 +164,9 @@ class RunConfig:
             raise ConfigError(f"--link-mode {self.link_mode!r}: choose {' or '.join(LINK_MODES)}")
         if self.link_mode == "netns" or self.source is not None:
             self.transport = "tcp"  # both imply TCP page channels (with the HMAC handshake)
+
+    def _validate_channels(self) -> None:
+        """--source, --tls-creds, --auth-key-file: the page channels between processes or machines."""
         if self.source is not None:
             self._validate_remote_source()
         if self.tls_creds is not None:
@@ -162,6 +185,9 @@ class RunConfig:
                 key_from_file(self.auth_key_file)
             except AuthError as e:
                 raise ConfigError(str(e)) from None
+
+    def _validate_policy(self) -> None:
+        """Wake policy, placement, the content and store shares, the timeout."""
         if self.wake_policy not in WAKE_POLICIES:
             raise ConfigError(f"--wake-policy {self.wake_policy!r}: choose from {', '.join(WAKE_POLICIES)}")
         if self.place not in PLACE_MODES:
@@ -175,6 +201,9 @@ class RunConfig:
             raise ConfigError(f"--write-ratio {self.write_ratio}: must be between 0 and 1")
         if not self.timeout > 0:  # also rejects nan, which would disable the timeout
             raise ConfigError("--timeout must be positive")
+
+    def _validate_injections_and_watch(self) -> None:
+        """--inject, --stall-timeout, --seed and --link, parsed."""
         from harness.inject import parse_injection
 
         self.inject = list(self.inject or [])
@@ -192,22 +221,15 @@ class RunConfig:
             self.link_model = parse_link(self.link)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def _validate_size(self) -> None:
+        """--ram against the page size, the vCPUs and the 2^32-page limit."""
         if self.ram <= 0 or self.ram % self.page_size:
             raise ConfigError(f"--ram {typed(self.ram)}: must be a positive multiple of the page size {self.page_size}")
         if self.npages < self.vcpus and self.workload in ("sequential", "random", "stride"):
             raise ConfigError(f"--ram gives {self.npages} pages, fewer than --vcpus {self.vcpus}")
         if self.npages >= 1 << 32:
             raise ConfigError(f"--ram {typed(self.ram)}: more than 2^32 pages")
-        self._validate_strategy()
-        self._validate_precopy()
-        self._validate_plant()
-        if self.image is not None:
-            size = image_bytes(self.image)
-            if size != self.ram:
-                raise ConfigError(f"--image {self.image!r} is {size} bytes but --ram is {self.ram} "
-                                  "(leave --ram out to take the image's size)")
-        self._validate_outputs()
-        return self
 
     def _validate_plant(self) -> None:
         """--plant-bug: a known kind, in a run where it can act (else it would prove nothing)."""

@@ -74,7 +74,7 @@ def _written(console: Console, folder: str | None, names: list[str]) -> None:
 def _run_harness(args: argparse.Namespace, console: Console, **options) -> dict:
     """A real run (processes, userfaultfd) with the live view unless --fast; the report dict."""
     from harness.config import RunConfig
-    from postcopy_harness import run_config
+    from harness.runner import run_config
 
     cfg = RunConfig(report=args.report, **options).validate()
     progress = None

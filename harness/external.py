@@ -50,6 +50,14 @@ NOT_AVAILABLE = "not available: needs the handler's own fault and placement even
                 "does not report"
 
 
+
+def _check_limits(nworkers: int) -> None:
+    """Refuse a worker count over the host's limits; raise the fd limit for our copy of every uffd."""
+    for c in limit_checks(nworkers):
+        if not c.ok:
+            raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
+    raise_fd_limit(2 * nworkers)  # our copy of every uffd, and (firecracker) a connection per uffd
+
 class ExternalRun(Run):
     """One run against an external handler; :meth:`execute` returns the raw material of the report."""
 
@@ -99,6 +107,28 @@ class ExternalRun(Run):
             img.close()
         return path
 
+    def _start_handler(self, mem_file: str, nworkers: int) -> None:
+        """Start the handler under test, its pids supervised (and pinned to CPU 0 with --pin)."""
+        cfg = self.cfg
+        features = ("THREAD_ID", "MISSING_SHMEM", *(("EVENT_REMOVE",) if self.remove_rate > 0 else ()),
+                    *(("EVENT_FORK",) if self.fork_events else ()),
+                    *(("EVENT_UNMAP", "EVENT_REMAP") if self.unmap_events else ()))
+        self.handler = HandlerProcess(self.handler_spec, self.workdir, mem_file, cfg.page_size, cfg.ram, features)
+        err_w = self.stderr.pipe("handler")
+        try:
+            pids = self.handler.start(err_w, nworkers)
+        except HandlerError as e:
+            raise RunFailed(str(e)) from None
+        finally:
+            os.close(err_w)
+        for pid in pids:
+            self.children.add(pid, "handler")
+            if cfg.pin:  # --pin: the handler on CPU 0, the workers on CPU 1 (as the built-in handler)
+                try:
+                    os.sched_setaffinity(pid, self._cpus(0))
+                except OSError:
+                    pass
+
     def execute(self) -> dict:
         cfg = self.cfg
         t_begin = time.monotonic()
@@ -108,10 +138,7 @@ class ExternalRun(Run):
             raise RunFailed("--handler runs on --backing shmem only (hugetlbfs is not supported with it yet)")
         preflight(False)
         nworkers = cfg.vcpus + cfg.non_vcpu
-        for c in limit_checks(nworkers):
-            if not c.ok:
-                raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
-        raise_fd_limit(2 * nworkers)  # our copy of every uffd, and (firecracker) a connection per uffd
+        _check_limits(nworkers)
         spec = self._spec()
         sweep_stale_workdirs()
         self.workdir = tempfile.mkdtemp(prefix=workdir_prefix())
@@ -136,24 +163,7 @@ class ExternalRun(Run):
         self.fds += [start_r, start_w]
 
         # the handler first (a Firecracker handler binds its socket meanwhile), then the workers
-        features = ("THREAD_ID", "MISSING_SHMEM", *(("EVENT_REMOVE",) if self.remove_rate > 0 else ()),
-                    *(("EVENT_FORK",) if self.fork_events else ()),
-                    *(("EVENT_UNMAP", "EVENT_REMAP") if self.unmap_events else ()))
-        self.handler = HandlerProcess(self.handler_spec, self.workdir, mem_file, cfg.page_size, cfg.ram, features)
-        err_w = self.stderr.pipe("handler")
-        try:
-            pids = self.handler.start(err_w, nworkers)
-        except HandlerError as e:
-            raise RunFailed(str(e)) from None
-        finally:
-            os.close(err_w)
-        for pid in pids:
-            self.children.add(pid, "handler")
-            if cfg.pin:  # --pin: the handler on CPU 0, the workers on CPU 1 (as the built-in handler)
-                try:
-                    os.sched_setaffinity(pid, self._cpus(0))
-                except OSError:
-                    pass
+        self._start_handler(mem_file, nworkers)
 
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, False, spec, cfg.workload, cfg.write_ratio, handoff_addr,
                           start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1), cfg.non_vcpu,

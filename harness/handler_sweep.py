@@ -71,7 +71,7 @@ def _row(name: str, cfg: RunConfig, reps: list[dict]) -> dict:
 
 
 def _builtin(cfg: RunConfig) -> dict:
-    from postcopy_harness import run_config
+    from harness.runner import run_config
 
     rep = run_config(cfg, write=False)
     rep["handler"]["kind"] = BUILTIN

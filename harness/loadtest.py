@@ -419,6 +419,26 @@ def summarise_reference(row: dict, runs: list[dict]) -> None:
     row["ref-error"] = ""
 
 
+def _sweep_point(pt: Point, cfg, repeat: int, reference, progress: Progress, task, err: Console) -> tuple[dict, dict]:
+    """One point of the sweep: its runs (alternated with the reference's), its row and its JSON."""
+    reports: list[dict] = []
+
+    def harness_run() -> None:
+        progress.update(task, description=f"{pt.label()} (run {len(reports) + 1}/{repeat})")
+        rep, said = run_once(cfg)
+        reports.append(rep)
+        if said and rep["status"] == "completed":  # warnings of a good run: pass them on
+            err.print("\n".join(said), markup=False)
+        progress.advance(task)
+
+    withref = reference is not None
+    ref_runs = reference_runs(reference, pt, cfg, repeat, harness_run)
+    row = summarise(pt, cfg, reports)
+    if withref:
+        summarise_reference(row, ref_runs)
+    return row, {**row, "runs": reports, **({"reference-runs": ref_runs} if withref else {})}
+
+
 def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: dict, reference,
            console: Console, err: Console) -> int:
     """The sweep itself (flags checked, the reference built if asked)."""
@@ -461,23 +481,10 @@ def _sweep(args: argparse.Namespace, points: list[Point], common: dict, lists: d
         with progress:
             task = progress.add_task("", total=len(points) * args.repeat)
             for pt in points:
-                cfg = config_for(pt, common)
-                reports = []
-
-                def harness_run(pt=pt, cfg=cfg, reports=reports) -> None:
-                    progress.update(task, description=f"{pt.label()} (run {len(reports) + 1}/{args.repeat})")
-                    rep, said = run_once(cfg)
-                    reports.append(rep)
-                    if said and rep["status"] == "completed":  # warnings of a good run: pass them on
-                        err.print("\n".join(said), markup=False)
-                    progress.advance(task)
-
-                ref_runs = reference_runs(reference, pt, cfg, args.repeat, harness_run)
-                row = summarise(pt, cfg, reports)
-                if withref:
-                    summarise_reference(row, ref_runs)
+                row, point_json = _sweep_point(pt, config_for(pt, common), args.repeat, reference, progress, task,
+                                               err)
                 rows.append(row)
-                points_json.append({**row, "runs": reports, **({"reference-runs": ref_runs} if withref else {})})
+                points_json.append(point_json)
                 progress.console.print(format_row(row, withref), soft_wrap=True)
                 if row["error"]:
                     progress.console.print(f"  [red]{row['error']}[/]", soft_wrap=True)

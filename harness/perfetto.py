@@ -78,6 +78,30 @@ def _us(ns: np.ndarray | int) -> np.ndarray | float:
     return np.round(np.asarray(ns, dtype=np.float64) / 1e3, 3)
 
 
+def _vcpus_down(main, ev: list[dict], thinned: list[str]) -> None:
+    """The vCPUs-down counter: +1 at each stall start, -1 at each end."""
+    if not len(main):
+        return
+    times = np.concatenate([main.start, main.end])
+    delta = np.concatenate([np.ones(len(main), np.int64), -np.ones(len(main), np.int64)])
+    order = np.lexsort((delta, times))
+    times, level = times[order], np.cumsum(delta[order])
+    pick = _thin(times.size, MAX_COUNTER)
+    if pick.size < times.size:
+        thinned.append(f"vCPUs-down counter: {pick.size:,} of {times.size:,} points")
+    for t, lv in zip(_us(times[pick]).tolist(), level[pick].tolist(), strict=True):
+        ev.append({"ph": "C", "pid": PID_VCPUS, "tid": 0, "ts": t, "name": "vCPUs down", "args": {"vCPUs": lv}})
+
+
+def _fault_instants(tl: Timeline, ev: list[dict], thinned: list[str]) -> None:
+    """One instant per fault the handler read, on its track."""
+    pick = _thin(tl.fault_t.size, MAX_INSTANTS)
+    if pick.size < tl.fault_t.size:
+        thinned.append(f"fault instants: {pick.size:,} of {tl.fault_t.size:,}")
+    for t, v in zip(_us(tl.fault_t[pick]).tolist(), tl.fault_vcpu[pick].tolist(), strict=True):
+        ev.append({"ph": "i", "s": "t", "pid": PID_DEST, "tid": 1, "ts": t, "name": "fault", "args": {"vcpu": v}})
+
+
 def trace_events(tl: Timeline, engines: dict, title: str, argv: Sequence[str] | None = None) -> dict:
     """The whole trace document (``traceEvents`` and ``otherData``)."""
     n, page_size = tl.meta.vcpus, tl.meta.page_size
@@ -124,24 +148,9 @@ def trace_events(tl: Timeline, engines: dict, title: str, argv: Sequence[str] | 
     for a, b in tl.all_stalled[:MAX_SLICES]:
         ev.append({"ph": "X", "pid": PID_VCPUS, "tid": TID_ALL, "ts": float(_us(a)), "dur": float(_us(b - a)),
                    "name": "all vCPUs stalled", "cat": "blocktime", "args": {"by": tl.all_stalled_by}})
-    # vCPUs down: +1 at each stall start, -1 at each end
-    if len(main):
-        times = np.concatenate([main.start, main.end])
-        delta = np.concatenate([np.ones(len(main), np.int64), -np.ones(len(main), np.int64)])
-        order = np.lexsort((delta, times))
-        times, level = times[order], np.cumsum(delta[order])
-        pick = _thin(times.size, MAX_COUNTER)
-        if pick.size < times.size:
-            thinned.append(f"vCPUs-down counter: {pick.size:,} of {times.size:,} points")
-        for t, lv in zip(_us(times[pick]).tolist(), level[pick].tolist(), strict=True):
-            ev.append({"ph": "C", "pid": PID_VCPUS, "tid": 0, "ts": t, "name": "vCPUs down", "args": {"vCPUs": lv}})
-
+    _vcpus_down(main, ev, thinned)
     # the handler: faults read, pages placed, pages received
-    pick = _thin(tl.fault_t.size, MAX_INSTANTS)
-    if pick.size < tl.fault_t.size:
-        thinned.append(f"fault instants: {pick.size:,} of {tl.fault_t.size:,}")
-    for t, v in zip(_us(tl.fault_t[pick]).tolist(), tl.fault_vcpu[pick].tolist(), strict=True):
-        ev.append({"ph": "i", "s": "t", "pid": PID_DEST, "tid": 1, "ts": t, "name": "fault", "args": {"vcpu": v}})
+    _fault_instants(tl, ev, thinned)
     order = np.argsort(tl.place_t, kind="stable")
     pt, pk, pa, pr = tl.place_t[order], tl.place_kind[order], tl.place_addr[order], tl.place_requested[order]
     pick = _thin(pt.size, MAX_INSTANTS)

@@ -1,6 +1,6 @@
 """The report's PNG plots (matplotlib, headless Agg): stall timeline, latency histogram, placements,
 and the load-test curves.  Every figure has a title, axis units and, at its foot, the command that
-made it.  Small files (a modest size and dpi): the README commits some of them.
+made it.  Small files (a modest size and dpi): the README and docs/pictures.md commit some of them.
 """
 
 from __future__ import annotations
@@ -223,12 +223,33 @@ def _legend_below(lax, handles: list, labels: list[str]) -> None:
                    frameon=False, ncol=ncol)
 
 
+def _blocktime_legend(engines: Sequence[str], shown: dict[str, list], groups: list[str], add) -> None:
+    """The blocktime panel's legend: each engine drawn (saying which have the same values), then the
+    line style of each group when there are several."""
+    from matplotlib.lines import Line2D
+
+    for e in [e for e in engines if e in shown]:
+        twins = [o for o, other in shown.items() if o != e and other == shown[e]]
+        add(Line2D([], [], **_engine_style(e)), e + (f" (the same values as {', '.join(twins)})" if twins else ""))
+    if len(groups) > 1:
+        for g, label in enumerate(groups):
+            add(Line2D([], [], color="#555555", ls=GROUP_STYLES[g % len(GROUP_STYLES)]), f"line: {label}")
+
+
+def _plot_published(ax, add) -> None:
+    """The published one-shared-uffd figures (grey, drawn, not measured here), each annotated."""
+    px, py = zip(*PUBLISHED_SHARED_UFFD, strict=True)
+    add(ax.plot(px, py, "D--", color="#7f7f7f")[0], PUBLISHED_LABEL.replace("\n", " "))
+    for x, y in PUBLISHED_SHARED_UFFD:
+        ax.annotate(f"{y / 1000:.0f}k (published)", (x, y), fontsize=6, color="#7f7f7f",
+                    textcoords="offset points", xytext=(4, 4))
+
+
 def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Sequence[str] | None,
                   reference: bool = False) -> str:
     """faults/s, p50/p99 latency and blocktime per engine against the vCPU count, one line per group;
     with ``reference`` the C reference's faults/s and p50 per group (dotted) and the published
     one-shared-uffd figures.  Integer vCPU ticks, legends under the panels, a colour per engine."""
-    from matplotlib.lines import Line2D
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -269,18 +290,9 @@ def plot_loadtest(rows: list[dict], engines: Sequence[str], path: str, argv: Seq
             if any(y is not None for y in ys):
                 axes[2].plot(v, [np.nan if y is None else y for y in ys], ls=style, **_engine_style(e))
                 shown.setdefault(e, []).append(ys)
-    for e in [e for e in engines if e in shown]:
-        twins = [o for o, other in shown.items() if o != e and other == shown[e]]
-        add(2, Line2D([], [], **_engine_style(e)), e + (f" (the same values as {', '.join(twins)})" if twins else ""))
-    if len(groups) > 1:
-        for g, label in enumerate(groups):
-            add(2, Line2D([], [], color="#555555", ls=GROUP_STYLES[g % len(GROUP_STYLES)]), f"line: {label}")
+    _blocktime_legend(engines, shown, list(groups), lambda handle, label: add(2, handle, label))
     if reference:
-        px, py = zip(*PUBLISHED_SHARED_UFFD, strict=True)
-        add(0, axes[0].plot(px, py, "D--", color="#7f7f7f")[0], PUBLISHED_LABEL.replace("\n", " "))
-        for x, y in PUBLISHED_SHARED_UFFD:
-            axes[0].annotate(f"{y / 1000:.0f}k (published)", (x, y), fontsize=6, color="#7f7f7f",
-                             textcoords="offset points", xytext=(4, 4))
+        _plot_published(axes[0], lambda handle, label: add(0, handle, label))
     counts = [r["vcpus"] for r in rows] + ([x for x, _ in PUBLISHED_SHARED_UFFD] if reference else [])
     group_words = "" if len(groups) < 2 else ", line = group"
     for k, (ax, (ylabel, name)) in enumerate(zip(axes, (

@@ -34,7 +34,7 @@ def __getattr__(name: str):
     # pytest loads this plugin in every session of the environment: the API (numpy, the cffi
     # extension) is imported only when a test uses it
     if name == "assert_blocktime":
-        from postcopy_harness import assert_blocktime
+        from harness.blocktime_check import assert_blocktime
 
         return assert_blocktime
     raise AttributeError(name)
@@ -90,13 +90,14 @@ def postcopy_run() -> Callable[..., dict]:
     one migration and returns its report.  Raises ``ConfigError`` / ``RunError`` as
     ``postcopy_harness.run`` does; a leftover fails the test."""
 
-    import postcopy_harness
+    from harness.config import ConfigError
+    from harness.runner import RunError, run
 
     def _run(**options: object) -> dict:
         error: Exception | None = None
         try:
-            report = postcopy_harness.run(**options)
-        except (postcopy_harness.ConfigError, postcopy_harness.RunError) as e:
+            report = run(**options)
+        except (ConfigError, RunError) as e:
             error = e  # raised below, after the leftover check, outside this block: no exception chain
         left = _wait_clean()
         if left:
@@ -115,10 +116,10 @@ def postcopy_replay() -> Callable[..., dict[str, dict]]:
     ``engines`` dict of a trace or QEMU log; bad input raises ``BlocktimeError`` (the reader's one
     line), as ``postcopy_harness.replay`` does."""
 
-    import postcopy_harness
+    from harness.traces import replay
 
     def _replay(path: str | os.PathLike, *, format: str = "auto", vcpus: int | None = None,
                 engines: list[str] | tuple[str, ...] | str | None = None) -> dict[str, dict]:
-        return postcopy_harness.replay(path, format=format, vcpus=vcpus, engines=engines)
+        return replay(path, format=format, vcpus=vcpus, engines=engines)
 
     return _replay

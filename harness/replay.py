@@ -124,7 +124,7 @@ def _compare(results: dict[str, dict], path: str) -> dict[str, dict]:
 
 def run(args: argparse.Namespace) -> int:
     """Replay ``args.file``; exit 0, or 2 with one line on stderr for bad input."""
-    from harness.report import kebab, output_console, provenance
+    from harness.report import output_console, provenance
 
     console = output_console()
     started = provenance(argv=getattr(args, "argv", None))
@@ -143,27 +143,7 @@ def run(args: argparse.Namespace) -> int:
         fmt, runs = _load(args)
         reports = []
         for meta, cols in runs:
-            if args.engine == TRUTH and cols.stalls is None:
-                raise BlocktimeError(f"{args.file}: no stall intervals in this trace (truth needs a run's --trace)")
-            results = replay_columns(meta, cols, engines)
-            comparison = _compare(results, args.compare) if args.compare else None
-            report = {
-                **started,
-                "file": args.file,
-                "format": fmt,
-                "recorded-by": meta.source,
-                "events": len(cols),
-                "stall-intervals": None if cols.stalls is None else len(cols.stalls),
-                "vcpus": meta.vcpus,
-                "page-size": meta.page_size,
-                "meta": kebab(meta.extra),
-                "engines": results,
-            }
-            if meta.source == "qemu-log":
-                report["bounds"] = blocktime_bounds(meta, cols)
-            if comparison is not None:
-                report["compare"] = comparison
-            reports.append((report, meta, cols))
+            reports.append((_replay_report(args, started, fmt, meta, cols, engines), meta, cols))
     except BlocktimeError as exc:
         print(f"postcopy-harness replay: {exc}", file=sys.stderr)  # one line, never wrapped
         return 2
@@ -171,18 +151,9 @@ def run(args: argparse.Namespace) -> int:
     out = reports[0][0] if len(reports) == 1 else {**started, "file": args.file,
                                                      "migrations": [r for r, _, _ in reports]}
     if args.json:
-        text = json.dumps(out, indent=2, sort_keys=False) + "\n"
-        if args.json == "-":  # stdout is the JSON: no table; a --report is still written
-            sys.stdout.write(text)
-            if not getattr(args, "report", None):
-                return 0
-        else:
-            try:
-                with open_output(args.json) as fh:
-                    fh.write(text)
-            except OSError as exc:
-                print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
-                return 2
+        code = _write_json(args, out)
+        if code is not None:
+            return code
     to_stdout = args.json != "-"
     for i, (report, meta, cols) in enumerate(reports, 1):
         extra = meta.extra
@@ -198,25 +169,71 @@ def run(args: argparse.Namespace) -> int:
             for line in notes:
                 print(line)
         if getattr(args, "report", None):
-            from harness.report_dir import write_report_dir
-
-            def summary(c, results=report["engines"], title=title, notes=notes) -> None:
-                c.print(render_table(results, title))
-                for line in notes:
-                    c.print(line, markup=False, highlight=False)
-
             # several migrations: one folder each inside DIR
             folder = args.report if len(reports) == 1 else os.path.join(args.report, f"migration-{i}")
-            try:
-                paths = write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
-            except OSError as exc:
-                print(f"postcopy-harness replay: cannot write --report {folder}: {exc.strerror or exc}",
-                      file=sys.stderr)
+            if not _write_folder(folder, report, meta, cols, title, notes, to_stdout):
                 return 1
-            from harness.report_dir import wrote_line
-
-            print(wrote_line(folder, paths), file=sys.stdout if to_stdout else sys.stderr)
     return 0
+
+
+def _replay_report(args: argparse.Namespace, started: dict, fmt: str, meta, cols, engines) -> dict:
+    """One migration replayed: its report (engines, bounds for a QEMU log, --compare)."""
+    from harness.report import kebab
+
+    if args.engine == TRUTH and cols.stalls is None:
+        raise BlocktimeError(f"{args.file}: no stall intervals in this trace (truth needs a run's --trace)")
+    results = replay_columns(meta, cols, engines)
+    comparison = _compare(results, args.compare) if args.compare else None
+    report = {
+        **started,
+        "file": args.file,
+        "format": fmt,
+        "recorded-by": meta.source,
+        "events": len(cols),
+        "stall-intervals": None if cols.stalls is None else len(cols.stalls),
+        "vcpus": meta.vcpus,
+        "page-size": meta.page_size,
+        "meta": kebab(meta.extra),
+        "engines": results,
+    }
+    if meta.source == "qemu-log":
+        report["bounds"] = blocktime_bounds(meta, cols)
+    if comparison is not None:
+        report["compare"] = comparison
+    return report
+
+
+def _write_json(args: argparse.Namespace, out: dict) -> int | None:
+    """--json FILE or - (stdout); the exit code when replay ends here, None when it goes on."""
+    text = json.dumps(out, indent=2, sort_keys=False) + "\n"
+    if args.json == "-":  # stdout is the JSON: no table; a --report is still written
+        sys.stdout.write(text)
+        return None if getattr(args, "report", None) else 0
+    try:
+        with open_output(args.json) as fh:
+            fh.write(text)
+    except OSError as exc:
+        print(f"postcopy-harness replay: cannot write {args.json}: {exc.strerror}", file=sys.stderr)
+        return 2
+    return None
+
+
+def _write_folder(folder: str, report: dict, meta, cols, title: str, notes: list[str], to_stdout: bool) -> bool:
+    """One migration's --report folder, and the line that says so; False (said) when it cannot be written."""
+    from harness.report_dir import write_report_dir, wrote_line
+
+    def summary(c) -> None:
+        c.print(render_table(report["engines"], title))
+        for line in notes:
+            c.print(line, markup=False, highlight=False)
+
+    try:
+        paths = write_report_dir(folder, report, summary, (meta, cols), title=f"replay: {title}")
+    except OSError as exc:
+        print(f"postcopy-harness replay: cannot write --report {folder}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    print(wrote_line(folder, paths), file=sys.stdout if to_stdout else sys.stderr)
+    return True
 
 
 def _load(args: argparse.Namespace) -> tuple[str, list[tuple]]:

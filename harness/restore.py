@@ -211,7 +211,7 @@ def _builtin(args, cfg) -> int:
     from harness.cli import EXIT_DEGRADED, err
     from harness.external_report import handler_words
     from harness.report import print_summary, write_json
-    from postcopy_harness import run_config
+    from harness.runner import run_config
 
     rep = run_config(cfg, argv=getattr(args, "argv", None), write=False)
     rep["mode"] = "restore"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -68,6 +69,15 @@ from vcpu_workers.zygote import plan_to_json
 ROLE_NAMES = {"fault": "the fault handler", "source": "the source", "zygote": "the vCPU zygote"}
 SHUTDOWN_TIMEOUT = 60.0
 
+
+
+def _check_limits(cfg: RunConfig, nworkers: int) -> None:
+    """The same limits `check --vcpus N` shows, the fd limit raised, and the memory the run needs."""
+    for c in limit_checks(nworkers):
+        if not c.ok:
+            raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
+    raise_fd_limit(nworkers)  # the handler holds one uffd per worker
+    check_memory(cfg)
 
 class Run(SourceRestarts):
     """A single postcopy run; :meth:`execute` returns the raw material of the report."""
@@ -146,26 +156,11 @@ class Run(SourceRestarts):
         sweep_stale_netns()
         preflight(cfg.backing == "hugetlb", minor=cfg.place == "continue")
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
-        for c in limit_checks(nworkers):  # the same limits `check --vcpus N` shows
-            if not c.ok:
-                raise RunFailed(f"{nworkers} worker processes exceed the {c.name.split(' for ')[0]}: {c.detail}")
-        raise_fd_limit(nworkers)  # the handler holds one uffd per worker
-        check_memory(cfg)
+        _check_limits(cfg, nworkers)
         spec = self._spec()
         geo = Geometry(cfg.page_size, cfg.ram)
         hugetlb = cfg.backing == "hugetlb"
-        try:
-            self.ram = GuestRam(cfg.ram, hugetlb=hugetlb)
-        except kernel.KernelError as e:
-            hint = " (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
-            raise RunFailed(f"cannot create guest RAM: {e}{hint}") from None
-        self.received = ReceivedMap(cfg.npages)
-        self.area = R.ResultsArea(nworkers, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
-        self.board = AccessBoard(cfg.vcpus)
-        if cfg.precopy:
-            self.gens = GenerationMap(cfg.npages)
-        if write_mode(cfg.workload, cfg.write_ratio):
-            self.ledger = StoreLedger(cfg.npages)
+        self._make_shared_memory(nworkers, hugetlb)
 
         ctl_src_parent, ctl_src_child = self._pair()
         ctl_dst_parent, ctl_dst_child = self._pair()
@@ -182,66 +177,15 @@ class Run(SourceRestarts):
 
         remote = cfg.source is not None  # run --source HOST:PORT: no source of our own
         strategy = make_strategy(cfg)  # what the source sends next (postcopy_core/strategies.py)
-        if cfg.transport == "tcp":
-            key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
-            tls = self._tls = client_context(cfg.tls_creds) if cfg.tls_creds else None  # run --source only
-            host = LOOPBACK
-            src_link = cfg.link_model
-            if remote:
-                host, port = parse_endpoint(cfg.source, "--source", need_host=True)
-                remote_ctl = self._remote_source(host, port, key)
-                src_keep = set()
-            else:
-                if cfg.link_mode == "netns":  # tc shapes the link, so the source models none
-                    host, src_link = self._make_netns(), Link()
-                    with self.netns.entered():  # the listener belongs to the source's namespace
-                        ls = tcp_listener(host)
-                else:
-                    ls = tcp_listener()
-                self.socks.append(ls)
-                port = ls.getsockname()[1]
-                src_keep = {ls.fileno(), ctl_src_child.fileno()}
-
-            def source_body() -> int:
-                if self.netns is not None:
-                    self.netns.enter()  # the source process itself lives in the namespace
-                stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
-                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child), strategy,
-                                   plant=cfg.plant_bug)
-
-            def dest_channels() -> tuple[socket.socket, socket.socket]:
-                return (tcp_connect(port, CHANNEL_STREAM, key, host, tls=tls),
-                        tcp_connect(port, CHANNEL_URGENT, key, host, tls=tls))
-
-            def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
-                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host, tls=tls),
-                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host, tls=tls))
-        else:
-            key = None
-            s_src, s_dst = self._pair()
-            u_src, u_dst = self._pair()
-            self._link = [s_dst, u_dst]  # what --inject link-drop shuts down
-            src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
-
-            def source_body() -> int:
-                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child),
-                                   strategy, plant=cfg.plant_bug)
-
-            def dest_channels() -> tuple[socket.socket, socket.socket]:
-                return tune(s_dst), tune(u_dst)
-
-            def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
-                if len(fds) != 2:
-                    raise ConnectionError(f"the resume message carried {len(fds)} fds, not 2")
-                return tune(socket.socket(fileno=fds[0])), tune(socket.socket(fileno=fds[1]))
-        self._source_args = dict(spec=spec, geo=geo, key=key, host=host if key else None,
-                                 link=src_link if key else cfg.link_model, strategy=strategy)
+        ch = self._channels(spec, geo, strategy, ctl_src_child)
+        self._source_args = dict(spec=spec, geo=geo, key=ch.key, host=ch.host if ch.key else None,
+                                 link=ch.src_link if ch.key else cfg.link_model, strategy=strategy)
         if self.gens is not None:
-            src_keep.add(self.gens.fd)  # the source writes the generations; the handler keeps the mapping
+            ch.src_keep.add(self.gens.fd)  # the source writes the generations; the handler keeps the mapping
 
         dst_keep = {self.ram.fd, quit_fd, ctl_dst_child.fileno(), ev_child.fileno(), handoff.fileno()}
         if cfg.transport == "unix":
-            dst_keep |= {s_dst.fileno(), u_dst.fileno()}
+            dst_keep |= {ch.s_dst.fileno(), ch.u_dst.fileno()}
 
         def dest_body() -> int:
             control = ControlLine(ctl_dst_child)
@@ -254,7 +198,7 @@ class Run(SourceRestarts):
             ports = [Port(hello.vcpu if hello.vcpu < cfg.vcpus else -1, hello.pid, kernel.Uffd.adopt(fd), hello.base)
                      for hello, fd in collect_uffds(handoff, expect, STARTUP_TIMEOUT)]
             handoff.close()
-            stream, urgent = dest_channels()
+            stream, urgent = ch.dest_channels()
             ports.sort(key=lambda p: p.vcpu)
             if cfg.transport == "tcp":  # the orchestrator keeps copies of our channels (--inject link-drop)
                 control.send_fds([stream.fileno(), urgent.fileno()], event="ready", vcpus=cfg.vcpus)
@@ -264,25 +208,10 @@ class Run(SourceRestarts):
                 geo=geo, spec=spec, memfd=self.ram.fd, hugetlb=hugetlb, received=self.received, ports=ports,
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
-                reconnect=dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens,
+                reconnect=ch.dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens,
                 place=cfg.place, plant=cfg.plant_bug))
 
-        for role, body in (("source", source_body), ("fault", dest_body)):
-            if role == "source" and remote:
-                continue
-            w = self.stderr.pipe(role)
-            self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
-            os.close(w)
-            if role == "source" and cfg.transport == "tcp":  # only the source listens: once it has its
-                self.socks.remove(ls)                         # channels, connects fail
-                ls.close()
-            elif role == "source":  # only the source holds its ends, so the destination sees EOF when it dies
-                for sock in (s_src, u_src):
-                    self.socks.remove(sock)
-                    sock.close()
-            if role == "fault":  # only the handler listens for hand-offs: once it has them all (and closed
-                self.socks.remove(handoff)  # its listener), a stranger's connect is refused, never queued
-                handoff.close()
+        self._spawn_source_and_handler(ch, dest_body, dst_keep, handoff, remote)
 
         # the vCPU workers come from a lean zygote (see vcpu_workers/zygote.py)
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, hugetlb, spec, cfg.workload, cfg.write_ratio,
@@ -297,7 +226,7 @@ class Run(SourceRestarts):
         os.close(start_r)
         self.fds.remove(start_r)
 
-        ctl_src = remote_ctl if remote else ControlLine(ctl_src_parent)
+        ctl_src = ch.remote_ctl if remote else ControlLine(ctl_src_parent)
         ctl_dst = ControlLine(ctl_dst_parent)
         self.ctl_src, self.ctl_dst = ctl_src, ctl_dst
         ctl_dst.send(cmd="workers", parent=self.zygote.pid)
@@ -330,13 +259,7 @@ class Run(SourceRestarts):
             self.stream_all = True  # a source started from now on streams at once too
             self._send_source(cmd="stream")
 
-        os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
-        self._serve_until(lambda: self.dst_stats is not None, SHUTDOWN_TIMEOUT, "the fault handler did not report "
-                          f"'stats' within {SHUTDOWN_TIMEOUT:.0f} s")
-        self._serve_until(lambda: self.src_stats is not None or self.ctl_src is None, SHUTDOWN_TIMEOUT,
-                          f"the source did not report 'stats' within {SHUTDOWN_TIMEOUT:.0f} s")
-        dst_stats = self.dst_stats
-        src_stats = self.src_stats or dict.fromkeys(("cpu_s", "bytes_sent", "requests", "requested_already_sent"), 0)
+        dst_stats, src_stats = self._final_stats(quit_fd)
         t_done = time.monotonic_ns()
         self._wait_exit(SHUTDOWN_TIMEOUT)
         ram_check = self._check_ram(spec)  # every process is gone: nothing can change RAM any more
@@ -361,6 +284,123 @@ class Run(SourceRestarts):
             netns=self.netns.describe() if self.netns is not None else None,
             precopy=precopy, ram_check=ram_check, workers_bad=sorted(self.workers_bad),
         )
+
+    def _make_shared_memory(self, nworkers: int, hugetlb: bool) -> None:
+        """Guest RAM, the received map, the results area, the access board, and (when used) the
+        precopy generations and the store ledger."""
+        cfg = self.cfg
+        try:
+            self.ram = GuestRam(cfg.ram, hugetlb=hugetlb)
+        except kernel.KernelError as e:
+            hint = " (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
+            raise RunFailed(f"cannot create guest RAM: {e}{hint}") from None
+        self.received = ReceivedMap(cfg.npages)
+        self.area = R.ResultsArea(nworkers, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
+        self.board = AccessBoard(cfg.vcpus)
+        if cfg.precopy:
+            self.gens = GenerationMap(cfg.npages)
+        if write_mode(cfg.workload, cfg.write_ratio):
+            self.ledger = StoreLedger(cfg.npages)
+
+    def _channels(self, spec: ContentSpec, geo: Geometry, strategy, ctl_src_child: socket.socket) -> SimpleNamespace:
+        """The page channels, TCP (loopback, a netns veth, or a remote source) or socketpairs: the
+        source's body, the destination's channels and how it reconnects, what each child keeps."""
+        cfg = self.cfg
+        remote = cfg.source is not None  # run --source HOST:PORT: no source of our own
+        ch = SimpleNamespace(host=None, src_link=None, remote_ctl=None, ls=None, s_src=None, u_src=None, s_dst=None,
+                             u_dst=None)
+        if cfg.transport == "tcp":
+            key = run_key(cfg.auth_key_file)  # source and destination prove it to each other
+            tls = self._tls = client_context(cfg.tls_creds) if cfg.tls_creds else None  # run --source only
+            host = LOOPBACK
+            src_link = cfg.link_model
+            if remote:
+                host, port = parse_endpoint(cfg.source, "--source", need_host=True)
+                ch.remote_ctl = self._remote_source(host, port, key)
+                src_keep = set()
+            else:
+                if cfg.link_mode == "netns":  # tc shapes the link, so the source models none
+                    host, src_link = self._make_netns(), Link()
+                    with self.netns.entered():  # the listener belongs to the source's namespace
+                        ls = tcp_listener(host)
+                else:
+                    ls = tcp_listener()
+                self.socks.append(ls)
+                port = ls.getsockname()[1]
+                src_keep = {ls.fileno(), ctl_src_child.fileno()}
+                ch.ls = ls
+
+            def source_body() -> int:
+                if self.netns is not None:
+                    self.netns.enter()  # the source process itself lives in the namespace
+                stream, urgent = tcp_accept_channels(ls, key, timeout=STARTUP_TIMEOUT)
+                return source_main(spec, geo, stream, urgent, src_link, ControlLine(ctl_src_child), strategy,
+                                   plant=cfg.plant_bug)
+
+            def dest_channels() -> tuple[socket.socket, socket.socket]:
+                return (tcp_connect(port, CHANNEL_STREAM, key, host, tls=tls),
+                        tcp_connect(port, CHANNEL_URGENT, key, host, tls=tls))
+
+            def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
+                return (tcp_connect(int(msg["port"]), CHANNEL_STREAM, key, host, tls=tls),
+                        tcp_connect(int(msg["port"]), CHANNEL_URGENT, key, host, tls=tls))
+
+            ch.host, ch.src_link = host, src_link
+        else:
+            key = None
+            s_src, s_dst = self._pair()
+            u_src, u_dst = self._pair()
+            self._link = [s_dst, u_dst]  # what --inject link-drop shuts down
+            src_keep = {s_src.fileno(), u_src.fileno(), ctl_src_child.fileno()}
+
+            def source_body() -> int:
+                return source_main(spec, geo, tune(s_src), tune(u_src), cfg.link_model, ControlLine(ctl_src_child),
+                                   strategy, plant=cfg.plant_bug)
+
+            def dest_channels() -> tuple[socket.socket, socket.socket]:
+                return tune(s_dst), tune(u_dst)
+
+            def dest_reconnect(msg: dict, fds: list[int]) -> tuple[socket.socket, socket.socket]:
+                if len(fds) != 2:
+                    raise ConnectionError(f"the resume message carried {len(fds)} fds, not 2")
+                return tune(socket.socket(fileno=fds[0])), tune(socket.socket(fileno=fds[1]))
+
+            ch.s_src, ch.u_src, ch.s_dst, ch.u_dst = s_src, u_src, s_dst, u_dst
+        ch.key, ch.src_keep = key, src_keep
+        ch.source_body, ch.dest_channels, ch.dest_reconnect = source_body, dest_channels, dest_reconnect
+        return ch
+
+    def _spawn_source_and_handler(self, ch: SimpleNamespace, dest_body, dst_keep: set, handoff, remote: bool) -> None:
+        """Fork the source (unless it is remote) and the fault handler; close what only they hold."""
+        cfg = self.cfg
+        ls, s_src, u_src = ch.ls, ch.s_src, ch.u_src
+        source_body, src_keep = ch.source_body, ch.src_keep
+        for role, body in (("source", source_body), ("fault", dest_body)):
+            if role == "source" and remote:
+                continue
+            w = self.stderr.pipe(role)
+            self.children.spawn(role, src_keep if role == "source" else dst_keep, body, self._cpus(0), stderr=w)
+            os.close(w)
+            if role == "source" and cfg.transport == "tcp":  # only the source listens: once it has its
+                self.socks.remove(ls)                         # channels, connects fail
+                ls.close()
+            elif role == "source":  # only the source holds its ends, so the destination sees EOF when it dies
+                for sock in (s_src, u_src):
+                    self.socks.remove(sock)
+                    sock.close()
+            if role == "fault":  # only the handler listens for hand-offs: once it has them all (and closed
+                self.socks.remove(handoff)  # its listener), a stranger's connect is refused, never queued
+                handoff.close()
+
+    def _final_stats(self, quit_fd: int) -> tuple[dict, dict]:
+        """Tell the handler to finish once every page is in; the handler's and the source's stats."""
+        os.eventfd_write(quit_fd, 1)  # the handler finishes once every page is in
+        self._serve_until(lambda: self.dst_stats is not None, SHUTDOWN_TIMEOUT, "the fault handler did not report "
+                          f"'stats' within {SHUTDOWN_TIMEOUT:.0f} s")
+        self._serve_until(lambda: self.src_stats is not None or self.ctl_src is None, SHUTDOWN_TIMEOUT,
+                          f"the source did not report 'stats' within {SHUTDOWN_TIMEOUT:.0f} s")
+        src_stats = self.src_stats or dict.fromkeys(("cpu_s", "bytes_sent", "requests", "requested_already_sent"), 0)
+        return self.dst_stats, src_stats
 
     def _check_ram(self, spec: ContentSpec) -> RamVerdict:
         """The final check: all of guest RAM against the source image with every page's last store

@@ -5,9 +5,11 @@ wakes every thread blocked on it, whatever placed it.  Here each vCPU is a proce
 its own, and a copy wakes only the waiters of the uffd it went through: a vCPU blocked on a page
 that the background stream placed through the handler's own mapping would sleep until the
 handler read its fault message.  So each worker writes the page it is about to touch (page + 1;
-0 = none) into its 8-byte slot, and after every placement the handler scans the slots (one
-contiguous array: cheap even for thousands of vCPUs) and wakes exactly the uffds whose vCPU sits
-on a placed page (csrc/dest.c).  A wake that comes before the vCPU went to sleep is lost, which
+0 = none) into its 8-byte slot, and the destination (csrc/dest.c, ``board_flush``) scans the slots
+(one contiguous array) and wakes exactly the uffds whose vCPU sits on a page just placed.  It scans
+once per batch of placements and at the end of every receive, not per page (the batch size is
+dest.c's, ``board_batch``): a scan reads every slot, and at thousands of vCPUs one scan per page
+cost more than the page.  A wake that comes before the vCPU went to sleep is lost, which
 is harmless: its fault message is still queued, and the handler wakes it when it reads it.
 
 A memfd (no name anywhere), created by the orchestrator, handed to the zygote like the results area;

@@ -164,38 +164,7 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
                     continue
                 if sk.fileobj is watch:
                     raise ConnectionError("the destination hung up before connecting its page channels")
-                s = sk.fileobj
-                hs = pending[s][0]
-                if s in handshaking:
-                    try:
-                        wait = server_handshake_step(s)
-                    except TlsError as e:
-                        drop(s, str(e))
-                        continue
-                    sel.modify(s, wait or selectors.EVENT_READ)
-                    if wait:
-                        continue
-                    handshaking.discard(s)  # the proof may be in already: read on
-                try:
-                    data = s.recv(max(1, hs.wants))
-                    if not data:
-                        raise AuthError("closed the connection during the handshake")
-                    reply = hs.feed(data)
-                    if reply:
-                        s.sendall(reply)  # 64 bytes into a fresh socket's empty buffer: never blocks
-                except ssl.SSLWantReadError:
-                    continue  # a TLS record without data for us yet
-                except (AuthError, OSError) as e:
-                    drop(s, str(e))
-                    continue
-                if hs.channel is not None:
-                    if hs.channel in got:
-                        drop(s, f"channel {hs.channel!r} is connected already")
-                        continue
-                    sel.unregister(s)
-                    del pending[s]
-                    s.setblocking(True)
-                    got[hs.channel] = _tls_channel(s, hs.channel)
+                _handshake_step(sk.fileobj, sel, pending, handshaking, got, drop)
     except BaseException:
         for s in got.values():
             s.close()
@@ -209,6 +178,43 @@ def tcp_accept_channels(ls: socket.socket, key: bytes, timeout: float = 120.0,
         if own:
             refusals.flush()
     return tuple(got[c] for c in wanted)
+
+
+def _handshake_step(s: socket.socket, sel: selectors.BaseSelector, pending: dict, handshaking: set,
+                    got: dict[bytes, socket.socket], drop) -> None:
+    """Serve one readable connection's handshake (TLS first, then the key proof); a proven channel
+    moves from ``pending`` to ``got``, a failed one is dropped."""
+    hs = pending[s][0]
+    if s in handshaking:
+        try:
+            wait = server_handshake_step(s)
+        except TlsError as e:
+            drop(s, str(e))
+            return
+        sel.modify(s, wait or selectors.EVENT_READ)
+        if wait:
+            return
+        handshaking.discard(s)  # the proof may be in already: read on
+    try:
+        data = s.recv(max(1, hs.wants))
+        if not data:
+            raise AuthError("closed the connection during the handshake")
+        reply = hs.feed(data)
+        if reply:
+            s.sendall(reply)  # 64 bytes into a fresh socket's empty buffer: never blocks
+    except ssl.SSLWantReadError:
+        return  # a TLS record without data for us yet
+    except (AuthError, OSError) as e:
+        drop(s, str(e))
+        return
+    if hs.channel is not None:
+        if hs.channel in got:
+            drop(s, f"channel {hs.channel!r} is connected already")
+            return
+        sel.unregister(s)
+        del pending[s]
+        s.setblocking(True)
+        got[hs.channel] = _tls_channel(s, hs.channel)
 
 
 def _accept_pending(ls: socket.socket, sel: selectors.BaseSelector, pending: dict, key: bytes,

@@ -3,13 +3,16 @@
 QEMU splits these into a fault thread (poll the uffds, ask for pages) and a listen thread (receive
 pages, place them).  Here both live in one loop over epoll(uffds + stream + urgent + quit eventfd),
 which keeps their shared state (waiters, received map) free of locks and the fault path free of
-cross-thread wakeups.  The loop, the sockets and the choice of policy are Python; the work done for
-every fault and every page is C (csrc/dest.c), since Python cannot keep up with the kernel there:
+cross-thread wakeups.  That loop is C (``pch_dest_run`` in csrc/dest.c), since Python cannot keep
+up with the kernel there; its tunables are :class:`DestPolicy` (defaults documented there), handed
+to C at set-up.  This module sets the destination up, calls the C loop in
+turns of a few ms (the GIL released), ships the event records it buffered, tells the orchestrator
+when postcopy starts, declares a stuck run, and drives postcopy recovery:
 
-Fault path (QEMU's postcopy_ram_fault_thread), ``pch_dest_on_uffd``:
+Fault path (QEMU's postcopy_ram_fault_thread), ``read_faults`` and ``request_page``:
   read a batch of uffd_msg -> page, vCPU (ptid -> vCPU map; unknown ptid = non-vCPU fault) ->
   page already placed?  UFFDIO_WAKE that uffd at once : remember the waiter, request the page once.
-Placement (QEMU's postcopy_place_page + postcopy_notify_shared_wake), ``pch_dest_on_data``:
+Placement (QEMU's postcopy_place_page + postcopy_notify_shared_wake), ``place_page``/``place_zero``:
   UFFDIO_COPY (UFFDIO_ZEROPAGE / a zeroed huge page) through the first waiter's uffd, which wakes
   it for free; mark the page received; UFFDIO_WAKE the other uffds that may have a waiter.
 

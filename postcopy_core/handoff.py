@@ -208,6 +208,36 @@ def check_hello(msg: bytes, fds: list[int], pid: int, expect: Expected, taken: d
     return None
 
 
+def _take_hello(conn: socket.socket, pid: int, expect: Expected, taken: dict[int, int], taken_pids: set[int],
+                drop) -> tuple[WorkerHello, int] | None:
+    """Read one connection's hello and uffd and ack it: (hello, uffd), or None when nothing came yet
+    or the connection was refused (``drop`` said why and closed it)."""
+    try:
+        msg, fds, flags, _ = socket.recv_fds(conn, HELLO.size, 1)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        drop(conn, pid, f"recvmsg: {e.strerror}")
+        return None
+    if flags & socket.MSG_CTRUNC and at_fd_limit():  # our limit, not the peer's doing
+        raise HandoffError(f"the fd limit cut a vCPU's uffd hand-off short: {fd_limit_words()}")
+    why = "file descriptors cut short (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else None
+    why = why or check_hello(msg, fds, pid, expect, taken, taken_pids)
+    if why:
+        for fd in fds:
+            os.close(fd)
+        drop(conn, pid, why if msg else "closed without a hello")
+        return None
+    hello = WorkerHello(*HELLO.unpack(msg)[2:])
+    try:
+        conn.send(ACK)
+    except OSError as e:
+        os.close(fds[0])
+        drop(conn, pid, f"gone before the ack: {e.strerror}")
+        return None
+    return hello, fds[0]
+
+
 def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
                   hello_timeout: float = HELLO_TIMEOUT) -> list[tuple[WorkerHello, int]]:
     """Handler side: accept until every vCPU of the run has handed in its uffd; [(hello, uffd)].
@@ -253,32 +283,13 @@ def collect_uffds(listener: socket.socket, expect: Expected, timeout: float,
                     continue
                 conn = sk.fileobj
                 pid = pending[conn][0]
-                try:
-                    msg, fds, flags, _ = socket.recv_fds(conn, HELLO.size, 1)
-                except BlockingIOError:
+                took = _take_hello(conn, pid, expect, taken, taken_pids, drop)
+                if took is None:
                     continue
-                except OSError as e:
-                    drop(conn, pid, f"recvmsg: {e.strerror}")
-                    continue
-                if flags & socket.MSG_CTRUNC and at_fd_limit():  # our limit, not the peer's doing
-                    raise HandoffError(f"the fd limit cut a vCPU's uffd hand-off short: {fd_limit_words()}")
-                why = "file descriptors cut short (MSG_CTRUNC)" if flags & socket.MSG_CTRUNC else None
-                why = why or check_hello(msg, fds, pid, expect, taken, taken_pids)
-                if why:
-                    for fd in fds:
-                        os.close(fd)
-                    drop(conn, pid, why if msg else "closed without a hello")
-                    continue
-                hello = WorkerHello(*HELLO.unpack(msg)[2:])
-                try:
-                    conn.send(ACK)
-                except OSError as e:
-                    os.close(fds[0])
-                    drop(conn, pid, f"gone before the ack: {e.strerror}")
-                    continue
+                hello, uffd = took
                 taken[hello.vcpu] = pid
                 taken_pids.add(pid)
-                got[hello.vcpu] = (hello, fds[0])
+                got[hello.vcpu] = (hello, uffd)
                 sel.unregister(conn)
                 del pending[conn]
                 conn.close()

@@ -145,14 +145,7 @@ def parse_link(text: str | None) -> Link:
         extra[key.strip()] = value.strip()
     if len(parts) > 2 or any("=" in p for p in parts):
         raise ValueError(f"--link {text!r}: expected {LINK_SYNTAX}, e.g. 1gbit,2ms or 1gbit,1ms,jitter=200us,loss=0.5%")
-    bw: float | None = None
-    if parts[0] not in ("unlimited", "inf"):
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", parts[0])
-        if not m or m.group(2) not in _RATE and m.group(2) != "":
-            raise ValueError(f"--link {text!r}: bad bandwidth {parts[0]!r} ({RATE_UNITS})")
-        bw = float(m.group(1)) * _RATE[m.group(2) or "bit"]
-        if bw <= 0:
-            raise ValueError(f"--link {text!r}: bandwidth must be positive")
+    bw = _parse_bandwidth(text, parts[0])
     lat = 0
     if len(parts) == 2:
         m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", parts[1])
@@ -160,6 +153,28 @@ def parse_link(text: str | None) -> Link:
             raise ValueError(f"--link {text!r}: bad latency {parts[1]!r} (one-way, in s, ms, us or ns; "
                              "a bare number is us)")
         lat = _exact_ns(m.group(1), _TIME[m.group(2) or "us"])
+    jitter, loss, rto = _parse_extras(text, extra)
+    if jitter > lat:
+        raise ValueError(f"--link {text!r}: jitter {jitter / 1e6:g} ms is larger than the latency "
+                         f"{lat / 1e6:g} ms (netem's jitter goes both ways around the latency)")
+    return Link(bw, lat, jitter, loss, rto)
+
+
+def _parse_bandwidth(text: str, word: str) -> float | None:
+    """The bandwidth part of --link in bytes/s (None: unlimited)."""
+    if word in ("unlimited", "inf"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", word)
+    if not m or m.group(2) not in _RATE and m.group(2) != "":
+        raise ValueError(f"--link {text!r}: bad bandwidth {word!r} ({RATE_UNITS})")
+    bw = float(m.group(1)) * _RATE[m.group(2) or "bit"]
+    if bw <= 0:
+        raise ValueError(f"--link {text!r}: bandwidth must be positive")
+    return bw
+
+
+def _parse_extras(text: str, extra: dict[str, str]) -> tuple[int, float, int]:
+    """--link's key=value parts: (jitter ns, loss fraction, rto ns)."""
     jitter = rto = 0
     loss = 0.0
     for key, value in extra.items():
@@ -176,10 +191,7 @@ def parse_link(text: str | None) -> Link:
             loss = float(m.group(1)) / 100
         else:
             raise ValueError(f"--link {text!r}: unknown {key}= (choose jitter=, loss=, rto=)")
-    if jitter > lat:
-        raise ValueError(f"--link {text!r}: jitter {jitter / 1e6:g} ms is larger than the latency "
-                         f"{lat / 1e6:g} ms (netem's jitter goes both ways around the latency)")
-    return Link(bw, lat, jitter, loss, rto)
+    return jitter, loss, rto
 
 
 def _exact_ns(number: str, unit_ns: int) -> int:

@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 STREAM_BATCH = 1 << 16  # page numbers handed to the C lane at a time
-DEFAULT_STRATEGY = "preempt"  # today's behaviour; why: README, "Source strategies"
+DEFAULT_STRATEGY = "preempt"  # today's behaviour; why: docs/usage.md, "Source strategies"
 DEFAULT_PREPAGE_WINDOW = 16
 
 STRATEGIES: dict[str, type[Strategy]] = {}  # name -> class, in definition order (the CLI's choices)

@@ -156,85 +156,123 @@ def _relay(tls: ssl.SSLSocket, plain: socket.socket) -> None:
 
 
 def _copy_both_ways(tls: ssl.SSLSocket, plain: socket.socket) -> None:
-    tls.setblocking(False)
-    plain.setblocking(False)
-    down = bytearray()  # from the network, for the C side
-    up = bytearray()  # from the C side, for the network
-    buf = bytearray(RELAY_CHUNK)
-    view = memoryview(buf)
-    tls_eof = plain_eof = plain_shut = False
-    tls_wants = select.POLLIN
-    poller = select.poll()
-    while True:
-        moved = False
-        # every record that is in (a record is at most 16 KiB): fewer, bigger writes to the C side
-        while not tls_eof and len(down) < RELAY_BACKLOG:
+    _Relay(tls, plain).run()
+
+
+class _RelayDone(Exception):
+    """One side of the relay broke or closed: the relay ends (closing ours tells the other side)."""
+
+
+class _Relay:
+    """The bytes between a TLS socket (the network) and a plain one (the C side), both ways, in one
+    thread: each turn moves what it can in each direction, and polls only when nothing moved."""
+
+    def __init__(self, tls: ssl.SSLSocket, plain: socket.socket) -> None:
+        tls.setblocking(False)
+        plain.setblocking(False)
+        self.tls, self.plain = tls, plain
+        self.down = bytearray()  # from the network, for the C side
+        self.up = bytearray()  # from the C side, for the network
+        self.view = memoryview(bytearray(RELAY_CHUNK))
+        self.tls_eof = self.plain_eof = self.plain_shut = False
+        self.tls_wants = select.POLLIN
+        self.poller = select.poll()
+
+    def run(self) -> None:
+        while True:
             try:
-                n = tls.recv_into(view)
+                moved = self._pull_network()
+                moved = self._push_local() or moved
+                if self.tls_eof and not self.down and not self.plain_shut:
+                    self.plain.shutdown(socket.SHUT_WR)  # the peer's end of stream, passed on
+                    self.plain_shut = True
+                moved = self._pull_local() or moved
+                moved = self._push_network() or moved
+            except _RelayDone:
+                return
+            if self.plain_eof and not self.up:
+                return  # the C side closed its end: nothing more will go out, the peer learns it from us
+            if moved or self.tls.pending():
+                continue
+            self._wait()
+
+    def _pull_network(self) -> bool:
+        """Every record that is in (a record is at most 16 KiB): fewer, bigger writes to the C side."""
+        moved = False
+        view = self.view
+        while not self.tls_eof and len(self.down) < RELAY_BACKLOG:
+            try:
+                n = self.tls.recv_into(view)
             except ssl.SSLWantReadError:
-                tls_wants = select.POLLIN
+                self.tls_wants = select.POLLIN
                 break
             except ssl.SSLWantWriteError:
-                tls_wants = select.POLLOUT
+                self.tls_wants = select.POLLOUT
                 break
             except (ssl.SSLError, OSError):
-                return  # the network side broke: closing ours tells the C side
+                raise _RelayDone from None  # the network side broke: closing ours tells the C side
             if not n:
-                tls_eof = True
+                self.tls_eof = True
                 break
-            down += view[:n]
+            self.down += view[:n]
             moved = True
-            if len(down) >= RELAY_CHUNK:
+            if len(self.down) >= RELAY_CHUNK:
                 break
-        if down:
-            try:
-                n = plain.send(down)
-                del down[:n]
-                moved = True
-            except BlockingIOError:
-                pass
-            except OSError:
-                return  # the C side is gone
-        if tls_eof and not down and not plain_shut:
-            plain.shutdown(socket.SHUT_WR)  # the peer's end of stream, passed on
-            plain_shut = True
-        if not plain_eof and len(up) < RELAY_BACKLOG:
-            try:
-                n = plain.recv_into(view)
-                if n:
-                    up += view[:n]
-                    moved = True
-                else:
-                    plain_eof = True
-            except BlockingIOError:
-                pass
-            except OSError:
-                plain_eof = True
-        if up:
-            try:
-                n = tls.send(up)
-                del up[:n]
-                moved = True
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                pass
-            except (ssl.SSLError, OSError):
-                return
-        if plain_eof and not up:
-            return  # the C side closed its end: nothing more will go out, the peer learns it from us
-        if moved or tls.pending():
-            continue
-        # only what we wait for: an ended side would report POLLHUP on every turn
-        want = {tls.fileno(): (tls_wants if not tls_eof and len(down) < RELAY_BACKLOG else 0)
-                | (select.POLLOUT if up else 0),
-                plain.fileno(): (select.POLLIN if not plain_eof and len(up) < RELAY_BACKLOG else 0)
-                | (select.POLLOUT if down else 0)}
+        return moved
+
+    def _push_local(self) -> bool:
+        if not self.down:
+            return False
+        try:
+            n = self.plain.send(self.down)
+        except BlockingIOError:
+            return False
+        except OSError:
+            raise _RelayDone from None  # the C side is gone
+        del self.down[:n]
+        return True
+
+    def _pull_local(self) -> bool:
+        if self.plain_eof or len(self.up) >= RELAY_BACKLOG:
+            return False
+        try:
+            n = self.plain.recv_into(self.view)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.plain_eof = True
+            return False
+        if not n:
+            self.plain_eof = True
+            return False
+        self.up += self.view[:n]
+        return True
+
+    def _push_network(self) -> bool:
+        if not self.up:
+            return False
+        try:
+            n = self.tls.send(self.up)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return False
+        except (ssl.SSLError, OSError):
+            raise _RelayDone from None
+        del self.up[:n]
+        return True
+
+    def _wait(self) -> None:
+        """Poll for only what we wait for: an ended side would report POLLHUP on every turn."""
+        want = {self.tls.fileno(): (self.tls_wants if not self.tls_eof and len(self.down) < RELAY_BACKLOG else 0)
+                | (select.POLLOUT if self.up else 0),
+                self.plain.fileno(): (select.POLLIN if not self.plain_eof and len(self.up) < RELAY_BACKLOG else 0)
+                | (select.POLLOUT if self.down else 0)}
         for fd, events in want.items():
             if events:
-                poller.register(fd, events)
-        poller.poll(1000)
+                self.poller.register(fd, events)
+        self.poller.poll(1000)
         for fd, events in want.items():
             if events:
-                poller.unregister(fd)
+                self.poller.unregister(fd)
 
 
 def _close_tls(tls: ssl.SSLSocket) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the README's markdown table from `postcopy-harness qemu --json` reports.
+"""Print the markdown table of docs/performance.md from `postcopy-harness qemu --json` reports.
 
     python tools/qemu_table.py NAME=report.json ...
 """

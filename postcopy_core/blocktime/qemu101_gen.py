@@ -102,83 +102,100 @@ def generate_qemu101_log(
 ) -> tuple[list[str], dict, list[tuple[int, int, int]]]:
     """(log lines, QEMU 10.1's query-migrate for them, (affected_cpus, affected_non_cpus, line index)
     of every end line).  ``steps`` simulated actions; ``seed`` makes it reproducible."""
-    rng = random.Random(seed)
-    ctx = _Qemu101(vcpus)
+    g = _LogWriter(vcpus, seed, pages, non_vcpu_threads, stamps)
+    for _ in range(steps):
+        g.step(p_second_fault, p_shared, p_non_vcpu)
+    while g.ctx.pending:  # the migration completes: every waiter is served
+        g.t += int(g.rng.expovariate(1 / 150_000)) + 1
+        g.place(next(iter(g.ctx.pending)))
+    return g.lines, g.ctx.query_migrate(), g.ends
+
+
+class _LogWriter:
+    """The simulated migration behind :func:`generate_qemu101_log`: its clock, its threads and the
+    lines written so far (one random generator, drawn from in a fixed order: reproducible)."""
+
     main_tid, fault_tid, listen_tid = 4000, 4001, 4002
-    vcpu_tids = [5000 + i for i in range(vcpus)]
-    other_tids = [6000 + i for i in range(non_vcpu_threads)]
-    lines: list[str] = []
-    ends: list[tuple[int, int, int]] = []
-    t = 7_000_000_000_000 + rng.randrange(10**9)
 
-    def emit(tid: int, event: str, args: str) -> None:
-        if stamps:
-            w = (t + WALL_MINUS_MONO_NS) // 1000
-            lines.append(f"{tid}@{w // 10**6}.{w % 10**6:06d}:{event} {args}")
+    def __init__(self, vcpus: int, seed: int, pages: int, non_vcpu_threads: int, stamps: bool) -> None:
+        self.rng = random.Random(seed)
+        self.ctx = _Qemu101(vcpus)
+        self.vcpus, self.pages, self.stamps = vcpus, pages, stamps
+        self.vcpu_tids = [5000 + i for i in range(vcpus)]
+        self.other_tids = [6000 + i for i in range(non_vcpu_threads)]
+        self.lines: list[str] = []
+        self.ends: list[tuple[int, int, int]] = []
+        self.t = 7_000_000_000_000 + self.rng.randrange(10**9)
+        self.emit(self.main_tid, "loadvm_postcopy_handle_advise", "")
+        for i, tid in enumerate(self.vcpu_tids):
+            self.emit(self.main_tid, "postcopy_blocktime_tid_cpu_map", f"cpu: {i}, tid: {tid}")
+        self.received: set[int] = set()
+        self.zero_pages = {p for p in range(pages) if self.rng.random() < 0.3}
+
+    def emit(self, tid: int, event: str, args: str) -> None:
+        if self.stamps:
+            w = (self.t + WALL_MINUS_MONO_NS) // 1000
+            self.lines.append(f"{tid}@{w // 10**6}.{w % 10**6:06d}:{event} {args}")
         else:
-            lines.append(f"{event} {args}")
+            self.lines.append(f"{event} {args}")
 
-    emit(main_tid, "loadvm_postcopy_handle_advise", "")
-    for i, tid in enumerate(vcpu_tids):
-        emit(main_tid, "postcopy_blocktime_tid_cpu_map", f"cpu: {i}, tid: {tid}")
-    received: set[int] = set()
-    zero_pages = {p for p in range(pages) if rng.random() < 0.3}
-
-    def fault(cpu: int, tid: int) -> None:
+    def fault(self, cpu: int, tid: int, p_shared: float) -> None:
+        ctx, rng, t = self.ctx, self.rng, self.t
         if ctx.pending and rng.random() < p_shared:
             addr = rng.choice(list(ctx.pending))
         else:
-            free = [p for p in (rng.randrange(pages) for _ in range(8)) if p not in received]
+            free = [p for p in (rng.randrange(self.pages) for _ in range(8)) if p not in self.received]
             if not free:
                 return
             addr = HOST_BASE + free[0] * 4096
-        emit(
-            fault_tid,
+        self.emit(
+            self.fault_tid,
             "postcopy_ram_fault_thread_request",
             f"Request for HVA={addr:#x} rb=pc.ram offset={addr - HOST_BASE:#x} pid={tid}",
         )
         exist = ctx.begin(addr, cpu, t)
-        emit(fault_tid, "postcopy_blocktime_begin", f"addr: {addr:#x}, time: {t}, cpu: {cpu}, exist: {int(exist)}")
+        self.emit(self.fault_tid, "postcopy_blocktime_begin",
+                  f"addr: {addr:#x}, time: {t}, cpu: {cpu}, exist: {int(exist)}")
 
-    def place(addr: int) -> None:
+    def place(self, addr: int) -> None:
+        ctx, t = self.ctx, self.t
         page = (addr - HOST_BASE) // 4096
-        received.add(page)
-        if page in zero_pages:
-            emit(listen_tid, "postcopy_place_page_zero", f"host={addr:#x}")
+        self.received.add(page)
+        if page in self.zero_pages:
+            self.emit(self.listen_tid, "postcopy_place_page_zero", f"host={addr:#x}")
         else:
-            emit(listen_tid, "postcopy_place_page", f"host={addr:#x}")
+            self.emit(self.listen_tid, "postcopy_place_page", f"host={addr:#x}")
         if addr not in ctx.pending:
             return  # QEMU logs no end for a page nobody waited for
         affected, non, ones = ctx.end(addr, t)
         for cpu, left in ones:
-            emit(listen_tid, "postcopy_blocktime_end_one", f"cpu: {cpu}, left_faults: {left}")
-        ends.append((affected, non, len(lines)))
-        emit(
-            listen_tid,
+            self.emit(self.listen_tid, "postcopy_blocktime_end_one", f"cpu: {cpu}, left_faults: {left}")
+        self.ends.append((affected, non, len(self.lines)))
+        self.emit(
+            self.listen_tid,
             "postcopy_blocktime_end",
             f"addr: {addr:#x}, time: {t}, affected_cpus: {affected}, affected_non_cpus: {non}",
         )
 
-    for _ in range(steps):
-        t += int(rng.expovariate(1 / 150_000)) + 1
+    def step(self, p_second_fault: float, p_shared: float, p_non_vcpu: float) -> None:
+        """One simulated action: a vCPU or another thread faults, a request is served, or a page
+        nobody asked for arrives."""
+        ctx, rng, vcpus = self.ctx, self.rng, self.vcpus
+        self.t += int(rng.expovariate(1 / 150_000)) + 1
         r = rng.random()
         running = [c for c in range(vcpus) if ctx.current[c] == 0]
         if r < 0.45 and (running or rng.random() < p_second_fault):
             cpu = rng.choice(running) if running and rng.random() >= p_second_fault else rng.randrange(vcpus)
-            fault(cpu, vcpu_tids[cpu])
-        elif r < 0.45 + p_non_vcpu and other_tids:
+            self.fault(cpu, self.vcpu_tids[cpu], p_shared)
+        elif r < 0.45 + p_non_vcpu and self.other_tids:
             waiting = sum(1 for es in ctx.pending.values() for c, _ in es if c < 0)
-            if waiting < len(other_tids):  # a blocked thread cannot fault again
-                fault(-1, rng.choice(other_tids))
+            if waiting < len(self.other_tids):  # a blocked thread cannot fault again
+                self.fault(-1, rng.choice(self.other_tids), p_shared)
         elif ctx.pending and r < 0.9:
             # Requests are mostly served in order; sometimes a later one arrives first.
             queue = list(ctx.pending)
-            place(queue[0] if rng.random() < 0.7 else rng.choice(queue))
+            self.place(queue[0] if rng.random() < 0.7 else rng.choice(queue))
         else:
-            page = rng.randrange(pages)
-            if page not in received:
-                place(HOST_BASE + page * 4096)
-    while ctx.pending:  # the migration completes: every waiter is served
-        t += int(rng.expovariate(1 / 150_000)) + 1
-        place(next(iter(ctx.pending)))
-    return lines, ctx.query_migrate(), ends
+            page = rng.randrange(self.pages)
+            if page not in self.received:
+                self.place(HOST_BASE + page * 4096)

@@ -114,20 +114,7 @@ class _Parsed:
 
 
 def _parse(path: str, lines: list[tuple[int, str]]) -> _Parsed:
-    items: list = []
-    ends: list[_End] = []
-    tid_map: dict[int, int] = {}
-    dds: dict[str, int] = {}
-    cleanup: int | None = None
-    pending_req: dict[int, tuple[int, int, int, int]] = {}  # thread -> (line, w, addr, pid)
-    last_zero: dict[int, int] = {}
-    addr_or = 0
-
-    def flush_request(thread: int) -> None:
-        req = pending_req.pop(thread, None)
-        if req is not None and req[3] != 0 and tid_map.get(req[3], -1) < 0:
-            items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
-
+    st = _ParseState(path)
     for n, line in lines:
         m = _LINE.match(line)
         if m is None:
@@ -141,75 +128,90 @@ def _parse(path: str, lines: list[tuple[int, str]]) -> _Parsed:
         args = args or ""
         if event not in _HANDLED:
             continue
-        thread_i = int(thread)
         w = int(sec) * 1_000_000_000 + int(usec.ljust(6, "0")[:6]) * 1000
-
-        def bad(what: str, n: int = n, event: str = event, args: str = args) -> BlocktimeError:
-            return BlocktimeError(f"{path}: line {n}: malformed {event} ({what}): {args[:80]!r}")
-
-        if event == "mark_postcopy_blocktime_begin":
-            a = _BEGIN.fullmatch(args)
-            if a is None:
-                raise bad("expected 'addr: 0x.., dd: .., time: N, cpu: N, already_received: N'")
-            req = pending_req.pop(thread_i, None)
-            pid = req[3] if req is not None else 0
-            cpu = int(a.group(4))
-            if cpu >= 0:
-                check_vcpus(path, "vCPU index", cpu, n)
-            if pid and cpu >= 0:
-                tid_map.setdefault(pid, cpu)
-            dds[a.group(2)] = dds.get(a.group(2), 0) + 1
-            items.append(_Begin(n, w, int(a.group(1), 16), int(a.group(3)), cpu, a.group(5) != "0", pid))
-        elif event == "mark_postcopy_blocktime_end":
-            a = _END.fullmatch(args)
-            if a is None:
-                raise bad("expected 'addr: 0x.., dd: .., time: N, affected_cpu: N'")
-            addr = int(a.group(1), 16)
-            dds[a.group(2)] = dds.get(a.group(2), 0) + 1
-            zero = last_zero.pop(thread_i, None) == addr
-            addr_or |= addr
-            ends.append(_End(n, w, addr, int(a.group(3)), int(a.group(4)), zero))
-        elif event == "postcopy_place_page_zero":
-            a = _PLACE.fullmatch(args)
-            if a is None:
-                raise bad("expected 'host=0x..'")
-            last_zero[thread_i] = 0 if a.group(1) == "(nil)" else int(a.group(1), 16)
-        elif event == "postcopy_ram_fault_thread_request":
-            a = _REQUEST.fullmatch(args)
-            if a is None:
-                raise bad("expected 'Request for HVA=0x.. rb=.. offset=0x.. pid=N'")
-            flush_request(thread_i)
-            pending_req[thread_i] = (n, w, int(a.group(1), 16), int(a.group(4)))
-        elif event == "get_mem_fault_cpu_index":
-            a = _CPU_INDEX.fullmatch(args)
-            if a is None:
-                raise bad("expected 'cpu: N, pid: N'")
-            cpu, pid = int(a.group(1)), int(a.group(2))
-            if cpu >= 0:
-                check_vcpus(path, "vCPU index", cpu, n)
-                tid_map[pid] = cpu
-            else:
-                flush_request(thread_i)
-        elif event == "postcopy_ram_incoming_cleanup_blocktime":
-            a = _CLEANUP.fullmatch(args)
-            if a is None:
-                raise bad("expected 'total blocktime N'")
-            cleanup = int(a.group(1))
-    for thread in list(pending_req):
-        flush_request(thread)
-    return _Parsed(items, ends, tid_map, dds, cleanup, addr_or)
+        getattr(st, _HANDLED[event])(n, w, int(thread), event, args)
+    for thread in list(st.pending_req):
+        st.flush_request(thread)
+    return _Parsed(st.items, st.ends, st.tid_map, st.dds, st.cleanup, st.addr_or)
 
 
-_HANDLED = frozenset(
-    {
-        "mark_postcopy_blocktime_begin",
-        "mark_postcopy_blocktime_end",
-        "postcopy_place_page_zero",
-        "postcopy_ram_fault_thread_request",
-        "get_mem_fault_cpu_index",
-        "postcopy_ram_incoming_cleanup_blocktime",
-    }
-)
+class _ParseState:
+    """What the lines of a QEMU 7.2 log said so far; one method per trace event it reads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.items: list = []
+        self.ends: list[_End] = []
+        self.tid_map: dict[int, int] = {}
+        self.dds: dict[str, int] = {}
+        self.cleanup: int | None = None
+        self.pending_req: dict[int, tuple[int, int, int, int]] = {}  # thread -> (line, w, addr, pid)
+        self.last_zero: dict[int, int] = {}
+        self.addr_or = 0
+
+    def _match(self, pattern: re.Pattern, n: int, event: str, args: str, what: str) -> re.Match:
+        a = pattern.fullmatch(args)
+        if a is None:
+            raise BlocktimeError(f"{self.path}: line {n}: malformed {event} ({what}): {args[:80]!r}")
+        return a
+
+    def flush_request(self, thread: int) -> None:
+        req = self.pending_req.pop(thread, None)
+        if req is not None and req[3] != 0 and self.tid_map.get(req[3], -1) < 0:
+            self.items.append(_NonVcpu(req[0], req[1], req[2], req[3]))
+
+    def begin(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_BEGIN, n, event, args, "expected 'addr: 0x.., dd: .., time: N, cpu: N, already_received: N'")
+        req = self.pending_req.pop(thread, None)
+        pid = req[3] if req is not None else 0
+        cpu = int(a.group(4))
+        if cpu >= 0:
+            check_vcpus(self.path, "vCPU index", cpu, n)
+        if pid and cpu >= 0:
+            self.tid_map.setdefault(pid, cpu)
+        self.dds[a.group(2)] = self.dds.get(a.group(2), 0) + 1
+        self.items.append(_Begin(n, w, int(a.group(1), 16), int(a.group(3)), cpu, a.group(5) != "0", pid))
+
+    def end(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_END, n, event, args, "expected 'addr: 0x.., dd: .., time: N, affected_cpu: N'")
+        addr = int(a.group(1), 16)
+        self.dds[a.group(2)] = self.dds.get(a.group(2), 0) + 1
+        zero = self.last_zero.pop(thread, None) == addr
+        self.addr_or |= addr
+        self.ends.append(_End(n, w, addr, int(a.group(3)), int(a.group(4)), zero))
+
+    def place_zero(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_PLACE, n, event, args, "expected 'host=0x..'")
+        self.last_zero[thread] = 0 if a.group(1) == "(nil)" else int(a.group(1), 16)
+
+    def request(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_REQUEST, n, event, args, "expected 'Request for HVA=0x.. rb=.. offset=0x.. pid=N'")
+        self.flush_request(thread)
+        self.pending_req[thread] = (n, w, int(a.group(1), 16), int(a.group(4)))
+
+    def cpu_index(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_CPU_INDEX, n, event, args, "expected 'cpu: N, pid: N'")
+        cpu, pid = int(a.group(1)), int(a.group(2))
+        if cpu >= 0:
+            check_vcpus(self.path, "vCPU index", cpu, n)
+            self.tid_map[pid] = cpu
+        else:
+            self.flush_request(thread)
+
+    def cleanup_line(self, n: int, w: int, thread: int, event: str, args: str) -> None:
+        a = self._match(_CLEANUP, n, event, args, "expected 'total blocktime N'")
+        self.cleanup = int(a.group(1))
+
+
+# the trace events read, and the _ParseState method that reads each
+_HANDLED = {
+    "mark_postcopy_blocktime_begin": "begin",
+    "mark_postcopy_blocktime_end": "end",
+    "postcopy_place_page_zero": "place_zero",
+    "postcopy_ram_fault_thread_request": "request",
+    "get_mem_fault_cpu_index": "cpu_index",
+    "postcopy_ram_incoming_cleanup_blocktime": "cleanup_line",
+}
 
 
 class _Clock:
@@ -394,18 +396,39 @@ def _reconstruct(
     meta: TraceMeta, p: _Parsed, clock: _Clock
 ) -> tuple[list[Event], dict, list[tuple[int, int]]]:
     """The event stream, diagnostics, and (stamp, ms) of every verified end whose total moved."""
-    seed = SeedEngine(meta)
-    items = p.fault_items
-    out: list[Event] = []
-    mismatches: list[int] = []
-    reordered = 0
-    splits = 0
-    ends_ms: dict[int, tuple[int, int]] = {}  # end index -> (stamp, its millisecond)
-    fi = 0  # next fault-thread item not yet applied
-    last_end_ns = 0
-    prev_total = 0
+    return _Reconstruction(meta, p, clock).run()
 
-    def item_event(it: _Begin | _NonVcpu) -> Fault:
+
+class _Reconstruction:
+    """The search behind :func:`_reconstruct`: for each end line, the interleaving of fault-thread
+    lines before it that lets the seed engine reproduce the end's numbers (stamp order first), with
+    rewinds over the last few ends when nothing explains one."""
+
+    def __init__(self, meta: TraceMeta, p: _Parsed, clock: _Clock) -> None:
+        self.seed = SeedEngine(meta)
+        self.p, self.clock = p, clock
+        self.items = p.fault_items
+        self.out: list[Event] = []
+        self.mismatches: list[int] = []
+        self.reordered = 0
+        self.splits = 0
+        self.ends_ms: dict[int, tuple[int, int]] = {}  # end index -> (stamp, its millisecond)
+        self.fi = 0  # next fault-thread item not yet applied
+        self.last_end_ns = 0
+        self.prev_total = 0
+        # Recent decisions, so that an end nothing explains can revisit the ends before it: a late
+        # stamp can make an earlier end look as if it came after fault lines it really preceded.
+        self.frames: deque[tuple] = deque(maxlen=BACKTRACK_ENDS)
+        self.forced: dict[int, list[int]] = {}  # end index -> interleavings still to try there
+        self.ends = p.ends
+        self.k = 0
+        self.max_k = -1
+        self.budget = BACKTRACK_BUDGET
+        self.checkpoint: tuple | None = None  # state when the current run of rewinds began
+        self.give_up = -1  # an end to record as a mismatch without trying rewinds again
+
+    def item_event(self, it: _Begin | _NonVcpu) -> Fault:
+        clock = self.clock
         if isinstance(it, _NonVcpu):
             return Fault(clock.offset_ns(it.w), it.addr, -1, it.pid, None)
         t = clock.offset_ns(it.w)
@@ -413,19 +436,20 @@ def _reconstruct(
             t = _clamp_ms(t, it.time)
         return Fault(max(t, 0), it.addr, it.cpu, it.pid, it.ar)
 
-    def apply_items(upto: int) -> list[Fault]:
-        evs = [item_event(items[k]) for k in range(fi, upto)]
+    def apply_items(self, upto: int) -> list[Fault]:
+        evs = [self.item_event(self.items[k]) for k in range(self.fi, upto)]
         for ev in evs:
-            seed.fault(ev)
+            self.seed.fault(ev)
         return evs
 
-    def end_event(e: _End) -> tuple[Placed, int, int | None]:
+    def end_event(self, e: _End) -> tuple[Placed, int, int | None]:
         """The end's time given the seed's current state, and how natural that explanation is:
         2 = as expected, 1 = needs a same-millisecond coincidence, 0 = far from its stamp; and the
         end's millisecond when the moved total fixes it."""
-        est = max(clock.offset_ns(e.w), last_end_ns)
+        seed = self.seed
+        est = max(self.clock.offset_ns(e.w), self.last_end_ns)
         est_ms = est // NS_PER_MS
-        delta = (e.total - prev_total) & U32
+        delta = (e.total - self.prev_total) & U32
         releases = [i for i in range(seed.n) if seed.vcpu_addr[i] == e.addr and seed.fault_time[i]]
         if delta:
             ms = (seed.last_begin + delta) & U32
@@ -444,25 +468,26 @@ def _reconstruct(
             t = floor_ms * NS_PER_MS
         return Placed(t, e.addr, e.zero), quality, (seed.last_begin + delta) & U32 if delta else None
 
-    def can_split(e: _End, j: int) -> bool:
-        it = items[j] if j < len(items) else None
+    def can_split(self, e: _End, j: int) -> bool:
+        it = self.items[j] if j < len(self.items) else None
         return isinstance(it, _Begin) and it.ar and it.cpu >= 0 and it.addr == e.addr
 
-    def verify(e: _End, cand: int) -> tuple[list[Fault], Placed, int, list[Fault], int | None] | None:
+    def verify(self, e: _End, cand: int) -> tuple[list[Fault], Placed, int, list[Fault], int | None] | None:
         """Apply candidate ``cand`` (see ``_split``) and run ``e``; the events if it explains ``e``."""
+        seed = self.seed
         upto, split = _split(cand)
-        evs = apply_items(upto)
+        evs = self.apply_items(upto)
         tail: list[Fault] = []
         if split:
             # QEMU 7.2's race: this already-received begin filled its slot, the end released it, and
             # only then did its received check run (the begin line prints time 0 after the undo).
-            b = items[upto]
-            t = min(clock.offset_ns(b.w), max(clock.offset_ns(e.w), last_end_ns))
+            b = self.items[upto]
+            t = min(self.clock.offset_ns(b.w), max(self.clock.offset_ns(e.w), self.last_end_ns))
             half = Fault(max(t, 0), b.addr, b.cpu, b.pid, False)
             seed.fault(half)
             evs.append(half)
             tail.append(Fault(half.t_ns, b.addr, b.cpu, b.pid, True, True))
-        ev, quality, exact_ms = end_event(e)
+        ev, quality, exact_ms = self.end_event(e)
         affected = seed.end(ev.t_ns, ev.addr)
         for late in tail:
             seed.fault(late)
@@ -470,8 +495,9 @@ def _reconstruct(
             return evs, ev, quality, tail, exact_ms
         return None
 
-    def window(e: _End, start: int) -> tuple[int, int, int]:
+    def window(self, e: _End, start: int) -> tuple[int, int, int]:
         """Candidate counts of fault-thread items to apply before ``e``: lo..hi, stamp order j0."""
+        items = self.items
         lo = start
         while lo < len(items) and items[lo].w < e.w - ORDER_SLACK_NS:
             lo += 1
@@ -483,117 +509,135 @@ def _reconstruct(
             hi += 1
         return lo, j0, min(hi + EXTRA_CANDIDATES, len(items))
 
-    def ranked(e: _End, snap: tuple) -> list[int]:
+    def ranked(self, e: _End, snap: tuple) -> list[int]:
         """Every interleaving in the window that explains ``e``, best first: plausible times
         first, then closest to stamp order, then the most natural explanation."""
-        lo, j0, hi = window(e, fi)
+        lo, j0, hi = self.window(e, self.fi)
         scored = []
         for j in range(lo, hi + 1):
-            for split in (0, 1) if can_split(e, j) else (0,):
-                seed.restore(snap)
-                got = verify(e, 2 * j + split)
+            for split in (0, 1) if self.can_split(e, j) else (0,):
+                self.seed.restore(snap)
+                got = self.verify(e, 2 * j + split)
                 if got is not None:
                     scored.append((got[2] == 0, split, abs(j - j0), -got[2], 2 * j + split))
-        seed.restore(snap)
+        self.seed.restore(snap)
         return [j for *_, j in sorted(scored)]
 
-    # Recent decisions, so that an end nothing explains can revisit the ends before it: a late stamp
-    # can make an earlier end look as if it came after fault lines it really preceded.
-    frames: deque[tuple] = deque(maxlen=BACKTRACK_ENDS)
-    forced: dict[int, list[int]] = {}  # end index -> interleavings still to try there
-    ends = p.ends
-    k = 0
-    max_k = -1
-    budget = BACKTRACK_BUDGET
-    checkpoint: tuple | None = None  # state when the current run of rewinds began
-    give_up = -1  # an end to record as a mismatch without trying rewinds again
-    while k < len(ends):
-        if k > max_k:
-            max_k, budget, checkpoint = k, BACKTRACK_BUDGET, None
-        e = ends[k]
-        snap = seed.snapshot()
-        frame = (k, fi, snap, len(out), last_end_ns, prev_total)
-        _, j0w, _ = window(e, fi)
+    def run(self) -> tuple[list[Event], dict, list[tuple[int, int]]]:
+        while self.k < len(self.ends):
+            self.step()
+        self.out.extend(self.item_event(self.items[k]) for k in range(self.fi, len(self.items)))
+        diag = {
+            "verified_ends": len(self.p.ends) - len(self.mismatches),
+            "mismatched_ends": len(self.mismatches),
+            "first_mismatch_lines": self.mismatches[:10],
+            "reordered_ends": self.reordered,
+            "raced_begins": self.splits,
+        }
+        return self.out, diag, list(self.ends_ms.values())
+
+    def step(self) -> None:
+        """Explain end ``k`` (or rewind to an earlier one, or record a mismatch) and move on."""
+        k = self.k
+        if k > self.max_k:
+            self.max_k, self.budget, self.checkpoint = k, BACKTRACK_BUDGET, None
+        e = self.ends[k]
+        snap = self.seed.snapshot()
+        frame = (k, self.fi, snap, len(self.out), self.last_end_ns, self.prev_total)
+        _, j0w, _ = self.window(e, self.fi)
         j0 = 2 * j0w  # the candidate "stamp order, no split"
-        if forced.get(k):
-            upto = forced[k].pop(0)
-            chosen = verify(e, upto)
-        else:
-            upto = j0
-            chosen = verify(e, j0)
-            if chosen is None or chosen[2] == 0:
-                alts = ranked(e, snap)
-                chosen = None
-                if alts:
-                    upto = alts[0]
-                    chosen = verify(e, upto)
-        if chosen is None and k != give_up:
-            if checkpoint is None:
-                checkpoint = (k, fi, snap, list(out), last_end_ns, prev_total, list(frames), dict(forced))
-            target = None if budget <= 0 else -1
-            here = (fi, last_end_ns, prev_total)
-            for kk, fi0, snap0, _n, last0, prev0, used in reversed(frames if budget > 0 else ()):
-                if kk not in forced:
-                    fi, last_end_ns, prev_total = fi0, last0, prev0
-                    forced[kk] = [j for j in ranked(ends[kk], snap0) if j != used]
-                    fi, last_end_ns, prev_total = here
-                if forced[kk]:
-                    target = kk
-                    break
-            if target is None or target < 0:
-                # No rewind explains it: go back to where the rewinds began and accept a mismatch
-                # there, rather than keep a path that only rewinds made worse.
-                k, fi, snap0, out_copy, last_end_ns, prev_total, fr, fo = checkpoint
-                out[:] = out_copy
-                frames.clear()
-                frames.extend(fr)
-                forced.clear()
-                forced.update(fo)
-                seed.restore(snap0)
-                give_up, checkpoint = k, None
-                continue
-            else:
-                budget -= 1
-                while True:
-                    kk, fi, snap0, out_len, last_end_ns, prev_total, _used = frames.pop()
-                    if kk == target:
-                        break
-                del out[out_len:]
-                seed.restore(snap0)
-                for later in [x for x in forced if x > target]:
-                    del forced[later]
-                k = target
-                continue
+        upto, chosen = self.choose(e, snap, j0)
+        if chosen is None and k != self.give_up:
+            self.rewind(snap)
+            return
         if chosen is None:
             # Nothing explains this line: keep stamp order and follow the log's total from here.
-            mismatches.append(e.line)
-            seed.restore(snap)
+            self.mismatches.append(e.line)
+            self.seed.restore(snap)
             upto = j0
-            evs = apply_items(j0w)
-            ev, _, _ = end_event(e)
-            seed.end(ev.t_ns, ev.addr)
-            seed.total = e.total
+            evs = self.apply_items(j0w)
+            ev, _, _ = self.end_event(e)
+            self.seed.end(ev.t_ns, ev.addr)
+            self.seed.total = e.total
             chosen = (evs, ev, 0, [], None)
+        self.record(e, frame, upto, j0, chosen)
+
+    def choose(self, e: _End, snap: tuple, j0: int) -> tuple[int, tuple | None]:
+        """The interleaving tried for end ``k`` (a forced one after a rewind, else stamp order, else
+        the best ranked), and what it gives (None: it does not explain the end)."""
+        forced = self.forced.get(self.k)
+        if forced:
+            upto = forced.pop(0)
+            return upto, self.verify(e, upto)
+        upto = j0
+        chosen = self.verify(e, j0)
+        if chosen is None or chosen[2] == 0:
+            alts = self.ranked(e, snap)
+            chosen = None
+            if alts:
+                upto = alts[0]
+                chosen = self.verify(e, upto)
+        return upto, chosen
+
+    def rewind(self, snap: tuple) -> None:
+        """Nothing explains end ``k``: go back to the latest earlier end that has another
+        interleaving to try, or, when none has (or the budget is spent), to where the rewinds began."""
+        if self.checkpoint is None:
+            self.checkpoint = (self.k, self.fi, snap, list(self.out), self.last_end_ns, self.prev_total,
+                               list(self.frames), dict(self.forced))
+        target = None if self.budget <= 0 else -1
+        here = (self.fi, self.last_end_ns, self.prev_total)
+        for kk, fi0, snap0, _n, last0, prev0, used in reversed(self.frames if self.budget > 0 else ()):
+            if kk not in self.forced:
+                self.fi, self.last_end_ns, self.prev_total = fi0, last0, prev0
+                self.forced[kk] = [j for j in self.ranked(self.ends[kk], snap0) if j != used]
+                self.fi, self.last_end_ns, self.prev_total = here
+            if self.forced[kk]:
+                target = kk
+                break
+        if target is None or target < 0:
+            self.back_to_checkpoint()
+        else:
+            self.back_to(target)
+
+    def back_to_checkpoint(self) -> None:
+        """No rewind explains it: go back to where the rewinds began and accept a mismatch there,
+        rather than keep a path that only rewinds made worse."""
+        self.k, self.fi, snap0, out_copy, self.last_end_ns, self.prev_total, fr, fo = self.checkpoint
+        self.out[:] = out_copy
+        self.frames.clear()
+        self.frames.extend(fr)
+        self.forced.clear()
+        self.forced.update(fo)
+        self.seed.restore(snap0)
+        self.give_up, self.checkpoint = self.k, None
+
+    def back_to(self, target: int) -> None:
+        """Undo the ends after ``target`` and try ``target``'s next interleaving."""
+        self.budget -= 1
+        while True:
+            kk, self.fi, snap0, out_len, self.last_end_ns, self.prev_total, _used = self.frames.pop()
+            if kk == target:
+                break
+        del self.out[out_len:]
+        self.seed.restore(snap0)
+        for later in [x for x in self.forced if x > target]:
+            del self.forced[later]
+        self.k = target
+
+    def record(self, e: _End, frame: tuple, upto: int, j0: int, chosen: tuple) -> None:
+        """Keep end ``k``'s explanation: its events, and the state the next end starts from."""
         if upto != j0:
-            reordered += 1
+            self.reordered += 1
         evs, ev, _, tail, exact_ms = chosen
         if exact_ms is not None:
-            ends_ms[k] = (e.w, exact_ms)
-        frames.append((*frame, upto))
-        out.extend(evs)
-        out.append(ev)
-        out.extend(tail)
-        splits += bool(tail)
-        fi = sum(_split(upto))
-        last_end_ns = ev.t_ns
-        prev_total = e.total
-        k += 1
-    out.extend(item_event(items[k]) for k in range(fi, len(items)))
-    diag = {
-        "verified_ends": len(p.ends) - len(mismatches),
-        "mismatched_ends": len(mismatches),
-        "first_mismatch_lines": mismatches[:10],
-        "reordered_ends": reordered,
-        "raced_begins": splits,
-    }
-    return out, diag, list(ends_ms.values())
+            self.ends_ms[self.k] = (e.w, exact_ms)
+        self.frames.append((*frame, upto))
+        self.out.extend(evs)
+        self.out.append(ev)
+        self.out.extend(tail)
+        self.splits += bool(tail)
+        self.fi = sum(_split(upto))
+        self.last_end_ns = ev.t_ns
+        self.prev_total = e.total
+        self.k += 1

@@ -86,21 +86,9 @@ def bounded_lines(
                     block, rest = rest, b""
                 else:
                     return
-                try:
-                    text = block.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    bad = n + 1 + block.count(NL, 0, exc.start)
-                    raise BlocktimeError(f"{path}: line {bad}: not text (bad UTF-8)") from None
-                lines = text.split("\n")
-                if n + len(lines) > MAX_LINES:
-                    raise BlocktimeError(f"{path}: more than {MAX_LINES:,} lines: refused (a trace or log "
-                                         "this long is not one the engines can replay in memory)")
-                for line in lines:
+                for line in _decode_lines(path, n, block):
                     n += 1
-                    if line[-1:] == "\r":
-                        line = line[:-1]
-                    if len(line) > max_line // 4 and len(line.encode()) > max_line:  # chars <= bytes
-                        raise BlocktimeError(f"{path}: line {n}: longer than {max_line:,} bytes")
+                    line = _bounded_line(path, n, line, max_line)
                     if skip_blank and (not line or line.isspace()):
                         continue
                     if keep is None or keep(line):
@@ -111,6 +99,30 @@ def bounded_lines(
         raise BlocktimeError(f"{path}: line {n + 1}: gzip data truncated or corrupt ({exc})") from None
     except OSError as exc:
         raise BlocktimeError(f"{path}: line {n + 1}: read error: {exc}") from None
+
+
+def _decode_lines(path: str, n: int, block: bytes) -> list[str]:
+    """The lines of a block of whole lines (``n`` lines came before it), decoded; bad UTF-8 and too
+    many lines in all are refused."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = n + 1 + block.count(NL, 0, exc.start)
+        raise BlocktimeError(f"{path}: line {bad}: not text (bad UTF-8)") from None
+    lines = text.split("\n")
+    if n + len(lines) > MAX_LINES:
+        raise BlocktimeError(f"{path}: more than {MAX_LINES:,} lines: refused (a trace or log "
+                             "this long is not one the engines can replay in memory)")
+    return lines
+
+
+def _bounded_line(path: str, n: int, line: str, max_line: int) -> str:
+    """Line ``n`` without a trailing CR, refused when longer than ``max_line`` bytes."""
+    if line[-1:] == "\r":
+        line = line[:-1]
+    if len(line) > max_line // 4 and len(line.encode()) > max_line:  # chars <= bytes
+        raise BlocktimeError(f"{path}: line {n}: longer than {max_line:,} bytes")
+    return line
 
 
 def _check_volume(path: str, n: int, out_bytes: int, compressed: IO[bytes] | None) -> None:

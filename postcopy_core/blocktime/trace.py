@@ -200,6 +200,75 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
+def _not_a_record(path: str, n: int, line: str, seen_magic: bool) -> tuple[bool, tuple[int, int | None] | None]:
+    """A line that holds no record: before the header only blank lines and the header itself;
+    after it, blank lines and comments, one of which may be the end marker.  (header seen now,
+    the end marker's counts or None)."""
+    if not seen_magic:
+        if not line.strip():
+            return False, None
+        _check_magic(path, n, line)
+        return True, None
+    return True, _end_marker(path, n, line) if line.startswith("#end") else None
+
+
+def _check_magic(path: str, n: int, line: str) -> None:
+    """The first line: this format, this version."""
+    m = re.fullmatch(re.escape(MAGIC) + r" v(\d{1,9})\s*", line)
+    if not m:
+        raise BlocktimeError(
+            f"{path}: line {n}: not a postcopy-harness trace (expected '{MAGIC} v1')"
+        )
+    if int(m.group(1)) != VERSION:
+        raise BlocktimeError(
+            f"{path}: line {n}: unsupported trace version v{m.group(1)} "
+            f"(this reader knows v{VERSION})"
+        )
+
+
+def _end_marker(path: str, n: int, line: str) -> tuple[int, int | None]:
+    """``#end events=N [stalls=M]``: (N, M or None)."""
+    m = re.fullmatch(r"#end events=(\d{1,19})(?: stalls=(\d{1,19}))?\s*", line)
+    if not m:
+        raise BlocktimeError(f"{path}: line {n}: malformed end marker: {line[:80]!r}")
+    return int(m.group(1)), None if m.group(2) is None else int(m.group(2))
+
+
+def _metadata(path: str, n: int, line: str) -> TraceMeta:
+    """The ``M {json}`` line."""
+    try:
+        obj = json.loads(line[2:])
+    except json.JSONDecodeError as exc:
+        raise BlocktimeError(
+            f"{path}: line {n}: metadata is not valid JSON ({exc.msg})"
+        ) from None
+    except (ValueError, RecursionError):  # a number of thousands of digits, deep nesting
+        raise BlocktimeError(f"{path}: line {n}: metadata is not usable JSON") from None
+    try:
+        return meta_from_json(obj, n)
+    except BlocktimeError as exc:
+        raise BlocktimeError(f"{path}: {exc}") from None
+
+
+def _check_whole(path: str, seen_magic: bool, meta: TraceMeta | None, declared_end: int | None, events: int,
+                 declared_stalls: int | None, stalls: int) -> TraceMeta:
+    """After the last line: a header was there, and the end marker's counts match (no marker: the
+    trace is marked incomplete)."""
+    if not seen_magic:
+        raise BlocktimeError(f"{path}: empty file")
+    if meta is None:
+        raise BlocktimeError(f"{path}: no 'M' metadata line")
+    if declared_end is None:
+        meta.extra = {**meta.extra, "complete": False}
+    elif declared_end != events:
+        raise BlocktimeError(f"{path}: end marker says {declared_end} events, the file holds {events}")
+    if declared_stalls is not None and declared_stalls != stalls:
+        raise BlocktimeError(
+            f"{path}: end marker says {declared_stalls} stall intervals, the file holds {stalls}"
+        )
+    return meta
+
+
 def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumns]:
     """Parse a native trace into columns; raise BlocktimeError naming the line on any bad input."""
     path = os.fspath(path)
@@ -213,44 +282,22 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
     seen_magic = False
     tid_map: dict[int, int] = {}
     for n, line in iter_lines(path):
-        if not seen_magic:
-            if not line.strip():
-                continue
-            m = re.fullmatch(re.escape(MAGIC) + r" v(\d{1,9})\s*", line)
-            if not m:
-                raise BlocktimeError(
-                    f"{path}: line {n}: not a postcopy-harness trace (expected '{MAGIC} v1')"
-                )
-            if int(m.group(1)) != VERSION:
-                raise BlocktimeError(
-                    f"{path}: line {n}: unsupported trace version v{m.group(1)} "
-                    f"(this reader knows v{VERSION})"
-                )
-            seen_magic = True
+        if not seen_magic or not line or line[0] == "#":  # the header, a blank line, a comment, the end
+            seen_magic, end = _not_a_record(path, n, line, seen_magic)
+            if end is not None:
+                declared_end = end[0]
+                declared_stalls = declared_stalls if end[1] is None else end[1]
             continue
-        if not line or line[0] == "#":
-            if line.startswith("#end"):
-                m = re.fullmatch(r"#end events=(\d{1,19})(?: stalls=(\d{1,19}))?\s*", line)
-                if not m:
-                    raise BlocktimeError(f"{path}: line {n}: malformed end marker: {line[:80]!r}")
-                declared_end = int(m.group(1))
-                if m.group(2) is not None:
-                    declared_stalls = int(m.group(2))
-            continue
-        if declared_end is not None:
-            raise BlocktimeError(f"{path}: line {n}: record after the end marker")
-        if len(kind) + len(s_vcpu) >= MAX_RECORDS:
-            raise too_many_records(path, n)
+        if declared_end is not None or len(kind) + len(s_vcpu) >= MAX_RECORDS:
+            raise (BlocktimeError(f"{path}: line {n}: record after the end marker") if declared_end is not None
+                   else too_many_records(path, n))
         tag = line[0]
         parts = line.split()
         try:
             if tag == "F" and len(parts) == 6 and meta is not None:
                 t = int(parts[1])
                 th = int(parts[4])
-                if parts[2] == "-":
-                    v = tid_map.get(th, -1)
-                else:
-                    v = int(parts[2])
+                v = tid_map.get(th, -1) if parts[2] == "-" else int(parts[2])
                 a = int(parts[3], 16)
                 f = _AR_PARSE[parts[5]]
                 if not -1 <= v < MAX_VCPUS or not (0 <= a <= MAX_NS and 0 <= t <= MAX_NS and 0 <= th <= MAX_NS):
@@ -279,42 +326,19 @@ def read_native_columns(path: str | os.PathLike) -> tuple[TraceMeta, EventColumn
                 s_addr.append(a)
                 continue  # not an event: no time/address in the event columns
             elif tag == "M" and meta is None and line.startswith("M "):
-                try:
-                    obj = json.loads(line[2:])
-                except json.JSONDecodeError as exc:
-                    raise BlocktimeError(
-                        f"{path}: line {n}: metadata is not valid JSON ({exc.msg})"
-                    ) from None
-                except (ValueError, RecursionError):  # a number of thousands of digits, deep nesting
-                    raise BlocktimeError(f"{path}: line {n}: metadata is not usable JSON") from None
-                try:
-                    meta = meta_from_json(obj, n)
-                except BlocktimeError as exc:
-                    raise BlocktimeError(f"{path}: {exc}") from None
+                meta = _metadata(path, n, line)
                 tid_map = meta.tid_map
                 continue
-            elif meta is None:
-                raise BlocktimeError(f"{path}: line {n}: event before the 'M' metadata line")
             else:
-                raise ValueError
+                raise (BlocktimeError(f"{path}: line {n}: event before the 'M' metadata line") if meta is None
+                       else ValueError)
         except BlocktimeError:
             raise  # already names the line (and is a ValueError, so it must pass through first)
         except (ValueError, KeyError, OverflowError):
             raise BlocktimeError(f"{path}: line {n}: malformed record: {line[:80]!r}") from None
         ts.append(t)
         addr.append(a)
-    if not seen_magic:
-        raise BlocktimeError(f"{path}: empty file")
-    if meta is None:
-        raise BlocktimeError(f"{path}: no 'M' metadata line")
-    if declared_end is None:
-        meta.extra = {**meta.extra, "complete": False}
-    elif declared_end != len(kind):
-        raise BlocktimeError(f"{path}: end marker says {declared_end} events, the file holds {len(kind)}")
-    if declared_stalls is not None and declared_stalls != len(s_vcpu):
-        raise BlocktimeError(
-            f"{path}: end marker says {declared_stalls} stall intervals, the file holds {len(s_vcpu)}"
-        )
+    meta = _check_whole(path, seen_magic, meta, declared_end, len(kind), declared_stalls, len(s_vcpu))
     cols = EventColumns.from_lists(kind, ts, addr, vcpu, tid, flag)
     if s_vcpu or declared_stalls is not None:
         cols.stalls = StallColumns.from_lists(s_vcpu, s_start, s_end, s_addr)

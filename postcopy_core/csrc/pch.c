@@ -203,8 +203,9 @@ int pch_uffd_wake(int fd, uint64_t start, uint64_t len)
 
 /* One read() of up to `max` messages from a non-blocking uffd.  Returns the number of page
  * faults stored, 0 when none were queued (EAGAIN: poll said ready but another reader won, or a
- * spurious wakeup), or -errno.  Non-pagefault events are only counted: we register MISSING
- * mode alone, so they should never come. */
+ * spurious wakeup), or -errno.  MISSING and MINOR faults (--place continue) are both page-fault
+ * messages and are stored; other events (fork, remove...) come only where UFFDIO_API asked for
+ * them, which the built-in handler never does, so they are only counted. */
 int pch_uffd_read_faults(int fd, uint64_t *addr, uint64_t *flags, uint32_t *ptid, int max,
                          uint32_t *other_events)
 {

@@ -1,11 +1,13 @@
 /*
  * pch.h - the C side of postcopy-harness's kernel interface.
  *
- * Two kinds of function live here:
- *  - thin syscall/ioctl wrappers that return 0 (or a value) on success and -errno on failure,
- *    so the Python layer can raise an error naming the operation and errno;
+ * What is declared here (the destination has its own header, dest.h):
+ *  - thin syscall/ioctl wrappers (pch.c) that return 0 (or a value) on success and -errno on
+ *    failure, so the Python layer can raise an error naming the operation and errno;
  *  - tight loops that Python cannot run at kernel speed: the page content generator/checker
- *    and the vCPU worker's timed touch loop.  They hold no policy.
+ *    (verify.c), the workloads (workloads.c), the vCPU worker's timed touch loop, the source's
+ *    byte lane (source.c: what to stream and in which order stays Python's), and the whole vCPU
+ *    worker process (worker.c), which never returns to Python.
  */
 #ifndef PCH_H
 #define PCH_H

@@ -1,4 +1,4 @@
-/* worker.c - the vCPU worker processes, forked and run in C (see worker.h).
+/* worker.c - the vCPU worker processes, forked and run in C (declared in pch.h: pch_worker_main).
  *
  * Why C: a worker forked from the Python zygote and running Python dirties hundreds of the
  * zygote's pages (reference counts, allocator pools, frames) and pays a page fault and a copy

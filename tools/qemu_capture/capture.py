@@ -154,6 +154,76 @@ def stop(proc: subprocess.Popen | None, q: QMP | None) -> None:
             proc.wait(timeout=5)
 
 
+def _migration_uri(tmp: Path, transport: str) -> str:
+    """A Unix socket in the temp folder, or a free TCP port on loopback."""
+    if transport == "unix":
+        return f"unix:{tmp / 'mig.sock'}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"tcp:127.0.0.1:{port}"
+
+
+def _wait_for_guest(qs, args, active: int) -> None:
+    """Wait until every CPU that should run the loop has done a few passes."""
+    deadline = time.monotonic() + args.boot_timeout
+    while True:
+        hb, _apic = heartbeats(qs, args.smp)
+        if all(h >= 3 for h in hb[:active]):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"guest did not start touching memory: passes={hb}")
+        time.sleep(0.1)
+
+
+def _write_trace(out_dir: Path, raw: bytes, gzip_over: int) -> str:
+    """The trace log into the capture folder (gzipped when bigger than ``gzip_over``); its name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("trace.log", "trace.log.gz"):
+        (out_dir / stale).unlink(missing_ok=True)
+    if len(raw) > gzip_over:
+        with gzip.GzipFile(out_dir / "trace.log.gz", "wb", compresslevel=9, mtime=0) as f:
+            f.write(raw)
+        return "trace.log.gz"
+    (out_dir / "trace.log").write_bytes(raw)
+    return "trace.log"
+
+
+def _count_trace(raw: bytes) -> tuple[dict[str, int], dict[str, int], int]:
+    """Lines per trace event, begin lines per vCPU, and begins on a page already received."""
+    counts: dict[str, int] = {}
+    begins_per_cpu: dict[str, int] = {}
+    already_received = 0
+    for ln in raw.decode(errors="replace").splitlines():
+        ev = ln.split(":", 1)[1].split(" ", 1)[0] if ":" in ln else ""
+        counts[ev] = counts.get(ev, 0) + 1
+        if ev == "mark_postcopy_blocktime_begin":
+            cpu = ln.rsplit("cpu: ", 1)[1].split(",", 1)[0]
+            begins_per_cpu[cpu] = begins_per_cpu.get(cpu, 0) + 1
+            already_received += ln.endswith("already_received: 1")
+    return counts, begins_per_cpu, already_received
+
+
+def _sanity_problems(args, dst_info: dict, n_begin: int, n_end: int, vcpu_bt: list, active_idx: list[int],
+                     hb_before: list[int], hb_after: list[int]) -> list[str]:
+    """What makes the capture suspect (an empty list: it looks sane)."""
+    problems = []
+    if dst_info.get("status") != "completed":
+        problems.append(f"destination status {dst_info.get('status')!r}")
+    if n_begin < 10 or n_end < 10:
+        problems.append(f"too few begin/end lines ({n_begin}/{n_end})")
+    if len(vcpu_bt) != args.smp:
+        problems.append(f"postcopy-vcpu-blocktime has {len(vcpu_bt)} entries")
+    for i in active_idx:
+        if i < len(vcpu_bt) and not vcpu_bt[i]:
+            problems.append(f"active vCPU {i} has zero blocktime")
+    if args.active == "bsp" and any(vcpu_bt[1:]):
+        problems.append("idle APs accumulated blocktime")
+    if any(d <= b for d, b in zip(hb_after, hb_before, strict=True)):
+        problems.append("guest made no progress on the destination")
+    return problems
+
+
 def run(args) -> int:
     qemu = args.qemu
     out_dir = Path(args.out).resolve()
@@ -177,13 +247,7 @@ def run(args) -> int:
         events_file = tmp / "events"
         events_file.write_text("\n".join(TRACE_EVENTS) + "\n")
         trace_log = tmp / "trace.log"
-        if args.transport == "unix":
-            mig_uri = f"unix:{tmp / 'mig.sock'}"
-        else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mig_uri = f"tcp:127.0.0.1:{port}"
+        mig_uri = _migration_uri(tmp, args.transport)
 
         common = [
             qemu, "-accel", args.accel, "-machine", "pc", "-m", f"{args.ram_mb}M",
@@ -222,15 +286,7 @@ def run(args) -> int:
                capabilities=caps + [{"capability": "postcopy-blocktime", "state": True}])
         qd.cmd("migrate-incoming", uri=mig_uri)
 
-        # Wait until every CPU that should run the loop has done a few passes.
-        deadline = time.monotonic() + args.boot_timeout
-        while True:
-            hb, apic = heartbeats(qs, args.smp)
-            if all(h >= 3 for h in hb[:active]):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"guest did not start touching memory: passes={hb}")
-            time.sleep(0.1)
+        _wait_for_guest(qs, args, active)
         time.sleep(args.warmup)
         hb, apic = heartbeats(qs, args.smp)
         log(f"source guest passes per cpu-slot {hb}, apic ids {apic}")
@@ -264,17 +320,8 @@ def run(args) -> int:
         stop(dst, qd)   # flushes the trace log
         src = dst = None
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("trace.log", "trace.log.gz"):
-            (out_dir / stale).unlink(missing_ok=True)
         raw = trace_log.read_bytes()
-        if len(raw) > args.gzip_over:
-            with gzip.GzipFile(out_dir / "trace.log.gz", "wb", compresslevel=9, mtime=0) as f:
-                f.write(raw)
-            trace_name = "trace.log.gz"
-        else:
-            (out_dir / "trace.log").write_bytes(raw)
-            trace_name = "trace.log"
+        trace_name = _write_trace(out_dir, raw, args.gzip_over)
 
         def dump(name, obj):
             (out_dir / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -283,16 +330,7 @@ def run(args) -> int:
         dump("query-cpus-fast.json", cpus)
         dump("source-query-migrate.json", src_info)
 
-        counts: dict[str, int] = {}
-        begins_per_cpu: dict[str, int] = {}
-        already_received = 0
-        for ln in raw.decode(errors="replace").splitlines():
-            ev = ln.split(":", 1)[1].split(" ", 1)[0] if ":" in ln else ""
-            counts[ev] = counts.get(ev, 0) + 1
-            if ev == "mark_postcopy_blocktime_begin":
-                cpu = ln.rsplit("cpu: ", 1)[1].split(",", 1)[0]
-                begins_per_cpu[cpu] = begins_per_cpu.get(cpu, 0) + 1
-                already_received += ln.endswith("already_received: 1")
+        counts, begins_per_cpu, already_received = _count_trace(raw)
 
         def scrub(text):
             return str(text).replace(str(tmp), "$TMP")
@@ -300,21 +338,9 @@ def run(args) -> int:
         n_begin = counts.get("mark_postcopy_blocktime_begin", 0)
         n_end = counts.get("mark_postcopy_blocktime_end", 0)
         vcpu_bt = dst_info.get("postcopy-vcpu-blocktime") or []
-        problems = []
-        if dst_info.get("status") != "completed":
-            problems.append(f"destination status {dst_info.get('status')!r}")
-        if n_begin < 10 or n_end < 10:
-            problems.append(f"too few begin/end lines ({n_begin}/{n_end})")
-        if len(vcpu_bt) != args.smp:
-            problems.append(f"postcopy-vcpu-blocktime has {len(vcpu_bt)} entries")
         active_idx = sorted(apic[:active])   # cpu-index == APIC ID with this topology
-        for i in active_idx:
-            if i < len(vcpu_bt) and not vcpu_bt[i]:
-                problems.append(f"active vCPU {i} has zero blocktime")
-        if args.active == "bsp" and any(vcpu_bt[1:]):
-            problems.append("idle APs accumulated blocktime")
-        if any(d <= b for d, b in zip(hb_dst[:active], hb[:active], strict=True)):
-            problems.append("guest made no progress on the destination")
+        problems = _sanity_problems(args, dst_info, n_begin, n_end, vcpu_bt, active_idx, hb[:active],
+                                    hb_dst[:active])
 
         dump("info.json", {
             "name": out_dir.name,
