@@ -101,7 +101,7 @@ def test_the_doc_names_functions_in_every_step():
 
 
 @pytest.mark.parametrize("change, expected", [
-    (("`pch_dest_on_uffd()`", "`pch_dest_on_fault()`"), "pch_dest_on_fault() is not defined"),
+    (("`read_faults()`", "`read_fault()`"), "read_fault() is not defined"),
     (("`Destination.ship_events()`", "`Destination.send_events()`"), "Destination.send_events() is not defined"),
     (("`source.c`", "`source_lane.c`"), "source_lane.c: 0 files"),
     (("`add_page()`", "`place()`"), "place() is not defined in source.c"),  # defined, but in another file
