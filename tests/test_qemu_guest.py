@@ -100,9 +100,14 @@ def test_real_migration_report_is_whole_and_consistent(tmp_path):
     assert g["memory-check"]["ran-on-destination"] and g["memory-check"]["mismatching-pages"] == 0
     assert 0.1e9 < g["tsc-hz"] < 10e9
     assert g["all-stalled-ms"] <= min(g["vcpu-stall-ms"]) + 1e-6
-    # QEMU's own numbers are what the seed engine replays (QEMU 7.2), to the ms.
+    # QEMU's own numbers are what the seed engine replays (QEMU 7.2), within 1 ms: the log stamps the
+    # fault thread's lines in microseconds, QEMU counts from its own millisecond clock (one in ~10
+    # runs here differs by 1 ms on one vCPU, as in the 19 stored captures)
     if rep["trace"]["meta"] and rep["trace"]["meta"].get("version") != "10.1+":
-        assert rep["engines"]["seed"]["postcopy-vcpu-blocktime"] == q["postcopy-vcpu-blocktime"]
+        seed = rep["engines"]["seed"]
+        assert all(abs(a - b) <= 1 for a, b in zip(seed["postcopy-vcpu-blocktime"], q["postcopy-vcpu-blocktime"],
+                                                    strict=True)), (seed, q)
+        assert abs(seed["postcopy-blocktime"] - q["postcopy-blocktime"]) <= 1, (seed, q)
     # Per fault: the guest felt (nearly) every fault QEMU traced, on the very page the trace names.
     assert f["traced-faults"] > 0, "no vCPU fault traced: the throttle did not work"
     assert f["matched"] >= 0.8 * f["traced-faults"], f
