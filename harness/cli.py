@@ -28,7 +28,7 @@ def _add_run(sub) -> None:
 
 def add_run_flags(p, many_strategies: bool = False) -> None:
     """Every flag of ``run`` on parser ``p`` (``compare`` takes them too, with a list of strategies)."""
-    from harness.config import LINK_MODES, RunConfig, parse_size
+    from harness.config import LINK_MODES, RunConfig, size_arg
     from postcopy_core.handler import PLACE_MODES, WAKE_POLICIES
     from postcopy_core.link import LINK_UNITS
     from postcopy_core.plant import PLANTED_BUGS
@@ -36,18 +36,13 @@ def add_run_flags(p, many_strategies: bool = False) -> None:
 
     d = RunConfig()
 
-    def size(text: str) -> int:  # argparse shows an ArgumentTypeError's own message
-        try:
-            return parse_size(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
 
     p.add_argument("--vcpus", type=int, default=d.vcpus, metavar="N",
                    help="vCPU worker processes, 1..4096 (default %(default)s)")
     p.add_argument("--non-vcpu", type=int, default=d.non_vcpu, metavar="N",
                    help="also N faulting processes that are not vCPUs (like a device model's DMA): served "
                         "like any fault, counted as non-vCPU by every engine (default %(default)s)")
-    p.add_argument("--ram", type=size, metavar="SIZE", default=None,
+    p.add_argument("--ram", type=size_arg, metavar="SIZE", default=None,
                    help="guest RAM size in bytes, K/M/G/T suffixes = KiB/MiB/GiB/TiB "
                         "(default 256M, or the size of --image)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
@@ -269,16 +264,11 @@ def unwritable(path: str | None) -> str | None:
 
 
 def _add_source(sub) -> None:
-    from harness.config import RunConfig, parse_size
+    from harness.config import RunConfig, size_arg
     from postcopy_core.link import LINK_UNITS
 
     d = RunConfig()
 
-    def size(text: str) -> int:
-        try:
-            return parse_size(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
 
     p = sub.add_parser("source", help="serve a RAM image to a `run --source` elsewhere",
                        description="Serve a RAM image over TCP until one destination (postcopy-harness run "
@@ -294,7 +284,7 @@ def _add_source(sub) -> None:
                    help="serve over TLS only, with the x509 files in DIR, QEMU's layout (ca-cert.pem, "
                         "server-cert.pem, server-key.pem; ours alone, mode 600); a destination must show a "
                         "client certificate from that CA (default: no TLS)")
-    p.add_argument("--ram", type=size, metavar="SIZE", default=None,
+    p.add_argument("--ram", type=size_arg, metavar="SIZE", default=None,
                    help="RAM size, K/M/G/T = KiB..TiB (default 256M, or the size of --image)")
     p.add_argument("--backing", choices=("shmem", "hugetlb"), default=d.backing,
                    help="page size of the destination's guest RAM: shmem 4 KiB, hugetlb 2 MiB (default %(default)s)")

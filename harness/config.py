@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,15 @@ def typed(n: int, otherwise: str | None = None) -> str:
     if isinstance(n, Size):
         return n.text
     return str(n) if otherwise is None else otherwise
+
+
+def size_arg(text: str) -> int:
+    """:func:`parse_size` as an argparse ``type``: a bad size is an ArgumentTypeError, whose own
+    message argparse prints (one line, see harness/cliparser.py)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_size(text: str | int) -> int:

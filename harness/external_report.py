@@ -13,7 +13,7 @@ import numpy as np
 from harness.accounting import accuracy
 from harness.external import engines_section
 from harness.handler_process import HandlerSpec
-from harness.report import _pct, first_bad, kebab, lost_words, provenance, verification
+from harness.report import first_bad, kebab, latency_section, lost_words, provenance, verification, workers_section
 
 
 def handler_words(spec: HandlerSpec | None) -> dict:
@@ -58,20 +58,8 @@ def build_external_report(cfg, spec: HandlerSpec, raw: dict | None, error: str |
     rep["faults"] = {"total": faults, "per-second": round(faults / workload_s, 1),
                      "vcpu": int(summ["faulting"].sum()), "faulting-accesses": int(lat.size),
                      "counted-by": "the vCPU workers (an access that found its page missing)"}
-    rep["latency-us"] = {
-        "p50": round(_pct(lat, 50) / 1e3, 2), "p99": round(_pct(lat, 99) / 1e3, 2),
-        "max": round(float(lat.max()) / 1e3 if lat.size else 0.0, 2),
-        "mean": round(float(lat.mean()) / 1e3 if lat.size else 0.0, 2), "count": int(lat.size),
-    }
-    rep["workers"] = {
-        "vcpu-stall-ms": [round(int(s) / 1e6, 3) for s in summ["stall_ns"]],
-        "faulting-accesses": [int(x) for x in summ["faulting"]],
-        "accesses": [int(x) for x in summ["accesses"]],
-        "startup-s": round(raw["startup_s"], 3),
-        "uss-bytes": raw["worker_mem"],
-        "uss-mean-mib": round(float(np.mean(raw["worker_mem"])) / 2**20, 2) if raw["worker_mem"] else 0.0,
-        "lost": kebab(raw.get("lost", [])),
-    }
+    rep["latency-us"] = latency_section(lat)
+    rep["workers"] = workers_section(summ, raw)
     rep["engines"] = engines_section(raw["engines"])
     rep["accuracy"] = accuracy(rep["workers"]["vcpu-stall-ms"], raw["engines"])
     rep["duration-s"] = {"workload": round(workload_s, 4), "total": round(raw["wall_s"], 3)}

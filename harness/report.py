@@ -140,22 +140,8 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
                           "pages-sent": pre["pages_sent"], "pages-dirtied": pre["pages_dirtied"],
                           "pages-rewritten": hs["precopy_rewrites"], "discard-ranges": pre["discard_ranges"],
                           "discard-commands": pre["discard_commands"]}
-    rep["latency-us"] = {
-        "p50": round(_pct(lat, 50) / 1e3, 2),
-        "p99": round(_pct(lat, 99) / 1e3, 2),
-        "max": round(float(lat.max()) / 1e3 if lat.size else 0.0, 2),
-        "mean": round(float(lat.mean()) / 1e3 if lat.size else 0.0, 2),
-        "count": int(lat.size),
-    }
-    rep["workers"] = {
-        "vcpu-stall-ms": [round(int(s) / 1e6, 3) for s in summ["stall_ns"]],
-        "faulting-accesses": [int(x) for x in summ["faulting"]],
-        "accesses": [int(x) for x in summ["accesses"]],
-        "startup-s": round(raw["startup_s"], 3),
-        "uss-bytes": raw["worker_mem"],
-        "uss-mean-mib": round(float(np.mean(raw["worker_mem"])) / 2**20, 2) if raw["worker_mem"] else 0.0,
-        "lost": kebab(raw.get("lost", [])),  # workers killed mid-run: the run went on without them
-    }
+    rep["latency-us"] = latency_section(lat)
+    rep["workers"] = workers_section(summ, raw)
     if nv is not None and len(nv):
         rep["non-vcpu-processes"] = {
             "count": len(nv),
@@ -218,6 +204,30 @@ def planted_verdict(kind: str, rep: dict, acted: int | None) -> dict:
         caught = bug.caught_as in seen
     return {"kind": kind, "where": bug.where, "does": bug.does, "acted": acted, "caught-as": bug.caught_as,
             "caught": caught, "classes-seen": seen}
+
+
+def latency_section(lat: np.ndarray) -> dict:
+    """The report's latency-us: percentiles of the faulting accesses as the workers timed them."""
+    return {
+        "p50": round(_pct(lat, 50) / 1e3, 2),
+        "p99": round(_pct(lat, 99) / 1e3, 2),
+        "max": round(float(lat.max()) / 1e3 if lat.size else 0.0, 2),
+        "mean": round(float(lat.mean()) / 1e3 if lat.size else 0.0, 2),
+        "count": int(lat.size),
+    }
+
+
+def workers_section(summ: np.ndarray, raw: dict) -> dict:
+    """The report's workers: each vCPU's stall clock and accesses, start-up, memory, the lost ones."""
+    return {
+        "vcpu-stall-ms": [round(int(s) / 1e6, 3) for s in summ["stall_ns"]],
+        "faulting-accesses": [int(x) for x in summ["faulting"]],
+        "accesses": [int(x) for x in summ["accesses"]],
+        "startup-s": round(raw["startup_s"], 3),
+        "uss-bytes": raw["worker_mem"],
+        "uss-mean-mib": round(float(np.mean(raw["worker_mem"])) / 2**20, 2) if raw["worker_mem"] else 0.0,
+        "lost": kebab(raw.get("lost", [])),  # workers killed mid-run: the run went on without them
+    }
 
 
 def verification(checked: np.ndarray, ram: RamVerdict) -> dict:

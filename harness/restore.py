@@ -137,16 +137,11 @@ def run_handler_main(args, cfg, spec: HandlerSpec, mode: str = "run") -> int:
 
 
 def add_parser(sub) -> None:
-    from harness.config import RunConfig, parse_size
+    from harness.config import RunConfig, size_arg
     from vcpu_workers.workloads import WORKLOADS
 
     d = RunConfig()
 
-    def size(text: str) -> int:
-        try:
-            return parse_size(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
 
     p = sub.add_parser("restore", help="snapshot restore: vCPUs fault on a memory file served on demand",
                        description="Restore guest RAM from a memory file on demand, as Firecracker and CRIU do: "
@@ -157,7 +152,7 @@ def add_parser(sub) -> None:
     p.add_argument("--mem-file", metavar="FILE",
                    help="the memory file (raw guest RAM; its size is the RAM size); default: the harness writes "
                         "one from its seeded content (--ram, --seed, --zero-share)")
-    p.add_argument("--ram", type=size, default=None, metavar="SIZE",
+    p.add_argument("--ram", type=size_arg, default=None, metavar="SIZE",
                    help="RAM size when the harness writes the file (default 256M)")
     p.add_argument("--seed", type=int, default=d.seed, help="content seed of the written file (default %(default)s)")
     p.add_argument("--zero-share", type=float, default=d.zero_share, metavar="FRACTION",
