@@ -36,7 +36,7 @@ from harness.supervise import STARTUP_TIMEOUT, RunFailed, describe_status
 from postcopy_core import kernel
 from postcopy_core.blocktime import ENGINE_NAMES, TRUTH, TraceMeta, truth_result
 from postcopy_core.content import Image
-from postcopy_core.handoff import Expected, HandoffError, collect_uffds, listen_fresh
+from postcopy_core.handoff import Expected, HandoffError, collect_uffds
 from postcopy_core.precopy import GenerationMap
 from postcopy_core.probe import limit_checks, preflight, raise_fd_limit
 from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
@@ -154,11 +154,7 @@ class ExternalRun(Run):
             self.ledger = StoreLedger(cfg.npages)
         if self.remove_rate > 0:  # each page a vCPU gives back is marked there: it must read zeros after
             self.gens = GenerationMap(cfg.npages)
-        try:
-            handoff, handoff_addr = listen_fresh("uffd", backlog=min(nworkers, 4096))
-        except HandoffError as e:
-            raise RunFailed(f"the vCPU hand-off socket: {e}") from None
-        self.socks.append(handoff)
+        handoff, handoff_addr = self._handoff_listener(nworkers)
         start_r, start_w = os.pipe()
         self.fds += [start_r, start_w]
 

@@ -124,30 +124,11 @@ def run_external(cfg, spec: HandlerSpec, argv: list[str] | None = None, mode: st
                  remove_rate: float = 0.0, fork_events: bool = False, unmap_events: bool = False) -> dict:
     """Run ``cfg`` against the external handler ``spec`` and return its report (never raises for a
     failed run; Ctrl-C gives error "interrupted", SIGTERM "terminated"); everything is torn down."""
-    import signal
-    import threading
-
     from harness.external import ExternalRun
-    from harness.run import Terminated, raise_terminated
-    from harness.supervise import RunFailed
-    from postcopy_core.kernel import KernelError
+    from harness.run import outcome
 
-    raw, error = None, None
     run = ExternalRun(cfg, spec, remove_rate=remove_rate, fork_events=fork_events, unmap_events=unmap_events)
-    in_main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
-    try:
-        raw = run.execute()
-    except Terminated:
-        error = "terminated"
-    except KeyboardInterrupt:
-        error = "interrupted"
-    except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
-        error = str(e)
-    finally:
-        run.teardown()
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+    raw, error, _ = outcome(cfg, run=run)
     rep = build_external_report(cfg, spec, raw, error, argv, mode)
     if cfg.json:
         from harness.report import write_json

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import psutil
 
-from harness.stall import CHECK_EVERY_S, process_state
+from harness.stall import CHECK_EVERY_S, cpu_seconds, process_state
 from harness.supervise import RunFailed
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -51,14 +51,6 @@ def uffd_counts(fd: int) -> tuple[int, int] | None:
             info = dict(line.split(":", 1) for line in f if ":" in line)
         return int(info["pending"]), int(info["total"])
     except (OSError, KeyError, ValueError):
-        return None
-
-
-def _cpu(pid: int) -> float | None:
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
         return None
 
 
@@ -95,7 +87,7 @@ class HandlerWatch:
             v = int(v)
             if v in ended:
                 continue
-            cpu, before = _cpu(self.worker_pids[v]), self._cpu.get(v)
+            cpu, before = cpu_seconds(self.worker_pids[v]), self._cpu.get(v)
             self._cpu[v] = cpu
             if before is None:
                 continue  # compared at the next check
@@ -119,7 +111,7 @@ class HandlerWatch:
         for w in range(first, len(self.worker_pids)):
             if w in ended:
                 continue
-            cpu, before = _cpu(self.worker_pids[w]), self._dev_cpu.get(w)
+            cpu, before = cpu_seconds(self.worker_pids[w]), self._dev_cpu.get(w)
             self._dev_cpu[w] = cpu
             if before is None or cpu is None or cpu != before:
                 continue

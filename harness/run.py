@@ -167,11 +167,7 @@ class Run(SourceRestarts):
         ev_parent, ev_child = self._pair()
         quit_fd = kernel.eventfd(0)
         self.fds.append(quit_fd)
-        try:  # a fresh, unguessable name (retried if taken): no local user can hold it first
-            handoff, handoff_addr = listen_fresh("uffd", backlog=min(nworkers, 4096))
-        except HandoffError as e:
-            raise RunFailed(f"the vCPU hand-off socket: {e}") from None
-        self.socks.append(handoff)
+        handoff, handoff_addr = self._handoff_listener(nworkers)
         start_r, start_w = os.pipe()
         self.fds += [start_r, start_w]
 
@@ -413,6 +409,16 @@ class Run(SourceRestarts):
                              pending=pending)
         finally:
             mapping.close()
+
+    def _handoff_listener(self, nworkers: int):
+        """The socket the workers hand their uffds to, and its address: a fresh, unguessable name
+        (retried if taken), so no local user can hold it first."""
+        try:
+            handoff, addr = listen_fresh("uffd", backlog=min(nworkers, 4096))
+        except HandoffError as e:
+            raise RunFailed(f"the vCPU hand-off socket: {e}") from None
+        self.socks.append(handoff)
+        return handoff, addr
 
     def _make_netns(self) -> str:
         """Create this run's namespace and shaped veth pair (removed by teardown); the source's address."""
@@ -873,9 +879,10 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
-def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
-    """Run once and always tear down; SIGTERM is treated like Ctrl-C (as :class:`Terminated`)."""
-    run = Run(cfg, progress)
+def execute(cfg: RunConfig, progress: RunProgress | None = None, run: Run | None = None) -> dict:
+    """Run once (``run``: a Run made already, e.g. harness/external.py's) and always tear down;
+    SIGTERM is treated like Ctrl-C (as :class:`Terminated`)."""
+    run = run if run is not None else Run(cfg, progress)
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
@@ -891,3 +898,20 @@ def execute(cfg: RunConfig, progress: RunProgress | None = None) -> dict:
         run.teardown()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+
+
+RUN_ERRORS = (RunFailed, kernel.KernelError, OSError, ValueError, RuntimeError)  # what ends a run with a line
+
+
+def outcome(cfg: RunConfig, progress: RunProgress | None = None,
+            run: Run | None = None) -> tuple[dict | None, str | None, BaseException | None]:
+    """:func:`execute`, a failure turned into (None, its one-line error, the exception): "terminated"
+    for SIGTERM, "interrupted" for Ctrl-C, else the message."""
+    try:
+        return execute(cfg, progress, run), None, None
+    except Terminated:
+        return None, "terminated", None
+    except KeyboardInterrupt:
+        return None, "interrupted", None
+    except RUN_ERRORS as e:
+        return None, str(e), e

@@ -68,20 +68,10 @@ def run_config(cfg, progress=None, argv: list[str] | None = None, write: bool = 
     progress line) and ``argv`` (recorded in the report) are optional.
     """
     from harness.report import build_report, write_json
-    from harness.run import Terminated, execute
-    from harness.supervise import RunFailed
-    from postcopy_core.kernel import KernelError
+    from harness.run import outcome
 
-    raw, error, recovery = None, None, None
-    try:
-        raw = execute(cfg, progress)
-    except Terminated:
-        error = "terminated"
-    except KeyboardInterrupt:
-        error = "interrupted"
-    except (RunFailed, KernelError, OSError, ValueError, RuntimeError) as e:
-        error = str(e)
-        recovery = getattr(e, "recovery", None)  # run --inject: what was injected before it failed
+    raw, error, failure = outcome(cfg, progress)
+    recovery = getattr(failure, "recovery", None)  # run --inject: what was injected before it failed
     rep = build_report(cfg, raw, error, argv=argv, recovery=recovery)
     if write and cfg.json:
         write_json(rep, cfg.json)

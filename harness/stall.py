@@ -57,7 +57,8 @@ def process_state(pid: int) -> str:
         return "gone"
 
 
-def _cpu(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far (None once it is gone)."""
     try:
         t = psutil.Process(pid).cpu_times()
         return t.user + t.system
@@ -135,7 +136,7 @@ class StallWatch:
         if v in ended:
             return
         pid = self.worker_pids[v]
-        cpu, before = _cpu(pid), self._cpu.get(v)
+        cpu, before = cpu_seconds(pid), self._cpu.get(v)
         self._cpu[v] = cpu
         if before is None:
             return  # its CPU time is compared at the next check
