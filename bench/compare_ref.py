@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROG = "compare_ref"
 PATTERN = reference.PATTERN  # harness workload -> reference -p
 HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+CPU_PARTS = ("vcpus", "handler", "source", "destination")  # destination = vCPUs + handler
 SERVICE_CPU, VCPU_CPU = 0, 1  # what the reference's -A pins: handler to CPU 0, workers to CPU 1
 
 
@@ -212,8 +213,13 @@ def run_reference(binary: Path, args: argparse.Namespace, n: int, ram: int) -> d
     row = parse_reference(out)
     if row["verify_err"]:
         raise BenchError(f"reference {shlex.join(argv[1:])}: {row['verify_err']:.0f} pages failed verification")
+    cpu = {"vcpus": row.get("vcpus_cpu_us"), "handler": row.get("handler_cpu_us"), "source": None}
+    cpu["destination"] = None if None in (cpu["vcpus"], cpu["handler"]) else cpu["vcpus"] + cpu["handler"]
+    installs = row.get("installs") or 0
+    ipis = None if "resched_ipis" not in row or not installs else (
+        (row["resched_ipis"] + row.get("call_ipis", 0)) / installs)
     return {"faults-per-s": row["faults_per_s"], "p50-us": row["flt_p50_us"], "p99-us": row["flt_p99_us"],
-            "warm": row}
+            "cpu-us": cpu, "ipis-per-fault": ipis, "warm": row}
 
 
 def _killpg_quietly(pgid: int) -> None:
@@ -242,10 +248,17 @@ def run_harness(args: argparse.Namespace, n: int, ram: int, place: str = "copy")
     rep = build_report(cfg, raw)
     if rep["status"] != "completed":
         raise BenchError(f"harness, {n} vCPUs: {rep['error']}")
+    cpu = rep["cpu"]
+    per = cpu["per-fault-us"]
+    ipis = cpu["ipis-per-fault"]
     return {"faults-per-s": rep["pages"]["requested"] / rep["duration-s"]["workload"],
             "p50-us": rep["latency-us"]["p50"], "p99-us": rep["latency-us"]["p99"],
             "uffd-events-per-s": rep["faults"]["per-second"], "handler-cpu-s": rep["handler"]["cpu-s"],
-            "workload-s": rep["duration-s"]["workload"]}
+            "workload-s": rep["duration-s"]["workload"],
+            "cpu-us": {k: per[k] for k in ("vcpus", "handler", "source", "destination")},
+            "ipis-per-fault": (ipis["reschedule"] + ipis.get("function-call", 0)) if "reschedule" in ipis else None,
+            "host-idle-share": (cpu["host-idle-s"] / (cpu["window-s"] * (os.cpu_count() or 1))
+                                if cpu["window-s"] else None)}
 
 
 # ------------------------------------------------------------------ huge pages
@@ -293,9 +306,18 @@ def huge_pages(args: argparse.Namespace, ram: int) -> Iterator[None]:
 # ------------------------------------------------------------------ the comparison
 
 
-def median_of(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Median faults/s, p50 and p99 over runs of one side."""
-    return {k: statistics.median(r[k] for r in runs) for k in ("faults-per-s", "p50-us", "p99-us")}
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values measured (None where a side has no such figure)."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of one side: faults/s, p50, p99, the CPU per fault of each part, IPIs per fault."""
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in ("faults-per-s", "p50-us", "p99-us")}
+    out["cpu-us"] = {k: _median([r["cpu-us"][k] for r in runs]) for k in CPU_PARTS}
+    out["ipis-per-fault"] = _median([r["ipis-per-fault"] for r in runs])
+    return out
 
 
 def reproduce_command(args: argparse.Namespace) -> str:
@@ -336,6 +358,35 @@ def render(points: list[dict[str, Any]], args: argparse.Namespace, ram: int) -> 
             t.add_row(str(p["vcpus"]), *([place] if len(places) > 1 else []), f"{r['faults-per-s']:,.0f}",
                       f"{h['faults-per-s']:,.0f}", f"{side['ratio']:.2f}x", f"{r['p50-us']:.1f} / {r['p99-us']:.1f}",
                       f"{h['p50-us']:.1f} / {h['p99-us']:.1f}", f"{side['p50-ratio']:.2f}x")
+    return t
+
+
+def _us(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def render_cpu(points: list[dict[str, Any]], args: argparse.Namespace) -> Table:
+    """CPU per fault of each part, both sides, medians: where the destination's time goes."""
+    t = Table(title="CPU per fault (µs, medians): vCPUs + handler = destination; the harness's source besides",
+              header_style="bold")
+    places = args.place.split(",")
+    names = ["N"] + (["place"] if len(places) > 1 else []) + [
+        "ref vCPUs", "ref handler", "ref dest", "vCPUs", "handler", "source", "dest", "dest ratio",
+        "IPIs/fault ref / harness"]
+    for name in names:
+        t.add_column(name, justify="right", no_wrap=True)
+    for p in points:
+        r = p["ref"]["median"]
+        for place in places:
+            h = p["by-place"][place]["median"]
+            rc, hc = r["cpu-us"], h["cpu-us"]
+            ratio = (f"{hc['destination'] / rc['destination']:.2f}x"
+                     if hc["destination"] is not None and rc["destination"] else "–")
+            ipis = (f"{r['ipis-per-fault']:.2f} / {h['ipis-per-fault']:.2f}"
+                    if None not in (r["ipis-per-fault"], h["ipis-per-fault"]) else "–")
+            t.add_row(str(p["vcpus"]), *([place] if len(places) > 1 else []), _us(rc["vcpus"]), _us(rc["handler"]),
+                      _us(rc["destination"]), _us(hc["vcpus"]), _us(hc["handler"]), _us(hc["source"]),
+                      _us(hc["destination"]), ratio, ipis)
     return t
 
 
@@ -405,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print(render(doc["points"], args, doc["params"]["ram-bytes"]))
     console.print("faults/s = pages resolved on demand per second of the workload; ratio = harness / reference "
                   "(faults/s: higher is better for the harness, p50: lower is)", style="dim", soft_wrap=True)
+    console.print(render_cpu(doc["points"], args))
+    console.print("CPU per fault = CPU time over the workload / pages resolved on demand: the reference's handler "
+                  "from /proc/PID/schedstat, its workers' own CPU clocks; the harness's report section `cpu` "
+                  "(harness/cpu_time.py); dest ratio = harness / reference (lower is better for the harness). "
+                  "IPIs = the host's rescheduling + function-call interrupts (/proc/interrupts) per fault, "
+                  "anything else on the host included", style="dim", soft_wrap=True)
     pinned = " --pin" if args.pin else ""
     console.print(f"reference: {doc['reference-command']}   harness: postcopy-harness run --vcpus N "
                   f"--ram {args.ram} --workload {args.workload} --backing {args.backing} --no-background{pinned}"

@@ -21,6 +21,8 @@
  *   mp WARM N=8 pat=seq psz=4096 npages=... rounds=2..3 policy=dedup wall_s=... installs=...
  *      msgs=... faults_per_s=... GiB_per_s=... touches=... all_mean_us=... all_p50_us=...
  *      all_p99_us=... max_us=... flt_mean_us=... flt_p50_us=... flt_p99_us=...
+ *      handler_cpu_us=... vcpus_cpu_us=... resched_ipis=... call_ipis=...   (CPU per page installed:
+ *      the handler's, the workers'; the host's rescheduling and function-call IPIs in those rounds)
  *   # totals: installs=... msgs=... eexist=... wakes=... eagain=... handler_cpu_s=... verify_err=...
  *      verified_pages=...
  *   raw op=COPY psz=... npages=... batch_pages=... rounds=... cold_s=... warm_mean_s=... best_s=...
@@ -77,6 +79,8 @@ struct shared {
 	uint64_t eexist, wakes, eagain;
 	uint64_t verify_err, verified;
 	double handler_cpu_s;
+	uint64_t hcpu[MAXR], wcpu[MAXR]; /* ns of CPU per round: the handler's, all workers' together */
+	uint64_t res[MAXR], cal[MAXR];   /* rescheduling and function-call IPIs per round, the whole host */
 };
 
 static struct shared *sh;
@@ -101,6 +105,59 @@ static uint64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* CPU time of this process so far, user and system */
+static uint64_t cpu_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* IPIs of one kind since boot, all CPUs (its /proc/interrupts line, "RES:" or "CAL:"; 0 if
+ * unreadable): a wake-up that had to kick another CPU is one of these */
+static uint64_t ipis_of(const char *kind)
+{
+	char line[4096];
+	uint64_t total = 0;
+	FILE *f = fopen("/proc/interrupts", "r");
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof line, f)) {
+		char *p = line;
+		while (*p == ' ')
+			p++;
+		if (strncmp(p, kind, 4))
+			continue;
+		for (p += 4;;) {
+			char *end;
+			unsigned long long v = strtoull(p, &end, 10);
+			if (end == p)
+				break;
+			total += v;
+			p = end;
+		}
+		break;
+	}
+	fclose(f);
+	return total;
+}
+
+/* CPU time another process has run so far, from /proc (0 if unreadable): the handler's, sampled
+ * by main at each round's start and end */
+static uint64_t cpu_ns_of(pid_t pid)
+{
+	char path[64];
+	unsigned long long ns = 0;
+	snprintf(path, sizeof path, "/proc/%d/schedstat", (int)pid);
+	FILE *f = fopen(path, "r");
+	if (f) {
+		if (fscanf(f, "%llu", &ns) != 1)
+			ns = 0;
+		fclose(f);
+	}
+	return ns;
 }
 
 static void *map_shared_anon(size_t len)
@@ -237,6 +294,7 @@ static void worker(int w, int memfd, int sock)
 		touch_order(w, r, order);
 		uint32_t *mine = lat + ((size_t)r * opt.n + (size_t)w) * opt.per;
 		pthread_barrier_wait(&sh->go);
+		uint64_t cpu0 = cpu_ns();
 		for (size_t i = 0; i < opt.per; i++) {
 			volatile uint64_t *page = (volatile uint64_t *)(ram + order[i] * opt.psz);
 			uint64_t t0 = now_ns();
@@ -246,6 +304,7 @@ static void worker(int w, int memfd, int sock)
 			bad += first != stamp(order[i]) || page[opt.psz / 8 - 1] != ~stamp(order[i]);
 			checked++;
 		}
+		__atomic_add_fetch(&sh->wcpu[r], cpu_ns() - cpu0, __ATOMIC_RELAXED);
 		pthread_barrier_wait(&sh->done);
 	}
 	__atomic_add_fetch(&sh->verify_err, bad, __ATOMIC_RELAXED);
@@ -393,22 +452,26 @@ static void report_rounds(const char *tag, int r0, int r1)
 		fail("out of memory for the report");
 	memcpy(all, lat + (size_t)r0 * per_round, total * sizeof *all);
 	qsort(all, total, sizeof *all, cmp_u32);
-	uint64_t installs = 0, msgs = 0;
+	uint64_t installs = 0, msgs = 0, hcpu = 0, wcpu = 0, res = 0, cal = 0;
 	double wall = 0;
 	for (int r = r0; r < r1; r++) {
 		installs += sh->installs[r], msgs += sh->msgs[r];
+		hcpu += sh->hcpu[r], wcpu += sh->wcpu[r], res += sh->res[r], cal += sh->cal[r];
 		wall += (double)(sh->t1[r] - sh->t0[r]) / 1e9;
 	}
 	size_t nflt = msgs < total ? (size_t)msgs : total;
 	const uint32_t *flt = all + (total - nflt);
 	printf("mp %s N=%d pat=%s psz=%zu npages=%zu rounds=%d..%d policy=dedup%s wall_s=%.4f installs=%llu "
 	       "msgs=%llu faults_per_s=%.0f GiB_per_s=%.3f touches=%zu all_mean_us=%.2f all_p50_us=%.2f "
-	       "all_p99_us=%.2f max_us=%.1f flt_mean_us=%.2f flt_p50_us=%.2f flt_p99_us=%.2f\n",
+	       "all_p99_us=%.2f max_us=%.1f flt_mean_us=%.2f flt_p50_us=%.2f flt_p99_us=%.2f "
+	       "handler_cpu_us=%.3f vcpus_cpu_us=%.3f resched_ipis=%llu call_ipis=%llu\n",
 	       tag, opt.n, PAT_NAME[opt.pat], opt.psz, opt.npages, r0 + 1, r1, opt.pin ? " pinned" : "", wall,
 	       (unsigned long long)installs, (unsigned long long)msgs, wall > 0 ? installs / wall : 0.0,
 	       wall > 0 ? installs * (double)opt.psz / wall / (1 << 30) : 0.0, total, mean_us(all, total),
 	       quantile(all, total, 0.5), quantile(all, total, 0.99), total ? all[total - 1] / 1e3 : 0.0,
-	       mean_us(flt, nflt), quantile(flt, nflt, 0.5), quantile(flt, nflt, 0.99));
+	       mean_us(flt, nflt), quantile(flt, nflt, 0.5), quantile(flt, nflt, 0.99),
+	       installs ? hcpu / 1e3 / (double)installs : 0.0, installs ? wcpu / 1e3 / (double)installs : 0.0,
+	       (unsigned long long)res, (unsigned long long)cal);
 	free(all);
 }
 
@@ -487,10 +550,14 @@ static void run_mp(void)
 		punch(memfd);
 		memset(placed, 0, opt.npages);
 		sh->round = r;
+		uint64_t h0 = cpu_ns_of(h), res0 = ipis_of("RES:"), cal0 = ipis_of("CAL:");
 		sh->t0[r] = now_ns();
 		pthread_barrier_wait(&sh->go);
 		pthread_barrier_wait(&sh->done);
 		sh->t1[r] = now_ns();
+		sh->hcpu[r] = cpu_ns_of(h) - h0;
+		sh->res[r] = ipis_of("RES:") - res0;
+		sh->cal[r] = ipis_of("CAL:") - cal0;
 	}
 	signal(SIGCHLD, SIG_DFL); /* every round is done: from here on, exits are counted below */
 	int failed = 0, st;

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from harness.accounting import accuracy
 from harness.config import RunConfig
+from harness.cpu_time import cpu_section
 from vcpu_workers.stores import KINDS, Finding, RamVerdict
 
 # Units of the report's fields whose names cannot carry one (QEMU's query-migrate names) or do not.
@@ -163,6 +164,7 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     }
     if pre is not None:
         rep["duration-s"]["precopy"] = round(pre["duration_s"], 4)
+    rep["cpu"] = cpu_section(raw.get("cpu"), int(summ["cpu_ns"].sum()), hs["pages_requested"])
     rep["handler"] = {"kind": "built-in",  # run --handler: "external" (external_report.py)
                       "cpu-s": hs["cpu_s"], "copy-eexist": hs["copy_eexist"], "dead-ports": hs["dead_ports"],
                       "direct-skipped": hs["direct_skipped"], "return-path-full": hs["rp_full"],

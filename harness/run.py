@@ -27,6 +27,7 @@ import psutil
 
 from harness.accounting import Accounting
 from harness.config import RunConfig, parse_endpoint, typed
+from harness.cpu_time import CpuWindow
 from harness.inject import InjectionFailed, Injector, failure_note
 from harness.netns import NetnsError, NetnsLink, sweep_stale_netns
 from harness.progress import RunProgress
@@ -50,7 +51,7 @@ from postcopy_core.channel import (
     tune,
 )
 from postcopy_core.content import ContentSpec, image_size_check
-from postcopy_core.handler import Port, destination_main
+from postcopy_core.handler import Port, destination_main, policy_from_env
 from postcopy_core.handoff import Expected, HandoffError, collect_uffds, listen_fresh
 from postcopy_core.link import Link
 from postcopy_core.precopy import GenerationMap
@@ -106,6 +107,7 @@ class Run(SourceRestarts):
         self.injector: Injector | None = None  # run --inject (harness/inject.py)
         self._link: list[socket.socket] = []
         self.netns: NetnsLink | None = None  # run --link-mode netns: the source's namespace (harness/netns.py)
+        self.cpu: CpuWindow | None = None
         self.going = False  # the workload has started: a worker killed from now on is lost, not fatal
         # postcopy recovery (see the top): the current source's control line, which source it is
         # (0: the first), when to start the next one, the stats the services reported
@@ -155,6 +157,7 @@ class Run(SourceRestarts):
         sweep_stale_segments()
         sweep_stale_netns()
         preflight(cfg.backing == "hugetlb", minor=cfg.place == "continue")
+        policy_from_env(os.environ.get("PCH_DEST_POLICY"))  # a bad tuning is refused here, in one line
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
         _check_limits(cfg, nworkers)
         spec = self._spec()
@@ -241,6 +244,9 @@ class Run(SourceRestarts):
         self.accounting = Accounting(meta, live=cfg.live_engines)
         self._start_event_reader(ev_parent)
         self.going = True
+        self.cpu = CpuWindow()  # each side's CPU over the workload (harness/cpu_time.py)
+        self.cpu.start({"handler" if r == "fault" else r: p for p, r in self.children.roles.items()
+                        if r in ("fault", "source")} | {"orchestrator": os.getpid()})
         os.close(start_w)
         self.fds.remove(start_w)
         self.log = RecoveryLog()
@@ -251,6 +257,7 @@ class Run(SourceRestarts):
             self.injector.t_go = self.log.t_go
         self._supervise_workers([ctl_src, ctl_dst], t_begin + cfg.timeout)
         t_workers_done = time.monotonic_ns()
+        self.cpu.stop()
         if not cfg.background:
             self.stream_all = True  # a source started from now on streams at once too
             self._send_source(cmd="stream")
@@ -278,7 +285,7 @@ class Run(SourceRestarts):
             wall_s=time.monotonic() - t_begin, worker_mem=self.worker_mem, started_at=started_at,
             lost=[self._lost_entry(i) for i in sorted(self.workers_lost)], recovery=self.recovery(),
             netns=self.netns.describe() if self.netns is not None else None,
-            precopy=precopy, ram_check=ram_check, workers_bad=sorted(self.workers_bad),
+            precopy=precopy, ram_check=ram_check, workers_bad=sorted(self.workers_bad), cpu=self.cpu,
         )
 
     def _make_shared_memory(self, nworkers: int, hugetlb: bool) -> None:

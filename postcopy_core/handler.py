@@ -35,6 +35,7 @@ through it (big frames received straight into place) and each waiter gets UFFDIO
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import resource
@@ -151,6 +152,25 @@ class DestPolicy:
             spin_ns=self.spin_ns, urgent_turns=self.urgent_turns, board_scan_slots=self.board_scan_slots))
 
 
+def policy_from_env(text: str | None) -> DestPolicy:
+    """``PCH_DEST_POLICY``, e.g. ``spin_ns=0,rx_turn=262144``: the defaults with those fields
+    changed, for tuning runs and benchmarks (bench/README.md); unset or empty: the defaults."""
+    if not text:
+        return DestPolicy()
+    fields = {f.name for f in dataclasses.fields(DestPolicy)}
+    values = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise ValueError(f"PCH_DEST_POLICY: {item!r}: give name=value pairs, names {', '.join(sorted(fields))}")
+        try:
+            values[name] = int(value)
+        except ValueError:
+            raise ValueError(f"PCH_DEST_POLICY: {name}={value!r} is not a whole number") from None
+    return DestPolicy(**values)
+
+
 DEFAULT_POLICY = DestPolicy()
 
 
@@ -176,7 +196,8 @@ class Destination:
                  board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
                  reconnect: Reconnect | None = None, share_channels: bool = False,
                  gens: GenerationMap | None = None, place: str = PLACE_COPY, plant: str | None = None,
-                 policy: DestPolicy = DEFAULT_POLICY) -> None:
+                 policy: DestPolicy | None = None) -> None:
+        policy = policy if policy is not None else policy_from_env(os.environ.get("PCH_DEST_POLICY"))
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM

@@ -71,6 +71,13 @@ def test_tiny_compare_prints_table_ratios_and_command(tmp_path, clean_machine):
         assert len(pt["ref"]["runs"]) == len(pt["harness"]["runs"]) == 1
         assert pt["ratio"] > 0 and pt["p50-ratio"] > 0
         assert pt["ref"]["runs"][0]["warm"]["rounds"] == "2..2"  # the WARM line, not round 1
+        ref, har = pt["ref"]["median"]["cpu-us"], pt["harness"]["median"]["cpu-us"]
+        for side in (ref, har):  # CPU per fault of each part, both sides
+            assert side["vcpus"] > 0 and side["handler"] > 0
+            assert side["destination"] == pytest.approx(side["vcpus"] + side["handler"], abs=0.01)
+        assert ref["source"] is None and har["source"] > 0  # the reference has no source process
+        assert pt["ref"]["median"]["ipis-per-fault"] >= 0 and pt["harness"]["median"]["ipis-per-fault"] >= 0
+    assert "CPU per fault" in p.stdout and "dest ratio" in p.stdout
     assert doc["reproduce"].startswith("python bench/compare_ref.py")
     assert doc["tool-version"] and doc["started-at"] and doc["host"]["cpus"] >= 1 and doc["argv"]
 

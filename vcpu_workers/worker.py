@@ -33,10 +33,6 @@ from postcopy_core.content import ContentSpec
 from vcpu_workers import results as R
 from vcpu_workers.workloads import WORKLOADS, write_mode
 
-# On hugetlbfs an unmapped page may already be in the page cache (a minor fault, a few µs);
-# a userfault round trip through the handler takes tens of µs.  See pch.c, resident().
-HUGETLB_MIN_FAULT_NS = 10_000
-
 
 @dataclass(frozen=True)
 class WorkerPlan:
@@ -107,13 +103,12 @@ def c_plan(plan: WorkerPlan):
         c.need_ioctls, need = kernel.IOCTL_CONTINUE, b"UFFDIO_CONTINUE"
     keep.append(ffi.new("char[]", need))
     c.need_what = keep[-1]
-    # Registered MISSING only, an access faults when its page is not in the page cache yet.  On
-    # hugetlbfs mincore sees only this process's page tables (a page another process mapped looks
-    # absent), so there the worker reads the received map instead.  On shmem mincore is exact and,
-    # measured, cheaper than that map: the handler's writes to it bounce its cache lines between
-    # the CPUs (-7 % faults/s at 32 and 128 pinned vCPUs).
-    c.received_fd = plan.received_fd if plan.hugetlb and not minor else -1
-    c.min_fault_ns = HUGETLB_MIN_FAULT_NS if plan.hugetlb and not minor and c.received_fd < 0 else 0
+    # Registered MISSING only, an access faults when its page is not in the page cache yet: the
+    # worker reads the received map (placed means in the page cache) rather than asking mincore, a
+    # syscall per access (on shmem, 8 vCPUs: 10.3 -> 8.3 µs of vCPU CPU per fault, +12 % faults/s,
+    # bench/compare_ref.py's CPU table), and on hugetlbfs mincore sees only this process's page
+    # tables (a page another process mapped looks absent).
+    c.received_fd = plan.received_fd if not minor else -1
     c.first_touch = int(minor)  # every first touch traps: that is the faulting test (see pch.h)
     address = plan.handoff_address.encode()
     keep.append(ffi.new("char[]", address))

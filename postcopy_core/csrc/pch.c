@@ -33,6 +33,14 @@ uint64_t pch_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* CPU time of the calling process, user and system: what one side of the run costs (bench/) */
+uint64_t pch_process_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 int pch_userfaultfd(int flags)
 {
     int fd = (int)syscall(SYS_userfaultfd, flags);
@@ -331,11 +339,11 @@ uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t
 
 /* ---- the worker's touch loop ---- */
 
-/* An access is "faulting" when its page was not resident (mincore) just before it: on shmem
- * mincore looks at the page cache, so that is exactly when the kernel raises a MISSING userfault
- * and the worker can time the stalls the handler must account without guessing from latencies.
- * On hugetlbfs mincore sees only this process's page tables, so a page another process already
- * faulted in looks absent too; there an access must also take min_fault_ns to count. */
+/* An access is "faulting" when its page was not resident just before it, which is exactly when
+ * the kernel raises a MISSING userfault: the worker times the stalls the handler must account
+ * without guessing from latencies.  Workers read the received map for it (vcpu_workers/worker.py
+ * says why); mincore is the fallback of a touch loop given none (on shmem it looks at the page
+ * cache; on hugetlbfs only at this process's page tables, hence min_fault_ns there). */
 static inline int resident(uint64_t addr)
 {
     /* one base page is enough (and mincore writes one byte per *base* page, even on hugetlbfs) */
@@ -559,6 +567,7 @@ int pch_touch_run(struct pch_touch *t)
     t->first_bad_page = -1;
     t->fork_stuck_page = -1;
     t->bad.page = -1;
+    uint64_t cpu0 = pch_process_cpu_ns();
     t->t_start = pch_now_ns();
     for (uint64_t i = 0; i < t->count; i++) {
         uint64_t page = t->order[i];
@@ -635,6 +644,7 @@ int pch_touch_run(struct pch_touch *t)
         }
     }
     t->t_end = pch_now_ns();
+    t->cpu_ns = pch_process_cpu_ns() - cpu0;
     if (t->board)
         __atomic_store_n(t->board, 0, __ATOMIC_RELEASE);
     /* The check below is the harness's, not the guest's: it must not take the CPU from vCPUs still

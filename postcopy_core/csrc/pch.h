@@ -77,6 +77,7 @@ struct pch_worker_result {
                                   * set before the munmap/mremap, for the stall watch to name */
     uint64_t piece_faults;       /* faults it took in those pieces after them: the handler served them */
     struct pch_finding bad;      /* the first wrong thing this worker read */
+    uint64_t cpu_ns;             /* CPU time this worker spent in its timed loop (CLOCK_PROCESS_CPUTIME_ID) */
 };
 
 /* ---- the vCPU worker's timed touch loop ---- */
@@ -139,6 +140,7 @@ struct pch_touch {
     uint64_t mismatches;      /* mismatching 64-bit words */
     int64_t first_bad_page;   /* -1 when none */
     uint64_t t_start, t_end;  /* CLOCK_MONOTONIC ns */
+    uint64_t cpu_ns;          /* CPU time of the timed loop, user and system (the faults' kernel work is ours) */
     uint64_t stores, writes_checked, lost_writes;
     uint64_t by_kind[PCH_BAD_KINDS];
     uint64_t removes;         /* pages given back */
@@ -153,6 +155,7 @@ int pch_touch_run(struct pch_touch *t);
 uint32_t pch_finish_line_cross(uint32_t *line, uint32_t count);
 void pch_finish_line_wait(uint32_t *line, uint32_t count);
 uint64_t pch_now_ns(void);
+uint64_t pch_process_cpu_ns(void);
 
 /* ---- the source's byte lane (source.c): policy (what to stream, in which order) is Python's ---- */
 #define PCH_SENT_STREAM 1   /* sent[] values: went out on the background stream */

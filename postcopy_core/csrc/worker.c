@@ -312,6 +312,7 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     rec->first_bad_page = t.first_bad_page;
     rec->t_start = t.t_start;
     rec->t_end = t.t_end;
+    rec->cpu_ns = t.cpu_ns;
     rec->faulting = t.n_faulting;
     rec->stores = t.stores;
     rec->writes_checked = t.writes_checked;
