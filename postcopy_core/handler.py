@@ -127,6 +127,8 @@ class DestPolicy:
     board_scan_slots: the access board (postcopy_core/board.py) is scanned once per
       ``vCPUs / board_scan_slots`` placements (at least 1), i.e. at most this many slots (64) read
       per placed page: with few vCPUs a scan per page, with thousands one per batch.
+
+    A run takes the defaults, changed by ``PCH_DEST_POLICY`` (``policy_from_env``) where it is set.
     """
 
     rx_turn: int = 1 << 20
