@@ -21,4 +21,4 @@ class BuildPyWithReference(build_py):
             shutil.copyfile(REFERENCE, target)
 
 
-setup(cffi_modules=["postcopy_core/_uffd_build.py:ffibuilder"], cmdclass={"build_py": BuildPyWithReference})
+setup(cffi_modules=["postcopy_core/_cffi_src/build.py:ffibuilder"], cmdclass={"build_py": BuildPyWithReference})

@@ -41,7 +41,6 @@ import os
 import resource
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from postcopy_core.board import AccessBoard
 from postcopy_core.channel import ControlLine
 from postcopy_core.content import ContentSpec
 from postcopy_core.kernel import KernelError, Uffd
+from postcopy_core.layouts import struct_format
 from postcopy_core.plant import plant_code
 from postcopy_core.protocol import Geometry, ProtocolError, encode_shut
 from postcopy_core.ramblock import ReceivedMap
@@ -67,20 +67,6 @@ WAKE_POLICIES = (WAKE_WAITERS, WAKE_ALL)
 PLACE_COPY = "copy"  # UFFDIO_COPY / ZEROPAGE through a uffd: the kernel copies the page into place
 PLACE_CONTINUE = "continue"  # write the page cache through our own mapping, UFFDIO_CONTINUE the waiters
 PLACE_MODES = (PLACE_COPY, PLACE_CONTINUE)
-
-_STRUCT_CODES = {"int64_t": "q", "uint64_t": "Q", "int32_t": "i", "uint32_t": "I", "uint8_t": "B"}
-
-
-def struct_format(ctype: str) -> struct.Struct:
-    """A packed C struct of integer fields as a little-endian ``struct.Struct``, made from the
-    fields cffi read from the header, so the layout is written once (there)."""
-    t = ffi.typeof(ctype)
-    fmt = "<" + "".join(_STRUCT_CODES[f.type.cname] for _, f in t.fields)
-    out = struct.Struct(fmt)
-    if out.size != ffi.sizeof(t):
-        raise TypeError(f"{ctype} has padding: {ffi.sizeof(t)} bytes, its fields {out.size}")
-    return out
-
 
 # One event record for the accounting engines (csrc/dest.h, struct pch_event, the one declaration):
 # t (ns), RAM offset, vcpu (-1 = non-vCPU), tid, kind, flag.  kind F = fault (flag: page already

@@ -27,10 +27,11 @@ import time
 from dataclasses import dataclass
 
 from postcopy_core.channel import ListenError
+from postcopy_core.layouts import struct_format
 from postcopy_core.refusals import Refusals
 
-HELLO = struct.Struct("<4sIiiQQ")  # magic, version, vcpu, pid, base, length: csrc/pch.h pch_handoff_hello
-# (declared there; tests/test_layouts.py checks this against it field by field)
+# magic, version, vcpu, pid, base, length: made from csrc/pch.h's struct pch_handoff_hello (declared there)
+HELLO = struct_format("struct pch_handoff_hello")
 MAGIC = b"PCHW"
 VERSION = 1
 ACK = b"k"

@@ -23,14 +23,21 @@ Page stream (source -> destination, on the stream and the urgent channel), our o
 
 Every field is validated against the RAM geometry announced in HELLO; anything off raises
 :class:`ProtocolError`, whose message is one line that says what and where.
+
+Each layout is declared once, as a packed struct in csrc/wire.h (``struct pch_frame_hdr``,
+``pch_hello``, ``pch_discard_range``, ``pch_rp_hdr``, ``pch_rp_req``, ``pch_rp_shut``,
+``pch_rp_bitmap``, ``pch_rp_resume``); the struct formats below are made from cffi's view of them.
+Each direction has one parser: the page stream's is the destination's, in C (csrc/dest.c,
+``pch_dest_on_data``); the return path's is csrc/wire.h's ``pch_rp_parse``, which the source's C
+lane (csrc/source.c) and :class:`ReturnPathReader` both call.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
-from postcopy_core._uffd import lib
+from postcopy_core._uffd import ffi, lib
+from postcopy_core.layouts import struct_format
 
 # the numbers are written once, in csrc/wire.h, which the C lanes include too
 VERSION = lib.PCH_PROTO_VERSION
@@ -53,21 +60,18 @@ MSG_POSTCOPY_START = lib.PCH_MSG_POSTCOPY_START
 MSG_NAMES = {MSG_HELLO: "HELLO", MSG_PAGES: "PAGES", MSG_ZERO: "ZERO", MSG_EOS: "EOS", MSG_DISCARD: "DISCARD",
              MSG_POSTCOPY_START: "POSTCOPY_START"}
 DISCARD_MAX_RANGES = lib.PCH_DISCARD_MAX_RANGES
-DISCARD_RANGE = struct.Struct(">QQ")
+DISCARD_RANGE = struct_format("struct pch_discard_range", ">")  # offset, length
 FLAG_URGENT = lib.PCH_FLAG_URGENT
 KNOWN_FLAGS = FLAG_URGENT
 
-RP_HDR = struct.Struct(">HH")
-REQ = struct.Struct(">QI")
-SHUT = struct.Struct(">I")
-BITMAP = struct.Struct(">QI")
-RESUME = struct.Struct(">Q")
-assert BITMAP.size == lib.PCH_BITMAP_HDR
-HDR = struct.Struct(">BBHIQ")
-HELLO = struct.Struct(">4sHIQB")
-assert HDR.size == lib.PCH_HDR_SIZE and HELLO.size == lib.PCH_HELLO_SIZE
-assert RP_HDR.size + REQ.size == lib.PCH_REQ_PAGES_SIZE
-assert DISCARD_RANGE.size == lib.PCH_DISCARD_RANGE_SIZE
+# big endian, from csrc/wire.h's structs (field order as declared there)
+RP_HDR = struct_format("struct pch_rp_hdr", ">")  # type, len
+REQ = struct_format("struct pch_rp_req", ">")  # offset, length
+SHUT = struct_format("struct pch_rp_shut", ">")  # status
+BITMAP = struct_format("struct pch_rp_bitmap", ">")  # first page, pages
+RESUME = struct_format("struct pch_rp_resume", ">")  # pages received
+HDR = struct_format("struct pch_frame_hdr", ">")  # type, flags, count, payload_len, offset
+HELLO = struct_format("struct pch_hello", ">")  # magic, version, page_size, ram_size, idlen
 MAX_HELLO = HELLO.size + 255
 
 
@@ -134,7 +138,9 @@ class PageRequest:
 
 
 class ReturnPathReader:
-    """Splits the return path byte stream into validated requests (the source side)."""
+    """Splits the return path byte stream into validated requests (the source side).  Each message
+    is decoded and checked by csrc/wire.h's ``pch_rp_parse``, the one return-path parser (the C
+    lane's too); this class keeps the bytes and acts on what it decodes."""
 
     def __init__(self, geo: Geometry) -> None:
         self.geo = geo
@@ -144,89 +150,52 @@ class ReturnPathReader:
         # postcopy recovery: the destination's received map (RECV_BITMAP), complete once RESUME came
         self.received: bytearray | None = None
         self.resumed = False
+        self._id = ffi.new("char[]", geo.idstr.encode())  # kept alive: the C reader points at it
+        # what the parser checks against; the source's C lane reads the same struct (pch_source.rp)
+        self.c = ffi.new("struct pch_rp_reader *", dict(page_size=geo.page_size, ram_size=geo.ram_size,
+                                                         idstr=self._id))
+        self._msg = ffi.new("struct pch_rp_msg *")
 
     def feed(self, data: bytes) -> list[PageRequest]:
         self.buf += data
         out: list[PageRequest] = []
-        pos = 0
-        buf = self.buf
-        while len(buf) - pos >= RP_HDR.size:
-            mtype, mlen = RP_HDR.unpack_from(buf, pos)
-            if len(buf) - pos - RP_HDR.size < mlen:
-                break
-            body = bytes(buf[pos + RP_HDR.size : pos + RP_HDR.size + mlen])
-            pos += RP_HDR.size + mlen
-            req = self._message(mtype, body)
-            if req is not None:
-                out.append(req)
-        del buf[:pos]
+        pos, m = 0, self._msg
+        with ffi.from_buffer("uint8_t[]", self.buf) as p:
+            while (n := lib.pch_rp_parse(self.c, p + pos, len(self.buf) - pos, m)) > 0:
+                req = self._take(m, pos, n)
+                pos += n
+                if req is not None:
+                    out.append(req)
+        if n < 0:
+            raise ProtocolError(ffi.string(m.error).decode(errors="replace"))
+        del self.buf[:pos]
         return out
 
-    def _message(self, mtype: int, body: bytes) -> PageRequest | None:
-        if mtype == RP_REQ_PAGES:
-            if len(body) != REQ.size:
-                raise ProtocolError(f"REQ_PAGES: payload is {len(body)} bytes, expected {REQ.size}")
-            if self.idstr is None:
-                raise ProtocolError("REQ_PAGES before any REQ_PAGES_ID named the RAM block")
-            offset, length = REQ.unpack(body)
-            return self._checked(offset, length, None)
-        if mtype == RP_REQ_PAGES_ID:
-            if len(body) < REQ.size + 2:
-                raise ProtocolError(f"REQ_PAGES_ID: payload of {len(body)} bytes is too short")
-            offset, length = REQ.unpack_from(body)
-            idlen = body[REQ.size]
-            if len(body) != REQ.size + 1 + idlen or idlen == 0:
-                raise ProtocolError(f"REQ_PAGES_ID: id length {idlen} does not match payload of {len(body)} bytes")
-            idstr = body[REQ.size + 1 :].decode(errors="replace")
-            if idstr != self.geo.idstr:
-                raise ProtocolError(f"REQ_PAGES_ID: unknown RAM block {idstr!r}")
-            self.idstr = idstr
-            return self._checked(offset, length, idstr)
-        if mtype == RP_SHUT:
-            if len(body) != SHUT.size:
-                raise ProtocolError(f"SHUT: payload is {len(body)} bytes, expected {SHUT.size}")
-            self.shut = SHUT.unpack(body)[0]
+    def _take(self, m, pos: int, n: int) -> PageRequest | None:
+        """Act on one decoded message (buf[pos:pos+n]); the parser checked it."""
+        if m.type == RP_REQ_PAGES:
+            return PageRequest(m.offset, m.length, None)
+        if m.type == RP_REQ_PAGES_ID:
+            self.idstr = self.geo.idstr  # the parser holds it to the one block there is
+            self.c.id_known = 1
+            return PageRequest(m.offset, m.length, self.idstr)
+        if m.type == RP_SHUT:
+            self.shut = m.status
             return None
-        if mtype in (RP_RECV_BITMAP, RP_RESUME):
-            self._recovery_message(mtype, body)
-            return None
-        raise ProtocolError(f"return path: unknown message type {mtype}")
-
-    def _recovery_message(self, mtype: int, body: bytes) -> None:
-        """RECV_BITMAP / RESUME: the received map of a destination that lost its source."""
-        if self.resumed:
-            raise ProtocolError("RECV_BITMAP/RESUME after RESUME")
-        npages = self.geo.npages
         if self.received is None:
-            self.received = bytearray(npages)
-        if mtype == RP_RESUME:
-            if len(body) != RESUME.size:
-                raise ProtocolError(f"RESUME: payload is {len(body)} bytes, expected {RESUME.size}")
-            (total,) = RESUME.unpack(body)
+            self.received = bytearray(self.geo.npages)
+        if m.type == RP_RESUME:
             have = self.received.count(1)
-            if total != have:
-                raise ProtocolError(f"RESUME: says {total} pages received, the bitmap holds {have}")
+            if m.received != have:
+                raise ProtocolError(f"RESUME: says {m.received} pages received, the bitmap holds {have}")
             self.resumed = True
-            return
-        if len(body) < BITMAP.size:
-            raise ProtocolError(f"RECV_BITMAP: payload of {len(body)} bytes is too short")
-        first, count = BITMAP.unpack_from(body)
-        if count == 0 or first + count > npages:
-            raise ProtocolError(f"RECV_BITMAP: pages {first}+{count} outside RAM of {npages} pages")
-        if len(body) != BITMAP.size + (count + 7) // 8:
-            raise ProtocolError(f"RECV_BITMAP: {len(body) - BITMAP.size} bytes of bits for {count} pages")
-        import numpy as np
+            self.c.resumed = 1
+            return None
+        import numpy as np  # RECV_BITMAP
 
-        bits = np.unpackbits(np.frombuffer(body, np.uint8, offset=BITMAP.size), bitorder="little")[:count]
-        self.received[first : first + count] = bits.tobytes()
-
-    def _checked(self, offset: int, length: int, idstr: str | None) -> PageRequest:
-        ps = self.geo.page_size
-        if offset % ps or length == 0 or length % ps:
-            raise ProtocolError(f"page request {offset:#x}+{length:#x} is not page aligned (page size {ps})")
-        if offset + length > self.geo.ram_size:
-            raise ProtocolError(f"page request {offset:#x}+{length:#x} is past the end of RAM ({self.geo.ram_size:#x})")
-        return PageRequest(offset, length, idstr)
+        bits = np.frombuffer(self.buf, np.uint8, count=n - m.bits_at, offset=pos + m.bits_at)
+        self.received[m.first : m.first + m.pages] = np.unpackbits(bits, bitorder="little")[: m.pages].tobytes()
+        return None
 
 
 # ---------------------------------------------------------------- page stream
@@ -236,21 +205,6 @@ def encode_hello(geo: Geometry) -> bytes:
     raw = geo.idstr.encode()
     payload = HELLO.pack(MAGIC, VERSION, geo.page_size, geo.ram_size, len(raw)) + raw
     return HDR.pack(MSG_HELLO, 0, 0, len(payload), 0) + payload
-
-
-def decode_hello(payload: bytes | memoryview) -> Geometry:
-    if len(payload) < HELLO.size:
-        raise ProtocolError(f"HELLO: payload of {len(payload)} bytes is too short")
-    magic, version, page_size, ram_size, idlen = HELLO.unpack_from(payload)
-    if magic != MAGIC:
-        raise ProtocolError(f"HELLO: bad magic {bytes(magic)!r} (not a postcopy-harness source?)")
-    if version != VERSION:
-        raise ProtocolError(f"HELLO: protocol version {version}, this destination speaks {VERSION}")
-    if len(payload) != HELLO.size + idlen or idlen == 0:
-        raise ProtocolError("HELLO: RAM block id length does not match the payload")
-    if page_size < 4096 or page_size & (page_size - 1) or ram_size == 0 or ram_size % page_size:
-        raise ProtocolError(f"HELLO: bad geometry page_size={page_size} ram_size={ram_size}")
-    return Geometry(page_size, ram_size, bytes(payload[HELLO.size :]).decode(errors="replace"))
 
 
 def page_header(mtype: int, offset: int, count: int, page_size: int, urgent: bool = False) -> bytes:

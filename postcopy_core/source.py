@@ -10,7 +10,8 @@ Two loops, one per kind of link:
   (:meth:`Strategy.stream_batches`), and the C lane (csrc/source.c, ``pch_source_pump``) moves the
   bytes: it answers plain requests the moment they arrive and writes the batch's pages as stream
   frames between them.  Python steps in only for commands, the first request (which names the RAM
-  block) and anything odd, which its parser reports exactly.
+  block) and anything odd, which the return-path reader reports exactly (both decode with the one
+  parser, csrc/wire.h's ``pch_rp_parse``).
 - modelled (``--link``): everything passes through the link model (postcopy_core.link) in Python,
   one message at a time on the modelled wire, urgent pages first.  With their own channel (preempt)
   the stream runs a few messages ahead on the wire and an answer overtakes those not yet started;
@@ -93,6 +94,7 @@ class Source:
             self._requested = ffi.new("uint32_t[]", REQUESTED_CAP)
             self.fast.requested, self.fast.requested_cap = self._requested, REQUESTED_CAP
         self.rp = ReturnPathReader(geo)
+        self.fast.rp = self.rp.c  # the C lane checks requests against the reader's state (one parser)
         self.out_stream, self.out_urgent = Outbox(stream), Outbox(urgent)
         self.out_answers = self.out_stream if self.one_channel else self.out_urgent  # where answers go
         self.cursor = 0  # next index of self._order the modelled stream looks at
@@ -334,7 +336,7 @@ class Source:
             data = data[used:]
             if not data:
                 return True
-        requests = self.rp.feed(data)  # anything else: the full parser, with its exact errors
+        requests = self.rp.feed(data)  # anything else: the reader (the same C parser), with its exact errors
         self.stats["requests"] += len(requests)
         ps = self.spec.page_size
         ready = self.delays.arrival_ns(time.monotonic_ns(), "requests")  # the request's own trip over the link

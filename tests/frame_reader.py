@@ -14,6 +14,7 @@ from postcopy_core.protocol import (
     HDR,
     HELLO,
     KNOWN_FLAGS,
+    MAGIC,
     MAX_HELLO,
     MSG_DISCARD,
     MSG_EOS,
@@ -21,10 +22,26 @@ from postcopy_core.protocol import (
     MSG_NAMES,
     MSG_PAGES,
     MSG_POSTCOPY_START,
+    VERSION,
     Geometry,
     ProtocolError,
-    decode_hello,
 )
+
+
+def decode_hello(payload: bytes | memoryview) -> Geometry:
+    """HELLO's payload as the destination checks it (csrc/dest.c, ``hello``), for the tests."""
+    if len(payload) < HELLO.size:
+        raise ProtocolError(f"HELLO: payload of {len(payload)} bytes is too short")
+    magic, version, page_size, ram_size, idlen = HELLO.unpack_from(payload)
+    if magic != MAGIC:
+        raise ProtocolError(f"HELLO: bad magic {bytes(magic)!r} (not a postcopy-harness source?)")
+    if version != VERSION:
+        raise ProtocolError(f"HELLO: protocol version {version}, this destination speaks {VERSION}")
+    if len(payload) != HELLO.size + idlen or idlen == 0:
+        raise ProtocolError("HELLO: RAM block id length does not match the payload")
+    if page_size < 4096 or page_size & (page_size - 1) or ram_size == 0 or ram_size % page_size:
+        raise ProtocolError(f"HELLO: bad geometry page_size={page_size} ram_size={ram_size}")
+    return Geometry(page_size, ram_size, bytes(payload[HELLO.size :]).decode(errors="replace"))
 
 
 @dataclass

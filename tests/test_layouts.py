@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 from pathlib import Path
+
+import pytest
 
 from harness.accounting import RECORD
 from postcopy_core import handoff
@@ -71,3 +74,63 @@ def test_frame_reader_is_test_only():
     import postcopy_core.protocol as protocol
 
     assert not hasattr(protocol, "FrameReader")
+
+
+# the wire (csrc/wire.h): QEMU's return path and our page stream, offsets as documented in protocol.py
+WIRE = [
+    ("struct pch_frame_hdr", "HDR", [("type", 0, 1), ("flags", 1, 1), ("count", 2, 2), ("payload_len", 4, 4),
+                                     ("offset", 8, 8)], lib.PCH_HDR_SIZE),
+    ("struct pch_hello", "HELLO", [("magic", 0, 4), ("version", 4, 2), ("page_size", 6, 4), ("ram_size", 10, 8),
+                                   ("idlen", 18, 1)], lib.PCH_HELLO_SIZE),
+    ("struct pch_discard_range", "DISCARD_RANGE", [("offset", 0, 8), ("length", 8, 8)], lib.PCH_DISCARD_RANGE_SIZE),
+    ("struct pch_rp_hdr", "RP_HDR", [("type", 0, 2), ("len", 2, 2)], 4),
+    ("struct pch_rp_req", "REQ", [("offset", 0, 8), ("length", 8, 4)], lib.PCH_REQ_PAGES_SIZE - 4),
+    ("struct pch_rp_shut", "SHUT", [("status", 0, 4)], 4),
+    ("struct pch_rp_bitmap", "BITMAP", [("first", 0, 8), ("pages", 8, 4)], lib.PCH_BITMAP_HDR),
+    ("struct pch_rp_resume", "RESUME", [("received", 0, 8)], 8),
+]
+
+
+def big_endian_in_c(value: int, size: int) -> int:
+    """What a C field holds for ``value`` after htobe: the big-endian bytes read in host order."""
+    return int.from_bytes(value.to_bytes(size, "big"), sys.byteorder)
+
+
+@pytest.mark.parametrize("ctype, name, fields, size", WIRE, ids=[w[1] for w in WIRE])
+def test_wire_layout_is_the_c_declaration_field_by_field(ctype, name, fields, size):
+    import postcopy_core.protocol as protocol
+
+    fmt = getattr(protocol, name)
+    assert fmt.format.startswith(">")  # every field is big endian on the wire
+    assert [(n, f.offset, ffi.sizeof(f.type)) for n, f in ffi.typeof(ctype).fields] == fields
+    assert ffi.sizeof(ctype) == size == fmt.size
+    assert struct_fields(fmt.format) == cffi_fields(ctype)
+
+
+@pytest.mark.parametrize("ctype, name, fields, size", WIRE, ids=[w[1] for w in WIRE])
+def test_wire_struct_bytes_round_trip(ctype, name, fields, size):
+    """Bytes laid out by C through the struct (big-endian values, as the lanes store them) unpack in
+    Python to the values, and Python's bytes read back in C field by field."""
+    import postcopy_core.protocol as protocol
+
+    fmt = getattr(protocol, name)
+    values = [b"PCHS" if n == "magic" else (0x0102030405060708 >> (8 * (8 - width))) + i
+              for i, (n, _, width) in enumerate(fields)]
+    c = ffi.new(ctype + " *")
+    for (n, _, width), v in zip(fields, values, strict=True):
+        setattr(c, n, v if n == "magic" else big_endian_in_c(v, width))
+    assert list(fmt.unpack(bytes(ffi.buffer(c)))) == values
+    raw = bytearray(fmt.pack(*values))  # kept alive while C reads it
+    back = ffi.cast(ctype + " *", ffi.from_buffer(raw))
+    for (n, _, width), v in zip(fields, values, strict=True):
+        got = ffi.string(getattr(back, n), 4) if n == "magic" else big_endian_in_c(getattr(back, n), width)
+        assert got == v, n
+
+
+def test_wire_layouts_are_declared_once():
+    import postcopy_core.protocol as protocol
+
+    text = Path(protocol.__file__).read_text()
+    assert "struct.Struct(" not in text  # every format is made from csrc/wire.h
+    wire_h = (CSRC / "wire.h").read_text()
+    assert "be16 type" not in wire_h  # the layouts are structs there, not comments

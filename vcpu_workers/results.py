@@ -21,8 +21,9 @@ STATE_NONE, STATE_READY, STATE_DONE, STATE_FAILED = 0, 1, 2, 3
 
 
 def numpy_dtype(ctype: str):
-    """The numpy dtype of a C struct, field by field at the offsets cffi reads from the header: the
-    layout is written once (csrc/pch.h), and a field added there shows up here by itself."""
+    """The numpy dtype of a C struct, field by field at cffi's offsets (its binding,
+    postcopy_core/_cffi_src/workers.py, is checked against csrc/pch.h): the layout is the header's,
+    and a field added there (and to the binding) shows up here by itself."""
     import numpy as np
 
     t = ffi.typeof(ctype)

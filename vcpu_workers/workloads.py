@@ -30,7 +30,7 @@ def _enum_names(ctype: str, prefix: str) -> tuple[str, ...]:
     return tuple(elements[v].removeprefix(prefix).lower() for v in range(len(elements)))
 
 
-WORKLOADS = _enum_names("enum pch_workload", "PCH_WL_")  # index = C kind (csrc/pch.h, declared there alone)
+WORKLOADS = _enum_names("enum pch_workload", "PCH_WL_")  # index = C kind (csrc/pch.h; values from there)
 STRIDE = 16
 HOTSET_ACCESSES = 2  # hotset: draws per vCPU, as a multiple of its share of pages
 HOTSET_SKEW = 1.1

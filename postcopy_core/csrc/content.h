@@ -1,6 +1,6 @@
 /*
  * content.h - the primitives of the page content generator, shared by pch.c (fill and check) and
- * verify.c (stores and the judging of pages).  C only: cffi reads pch.h and verify.h, not this.
+ * verify.c (stores and the judging of pages).  C only: no binding (postcopy_core/_cffi_src/) declares it.
  */
 #ifndef PCH_CONTENT_H
 #define PCH_CONTENT_H

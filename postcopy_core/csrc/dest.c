@@ -16,6 +16,7 @@
 #include "pch.h"
 #include "wire.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <linux/userfaultfd.h>
 #include <stdarg.h>
@@ -245,31 +246,26 @@ static int add_event(struct pch_dest *d, int64_t t, uint64_t off, int32_t vcpu, 
     return 0;
 }
 
-static void put_be16(uint8_t *p, uint16_t v) { p[0] = v >> 8; p[1] = v & 0xff; }
-static void put_be32(uint8_t *p, uint32_t v) { for (int i = 3; i >= 0; i--, v >>= 8) p[i] = v & 0xff; }
-static void put_be64(uint8_t *p, uint64_t v) { for (int i = 7; i >= 0; i--, v >>= 8) p[i] = v & 0xff; }
-static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t be32(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
-static uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
-
 /* REQ_PAGES, or REQ_PAGES_ID the first time (QEMU sends the id when the RAM block changes) */
 static int append_request(struct pch_dest *d, uint64_t page)
 {
     size_t idlen = strlen(d->idstr);
-    size_t body = 12 + (d->sent_id ? 0 : 1 + idlen);
-    if (grow(&d->req, &d->req_cap, d->req_len + 4 + body))
+    size_t body = sizeof(struct pch_rp_req) + (d->sent_id ? 0 : 1 + idlen);
+    if (grow(&d->req, &d->req_cap, d->req_len + sizeof(struct pch_rp_hdr) + body))
         return -ENOMEM;
-    uint8_t *p = d->req + d->req_len;
-    put_be16(p, d->sent_id ? PCH_RP_REQ_PAGES : PCH_RP_REQ_PAGES_ID);
-    put_be16(p + 2, (uint16_t)body);
-    put_be64(p + 4, page << d->shift);
-    put_be32(p + 12, (uint32_t)d->ps);
+    struct pch_rp_hdr *h = (struct pch_rp_hdr *)(d->req + d->req_len);
+    struct pch_rp_req *q = (struct pch_rp_req *)(h + 1);
+    h->type = htobe16(d->sent_id ? PCH_RP_REQ_PAGES : PCH_RP_REQ_PAGES_ID);
+    h->len = htobe16((uint16_t)body);
+    q->offset = htobe64(page << d->shift);
+    q->length = htobe32((uint32_t)d->ps);
     if (!d->sent_id) {
-        p[16] = (uint8_t)idlen;
-        memcpy(p + 17, d->idstr, idlen);
+        uint8_t *id = (uint8_t *)(q + 1);
+        id[0] = (uint8_t)idlen;
+        memcpy(id + 1, d->idstr, idlen);
         d->sent_id = 1;
     }
-    d->req_len += 4 + body;
+    d->req_len += sizeof *h + body;
     return 0;
 }
 
@@ -762,13 +758,15 @@ static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
         return fail(d, -EPROTO, "HELLO: sent twice");
     if (plen < PCH_HELLO_SIZE || plen > PCH_HELLO_SIZE + 255)
         return fail(d, -EPROTO, "HELLO: payload length %u out of range", plen);
-    if (memcmp(p, "PCHS", 4))
+    const struct pch_hello *hl = (const struct pch_hello *)p;
+    if (memcmp(hl->magic, "PCHS", 4))
         return fail(d, -EPROTO, "HELLO: bad magic (not a postcopy-harness source?)");
-    if (be16(p + 4) != PCH_PROTO_VERSION)
-        return fail(d, -EPROTO, "HELLO: protocol version %u, this destination speaks %u", be16(p + 4), PCH_PROTO_VERSION);
-    uint32_t ps = be32(p + 6);
-    uint64_t size = be64(p + 10);
-    uint8_t idlen = p[18];
+    if (be16toh(hl->version) != PCH_PROTO_VERSION)
+        return fail(d, -EPROTO, "HELLO: protocol version %u, this destination speaks %u", be16toh(hl->version),
+                    PCH_PROTO_VERSION);
+    uint32_t ps = be32toh(hl->page_size);
+    uint64_t size = be64toh(hl->ram_size);
+    uint8_t idlen = hl->idlen;
     if (plen != PCH_HELLO_SIZE + (uint32_t)idlen || idlen == 0)
         return fail(d, -EPROTO, "HELLO: RAM block id length does not match the payload");
     if (ps != d->ps || size != d->npages * d->ps)
@@ -783,11 +781,12 @@ static int hello(struct pch_dest *d, const uint8_t *p, uint32_t plen, int ch)
 /* DISCARD: drop pages the guest dirtied after they were sent, so that they fault again.  Every
  * range is checked before any is applied; then the page cache gives them up (a hole punched in the
  * memfd, or MADV_REMOVE where fallocate cannot) and the received map forgets them. */
-static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count) /* step: discard */
+static int discard(struct pch_dest *d, const uint8_t *payload, uint16_t count) /* step: discard */
 {
+    const struct pch_discard_range *p = (const struct pch_discard_range *)payload;
     uint64_t ram = d->npages << d->shift;
     for (uint16_t i = 0; i < count; i++) {
-        uint64_t off = be64(p + i * PCH_DISCARD_RANGE_SIZE), len = be64(p + i * PCH_DISCARD_RANGE_SIZE + 8);
+        uint64_t off = be64toh(p[i].offset), len = be64toh(p[i].length);
         if (len == 0 || (off | len) & (d->ps - 1))
             return fail(d, -EPROTO, "DISCARD: range %u (0x%llx+0x%llx) is not whole pages", i,
                         (unsigned long long)off, (unsigned long long)len);
@@ -798,7 +797,7 @@ static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count) /* step
     if (!d->dropped && !(d->dropped = calloc(d->npages, 1)))
         return fail(d, -ENOMEM, "out of memory for the discard map");
     for (uint16_t i = 0; i < count; i++) {
-        uint64_t off = be64(p + i * PCH_DISCARD_RANGE_SIZE), len = be64(p + i * PCH_DISCARD_RANGE_SIZE + 8);
+        uint64_t off = be64toh(p[i].offset), len = be64toh(p[i].length);
         for (uint64_t pg = off >> d->shift; d->plant == PCH_PLANT_STALE && pg < (off + len) >> d->shift; pg++)
             if (d->received[pg] && d->nsaved < PLANT_SLOTS) /* planted: keep the old generation's bytes */
                 plant_save(d, pg, our_view(d, pg));
@@ -825,7 +824,7 @@ static int discard(struct pch_dest *d, const uint8_t *p, uint16_t count) /* step
 /* buf starts with a whole frame (header and payload) */
 static int whole_frame(const uint8_t *buf, uint64_t len)
 {
-    return len >= PCH_HDR_SIZE && len - PCH_HDR_SIZE >= be32(buf + 4);
+    return len >= PCH_HDR_SIZE && len - PCH_HDR_SIZE >= be32toh(((const struct pch_frame_hdr *)buf)->payload_len);
 }
 
 int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, int ch)
@@ -835,11 +834,11 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
     ch = ch ? 1 : 0;
     d->part[ch].valid = 0;
     while (len - pos >= PCH_HDR_SIZE) {
-        const uint8_t *h = buf + pos;
-        uint8_t type = h[0], flags = h[1];
-        uint16_t count = be16(h + 2);
-        uint32_t plen = be32(h + 4);
-        uint64_t off = be64(h + 8);
+        const struct pch_frame_hdr *h = (const struct pch_frame_hdr *)(buf + pos);
+        uint8_t type = h->type, flags = h->flags;
+        uint16_t count = be16toh(h->count);
+        uint32_t plen = be32toh(h->payload_len);
+        uint64_t off = be64toh(h->offset);
         if (type < PCH_MSG_HELLO || type > PCH_MSG_POSTCOPY_START)
             return fail(d, -EPROTO, "page stream: unknown message type %u", type);
         const char *name = names[type];
@@ -889,7 +888,7 @@ int64_t pch_dest_on_data(struct pch_dest *d, const uint8_t *buf, uint64_t len, i
                 d->part[ch] = (struct partial){ off >> d->shift, count, plen, flags & PCH_FLAG_URGENT, 1 };
             break;
         }
-        const uint8_t *payload = h + PCH_HDR_SIZE;
+        const uint8_t *payload = (const uint8_t *)(h + 1);
         int rc = 0;
         if (type == PCH_MSG_HELLO)
             rc = hello(d, payload, plen, ch);
@@ -1029,19 +1028,19 @@ static int go_direct(struct pch_dest *d, int fd, int ch)
 static int peek_direct(struct pch_dest *d, int fd, int ch)
 {
     struct rxbuf *r = &d->rx[ch];
-    uint8_t h[PCH_HDR_SIZE];
-    ssize_t got = recv(fd, h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
-    if (got != PCH_HDR_SIZE || h[0] != PCH_MSG_PAGES || be32(h + 4) < d->pol.direct_min)
+    struct pch_frame_hdr h;
+    ssize_t got = recv(fd, &h, sizeof h, MSG_PEEK | MSG_DONTWAIT);
+    if (got != PCH_HDR_SIZE || h.type != PCH_MSG_PAGES || be32toh(h.payload_len) < d->pol.direct_min)
         return 0;
     /* the checks every frame gets: pch_dest_on_data stops at the missing payload, noting the frame */
-    int64_t used = pch_dest_on_data(d, h, sizeof h, ch);
+    int64_t used = pch_dest_on_data(d, (const uint8_t *)&h, sizeof h, ch);
     if (used < 0)
         return (int)used;
     if (used || !direct_ok(d, ch))
         return 0;
     struct partial *f = &d->part[ch];
     uint64_t want = f->plen < d->pol.rx_turn ? f->plen : d->pol.rx_turn;
-    struct iovec iov[2] = { { h, sizeof h }, { d->ram + (f->first << d->shift), want } };
+    struct iovec iov[2] = { { &h, sizeof h }, { d->ram + (f->first << d->shift), want } };
     struct msghdr m = { .msg_iov = iov, .msg_iovlen = 2 };
     got = recvmsg(fd, &m, MSG_DONTWAIT);
     if (got < 0 && link_lost(errno)) {
@@ -1340,30 +1339,28 @@ static int send_received_map(struct pch_dest *d) /* step: send received map (que
     uint64_t total = 0;
     for (uint64_t first = 0; first < d->npages; first += (uint64_t)PCH_BITMAP_CHUNK * 8) {
         uint64_t n = d->npages - first < (uint64_t)PCH_BITMAP_CHUNK * 8 ? d->npages - first : (uint64_t)PCH_BITMAP_CHUNK * 8;
-        uint64_t nbytes = (n + 7) / 8, body = PCH_BITMAP_HDR + nbytes;
-        if (grow(&d->req, &d->req_cap, d->req_len + 4 + body))
+        uint64_t nbytes = (n + 7) / 8, body = sizeof(struct pch_rp_bitmap) + nbytes;
+        if (grow(&d->req, &d->req_cap, d->req_len + sizeof(struct pch_rp_hdr) + body))
             return -ENOMEM;
-        uint8_t *p = d->req + d->req_len;
-        put_be16(p, PCH_RP_RECV_BITMAP);
-        put_be16(p + 2, (uint16_t)body);
-        put_be64(p + 4, first);
-        put_be32(p + 12, (uint32_t)n);
-        uint8_t *bits = p + 4 + PCH_BITMAP_HDR;
+        struct pch_rp_hdr *h = (struct pch_rp_hdr *)(d->req + d->req_len);
+        struct pch_rp_bitmap *b = (struct pch_rp_bitmap *)(h + 1);
+        *h = (struct pch_rp_hdr){ htobe16(PCH_RP_RECV_BITMAP), htobe16((uint16_t)body) };
+        *b = (struct pch_rp_bitmap){ htobe64(first), htobe32((uint32_t)n) };
+        uint8_t *bits = (uint8_t *)(b + 1);
         memset(bits, 0, nbytes);
         for (uint64_t k = 0; k < n; k++)
             if (d->received[first + k]) {
                 bits[k >> 3] |= (uint8_t)(1u << (k & 7));
                 total++;
             }
-        d->req_len += 4 + body;
+        d->req_len += sizeof *h + body;
     }
-    if (grow(&d->req, &d->req_cap, d->req_len + 12))
+    struct { struct pch_rp_hdr h; struct pch_rp_resume r; } PCH_PACKED resume = {
+        { htobe16(PCH_RP_RESUME), htobe16(sizeof resume.r) }, { htobe64(total) } };
+    if (grow(&d->req, &d->req_cap, d->req_len + sizeof resume))
         return -ENOMEM;
-    uint8_t *p = d->req + d->req_len;
-    put_be16(p, PCH_RP_RESUME);
-    put_be16(p + 2, 8);
-    put_be64(p + 4, total);
-    d->req_len += 12;
+    memcpy(d->req + d->req_len, &resume, sizeof resume);
+    d->req_len += sizeof resume;
     return 0;
 }
 

@@ -25,9 +25,9 @@ struct pch_port {
     uint32_t other_events;
 };
 
-/* cffi: packed { */
 /* One record per fault and per placed page: the accounting engines' input (little endian, packed,
- * 26 bytes).  Declared here once: cffi reads it (packed), harness/accounting.py's numpy dtype and
+ * 26 bytes).  The layout is this declaration: the binding (postcopy_core/_cffi_src/dest.py, packed)
+ * is checked against it field by field when built, and harness/accounting.py's numpy dtype and
  * handler.py's struct format are made from cffi's field offsets. */
 struct PCH_PACKED pch_event {
     int64_t t;         /* CLOCK_MONOTONIC ns */
@@ -37,7 +37,6 @@ struct PCH_PACKED pch_event {
     uint8_t kind;      /* 'F' fault, 'P' placed */
     uint8_t flag;      /* F: page already received; P: zero page */
 };
-/* } cffi: packed */
 
 struct pch_dest_stats {
     uint64_t faults, faults_vcpu, faults_already_received, requests, pages_requested;

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "verify.h"
+#include "wire.h"
 
 /* ---- userfaultfd ---- */
 int pch_userfaultfd(int flags);
@@ -162,7 +163,9 @@ uint64_t pch_process_cpu_ns(void);
 #define PCH_SENT_URGENT 2   /*                went out on the urgent channel */
 struct pch_source {
     int fd;                 /* the urgent channel */
-    int id_known;           /* the RAM block id arrived (REQ_PAGES_ID): plain REQ_PAGES are valid */
+    int id_known;           /* the lane may take the return path: the block's id came (REQ_PAGES_ID) and
+                             * the Python reader holds no part of a message */
+    const struct pch_rp_reader *rp; /* the Python reader's checks (wire.h), the lane's too */
     int resend_streamed;    /* answer a request for a page already on the stream (small pages) */
     const uint8_t *image;   /* guest RAM as the source holds it */
     const uint8_t *zero;    /* per page: 1 = all zeros (sent as ZERO) */
@@ -175,7 +178,8 @@ struct pch_source {
     uint64_t requested_cap, requested_len;
     uint64_t pages_pushed;  /* pages sent by pch_source_push */
 };
-/* Answers the leading plain REQ_PAGES messages of buf; returns bytes consumed or -errno.  A
+/* Answers the leading plain REQ_PAGES messages of buf, as pch_rp_parse (wire.h) decodes and checks
+ * them against s->rp; returns bytes consumed or -errno.  A
  * requested page is sent at once unless it already went out: urgently, or on the stream when
  * resend_streamed is 0.  A small page that went on the stream may sit behind megabytes of the
  * stream's backlog, and sending it again costs little (the destination asks only for pages it
@@ -197,7 +201,7 @@ struct pch_pump {
     const uint32_t *order;
     uint64_t norder, pos;        /* pos: next index of order to look at */
     uint32_t max_run;            /* pages per stream frame at most */
-    uint8_t hdr[16];             /* header of the frame in `part` */
+    struct pch_frame_hdr hdr;    /* header of the frame in `part` */
     const uint8_t *part[2];      /* what is left of the current frame: header, data */
     uint64_t part_len[2];
     uint8_t *rest;               /* bytes for the Python parser (PCH_SERVE_REST) */
@@ -257,7 +261,7 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint64_t handoff_timeout_ms;
     uint64_t capacity, area_size, lat_off, pages_off, starts_off;  /* results area layout */
     uint64_t board_size;
-    int cpus[16];                  /* PCH_WORKER_MAX_CPUS */
+    int cpus[PCH_WORKER_MAX_CPUS];
     int ncpus;
     double remove_rate;            /* run --remove-rate: share of accesses after which the page is given back */
     uint32_t fork_events;          /* run --fork-events: each vCPU forks a reader mid-run */

@@ -1,13 +1,14 @@
 /* source.c - the source's byte lane: answers plain REQ_PAGES in C, and streams (or pushes) the
  * pages that the Python strategy picked (postcopy_core/strategies.py), requests first.
  *
- * A busy destination sends long runs of identical REQ_PAGES messages (be16 type 4, be16 len 12,
- * be64 offset, be32 length).  This lane answers exactly those, with one-page PAGES/ZERO frames
- * sent in one sendmsg, and stops at the first message of any other shape (or a partial one),
- * which the Python parser (postcopy_core/protocol.py) then handles, errors included. */
+ * A busy destination sends long runs of REQ_PAGES messages.  This lane decodes them with the one
+ * return-path parser (wire.h, pch_rp_parse), answers the plain ones with one-page PAGES/ZERO frames sent in one
+ * sendmsg, and stops at the first message of any other type, a partial one or a wrong one, which
+ * postcopy_core/protocol.py's reader then parses again (the same parser) and acts on, errors included. */
 #define _GNU_SOURCE
 #include "pch.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -23,18 +24,15 @@
 #define BATCH 256 /* pages per sendmsg: 2 iovecs each, under IOV_MAX */
 #define SPIN_NS 20000u /* poll this long (yielding) for the next request before sleeping in poll */
 
-static uint64_t be(const uint8_t *p, int n)
+/* a PAGES/ZERO header: n pages from page `first` */
+static void frame_header(struct pch_frame_hdr *h, int zero, uint8_t flags, uint64_t first, uint64_t n,
+                         uint64_t page_size)
 {
-    uint64_t v = 0;
-    for (int i = 0; i < n; i++)
-        v = v << 8 | p[i];
-    return v;
-}
-
-static void put_be(uint8_t *p, uint64_t v, int n)
-{
-    for (int i = n - 1; i >= 0; i--, v >>= 8)
-        p[i] = v & 0xff;
+    h->type = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
+    h->flags = flags;
+    h->count = htobe16((uint16_t)n);
+    h->payload_len = htobe32(zero ? 0 : (uint32_t)(n * page_size));
+    h->offset = htobe64(first * page_size);
 }
 
 /* send every byte of iov[0..n), waiting for room when the socket is full */
@@ -129,7 +127,7 @@ static int splice_out(int fd, const uint8_t *p, uint64_t len)
 
 /* One sendmsg's worth of one-page frames (header + data iovecs), sent when full or at the end. */
 struct frames {
-    uint8_t hdr[BATCH][PCH_HDR_SIZE];
+    struct pch_frame_hdr hdr[BATCH];
     struct iovec iov[2 * BATCH];
     int nh, ni;
 };
@@ -146,13 +144,9 @@ static int add_page(struct pch_source *s, struct frames *f, uint64_t p, uint8_t 
 {
     s->sent[p] = PCH_SENT_URGENT;
     int zero = s->zero[p];
-    uint8_t *h = f->hdr[f->nh++];
-    h[0] = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
-    h[1] = flags;
-    put_be(h + 2, 1, 2);
-    put_be(h + 4, zero ? 0 : s->page_size, 4);
-    put_be(h + 8, p * s->page_size, 8);
-    f->iov[f->ni++] = (struct iovec){ h, PCH_HDR_SIZE };
+    struct pch_frame_hdr *h = &f->hdr[f->nh++];
+    frame_header(h, zero, flags, p, 1, s->page_size);
+    f->iov[f->ni++] = (struct iovec){ h, sizeof *h };
     s->bytes_sent += PCH_HDR_SIZE;
     if (zero) {
         s->pages_zero++;
@@ -182,13 +176,14 @@ int64_t pch_source_answer(struct pch_source *s, const uint8_t *buf, uint64_t len
     f.nh = f.ni = 0;
     uint64_t pos = 0;
     if (!s->id_known)
-        return 0; /* a plain REQ_PAGES is only valid after REQ_PAGES_ID: the parser decides */
-    for (; len - pos >= PCH_REQ_PAGES_SIZE; pos += PCH_REQ_PAGES_SIZE) {
-        const uint8_t *m = buf + pos;
-        uint64_t off = be(m + 4, 8), length = be(m + 12, 4);
-        if (be(m, 2) != PCH_RP_REQ_PAGES || be(m + 2, 2) != PCH_REQ_PAGES_SIZE - 4 || off % s->page_size ||
-            !length || length % s->page_size || off + length > s->ram_size || off + length < off)
-            break; /* not the plain case: the Python parser takes it from here */
+        return 0; /* the Python reader holds part of a message, or no REQ_PAGES_ID came yet */
+    for (;;) {
+        struct pch_rp_msg m;
+        int64_t n = pch_rp_parse(s->rp, buf + pos, len - pos, &m);
+        if (n <= 0 || m.type != PCH_RP_REQ_PAGES)
+            break; /* not the plain case: the Python reader takes it from here */
+        pos += (uint64_t)n;
+        uint64_t off = m.offset, length = m.length;
         s->requests++;
         if (s->requested && s->requested_len < s->requested_cap)
             s->requested[s->requested_len++] = (uint32_t)(off / s->page_size);
@@ -268,14 +263,9 @@ static int next_frame(struct pch_source *s, struct pch_pump *p)
         n++;
         p->pos++;
     }
-    uint8_t *h = p->hdr;
-    h[0] = zero ? PCH_MSG_ZERO : PCH_MSG_PAGES;
-    h[1] = 0;
-    put_be(h + 2, n, 2);
-    put_be(h + 4, zero ? 0 : n * s->page_size, 4);
-    put_be(h + 8, first * s->page_size, 8);
-    p->part[0] = h;
-    p->part_len[0] = PCH_HDR_SIZE;
+    frame_header(&p->hdr, zero, 0, first, n, s->page_size);
+    p->part[0] = (const uint8_t *)&p->hdr;
+    p->part_len[0] = sizeof p->hdr;
     p->part[1] = s->image + first * s->page_size;
     p->part_len[1] = zero ? 0 : n * s->page_size;
     s->pages_stream += n;
