@@ -79,6 +79,7 @@ int pch_munmap(uint64_t addr, uint64_t len);
 int pch_madvise(uint64_t addr, uint64_t len, int advice);
 
 uint64_t pch_now_ns(void);
+uint64_t pch_process_cpu_ns(void);
 
 int pch_set_pdeathsig(int sig);
 int pch_set_name(const char *name);

@@ -21,6 +21,7 @@ struct pch_worker_result {
     uint64_t pieces[2];
     uint64_t piece_faults;
     struct pch_finding bad;
+    uint64_t cpu_ns;
 };
 
 struct pch_touch {
@@ -70,6 +71,7 @@ struct pch_touch {
     uint64_t mismatches;
     int64_t first_bad_page;
     uint64_t t_start, t_end;
+    uint64_t cpu_ns;
     uint64_t stores, writes_checked, lost_writes;
     uint64_t by_kind[PCH_BAD_KINDS];
     uint64_t removes;
