@@ -39,7 +39,7 @@ from postcopy_core.content import Image
 from postcopy_core.handoff import Expected, HandoffError, collect_uffds
 from postcopy_core.precopy import GenerationMap
 from postcopy_core.probe import limit_checks, preflight, raise_fd_limit
-from postcopy_core.ramblock import GuestRam, ReceivedMap, sweep_stale_segments
+from postcopy_core.ramblock import GuestRam, sweep_stale_segments
 from vcpu_workers import results as R
 from vcpu_workers.stores import StoreLedger, check_ram
 from vcpu_workers.worker import WorkerPlan
@@ -145,7 +145,6 @@ class ExternalRun(Run):
         mem_file = self._mem_file(spec)
         self.ram = GuestRam(cfg.ram)
         self.ram_map = kernel.mmap_fd(self.ram.fd, cfg.ram)  # never touched: mincore only
-        self.received = ReceivedMap(cfg.npages)  # the workers' plan carries it; on shmem they use mincore
         self.area = R.ResultsArea(nworkers, accesses_per_vcpu(cfg.workload, cfg.vcpus, cfg.npages))
         from postcopy_core.board import AccessBoard
 
@@ -163,7 +162,8 @@ class ExternalRun(Run):
 
         plan = WorkerPlan(cfg.vcpus, self.ram.fd, False, spec, cfg.workload, cfg.write_ratio, handoff_addr,
                           start_r, self.area.fd, self.area.capacity, self.board.fd, self._cpus(1), cfg.non_vcpu,
-                          self.gens.fd if self.gens is not None else -1, "copy", self.received.fd,
+                          # -1: no received map (an external handler keeps none), the workers ask mincore
+                          self.gens.fd if self.gens is not None else -1, "copy", -1,
                           self.ledger.fd if self.ledger is not None else -1, self.remove_rate, self.fork_events,
                           cfg.stall_timeout, self.unmap_events)
         t_fork = time.monotonic()

@@ -528,7 +528,8 @@ class Run(SourceRestarts):
         self.workers_done: set[int] = set()
         self.workers_lost: dict[int, dict] = {}  # index -> what the report's workers.lost says of it
         kernel.become_subreaper()  # workers orphaned by a dying zygote come to us to be reaped
-        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, plan.received_fd, w)
+        keep = (plan.memfd, plan.start_fd, plan.results_fd, plan.board_fd, w)
+        keep += (plan.received_fd,) if plan.received_fd >= 0 else ()  # not with --handler: no map kept
         keep += (plan.gens_fd,) if plan.gens_fd >= 0 else ()  # run --precopy
         keep += (plan.ledger_fd,) if plan.ledger_fd >= 0 else ()  # stores
         err_w = self.stderr.pipe("zygote")  # the workers' fd 2 too: their lines start "vcpu N: "

@@ -91,6 +91,18 @@ def test_python_handler_pch_handoff(tmp_path, vcpus):
     assert said["type"] == "stats" and said["faults"] >= said["placed"] > 0
 
 
+def test_only_accesses_that_found_their_page_missing_count_as_faults(tmp_path, built):
+    """The external handler keeps no received map: the workers ask mincore whether an access
+    will fault, so a page read again after it came in is not counted (or timed) as a fault."""
+    code, rep, err = run(tmp_path, "--handler", built["uffd_handler"], "--handoff", "firecracker",
+                         "--vcpus", "1", "--ram", "8M", "--workload", "hotset")
+    assert code == 0, err
+    assert_verified(rep, 1)
+    faulting, accesses = rep["workers"]["faulting-accesses"][0], rep["workers"]["accesses"][0]
+    assert accesses > rep["pages"]["placed"]  # hotset reads pages again
+    assert 0 < faulting <= rep["pages"]["placed"]
+
+
 def test_one_connection_handlers_run_one_per_uffd(tmp_path, built):
     code, rep, err = run(tmp_path, "--handler", built["uffd_handler"], "--handoff", "firecracker",
                          "--handler-per-uffd", "--vcpus", "6", "--ram", "4M", "--workload", "shared")
