@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROG = "compare_ref"
 PATTERN = reference.PATTERN  # harness workload -> reference -p
 HUGEPAGES = "/proc/sys/vm/nr_hugepages"
-CPU_PARTS = ("vcpus", "handler", "source", "destination")  # destination = vCPUs + handler
+CPU_PARTS = ("vcpus", "handler", "handler-spin", "source", "destination")  # destination = vCPUs + handler
 SERVICE_CPU, VCPU_CPU = 0, 1  # what the reference's -A pins: handler to CPU 0, workers to CPU 1
 
 
@@ -213,7 +213,7 @@ def run_reference(binary: Path, args: argparse.Namespace, n: int, ram: int) -> d
     row = parse_reference(out)
     if row["verify_err"]:
         raise BenchError(f"reference {shlex.join(argv[1:])}: {row['verify_err']:.0f} pages failed verification")
-    cpu = {"vcpus": row.get("vcpus_cpu_us"), "handler": row.get("handler_cpu_us"), "source": None}
+    cpu = {"vcpus": row.get("vcpus_cpu_us"), "handler": row.get("handler_cpu_us"), "handler-spin": None, "source": None}
     cpu["destination"] = None if None in (cpu["vcpus"], cpu["handler"]) else cpu["vcpus"] + cpu["handler"]
     installs = row.get("installs") or 0
     ipis = None if "resched_ipis" not in row or not installs else (
@@ -255,7 +255,7 @@ def run_harness(args: argparse.Namespace, n: int, ram: int, place: str = "copy")
             "p50-us": rep["latency-us"]["p50"], "p99-us": rep["latency-us"]["p99"],
             "uffd-events-per-s": rep["faults"]["per-second"], "handler-cpu-s": rep["handler"]["cpu-s"],
             "workload-s": rep["duration-s"]["workload"],
-            "cpu-us": {k: per[k] for k in ("vcpus", "handler", "source", "destination")},
+            "cpu-us": {k: per[k] for k in CPU_PARTS},
             "ipis-per-fault": (ipis["reschedule"] + ipis.get("function-call", 0)) if "reschedule" in ipis else None,
             "host-idle-share": (cpu["host-idle-s"] / (cpu["window-s"] * (os.cpu_count() or 1))
                                 if cpu["window-s"] else None)}
@@ -371,7 +371,7 @@ def render_cpu(points: list[dict[str, Any]], args: argparse.Namespace) -> Table:
               header_style="bold")
     places = args.place.split(",")
     names = ["N"] + (["place"] if len(places) > 1 else []) + [
-        "ref vCPUs", "ref handler", "ref dest", "vCPUs", "handler", "source", "dest", "dest ratio",
+        "ref vCPUs", "ref handler", "ref dest", "vCPUs", "handler", "of it spin", "source", "dest", "dest ratio",
         "IPIs/fault ref / harness"]
     for name in names:
         t.add_column(name, justify="right", no_wrap=True)
@@ -385,7 +385,8 @@ def render_cpu(points: list[dict[str, Any]], args: argparse.Namespace) -> Table:
             ipis = (f"{r['ipis-per-fault']:.2f} / {h['ipis-per-fault']:.2f}"
                     if None not in (r["ipis-per-fault"], h["ipis-per-fault"]) else "–")
             t.add_row(str(p["vcpus"]), *([place] if len(places) > 1 else []), _us(rc["vcpus"]), _us(rc["handler"]),
-                      _us(rc["destination"]), _us(hc["vcpus"]), _us(hc["handler"]), _us(hc["source"]),
+                      _us(rc["destination"]), _us(hc["vcpus"]), _us(hc["handler"]), _us(hc["handler-spin"]),
+                      _us(hc["source"]),
                       _us(hc["destination"]), ratio, ipis)
     return t
 
@@ -459,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(render_cpu(doc["points"], args))
     console.print("CPU per fault = CPU time over the workload / pages resolved on demand: the reference's handler "
                   "from /proc/PID/schedstat, its workers' own CPU clocks; the harness's report section `cpu` "
-                  "(harness/cpu_time.py); dest ratio = harness / reference (lower is better for the harness). "
+                  "(harness/cpu_time.py); of it spin = the handler's wall time spent polling for the next event "
+                  "before sleeping (DestPolicy.spin_ns), the most of its CPU that was polling; dest ratio = "
+                  "harness / reference (lower is better for the harness). "
                   "IPIs = the host's rescheduling + function-call interrupts (/proc/interrupts) per fault, "
                   "anything else on the host included", style="dim", soft_wrap=True)
     pinned = " --pin" if args.pin else ""

@@ -84,16 +84,19 @@ class CpuWindow:
         self.ipis = {k: now[k] - v for k, v in self.ipis0.items() if k in now}
 
 
-def cpu_section(window: CpuWindow | None, vcpus_cpu_ns: int, faults: int) -> dict:
+def cpu_section(window: CpuWindow | None, vcpus_cpu_ns: int, faults: int, spin_ns: int | None = None) -> dict:
     """The report's ``cpu`` section: seconds per side over the workload and microseconds per fault
     (faults: the pages asked for on demand, as faults/s counts them); ``destination`` is vCPUs +
-    handler, the side the C reference also has."""
+    handler, the side the C reference also has.  ``spin_ns``: the handler's time looking for the
+    next event before sleeping (its policy's spin; the whole run), the most of its CPU that was
+    polling rather than work, as ``handler-spin`` per fault."""
     used = dict(window.used_s) if window is not None else {}
     sides = {"vcpus": vcpus_cpu_ns / 1e9, "handler": used.get("handler"), "source": used.get("source"),
              "orchestrator": used.get("orchestrator")}  # the harness's own (events, supervision)
     per = {k: (None if v is None or not faults else round(v / faults * 1e6, 3)) for k, v in sides.items()}
     dest = sides["handler"]
     per["destination"] = None if dest is None or not faults else round((sides["vcpus"] + dest) / faults * 1e6, 3)
+    per["handler-spin"] = None if spin_ns is None or not faults else round(spin_ns / 1e3 / faults, 3)
     return {
         "window-s": round(window.window_s, 4) if window is not None else None,
         "host-idle-s": round(window.idle_s, 3) if window is not None else None,

@@ -164,10 +164,11 @@ def build_report(cfg: RunConfig, raw: dict | None, error: str | None = None,
     }
     if pre is not None:
         rep["duration-s"]["precopy"] = round(pre["duration_s"], 4)
-    rep["cpu"] = cpu_section(raw.get("cpu"), int(summ["cpu_ns"].sum()), hs["pages_requested"])
+    rep["cpu"] = cpu_section(raw.get("cpu"), int(summ["cpu_ns"].sum()), hs["pages_requested"], hs["spin_ns"])
     rep["handler"] = {"kind": "built-in",  # run --handler: "external" (external_report.py)
                       "cpu-s": hs["cpu_s"], "copy-eexist": hs["copy_eexist"], "dead-ports": hs["dead_ports"],
                       "direct-skipped": hs["direct_skipped"], "return-path-full": hs["rp_full"],
+                      "spin-s": round(hs["spin_ns"] / 1e9, 4),
                       "wake-policy": cfg.wake_policy}
     rep["source"] = {"cpu-s": ss["cpu_s"], "bytes-sent": ss["bytes_sent"], "requests": ss["requests"],
                      "requested-already-sent": ss["requested_already_sent"], "link": cfg.link_model.describe()}

@@ -84,7 +84,7 @@ STAT_FIELDS = ("faults", "faults_vcpu", "faults_already_received", "requests", "
                "dead_ports", "eos", "frames", "board_wakes", "t_last_place", "reconnects", "re_requested",
                "placed_precopy", "discarded", "precopy_rewrites", "discard_msgs", "faults_discarded",
                "requests_discarded", "t_postcopy_start", "planted",
-               "direct_skipped", "rp_full")
+               "direct_skipped", "rp_full", "spin_ns")
 
 # how the destination gets a new source's channels from the orchestrator's ``resume`` message (and
 # the fds it carried): a pair of connected page-channel sockets (stream, urgent)

@@ -41,9 +41,9 @@ def test_a_busy_process_gains_cpu_time_an_idle_one_does_not():
 def test_cpu_section_divides_each_side_by_the_faults():
     w = CpuWindow()
     w.used_s, w.window_s, w.idle_s, w.ipis = {"handler": 0.3, "source": 0.1}, 1.0, 0.2, {"reschedule": 500}
-    sec = cpu_section(w, vcpus_cpu_ns=200_000_000, faults=100_000)
+    sec = cpu_section(w, vcpus_cpu_ns=200_000_000, faults=100_000, spin_ns=50_000_000)
     assert sec["per-fault-us"] == {"vcpus": 2.0, "handler": 3.0, "source": 1.0, "orchestrator": None,
-                                   "destination": 5.0}
+                                   "destination": 5.0, "handler-spin": 0.5}
     assert sec["ipis-per-fault"] == {"reschedule": 0.005}
     assert cpu_section(None, 0, 0)["per-fault-us"]["destination"] is None
 
@@ -67,6 +67,7 @@ def test_a_run_reports_the_cpu_of_each_side(clean_machine):
     per = cpu["per-fault-us"]
     assert per["destination"] == pytest.approx(per["vcpus"] + per["handler"], abs=0.002)
     assert "reschedule" in cpu["ipis"]
+    assert 0 <= per["handler-spin"] and rep["handler"]["spin-s"] >= 0
 
 
 def test_dest_policy_from_the_environment():

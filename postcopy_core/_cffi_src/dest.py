@@ -26,6 +26,7 @@ struct pch_dest_stats {
     uint64_t planted;
     uint64_t direct_skipped;
     uint64_t rp_full;
+    uint64_t spin_ns;
 };
 
 struct pch_dest_policy {

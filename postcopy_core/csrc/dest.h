@@ -53,6 +53,8 @@ struct pch_dest_stats {
     uint64_t direct_skipped; /* --place continue: pages of a frame received into place that were placed
                               * meanwhile, so the rest of the receive left them alone */
     uint64_t rp_full;        /* sends of requests that found the return path full (the rest was queued) */
+    uint64_t spin_ns;        /* wall time spent looking for the next event before sleeping (policy spin_ns):
+                              * what of the handler's CPU was polling rather than work, at most */
 };
 
 /* The destination's tunables, in one place: postcopy_core/handler.py fills it (DestPolicy, which
