@@ -7,21 +7,17 @@ failures are checked as the one line a user sees.
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.conftest import requires_uffd
+from tests.listening_source import CLI, ListeningSource
 
 pytestmark = [pytest.mark.kernel, requires_uffd]
-
-CLI = [sys.executable, "-m", "harness.cli"]
-
 
 def _key(path, data: bytes) -> str:
     path.write_bytes(data)
@@ -34,28 +30,7 @@ def key(tmp_path):
     return _key(tmp_path / "key", b"0123456789abcdef0123456789abcdef")
 
 
-class Source:
-    """A ``postcopy-harness source --listen 127.0.0.1:0`` process and the port it got."""
-
-    def __init__(self, key: str, *args: str) -> None:
-        self.p = subprocess.Popen([*CLI, "source", "--listen", "127.0.0.1:0", "--auth-key-file", key, *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.p.stderr.readline()
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        assert m, line + self.p.stderr.read()
-        self.where = f"127.0.0.1:{m.group(1)}"
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        try:
-            _, err = self.p.communicate(timeout=timeout)
-        finally:
-            self.stop()
-        return self.p.returncode, err
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
+Source = ListeningSource  # no arguments of its own: each test says what it serves
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

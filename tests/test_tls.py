@@ -23,9 +23,9 @@ import pytest
 
 from postcopy_core import tls
 from tests.conftest import requires_uffd
+from tests.listening_source import CLI, ListeningSource
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "harness.cli"]
 KEY = b"0123456789abcdef0123456789abcdef"
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="making certificates needs openssl")
@@ -61,29 +61,11 @@ def key(tmp_path) -> str:
     return str(path)
 
 
-class Source:
-    """``postcopy-harness source --listen 127.0.0.1:0 ...`` and its address."""
+class Source(ListeningSource):
+    """A listening source of 8 MiB, the size every run here asks for."""
 
     def __init__(self, key: str, *args: str) -> None:
-        self.p = subprocess.Popen([*CLI, "source", "--listen", "127.0.0.1:0", "--auth-key-file", key,
-                                   "--ram", "8M", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.p.stderr.readline()
-        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        assert m, line + self.p.stderr.read()
-        self.listening = line
-        self.where = f"127.0.0.1:{m.group(1)}"
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        try:
-            _, err = self.p.communicate(timeout=timeout)
-        finally:
-            self.stop()
-        return self.p.returncode, err
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.communicate()
+        super().__init__(key, "--ram", "8M", *args)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
