@@ -157,7 +157,7 @@ class Run(SourceRestarts):
         sweep_stale_segments()
         sweep_stale_netns()
         preflight(cfg.backing == "hugetlb", minor=cfg.place == "continue")
-        policy_from_env(os.environ.get("PCH_DEST_POLICY"))  # a bad tuning is refused here, in one line
+        policy = policy_from_env(os.environ.get("PCH_DEST_POLICY"))  # a bad tuning is refused here, in one line
         nworkers = cfg.vcpus + cfg.non_vcpu  # vCPUs, then the non-vCPU processes (their slots follow)
         _check_limits(cfg, nworkers)
         spec = self._spec()
@@ -208,7 +208,7 @@ class Run(SourceRestarts):
                 stream=stream, urgent=urgent, quit_fd=quit_fd, control=control, events=ev_child,
                 wake_policy=cfg.wake_policy, board=self.board, no_progress_s=self._stall_timeout() + 5,
                 reconnect=ch.dest_reconnect, share_channels=cfg.transport == "tcp", gens=self.gens,
-                place=cfg.place, plant=cfg.plant_bug))
+                place=cfg.place, plant=cfg.plant_bug, policy=policy))
 
         self._spawn_source_and_handler(ch, dest_body, dst_keep, handoff, remote)
 

@@ -118,7 +118,8 @@ class DestPolicy:
       ``vCPUs / board_scan_slots`` placements (at least 1), i.e. at most this many slots (64) read
       per placed page: with few vCPUs a scan per page, with thousands one per batch.
 
-    A run takes the defaults, changed by ``PCH_DEST_POLICY`` (``policy_from_env``) where it is set.
+    A run (harness/run.py) takes the defaults, changed by ``PCH_DEST_POLICY`` (``policy_from_env``)
+    where it is set, and hands the handler the result.
     """
 
     rx_turn: int = 1 << 20
@@ -188,8 +189,7 @@ class Destination:
                  board: AccessBoard | None = None, no_progress_s: float = NO_PROGRESS_S,
                  reconnect: Reconnect | None = None, share_channels: bool = False,
                  gens: GenerationMap | None = None, place: str = PLACE_COPY, plant: str | None = None,
-                 policy: DestPolicy | None = None) -> None:
-        policy = policy if policy is not None else policy_from_env(os.environ.get("PCH_DEST_POLICY"))
+                 policy: DestPolicy = DEFAULT_POLICY) -> None:
         self.geo, self.spec, self.received, self.ports = geo, spec, received, ports
         self.quit_fd, self.control, self.events = quit_fd, control, events
         features = kernel.FEATURE_MISSING_HUGETLBFS if hugetlb else kernel.FEATURE_MISSING_SHMEM

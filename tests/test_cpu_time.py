@@ -89,3 +89,16 @@ def test_a_bad_dest_policy_fails_the_run_in_one_line(clean_machine):
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith("names board_scan_slots, direct_min, events_ship, "
                                                       "rx_turn, spin_ns, urgent_turns")
+
+
+@pytest.mark.kernel
+@requires_uffd
+def test_the_dest_policy_from_the_environment_reaches_the_handler(monkeypatch, clean_machine):
+    spun = {}
+    for spin in (0, 1_000_000):  # no look before sleeping, then a 1 ms one
+        monkeypatch.setenv("PCH_DEST_POLICY", f"spin_ns={spin}")
+        cfg = RunConfig(vcpus=2, ram=16 << 20, workload="sequential", background=False, write_ratio=0.0).validate()
+        rep = build_report(cfg, execute(cfg))
+        assert rep["status"] == "completed", rep["error"]
+        spun[spin] = rep["handler"]["spin-s"]
+    assert spun[0] < 0.01 < spun[1_000_000]
