@@ -35,7 +35,6 @@ struct pch_touch {
     uint32_t zero_permille;
     const uint8_t *ref;
     uint8_t *verified;
-    uint64_t min_fault_ns;
     uint64_t *board;
     const uint32_t *gens;
     uint32_t first_touch;
@@ -107,7 +106,6 @@ struct pch_worker_plan {
     uint64_t register_mode;
     uint64_t need_ioctls;
     const char *need_what;
-    uint64_t min_fault_ns;
     const char *handoff;
     uint32_t handoff_len, handoff_version;
     char handoff_magic[4];

@@ -342,8 +342,8 @@ uint64_t pch_check_page(const uint8_t *p, uint64_t seed, uint64_t page, uint64_t
 /* An access is "faulting" when its page was not resident just before it, which is exactly when
  * the kernel raises a MISSING userfault: the worker times the stalls the handler must account
  * without guessing from latencies.  Workers read the received map for it (vcpu_workers/worker.py
- * says why); mincore is the fallback of a touch loop given none (on shmem it looks at the page
- * cache; on hugetlbfs only at this process's page tables, hence min_fault_ns there). */
+ * says why); mincore, which on shmem looks at the page cache, is the fallback of a touch loop
+ * given none (run --handler, shmem only: an external handler keeps no map). */
 static inline int resident(uint64_t addr)
 {
     /* one base page is enough (and mincore writes one byte per *base* page, even on hugetlbfs) */
@@ -594,7 +594,7 @@ int pch_touch_run(struct pch_touch *t)
         uint64_t e = pch_now_ns();
         uint64_t d = e - s;
         t->all_ns += d;
-        if (missing && d >= t->min_fault_ns) {
+        if (missing) {
             uint32_t d32 = d > UINT32_MAX ? UINT32_MAX : (uint32_t)d;
             t->lat_ns[t->n_faulting] = d32;
             t->lat_page[t->n_faulting] = (uint32_t)page;

@@ -94,7 +94,6 @@ struct pch_touch {
     uint32_t zero_permille;
     const uint8_t *ref;       /* expected image (--image) or NULL: use the seed generator */
     uint8_t *verified;        /* per page: 1 once this worker read it, 2 once checked after the loop */
-    uint64_t min_fault_ns;    /* an unmapped access faster than this was a minor fault (hugetlbfs) */
     uint64_t *board;          /* this vCPU's access-board slot (postcopy_core/board.py), or NULL */
     const uint32_t *gens;     /* per page: its final generation (run --precopy), or NULL: all 0 */
     uint32_t first_touch;     /* 1: registered MINOR too (run --place continue), where every first
@@ -253,7 +252,6 @@ struct pch_worker_plan {           /* one for all workers, filled by vcpu_worker
     uint64_t register_mode;        /* UFFDIO_REGISTER_MODE_* of the guest-RAM range */
     uint64_t need_ioctls;          /* ioctls the registered range must support (1 << _UFFDIO_*) */
     const char *need_what;         /* their name, for the error line */
-    uint64_t min_fault_ns;
     const char *handoff;           /* the abstract socket address (leading NUL), handoff_len bytes */
     uint32_t handoff_len, handoff_version;
     char handoff_magic[4];

@@ -258,7 +258,6 @@ int pch_worker_main(const struct pch_worker_plan *p, uint32_t w, uint64_t t_fork
     t.zero_permille = p->zero_permille;
     t.ref = ref;
     t.verified = verified;
-    t.min_fault_ns = p->min_fault_ns;
     t.board = board;
     t.gens = gens;
     if (p->remove_rate > 0 && gens && w < p->nvcpus) {
