@@ -115,33 +115,35 @@ static uint64_t cpu_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* IPIs of one kind since boot, all CPUs (its /proc/interrupts line, "RES:" or "CAL:"; 0 if
- * unreadable): a wake-up that had to kick another CPU is one of these */
-static uint64_t ipis_of(const char *kind)
+/* Rescheduling and function-call IPIs since boot, all CPUs (the RES: and CAL: lines of
+ * /proc/interrupts, read in one pass; 0 if unreadable): a wake-up that had to kick another CPU is
+ * one of these */
+static void read_ipis(uint64_t *res, uint64_t *cal)
 {
-	char line[4096];
-	uint64_t total = 0;
+	char *line = NULL;
+	size_t cap = 0;
+	*res = *cal = 0;
 	FILE *f = fopen("/proc/interrupts", "r");
 	if (!f)
-		return 0;
-	while (fgets(line, sizeof line, f)) {
+		return;
+	while (getline(&line, &cap, f) > 0) { /* a line per source; one column per CPU, however many */
 		char *p = line;
 		while (*p == ' ')
 			p++;
-		if (strncmp(p, kind, 4))
+		uint64_t *into = !strncmp(p, "RES:", 4) ? res : !strncmp(p, "CAL:", 4) ? cal : NULL;
+		if (!into)
 			continue;
 		for (p += 4;;) {
 			char *end;
 			unsigned long long v = strtoull(p, &end, 10);
 			if (end == p)
 				break;
-			total += v;
+			*into += v;
 			p = end;
 		}
-		break;
 	}
+	free(line);
 	fclose(f);
-	return total;
 }
 
 /* CPU time another process has run so far, from /proc (0 if unreadable): the handler's, sampled
@@ -550,14 +552,16 @@ static void run_mp(void)
 		punch(memfd);
 		memset(placed, 0, opt.npages);
 		sh->round = r;
-		uint64_t h0 = cpu_ns_of(h), res0 = ipis_of("RES:"), cal0 = ipis_of("CAL:");
+		uint64_t h0 = cpu_ns_of(h), res0, cal0, res1, cal1;
+		read_ipis(&res0, &cal0);
 		sh->t0[r] = now_ns();
 		pthread_barrier_wait(&sh->go);
 		pthread_barrier_wait(&sh->done);
 		sh->t1[r] = now_ns();
 		sh->hcpu[r] = cpu_ns_of(h) - h0;
-		sh->res[r] = ipis_of("RES:") - res0;
-		sh->cal[r] = ipis_of("CAL:") - cal0;
+		read_ipis(&res1, &cal1);
+		sh->res[r] = res1 - res0;
+		sh->cal[r] = cal1 - cal0;
 	}
 	signal(SIGCHLD, SIG_DFL); /* every round is done: from here on, exits are counted below */
 	int failed = 0, st;
