@@ -33,7 +33,7 @@ from postcopy_core.blocktime import (
 from postcopy_core.blocktime.events import KIND_FAULT, KIND_PLACED
 from postcopy_core.blocktime.trace import TraceWriter
 from postcopy_core.handler import EV_FAULT, EV_PLACED, EVENT
-from vcpu_workers.results import numpy_dtype
+from postcopy_core.layouts import numpy_dtype
 
 RECORD = numpy_dtype("struct pch_event")  # csrc/dest.h: field names and offsets as cffi read them
 

@@ -1,5 +1,6 @@
-"""``struct`` formats made from C structs as cffi lays them out (the bindings in _cffi_src/ are
-checked against csrc/*.h when built), so a layout shared by C and Python is written once, in C."""
+"""``struct`` formats and numpy dtypes made from C structs as cffi lays them out (the bindings in
+_cffi_src/ are checked against csrc/*.h when built), so a layout shared by C and Python is written
+once, in C."""
 
 from __future__ import annotations
 
@@ -30,3 +31,25 @@ def struct_format(ctype: str, order: str = "<") -> struct.Struct:
     if out.size != ffi.sizeof(t):
         raise TypeError(f"{ctype} has padding: {ffi.sizeof(t)} bytes, its fields {out.size}")
     return out
+
+
+def numpy_dtype(ctype: str):
+    """The numpy dtype of the C struct ``ctype``, field by field at cffi's offsets (nested structs
+    and arrays too, padding kept): a field added to the header (and its binding) shows up here by
+    itself."""
+    import numpy as np
+
+    t = ffi.typeof(ctype)
+    names, formats, offsets = [], [], []
+    for name, f in t.fields:
+        ft = f.type
+        if ft.kind == "struct":
+            fmt = numpy_dtype(ft.cname)
+        elif ft.kind == "array":
+            fmt = (np.dtype(ft.item.cname.replace("_t", "")), ft.length)
+        else:
+            fmt = np.dtype(ft.cname.replace("_t", ""))
+        names.append(name)
+        formats.append(fmt)
+        offsets.append(f.offset)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": ffi.sizeof(t)})

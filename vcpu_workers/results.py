@@ -15,31 +15,10 @@ import os
 
 from postcopy_core import kernel
 from postcopy_core._uffd import ffi
+from postcopy_core.layouts import numpy_dtype
 
 RESULT = ffi.sizeof("struct pch_worker_result")
 STATE_NONE, STATE_READY, STATE_DONE, STATE_FAILED = 0, 1, 2, 3
-
-
-def numpy_dtype(ctype: str):
-    """The numpy dtype of a C struct, field by field at cffi's offsets (its binding,
-    postcopy_core/_cffi_src/workers.py, is checked against csrc/pch.h): the layout is the header's,
-    and a field added there (and to the binding) shows up here by itself."""
-    import numpy as np
-
-    t = ffi.typeof(ctype)
-    names, formats, offsets = [], [], []
-    for name, f in t.fields:
-        ft = f.type
-        if ft.kind == "struct":
-            fmt = numpy_dtype(ft.cname)
-        elif ft.kind == "array":
-            fmt = (np.dtype(ft.item.cname.replace("_t", "")), ft.length)
-        else:
-            fmt = np.dtype(ft.cname.replace("_t", ""))
-        names.append(name)
-        formats.append(fmt)
-        offsets.append(f.offset)
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": ffi.sizeof(t)})
 
 
 def layout(nvcpus: int, capacity: int) -> tuple[int, int, int, int]:
