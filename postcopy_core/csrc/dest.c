@@ -1265,7 +1265,7 @@ int pch_dest_run(struct pch_dest *d, struct pch_dest_loop *l, int budget_ms)
          * in a VM) and us the way back from idle.  sched_yield between the looks: the source (on
          * this CPU with --pin) or a vCPU just woken may need this very CPU to produce it.  Not
          * while the stream flows: its data comes in big reads, and the spin only took CPU from it. */
-        if (!d->precopy && !streamed && !held0 && !held1) {
+        if (d->pol.spin_ns && !d->precopy && !streamed && !held0 && !held1) {
             int64_t t = t0;
             for (int64_t until = t0 + (d->pol.spin_ns < left ? d->pol.spin_ns : left); !k && (t = now_ns()) < until;)
                 if (!(k = epoll_wait(l->epfd, evs, 256, 0)))
